@@ -1,0 +1,332 @@
+//! Classification and verdicts: pure functions over a compiled [`Policy`].
+
+use crate::{
+    CLASS_NONE, ClassMask, ClassSpec, MAX_CLASSES, MAX_MARKS_PER_CLASS, MAX_PORT_RANGES_PER_CLASS,
+    MODE_AUDIT, Policy, REGION_NONE, Reason, RegionId, Verdict, bit_is_set, selector,
+};
+
+/// What is known of a destination port.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortInfo {
+    /// TCP, UDP or SCTP with its header present.
+    Known = 0,
+    /// A protocol without ports (ICMP, ESP, ...): a port selector cannot match.
+    Absent = 1,
+    /// The packet should carry ports but they cannot be read: a non-first fragment, or a
+    /// truncated transport header. A port selector is assumed to match (fail closed).
+    Unknown = 2,
+}
+
+/// The facts about one packet that classification needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketFacts {
+    pub mark: u32,
+    /// Classes whose cgroup selector names an ancestor of the sending socket's cgroup.
+    pub cgroup_classes: ClassMask,
+    /// Classes whose source-CIDR selector contains the source address.
+    pub src_classes: ClassMask,
+    pub dscp: u8,
+    pub protocol: u8,
+    pub dst_port: u16,
+    pub ports: PortInfo,
+    /// False when the IP header itself could not be read: DSCP, protocol and source are
+    /// then unknown, and selectors on them are assumed to match (fail closed).
+    pub ip_known: bool,
+}
+
+/// A verdict and the reason it was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+}
+
+impl Decision {
+    pub const fn allow(reason: Reason) -> Self {
+        Self {
+            verdict: Verdict::Allow,
+            reason,
+        }
+    }
+}
+
+#[inline(always)]
+fn marks_match(class: &ClassSpec, mark: u32) -> bool {
+    let mut i = 0;
+    // Bounded by MAX_MARKS_PER_CLASS so the verifier sees a constant trip count.
+    while i < MAX_MARKS_PER_CLASS {
+        if i >= class.n_marks as usize {
+            return false;
+        }
+        let m = class.marks[i];
+        if mark & m.mask == m.value {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn ports_match(class: &ClassSpec, port: u16) -> bool {
+    let mut i = 0;
+    // Bounded by MAX_PORT_RANGES_PER_CLASS, as above.
+    while i < MAX_PORT_RANGES_PER_CLASS {
+        if i >= class.n_port_ranges as usize {
+            return false;
+        }
+        let r = class.port_ranges[i];
+        if port >= r.first && port <= r.last {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether class `id` matches: every selector the class lists must match.
+#[inline(always)]
+pub fn class_matches(class: &ClassSpec, id: usize, facts: &PacketFacts) -> bool {
+    let sel = class.selectors;
+    if sel == 0 {
+        // Validation refuses an empty `match`; an empty class must never swallow traffic.
+        return false;
+    }
+    let bit: ClassMask = 1 << id;
+    if sel & selector::CGROUP != 0 && facts.cgroup_classes & bit == 0 {
+        return false;
+    }
+    if sel & selector::MARK != 0 && !marks_match(class, facts.mark) {
+        return false;
+    }
+    if facts.ip_known {
+        if sel & selector::DSCP != 0 && class.dscp & (1u64 << (facts.dscp & 63)) == 0 {
+            return false;
+        }
+        if sel & selector::PROTOCOL != 0 && !bit_is_set(&class.protocols, facts.protocol) {
+            return false;
+        }
+        if sel & selector::SRC_CIDR != 0 && facts.src_classes & bit == 0 {
+            return false;
+        }
+    }
+    if sel & selector::DST_PORT != 0 {
+        match facts.ports {
+            PortInfo::Known => {
+                if !ports_match(class, facts.dst_port) {
+                    return false;
+                }
+            }
+            PortInfo::Absent => return false,
+            PortInfo::Unknown => {}
+        }
+    }
+    true
+}
+
+/// The first class (in policy order) that the packet matches, or [`CLASS_NONE`].
+#[inline(always)]
+pub fn classify(policy: &Policy, facts: &PacketFacts) -> u8 {
+    let n = policy.header.n_classes as usize;
+    let mut i = 0;
+    // Bounded by MAX_CLASSES so the verifier sees a constant trip count.
+    while i < MAX_CLASSES {
+        if i >= n {
+            break;
+        }
+        if class_matches(&policy.classes[i], i, facts) {
+            return i as u8;
+        }
+        i += 1;
+    }
+    CLASS_NONE
+}
+
+/// Turns a would-be denial into an audit hit when the class is in audit mode.
+#[inline(always)]
+fn apply_mode(class: &ClassSpec, denied: bool, allow: Reason, deny: Reason) -> Decision {
+    if !denied {
+        return Decision::allow(allow);
+    }
+    let verdict = if class.mode == MODE_AUDIT {
+        Verdict::Audit
+    } else {
+        Verdict::Deny
+    };
+    Decision {
+        verdict,
+        reason: deny,
+    }
+}
+
+/// The verdict for a classified, well-formed packet whose destination is in `region`
+/// ([`REGION_NONE`] when in none). `routed` is set for IPv6 packets whose routing header
+/// still has segments left: they are judged as an unknown destination.
+#[inline(always)]
+pub fn judge(class: &ClassSpec, region: RegionId, routed: bool) -> Decision {
+    let unknown_denied = class.unknown_denied != 0;
+    if routed {
+        return apply_mode(
+            class,
+            unknown_denied,
+            Reason::RoutingHeaderAllowed,
+            Reason::RoutingHeaderDenied,
+        );
+    }
+    if region == REGION_NONE as RegionId || region > 255 {
+        return apply_mode(
+            class,
+            unknown_denied,
+            Reason::UnknownAllowed,
+            Reason::UnknownDenied,
+        );
+    }
+    let allowed = bit_is_set(&class.allowed_regions, region as u8);
+    apply_mode(class, !allowed, Reason::RegionAllowed, Reason::RegionDenied)
+}
+
+/// The verdict for a packet whose headers could not all be read, once it has been
+/// classified with the unreadable fields assumed to match.
+#[inline(always)]
+pub fn judge_malformed(class: &ClassSpec) -> Decision {
+    apply_mode(
+        class,
+        true,
+        Reason::MalformedAllowed,
+        Reason::MalformedDenied,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MarkMatch, PortRange, set_bit};
+
+    fn facts() -> PacketFacts {
+        PacketFacts {
+            mark: 0,
+            cgroup_classes: 0,
+            src_classes: 0,
+            dscp: 0,
+            protocol: 6,
+            dst_port: 443,
+            ports: PortInfo::Known,
+            ip_known: true,
+        }
+    }
+
+    fn port_class(first: u16, last: u16) -> ClassSpec {
+        let mut c = ClassSpec::EMPTY;
+        c.selectors = selector::DST_PORT;
+        c.n_port_ranges = 1;
+        c.port_ranges[0] = PortRange { first, last };
+        c
+    }
+
+    fn policy(classes: &[ClassSpec]) -> Policy {
+        let mut p = Policy::EMPTY;
+        p.header.loaded = 1;
+        p.header.n_classes = classes.len() as u32;
+        p.classes[..classes.len()].copy_from_slice(classes);
+        p
+    }
+
+    #[test]
+    fn first_matching_class_wins() {
+        let p = policy(&[port_class(80, 80), port_class(400, 500), port_class(443, 443)]);
+        assert_eq!(classify(&p, &facts()), 1);
+    }
+
+    #[test]
+    fn classes_past_n_classes_are_ignored() {
+        let mut p = policy(&[port_class(80, 80)]);
+        p.classes[1] = port_class(443, 443);
+        assert_eq!(classify(&p, &facts()), CLASS_NONE);
+    }
+
+    #[test]
+    fn empty_class_never_matches() {
+        let p = policy(&[ClassSpec::EMPTY]);
+        assert_eq!(classify(&p, &facts()), CLASS_NONE);
+    }
+
+    #[test]
+    fn every_listed_selector_must_match() {
+        let mut c = port_class(443, 443);
+        c.selectors |= selector::MARK;
+        c.n_marks = 1;
+        c.marks[0] = MarkMatch {
+            value: 0x10,
+            mask: 0xff,
+        };
+        let p = policy(&[c]);
+        let mut f = facts();
+        assert_eq!(classify(&p, &f), CLASS_NONE);
+        f.mark = 0x1310;
+        assert_eq!(classify(&p, &f), 0);
+    }
+
+    #[test]
+    fn port_selector_with_portless_protocol_does_not_match() {
+        let p = policy(&[port_class(0, 65535)]);
+        let mut f = facts();
+        f.ports = PortInfo::Absent;
+        assert_eq!(classify(&p, &f), CLASS_NONE);
+        f.ports = PortInfo::Unknown;
+        assert_eq!(classify(&p, &f), 0, "unreadable ports fail closed");
+    }
+
+    #[test]
+    fn unknown_ip_fields_fail_closed() {
+        let mut c = ClassSpec::EMPTY;
+        c.selectors = selector::DSCP | selector::PROTOCOL | selector::SRC_CIDR;
+        let p = policy(&[c]);
+        let mut f = facts();
+        assert_eq!(classify(&p, &f), CLASS_NONE);
+        f.ip_known = false;
+        assert_eq!(classify(&p, &f), 0);
+    }
+
+    #[test]
+    fn cgroup_src_dscp_protocol_selectors() {
+        let mut c = ClassSpec::EMPTY;
+        c.selectors = selector::CGROUP | selector::SRC_CIDR | selector::DSCP | selector::PROTOCOL;
+        c.dscp = 1 << 10;
+        set_bit(&mut c.protocols, 17);
+        let p = policy(&[ClassSpec::EMPTY, c]);
+        let mut f = facts();
+        f.cgroup_classes = 0b10;
+        f.src_classes = 0b10;
+        f.dscp = 10;
+        f.protocol = 17;
+        assert_eq!(classify(&p, &f), 1);
+        f.protocol = 6;
+        assert_eq!(classify(&p, &f), CLASS_NONE);
+        f.protocol = 17;
+        f.cgroup_classes = 0b01;
+        assert_eq!(classify(&p, &f), CLASS_NONE);
+    }
+
+    #[test]
+    fn verdicts_by_region_and_mode() {
+        let mut c = port_class(443, 443);
+        set_bit(&mut c.allowed_regions, 3);
+        assert_eq!(judge(&c, 3, false), Decision::allow(Reason::RegionAllowed));
+        assert_eq!(
+            judge(&c, 4, false),
+            Decision {
+                verdict: Verdict::Deny,
+                reason: Reason::RegionDenied
+            }
+        );
+        assert_eq!(judge(&c, 0, false), Decision::allow(Reason::UnknownAllowed));
+        c.unknown_denied = 1;
+        assert_eq!(judge(&c, 0, false).reason, Reason::UnknownDenied);
+        assert_eq!(judge(&c, 3, true).reason, Reason::RoutingHeaderDenied);
+        c.mode = MODE_AUDIT;
+        assert_eq!(judge(&c, 4, false).verdict, Verdict::Audit);
+        assert_eq!(judge(&c, 3, false).verdict, Verdict::Allow);
+        assert_eq!(judge_malformed(&c).verdict, Verdict::Audit);
+    }
+}

@@ -1,0 +1,309 @@
+//! Header parsing shared by the eBPF programs and host code.
+//!
+//! The parser is generic over [`PacketBytes`], so the programs read straight from packet
+//! memory while host tests and the fuzz target feed it byte slices: the code that judges
+//! live packets is the code that is tested and fuzzed.
+
+use crate::{FAMILY_V4, FAMILY_V6, decide::PortInfo};
+
+/// Bounds-checked reads from a frame.
+pub trait PacketBytes {
+    /// Reads a `T` at `offset` bytes from the start of the frame; `None` past its end.
+    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+impl PacketBytes for [u8] {
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        let end = offset.checked_add(core::mem::size_of::<T>())?;
+        if end > self.len() {
+            return None;
+        }
+        // SAFETY: the range was checked against the slice, and T is only ever a byte array
+        // or integer (Copy, no invalid bit patterns) here.
+        Some(unsafe { core::ptr::read_unaligned(self.as_ptr().add(offset).cast::<T>()) })
+    }
+}
+
+pub const ETH_HLEN: usize = 14;
+const ETH_TYPE_OFFSET: usize = 12;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
+/// VLAN tags parsed, counting one the NIC has offloaded: 802.1ad + 802.1Q (QinQ).
+pub const MAX_VLAN_DEPTH: usize = 2;
+/// IPv6 extension headers walked before giving up; bounds the loop for the verifier.
+/// Real traffic rarely carries more than two.
+pub const MAX_IPV6_EXT_HDRS: usize = 8;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_MH: u8 = 135;
+
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+
+/// What the parser made of a frame.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// ARP, LLDP and other non-IP frames.
+    NotIp = 0,
+    /// A complete IPv4 or IPv6 packet (or fragment).
+    Ip = 1,
+    /// Truncated or malformed: the fields that could be read are filled in, and the
+    /// `*_known` flags say which.
+    Malformed = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParsedFrame {
+    pub kind: FrameKind,
+    /// [`FAMILY_V4`], [`FAMILY_V6`], or 0 when the ethertype was unreadable.
+    pub family: u8,
+    /// Source, DSCP and protocol were read.
+    pub ip_known: bool,
+    /// The destination address was read.
+    pub dst_known: bool,
+    /// An IPv6 routing header with segments left: more destinations follow.
+    pub routed: bool,
+    pub protocol: u8,
+    pub dscp: u8,
+    pub ports: PortInfo,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// IPv4 addresses sit in the first four bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl ParsedFrame {
+    const UNREAD: Self = Self {
+        kind: FrameKind::Malformed,
+        family: 0,
+        ip_known: false,
+        dst_known: false,
+        routed: false,
+        protocol: 0,
+        dscp: 0,
+        ports: PortInfo::Unknown,
+        src_port: 0,
+        dst_port: 0,
+        src: [0; 16],
+        dst: [0; 16],
+    };
+
+    pub fn dst_v4(&self) -> [u8; 4] {
+        [self.dst[0], self.dst[1], self.dst[2], self.dst[3]]
+    }
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Walks Ethernet and VLAN headers. Returns the L3 ethertype and offset.
+#[inline(always)]
+fn parse_ethernet<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    offloaded_vlan_tags: usize,
+) -> Option<(u16, usize)> {
+    let mut ethertype = be16(pkt.load(ETH_TYPE_OFFSET)?);
+    let mut off = ETH_HLEN;
+    let mut depth = offloaded_vlan_tags;
+    let mut i = 0;
+    // Bounded by MAX_VLAN_DEPTH: one iteration per tag.
+    while i < MAX_VLAN_DEPTH {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        if depth >= MAX_VLAN_DEPTH {
+            return None;
+        }
+        // The tag's TCI sits at `off - 2`; the encapsulated ethertype follows it.
+        ethertype = be16(pkt.load(off + 2)?);
+        off += VLAN_HLEN;
+        depth += 1;
+        i += 1;
+    }
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        // More tags than we parse: the payload could be IP, so it is malformed, not non-IP.
+        return None;
+    }
+    Some((ethertype, off))
+}
+
+/// Reads the ports of TCP, UDP or SCTP; marks other protocols as port-less. A transport
+/// header shorter than its fixed part makes the frame malformed.
+#[inline(always)]
+fn parse_ports<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    l4: usize,
+    first_fragment: bool,
+    out: &mut ParsedFrame,
+) -> bool {
+    let min_len = match out.protocol {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        IPPROTO_SCTP => 12,
+        _ => {
+            out.ports = PortInfo::Absent;
+            return true;
+        }
+    };
+    if !first_fragment {
+        out.ports = PortInfo::Unknown;
+        return true;
+    }
+    let Some(ports) = pkt.load::<[u8; 4]>(l4) else {
+        return false;
+    };
+    if pkt.load::<u8>(l4 + min_len - 1).is_none() {
+        return false;
+    }
+    out.src_port = be16([ports[0], ports[1]]);
+    out.dst_port = be16([ports[2], ports[3]]);
+    out.ports = PortInfo::Known;
+    true
+}
+
+#[inline(always)]
+fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame) -> bool {
+    out.family = FAMILY_V4;
+    let Some(h) = pkt.load::<[u8; IPV4_MIN_HLEN]>(l3) else {
+        return false;
+    };
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if h[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return false;
+    }
+    out.src[..4].copy_from_slice(&h[12..16]);
+    out.dst[..4].copy_from_slice(&h[16..20]);
+    out.dst_known = true;
+    // Options: the whole header must be present.
+    if pkt.load::<u8>(l3 + ihl - 1).is_none() {
+        return false;
+    }
+    out.dscp = h[1] >> 2;
+    out.protocol = h[9];
+    out.ip_known = true;
+    let first_fragment = be16([h[6], h[7]]) & IPV4_FRAG_OFFSET_MASK == 0;
+    parse_ports(pkt, l3 + ihl, first_fragment, out)
+}
+
+#[inline(always)]
+fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame) -> bool {
+    out.family = FAMILY_V6;
+    let Some(h) = pkt.load::<[u8; IPV6_HLEN]>(l3) else {
+        return false;
+    };
+    if h[0] >> 4 != 6 {
+        return false;
+    }
+    out.src.copy_from_slice(&h[8..24]);
+    out.dst.copy_from_slice(&h[24..40]);
+    out.dst_known = true;
+    out.dscp = (((h[0] & 0x0f) << 4) | (h[1] >> 4)) >> 2;
+    let mut next = h[6];
+    let mut off = l3 + IPV6_HLEN;
+    let mut first_fragment = true;
+    let mut i = 0;
+    // Bounded by MAX_IPV6_EXT_HDRS: one iteration per extension header.
+    while i < MAX_IPV6_EXT_HDRS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS | IPPROTO_ROUTING | IPPROTO_MH => {
+                let Some(e) = pkt.load::<[u8; 4]>(off) else {
+                    return false;
+                };
+                if next == IPPROTO_ROUTING && e[3] != 0 {
+                    out.routed = true;
+                }
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let Some(e) = pkt.load::<[u8; 2]>(off) else {
+                    return false;
+                };
+                next = e[0];
+                off += (e[1] as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let Some(e) = pkt.load::<[u8; 8]>(off) else {
+                    return false;
+                };
+                if be16([e[2], e[3]]) >> 3 != 0 {
+                    first_fragment = false;
+                }
+                next = e[0];
+                off += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    if matches!(
+        next,
+        IPPROTO_HOPOPTS
+            | IPPROTO_DSTOPTS
+            | IPPROTO_ROUTING
+            | IPPROTO_MH
+            | IPPROTO_AH
+            | IPPROTO_FRAGMENT
+    ) {
+        // More extension headers than we walk: the transport is unknown.
+        return false;
+    }
+    out.protocol = next;
+    out.ip_known = true;
+    parse_ports(pkt, off, first_fragment, out)
+}
+
+/// Parses a frame that starts with an Ethernet header. `offloaded_vlan_tags` is 1 when
+/// the NIC has already stripped a tag into the skb (TC only), so it counts toward
+/// [`MAX_VLAN_DEPTH`].
+#[inline(always)]
+pub fn parse_frame<P: PacketBytes + ?Sized>(pkt: &P, offloaded_vlan_tags: usize) -> ParsedFrame {
+    let mut out = ParsedFrame::UNREAD;
+    let Some((ethertype, l3)) = parse_ethernet(pkt, offloaded_vlan_tags) else {
+        return out;
+    };
+    let complete = match ethertype {
+        ETH_P_IP => parse_ipv4(pkt, l3, &mut out),
+        ETH_P_IPV6 => parse_ipv6(pkt, l3, &mut out),
+        _ => {
+            out.kind = FrameKind::NotIp;
+            return out;
+        }
+    };
+    if complete {
+        out.kind = FrameKind::Ip;
+    } else {
+        // Whatever was read stays; the ports, if any were expected, are unknown.
+        out.ports = PortInfo::Unknown;
+    }
+    out
+}
+
+/// Whether a destination is loopback or link-local, which are always exempt.
+#[inline(always)]
+pub fn is_builtin_exempt(family: u8, dst: &[u8; 16]) -> bool {
+    match family {
+        FAMILY_V4 => dst[0] == 127 || (dst[0] == 169 && dst[1] == 254),
+        FAMILY_V6 => {
+            let loopback = dst[..15].iter().all(|b| *b == 0) && dst[15] == 1;
+            let link_local = dst[0] == 0xfe && dst[1] & 0xc0 == 0x80;
+            loopback || link_local
+        }
+        _ => false,
+    }
+}
