@@ -49,7 +49,7 @@ fn check_prerequisites() -> anyhow::Result<Option<PathBuf>> {
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=DATAFENCE_TOOLS_DIR");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-    let object = out_dir.join("datafence");
+    let object = out_dir.join("datafence-ebpf");
     if env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1" || v == "true") {
         // Metadata-only builds (clippy of the agent alone): embed an empty object.
         if !object.exists() {
@@ -65,7 +65,10 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if let Some(dir) = &linker_dir {
-        println!("cargo:rerun-if-changed={}", dir.join("bpf-linker").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("bpf-linker").display()
+        );
         let path = env::var_os("PATH").unwrap_or_default();
         let joined = env::join_paths(std::iter::once(dir.clone()).chain(env::split_paths(&path)))?;
         // SAFETY: build scripts are single-threaded; the variable is read by the child

@@ -234,7 +234,11 @@ mod tests {
 
     #[test]
     fn first_matching_class_wins() {
-        let p = policy(&[port_class(80, 80), port_class(400, 500), port_class(443, 443)]);
+        let p = policy(&[
+            port_class(80, 80),
+            port_class(400, 500),
+            port_class(443, 443),
+        ]);
         assert_eq!(classify(&p, &facts()), 1);
     }
 

@@ -203,14 +203,19 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
 #[inline(always)]
 fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame) -> bool {
     out.family = FAMILY_V6;
-    let Some(h) = pkt.load::<[u8; IPV6_HLEN]>(l3) else {
+    // Read in parts rather than as one 40-byte array: BPF programs have 512 bytes of stack.
+    let Some(h) = pkt.load::<[u8; 8]>(l3) else {
         return false;
     };
     if h[0] >> 4 != 6 {
         return false;
     }
-    out.src.copy_from_slice(&h[8..24]);
-    out.dst.copy_from_slice(&h[24..40]);
+    let (Some(src), Some(dst)) = (pkt.load::<[u8; 16]>(l3 + 8), pkt.load::<[u8; 16]>(l3 + 24))
+    else {
+        return false;
+    };
+    out.src = src;
+    out.dst = dst;
     out.dst_known = true;
     out.dscp = (((h[0] & 0x0f) << 4) | (h[1] >> 4)) >> 2;
     let mut next = h[6];

@@ -1,1 +1,10 @@
+//! The datafence agent as a library: the binary (`src/main.rs`) and the integration tests
+//! both build on it.
 
+pub mod agent;
+pub mod cgroups;
+pub mod control;
+pub mod datapath;
+pub mod dirs;
+pub mod explain;
+pub mod policy;

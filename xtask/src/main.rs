@@ -1,1 +1,64 @@
-fn main(){}
+//! datafence development tasks, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+
+mod bench;
+mod build;
+mod demo;
+mod package;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "datafence development tasks",
+    after_help = "Run `cargo xtask setup` once per machine, then `cargo xtask test` (as root)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and tests need: nightly + rust-src + clippy, bpf-linker, and
+    /// the system tools (ip, nft, ipset, iptables, bpftool, curl, python3). Idempotent.
+    Setup(setup::Options),
+    /// Run every check in order, stopping at the first failure: rustfmt, clippy (host),
+    /// clippy (eBPF), then all tests. Needs root.
+    Test(test::Options),
+    /// Build the release agent and print the path of the binary.
+    Build(build::Options),
+    /// Run the benchmarks (not implemented yet).
+    Bench(bench::Options),
+    /// Run the demo (not implemented yet).
+    Demo(demo::Options),
+    /// Build the release package (not implemented yet).
+    Package(package::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(opts) => setup::run(opts),
+        Command::Test(opts) => test::run(opts),
+        Command::Build(opts) => build::run(opts),
+        Command::Bench(opts) => bench::run(opts),
+        Command::Demo(opts) => demo::run(opts),
+        Command::Package(opts) => package::run(opts),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` keeps the whole context chain on one line, which reads better in CI logs
+            // than anyhow's multi-line Debug report.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! datafence's datapath: a TC egress classifier for uplinks and an XDP program for gateway
+//! interfaces. Both run the same judgement (`judge_frame`) and leave through one place that
+//! counts the verdict and its reason (`finish`).
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    },
+    macros::{classifier, map, xdp},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    programs::{TcContext, XdpContext},
+};
+use datafence_common::{
+    CLASS_NONE, CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_TABLE_CAPACITY,
+    EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES,
+    MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE,
+    RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS, SLOTS, Verdict, ViolationEvent,
+    decide::{Decision, PacketFacts, classify, judge, judge_malformed},
+    parse::{FrameKind, PacketBytes, ParsedFrame, is_builtin_exempt, parse_frame},
+    selector, stat,
+};
+
+#[map]
+static ACTIVE_SLOT: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static POLICY: Array<Policy> = Array::with_max_entries(SLOTS, 0);
+// Region tables hold both slots; the agent sizes them to the policy at load time.
+#[map]
+static REGIONS_V4: LpmTrie<LpmDataV4, RegionId> =
+    LpmTrie::with_max_entries(SLOTS * DEFAULT_TABLE_CAPACITY, 0);
+#[map]
+static REGIONS_V6: LpmTrie<LpmDataV6, RegionId> =
+    LpmTrie::with_max_entries(SLOTS * DEFAULT_TABLE_CAPACITY, 0);
+#[map]
+static EXEMPT_V4: LpmTrie<LpmDataV4, u32> = LpmTrie::with_max_entries(MAX_EXEMPT_ENTRIES, 0);
+#[map]
+static EXEMPT_V6: LpmTrie<LpmDataV6, u32> = LpmTrie::with_max_entries(MAX_EXEMPT_ENTRIES, 0);
+#[map]
+static SRC_V4: LpmTrie<LpmDataV4, ClassMask> = LpmTrie::with_max_entries(MAX_SRC_CIDR_ENTRIES, 0);
+#[map]
+static SRC_V6: LpmTrie<LpmDataV6, ClassMask> = LpmTrie::with_max_entries(MAX_SRC_CIDR_ENTRIES, 0);
+#[map]
+static CGROUP_CLASSES: aya_ebpf::maps::HashMap<CgroupKey, ClassMask> =
+    aya_ebpf::maps::HashMap::with_max_entries(MAX_CGROUP_ENTRIES, 0);
+#[map]
+static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
+    PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+#[map]
+static RATE_LIMIT: PerCpuArray<RateLimitState> = PerCpuArray::with_max_entries(1, 0);
+/// Scratch space for the parsed frame; see [`stash`].
+#[map]
+static FRAME: PerCpuArray<ParsedFrame> = PerCpuArray::with_max_entries(1, 0);
+
+/// Parks the parsed frame in a per-CPU map and reads it back through a fresh lookup.
+///
+/// This is for the verifier. The parser ends in many paths (VLAN depths, IPv4 options,
+/// IPv6 extension headers, truncation at each header), and each carries different known
+/// values. Read back from a map, the values are unknown to the verifier, so all paths
+/// converge here and the classification that follows is verified once rather than once
+/// per parse path; without this the program exceeds the verifier's 1M-instruction budget.
+/// The second lookup also stops LLVM from forwarding the stored values.
+#[inline(always)]
+fn stash(frame: ParsedFrame) -> Option<&'static ParsedFrame> {
+    let slot = FRAME.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value of the right type, used only by this CPU while the
+    // program runs.
+    unsafe { slot.write(frame) };
+    // SAFETY: as above; the value was fully written just now.
+    FRAME.get_ptr(0).map(|p| unsafe { &*p })
+}
+
+/// Direct reads from packet memory, for XDP and for the skb's linear area.
+struct DirectBytes {
+    data: usize,
+    data_end: usize,
+}
+
+impl PacketBytes for DirectBytes {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        let start = self.data + offset;
+        if start + size_of::<T>() > self.data_end {
+            return None;
+        }
+        // SAFETY: the range lies inside the packet, as checked above.
+        Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+    }
+}
+
+/// What a hook knows about the packet beyond its bytes.
+struct HookInfo {
+    hook: Hook,
+    ifindex: u32,
+    mark: u32,
+    len: u32,
+    cgroup_id: u64,
+}
+
+/// The judgement of one frame, with what the counters and events need.
+struct Judgement {
+    decision: Decision,
+    class: u8,
+    region: RegionId,
+    generation: u32,
+}
+
+#[inline(always)]
+fn lookup_v4<V: Copy>(map: &LpmTrie<LpmDataV4, V>, slot: u32, addr: &[u8; 16]) -> Option<V> {
+    let data = datafence_common::lpm_data_v4(slot, [addr[0], addr[1], addr[2], addr[3]]);
+    map.get(Key::new(SLOT_PREFIX_BITS + 32, data)).copied()
+}
+
+#[inline(always)]
+fn lookup_v6<V: Copy>(map: &LpmTrie<LpmDataV6, V>, slot: u32, addr: &[u8; 16]) -> Option<V> {
+    let data = datafence_common::lpm_data_v6(slot, *addr);
+    map.get(Key::new(SLOT_PREFIX_BITS + 128, data)).copied()
+}
+
+/// The region of a destination, or `REGION_NONE`. The one place that knows how region
+/// tables are stored, so the lookup structure can change behind it.
+#[inline(always)]
+fn region_of(slot: u32, frame: &ParsedFrame) -> RegionId {
+    let found = if frame.family == FAMILY_V4 {
+        lookup_v4(&REGIONS_V4, slot, &frame.dst)
+    } else {
+        lookup_v6(&REGIONS_V6, slot, &frame.dst)
+    };
+    found.unwrap_or(REGION_NONE as RegionId)
+}
+
+#[inline(always)]
+fn policy_exempts(slot: u32, frame: &ParsedFrame) -> bool {
+    if frame.family == FAMILY_V4 {
+        lookup_v4(&EXEMPT_V4, slot, &frame.dst).is_some()
+    } else {
+        lookup_v6(&EXEMPT_V6, slot, &frame.dst).is_some()
+    }
+}
+
+#[inline(always)]
+fn source_classes(slot: u32, frame: &ParsedFrame) -> ClassMask {
+    let found = if frame.family == FAMILY_V4 {
+        lookup_v4(&SRC_V4, slot, &frame.src)
+    } else {
+        lookup_v6(&SRC_V6, slot, &frame.src)
+    };
+    found.unwrap_or(0)
+}
+
+/// Classes whose cgroup selector names the socket's cgroup or one of its ancestors.
+// Out of line, like `report`, to keep its stack frame apart from the parser's.
+#[inline(never)]
+fn cgroup_classes(ctx: &TcContext, slot: u32) -> ClassMask {
+    let mut mask = 0;
+    // One key, reused: the unrolled loop would otherwise give every level its own stack
+    // slot.
+    let mut key = CgroupKey {
+        cgroup_id: 0,
+        slot,
+        _pad: 0,
+    };
+    let mut level = 0;
+    // Bounded by MAX_CGROUP_DEPTH; the walk stops at the socket's own level.
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: the helper only reads the skb the program was given.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+        if id == 0 {
+            break;
+        }
+        key.cgroup_id = id;
+        // SAFETY: the value is a plain integer copied out at once.
+        if let Some(m) = unsafe { CGROUP_CLASSES.get(key) } {
+            mask |= *m;
+        }
+        level += 1;
+    }
+    mask
+}
+
+/// Judges one frame against the active policy. `cgroups` yields the cgroup classes for
+/// the active slot; XDP has no socket and passes a closure that returns 0.
+#[inline(always)]
+fn judge_frame(
+    frame: &ParsedFrame,
+    info: &HookInfo,
+    cgroups: impl FnOnce(u32) -> ClassMask,
+) -> Judgement {
+    let mut j = Judgement {
+        decision: Decision::allow(Reason::NotIp),
+        class: CLASS_NONE,
+        region: REGION_NONE as RegionId,
+        generation: 0,
+    };
+    if frame.kind == FrameKind::NotIp {
+        return j;
+    }
+    if frame.dst_known && is_builtin_exempt(frame.family, &frame.dst) {
+        j.decision = Decision::allow(Reason::ExemptBuiltin);
+        return j;
+    }
+    let slot = match ACTIVE_SLOT.get(0) {
+        Some(s) => *s & 1,
+        None => 0,
+    };
+    let Some(policy) = POLICY.get(slot) else {
+        j.decision = Decision::allow(Reason::NoPolicy);
+        return j;
+    };
+    j.generation = policy.header.generation;
+    if policy.header.loaded == 0 {
+        j.decision = Decision::allow(Reason::NoPolicy);
+        return j;
+    }
+    if frame.dst_known && policy_exempts(slot, frame) {
+        j.decision = Decision::allow(Reason::ExemptPolicy);
+        return j;
+    }
+    let in_use = policy.header.selectors_in_use;
+    let facts = PacketFacts {
+        mark: info.mark,
+        cgroup_classes: if in_use & selector::CGROUP != 0 {
+            cgroups(slot)
+        } else {
+            0
+        },
+        src_classes: if in_use & selector::SRC_CIDR != 0 && frame.ip_known {
+            source_classes(slot, frame)
+        } else {
+            0
+        },
+        dscp: frame.dscp,
+        protocol: frame.protocol,
+        dst_port: frame.dst_port,
+        ports: frame.ports,
+        ip_known: frame.ip_known,
+    };
+    let class = classify(policy, &facts);
+    j.class = class;
+    if class == CLASS_NONE {
+        j.decision = Decision::allow(if frame.kind == FrameKind::Malformed {
+            Reason::MalformedAllowed
+        } else {
+            Reason::Unclassified
+        });
+        return j;
+    }
+    let Some(spec) = policy.classes.get(class as usize) else {
+        return j;
+    };
+    if frame.kind == FrameKind::Malformed {
+        j.decision = judge_malformed(spec);
+        return j;
+    }
+    // A routed packet's destination is not final, so its region is not looked up.
+    if !frame.routed {
+        j.region = region_of(slot, frame);
+    }
+    j.decision = judge(spec, j.region, frame.routed);
+    j
+}
+
+#[inline(always)]
+fn bump_stat(index: u32) {
+    if let Some(v) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(info: &HookInfo, j: &Judgement) {
+    let key = CounterKey {
+        ifindex: info.ifindex,
+        region: j.region as u16,
+        class: j.class,
+        verdict: j.decision.verdict as u8,
+        reason: j.decision.reason as u8,
+        hook: info.hook as u8,
+        _pad: [0; 2],
+    };
+    if let Some(v) = COUNTERS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, written only by this CPU.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += info.len as u64;
+        }
+        return;
+    }
+    let first = CounterValue {
+        packets: 1,
+        bytes: info.len as u64,
+    };
+    // BPF_NOEXIST: another program on this CPU cannot race us, so a failure means full.
+    if COUNTERS.insert(key, first, 1).is_err() {
+        bump_stat(stat::COUNTER_MAP_FULL);
+    }
+}
+
+/// Per-CPU token bucket: `events_per_sec` refill, `events_burst` capacity.
+#[inline(always)]
+fn take_event_token(events_per_sec: u32, burst: u32) -> bool {
+    let Some(state) = RATE_LIMIT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU state, touched only by this CPU.
+    let state = unsafe { &mut *state };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let elapsed = now.saturating_sub(state.last_refill_ns);
+    let burst = burst as u64;
+    if elapsed >= 1_000_000_000 {
+        state.tokens = burst;
+        state.last_refill_ns = now;
+    } else {
+        let refill = elapsed * events_per_sec as u64 / 1_000_000_000;
+        if refill > 0 {
+            state.tokens = core::cmp::min(burst, state.tokens + refill);
+            state.last_refill_ns = now;
+        }
+    }
+    if state.tokens == 0 {
+        return false;
+    }
+    state.tokens -= 1;
+    true
+}
+
+// Out of line: only violations take this path, and its stack frame stays apart from the
+// parser's.
+#[inline(never)]
+fn report(frame: &ParsedFrame, info: &HookInfo, j: &Judgement) {
+    let slot = match ACTIVE_SLOT.get(0) {
+        Some(s) => *s & 1,
+        None => 0,
+    };
+    let (rate, burst) = match POLICY.get(slot) {
+        Some(p) => (p.header.events_per_sec, p.header.events_burst),
+        None => (0, 0),
+    };
+    if !take_event_token(rate, burst) {
+        bump_stat(stat::EVENTS_SUPPRESSED);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ViolationEvent>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    // Filled in place: a 72-byte event built on the stack and copied would not fit the
+    // 512-byte BPF stack alongside the parsed frame.
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned ring-buffer record of the right
+    // size; every field is written before submit.
+    unsafe {
+        (*ev).timestamp_ns = bpf_ktime_get_ns();
+        (*ev).cgroup_id = info.cgroup_id;
+        (*ev).src_addr = frame.src;
+        (*ev).dst_addr = frame.dst;
+        (*ev).ifindex = info.ifindex;
+        (*ev).packet_len = info.len;
+        (*ev).policy_generation = j.generation;
+        (*ev).region = j.region as u16;
+        (*ev).class = j.class;
+        (*ev).verdict = j.decision.verdict as u8;
+        (*ev).reason = j.decision.reason as u8;
+        (*ev).hook = info.hook as u8;
+        (*ev).family = frame.family;
+        (*ev).protocol = frame.protocol;
+        (*ev).src_port = frame.src_port;
+        (*ev).dst_port = frame.dst_port;
+    }
+    entry.submit(0);
+}
+
+/// The single exit of both programs: counts the verdict and its reason, reports
+/// violations, and says whether the packet may pass.
+///
+/// Fail-open and fail-closed, written down: non-IP frames, frames judged before any policy
+/// is loaded, and malformed frames that no data class could claim pass; a malformed frame
+/// that could be user data is dropped (reason `malformed_denied`).
+#[inline(always)]
+fn finish(frame: &ParsedFrame, info: &HookInfo, j: &Judgement) -> bool {
+    count(info, j);
+    match j.decision.verdict {
+        Verdict::Allow => true,
+        Verdict::Audit => {
+            report(frame, info, j);
+            true
+        }
+        Verdict::Deny => {
+            report(frame, info, j);
+            false
+        }
+    }
+}
+
+/// Bytes of headers the parser may need to read directly: Ethernet, two VLAN tags, an
+/// IPv6 header with a few extension headers, and the transport ports.
+const LINEAR_HEADER_BYTES: u32 = 256;
+
+/// Headers usually sit in the skb's linear area already; when they do not (some
+/// tunnels and offloads), pull them in so the parser can read them directly. Reading
+/// through `bpf_skb_load_bytes` instead would need a stack buffer per read site, and the
+/// inlined parser would not fit the 512-byte BPF stack.
+#[inline(always)]
+fn make_headers_linear(ctx: &TcContext) {
+    let wanted = core::cmp::min(ctx.len(), LINEAR_HEADER_BYTES);
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if linear < wanted {
+        // A failed pull leaves the frame as it was; the parser then judges what it can
+        // read and treats the rest as truncated.
+        let _ = ctx.pull_data(wanted);
+    }
+}
+
+#[classifier]
+pub fn datafence_tc_egress(ctx: TcContext) -> i32 {
+    if egress(&ctx) { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: reads of __sk_buff fields the verifier allows for TC programs.
+    let (mark, ifindex, vlan_present) =
+        unsafe { ((*skb).mark, (*skb).ifindex, (*skb).vlan_present) };
+    make_headers_linear(ctx);
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    let Some(frame) = stash(parse_frame(&bytes, if vlan_present != 0 { 1 } else { 0 })) else {
+        // Index 0 of a per-CPU array always exists; this path is unreachable.
+        return true;
+    };
+    let info = HookInfo {
+        hook: Hook::TcEgress,
+        ifindex,
+        mark,
+        len: ctx.len(),
+        // SAFETY: the helper only reads the skb the program was given.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+    };
+    let j = judge_frame(frame, &info, |slot| cgroup_classes(ctx, slot));
+    finish(frame, &info, &j)
+}
+
+#[xdp]
+pub fn datafence_xdp(ctx: XdpContext) -> u32 {
+    if gateway(&ctx) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[inline(always)]
+fn gateway(ctx: &XdpContext) -> bool {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    let Some(frame) = stash(parse_frame(&bytes, 0)) else {
+        // Index 0 of a per-CPU array always exists; this path is unreachable.
+        return true;
+    };
+    let info = HookInfo {
+        hook: Hook::Xdp,
+        // SAFETY: reads of xdp_md fields.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        // XDP runs before an skb exists: no mark and no socket, so mark and cgroup
+        // selectors cannot match here.
+        mark: 0,
+        len: (ctx.data_end() - ctx.data()) as u32,
+        cgroup_id: 0,
+    };
+    let j = judge_frame(frame, &info, |_| 0);
+    finish(frame, &info, &j)
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never entered.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

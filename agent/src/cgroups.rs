@@ -1,0 +1,92 @@
+//! cgroup ids (as the datapath reports them) back to paths, for violation reports.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// How often an unknown id may trigger a rescan of the cgroup tree; a flood of events
+/// from a vanished cgroup must not turn into a flood of directory walks.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Bounds the walk on hosts with pathological trees.
+const MAX_CGROUPS: usize = 100_000;
+
+pub struct CgroupNames {
+    root: PathBuf,
+    by_id: HashMap<u64, String>,
+    last_scan: Option<Instant>,
+}
+
+impl CgroupNames {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            by_id: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// The cgroup's path relative to the cgroup2 root ("/system.slice/x.service"), or
+    /// its id when it cannot be found (the id 0 means "no socket": forwarded traffic).
+    pub fn name(&mut self, id: u64) -> String {
+        if id == 0 {
+            return String::new();
+        }
+        if !self.by_id.contains_key(&id)
+            && self
+                .last_scan
+                .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
+        {
+            self.rescan();
+        }
+        self.by_id
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        self.by_id.clear();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            if self.by_id.len() >= MAX_CGROUPS {
+                break;
+            }
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            self.by_id.insert(meta.ino(), relative(&self.root, &dir));
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn relative(root: &Path, dir: &Path) -> String {
+    let rel = dir.strip_prefix(root).unwrap_or(dir);
+    format!("/{}", rel.display())
+}
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones. Read from /proc/self/mounts.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let (_dev, dir, fstype) = (cols.next()?, cols.next()?, cols.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .unwrap_or_else(|| PathBuf::from(crate::dirs::CGROUP_ROOT))
+}

@@ -1,0 +1,113 @@
+//! The control socket: how `datafence status`, `reload` and `explain` (without
+//! `--policy`) talk to the running agent. One JSON request line, one JSON response line.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::explain::{Explanation, Query};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Reload,
+    Explain {
+        query: Query,
+        addresses: Vec<IpAddr>,
+        datapath: bool,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<StatusReport>),
+    Reloaded { sha256: String, generation: u32 },
+    Explained { explanations: Vec<Explanation> },
+    Error { message: String },
+}
+
+/// `datafence status --json`: a stable shape for scripts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub attachments: Vec<Attachment>,
+    pub policy: PolicyIdentity,
+    pub counters: Vec<CounterRow>,
+    pub totals: Totals,
+    pub events_lost: u64,
+    pub events_suppressed: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PolicyIdentity {
+    pub path: String,
+    pub version: u32,
+    pub sha256: String,
+    /// RFC 3339, UTC.
+    pub loaded_at: String,
+    pub generation: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CounterRow {
+    pub interface: String,
+    pub hook: String,
+    pub class: String,
+    pub region: String,
+    pub verdict: String,
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Totals {
+    pub allow: u64,
+    pub deny: u64,
+    pub audit: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot reach the datafence agent at {path}: {source} (is `datafence run` running? see --runtime-dir)"
+    )]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the agent sent an unreadable answer: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one request and waits for its answer.
+pub fn call(socket: &Path, request: &Request) -> Result<Response, ControlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    // Explain with --datapath loads programs; a reload can write a large policy.
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
+}

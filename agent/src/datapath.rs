@@ -1,0 +1,683 @@
+//! The kernel side as the agent sees it: loading the eBPF object, writing a compiled
+//! policy into the inactive slot and switching to it, attaching to interfaces, reading
+//! counters and events, and running crafted frames through `BPF_PROG_TEST_RUN`.
+
+use std::{net::IpAddr, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        RingBuf, lpm_trie::Key,
+    },
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        tc::{self, TcError},
+    },
+};
+use datafence_common::{
+    CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_TABLE_CAPACITY, Hook, LpmDataV4,
+    LpmDataV6, MAX_CGROUP_ENTRIES, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, RegionId,
+    SLOT_PREFIX_BITS, SLOTS, ViolationEvent, lpm_data_v4, lpm_data_v6, map_names, program_names,
+    stat,
+};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+use crate::policy::CompiledPolicy;
+
+/// The eBPF object built by agent/build.rs.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datafence-ebpf"));
+
+/// How long the agent waits after switching slots before it may rewrite the old one.
+/// A packet reads the active slot once and finishes within microseconds; this leaves a
+/// wide margin so no packet can still be walking a slot that is being cleared.
+pub const SLOT_GRACE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} is full: the policy needs {needed} entries, it holds {capacity}")]
+    MapFull {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {interface}: adding the clsact qdisc: {source}")]
+    Clsact {
+        interface: String,
+        #[source]
+        source: TcError,
+    },
+    #[error("interface {0} does not exist")]
+    UnknownInterface(String),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Region prefixes per address family and per slot.
+    pub table_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            table_capacity: DEFAULT_TABLE_CAPACITY,
+        }
+    }
+}
+
+/// Violation-event rate limit, per CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct EventLimits {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        Self {
+            per_second: 1000,
+            burst: 1000,
+        }
+    }
+}
+
+/// What a policy switch wrote.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    pub slot: u32,
+    pub generation: u32,
+    pub regions_v4: usize,
+    pub regions_v6: usize,
+}
+
+/// Summed counters.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub events_lost: u64,
+    pub events_suppressed: u64,
+    pub counter_map_full: u64,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    table_capacity: u32,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn program_err(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { program, source }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    prog.try_into().map_err(program_err(name))
+}
+
+fn program_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a T>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    prog.try_into().map_err(program_err(name))
+}
+
+impl Datapath {
+    /// Loads the object and both programs into the kernel, without attaching anything.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let per_family = SLOTS.saturating_mul(opts.table_capacity);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::REGIONS_V4, per_family)
+            .map_max_entries(map_names::REGIONS_V6, per_family)
+            .load(EBPF_OBJECT)?;
+        program_mut::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS)?
+            .load()
+            .map_err(program_err(program_names::TC_EGRESS))?;
+        program_mut::<Xdp>(&mut ebpf, program_names::XDP_GATEWAY)?
+            .load()
+            .map_err(program_err(program_names::XDP_GATEWAY))?;
+        Ok(Self {
+            ebpf,
+            table_capacity: opts.table_capacity,
+        })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map> {
+        self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))
+    }
+
+    /// The slot the programs read now.
+    pub fn active_slot(&self) -> Result<u32> {
+        let name = map_names::ACTIVE_SLOT;
+        let arr: Array<&MapData, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        Ok(arr.get(&0, 0).map_err(map_err(name))? & 1)
+    }
+
+    /// The policy header and classes in a slot.
+    pub fn policy_in_slot(&self, slot: u32) -> Result<Policy> {
+        let name = map_names::POLICY;
+        let arr: Array<&MapData, Policy> =
+            Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        arr.get(&slot, 0).map_err(map_err(name))
+    }
+
+    /// Writes `compiled` into the inactive slot, then makes it active in one map write.
+    /// On any error the active slot is untouched, so the last good policy stays in force.
+    pub fn apply(&mut self, compiled: &CompiledPolicy, events: EventLimits) -> Result<ApplyReport> {
+        let active = self.active_slot()?;
+        let target = 1 - active;
+        let generation = self
+            .policy_in_slot(active)?
+            .header
+            .generation
+            .wrapping_add(1);
+        self.check_capacity(compiled)?;
+        self.clear_slot(target)?;
+        if let Err(err) = self.fill_slot(target, compiled) {
+            // Leave nothing half-written behind; the error that matters is the first.
+            let _ = self.clear_slot(target);
+            return Err(err);
+        }
+        let mut policy = compiled.policy;
+        policy.header.loaded = 1;
+        policy.header.generation = generation;
+        policy.header.events_per_sec = events.per_second;
+        policy.header.events_burst = events.burst;
+        let name = map_names::POLICY;
+        let mut arr: Array<&mut MapData, Policy> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        arr.set(target, policy, 0).map_err(map_err(name))?;
+        let name = map_names::ACTIVE_SLOT;
+        let mut arr: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        arr.set(0, target, 0).map_err(map_err(name))?;
+        std::thread::sleep(SLOT_GRACE);
+        Ok(ApplyReport {
+            slot: target,
+            generation,
+            regions_v4: compiled.regions_v4.len(),
+            regions_v6: compiled.regions_v6.len(),
+        })
+    }
+
+    fn check_capacity(&self, c: &CompiledPolicy) -> Result<()> {
+        let checks: [(&'static str, usize, u32); 7] = [
+            (
+                map_names::REGIONS_V4,
+                c.regions_v4.len(),
+                self.table_capacity,
+            ),
+            (
+                map_names::REGIONS_V6,
+                c.regions_v6.len(),
+                self.table_capacity,
+            ),
+            (
+                map_names::EXEMPT_V4,
+                c.exempt_v4.len(),
+                MAX_EXEMPT_ENTRIES / SLOTS,
+            ),
+            (
+                map_names::EXEMPT_V6,
+                c.exempt_v6.len(),
+                MAX_EXEMPT_ENTRIES / SLOTS,
+            ),
+            (
+                map_names::SRC_V4,
+                c.src_v4.len(),
+                MAX_SRC_CIDR_ENTRIES / SLOTS,
+            ),
+            (
+                map_names::SRC_V6,
+                c.src_v6.len(),
+                MAX_SRC_CIDR_ENTRIES / SLOTS,
+            ),
+            (
+                map_names::CGROUP_CLASSES,
+                c.cgroups.len(),
+                MAX_CGROUP_ENTRIES / SLOTS,
+            ),
+        ];
+        for (map, needed, capacity) in checks {
+            if needed > capacity as usize {
+                return Err(DatapathError::MapFull {
+                    map,
+                    needed,
+                    capacity,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy) -> Result<()> {
+        insert_v4(
+            self.map_mut(map_names::REGIONS_V4)?,
+            map_names::REGIONS_V4,
+            slot,
+            &c.regions_v4,
+        )?;
+        insert_v6(
+            self.map_mut(map_names::REGIONS_V6)?,
+            map_names::REGIONS_V6,
+            slot,
+            &c.regions_v6,
+        )?;
+        let exempt_v4: Vec<(Ipv4Network, u32)> = c.exempt_v4.iter().map(|n| (*n, 1)).collect();
+        let exempt_v6: Vec<(Ipv6Network, u32)> = c.exempt_v6.iter().map(|n| (*n, 1)).collect();
+        insert_v4(
+            self.map_mut(map_names::EXEMPT_V4)?,
+            map_names::EXEMPT_V4,
+            slot,
+            &exempt_v4,
+        )?;
+        insert_v6(
+            self.map_mut(map_names::EXEMPT_V6)?,
+            map_names::EXEMPT_V6,
+            slot,
+            &exempt_v6,
+        )?;
+        insert_v4(
+            self.map_mut(map_names::SRC_V4)?,
+            map_names::SRC_V4,
+            slot,
+            &c.src_v4,
+        )?;
+        insert_v6(
+            self.map_mut(map_names::SRC_V6)?,
+            map_names::SRC_V6,
+            slot,
+            &c.src_v6,
+        )?;
+        let name = map_names::CGROUP_CLASSES;
+        let mut cg: BpfHashMap<&mut MapData, CgroupKey, ClassMask> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (cgroup_id, mask) in &c.cgroups {
+            let key = CgroupKey {
+                cgroup_id: *cgroup_id,
+                slot,
+                _pad: 0,
+            };
+            cg.insert(key, mask, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry a slot owns from the shared tables.
+    fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        clear_lpm::<LpmDataV4, RegionId>(
+            self.map_mut(map_names::REGIONS_V4)?,
+            map_names::REGIONS_V4,
+            slot,
+        )?;
+        clear_lpm::<LpmDataV6, RegionId>(
+            self.map_mut(map_names::REGIONS_V6)?,
+            map_names::REGIONS_V6,
+            slot,
+        )?;
+        clear_lpm::<LpmDataV4, u32>(
+            self.map_mut(map_names::EXEMPT_V4)?,
+            map_names::EXEMPT_V4,
+            slot,
+        )?;
+        clear_lpm::<LpmDataV6, u32>(
+            self.map_mut(map_names::EXEMPT_V6)?,
+            map_names::EXEMPT_V6,
+            slot,
+        )?;
+        clear_lpm::<LpmDataV4, ClassMask>(
+            self.map_mut(map_names::SRC_V4)?,
+            map_names::SRC_V4,
+            slot,
+        )?;
+        clear_lpm::<LpmDataV6, ClassMask>(
+            self.map_mut(map_names::SRC_V6)?,
+            map_names::SRC_V6,
+            slot,
+        )?;
+        let name = map_names::CGROUP_CLASSES;
+        let mut cg: BpfHashMap<&mut MapData, CgroupKey, ClassMask> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let stale: Vec<CgroupKey> = cg
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| k.slot == slot)
+            .collect();
+        for key in stale {
+            cg.remove(&key).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the TC egress program to `interface`: through tcx where the kernel has it,
+    /// else through a clsact qdisc.
+    pub fn attach_tc(&mut self, interface: &str) -> Result<()> {
+        ensure_interface(interface)?;
+        let prog = program_mut::<SchedClassifier>(&mut self.ebpf, program_names::TC_EGRESS)?;
+        if !tcx_supported() {
+            match tc::qdisc_add_clsact(interface) {
+                Ok(()) => {}
+                Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(DatapathError::Clsact {
+                        interface: interface.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        prog.attach(interface, TcAttachType::Egress)
+            .map_err(|source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Attaches the XDP program to a gateway interface.
+    pub fn attach_xdp(&mut self, interface: &str) -> Result<()> {
+        ensure_interface(interface)?;
+        let prog = program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_GATEWAY)?;
+        prog.attach(interface, XdpMode::Default)
+            .map_err(|source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Runs one frame through a program with `BPF_PROG_TEST_RUN`; returns whether the
+    /// program let it pass.
+    pub fn test_run(&self, hook: Hook, frame: &[u8], mark: u32) -> Result<bool> {
+        self.test_run_repeat(hook, frame, mark, 1)
+            .map(|(pass, _)| pass)
+    }
+
+    /// Like [`Self::test_run`], `repeat` times in the kernel; also returns the mean
+    /// duration the kernel measured.
+    pub fn test_run_repeat(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        mark: u32,
+        repeat: u32,
+    ) -> Result<(bool, Duration)> {
+        // The kernel accepts a partial __sk_buff; `len` and `pkt_type` must be zero and
+        // `mark` is the third u32.
+        let mut skb_ctx = [0u8; 12];
+        skb_ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        match hook {
+            Hook::TcEgress => {
+                let name = program_names::TC_EGRESS;
+                let prog = program_ref::<SchedClassifier>(&self.ebpf, name)?;
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&skb_ctx),
+                        repeat,
+                        ..Default::default()
+                    })
+                    .map_err(program_err(name))?;
+                Ok((r.return_value == 0, r.duration))
+            }
+            Hook::Xdp => {
+                let name = program_names::XDP_GATEWAY;
+                let prog = program_ref::<Xdp>(&self.ebpf, name)?;
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        repeat,
+                        ..Default::default()
+                    })
+                    .map_err(program_err(name))?;
+                const XDP_PASS: u32 = 2;
+                Ok((r.return_value == XDP_PASS, r.duration))
+            }
+        }
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(CounterKey, CounterValue)>> {
+        let name = map_names::COUNTERS;
+        let map: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (key, per_cpu) = item.map_err(map_err(name))?;
+            let mut sum = CounterValue::default();
+            for v in per_cpu.iter() {
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            out.push((key, sum));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let name = map_names::STATS;
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let sum =
+            |i: u32| -> Result<u64> { Ok(map.get(&i, 0).map_err(map_err(name))?.iter().sum()) };
+        Ok(Stats {
+            events_lost: sum(stat::EVENTS_LOST)?,
+            events_suppressed: sum(stat::EVENTS_SUPPRESSED)?,
+            counter_map_full: sum(stat::COUNTER_MAP_FULL)?,
+        })
+    }
+
+    /// Reads every event waiting on the ring buffer, without blocking.
+    pub fn drain_events(&mut self) -> Result<Vec<ViolationEvent>> {
+        let name = map_names::EVENTS;
+        let mut ring = RingBuf::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = ViolationEvent::from_bytes(&item) {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hands the ring buffer to an asynchronous reader.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let name = map_names::EVENTS;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        RingBuf::try_from(map).map_err(map_err(name))
+    }
+
+    /// Instructions the verifier processed for each program: the complexity figures that
+    /// performance work tracks.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [program_names::TC_EGRESS, program_names::XDP_GATEWAY]
+            .into_iter()
+            .map(|name| {
+                let count = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .and_then(|i| i.verified_instruction_count());
+                (name, count)
+            })
+            .collect()
+    }
+
+    pub fn table_capacity(&self) -> u32 {
+        self.table_capacity
+    }
+}
+
+/// Looks up the region the datapath's tables give an address, in the active slot.
+pub fn lpm_key_v4(slot: u32, addr: std::net::Ipv4Addr, prefix: u8) -> Key<LpmDataV4> {
+    Key::new(
+        SLOT_PREFIX_BITS + u32::from(prefix),
+        lpm_data_v4(slot, addr.octets()),
+    )
+}
+
+pub fn lpm_key_v6(slot: u32, addr: std::net::Ipv6Addr, prefix: u8) -> Key<LpmDataV6> {
+    Key::new(
+        SLOT_PREFIX_BITS + u32::from(prefix),
+        lpm_data_v6(slot, addr.octets()),
+    )
+}
+
+impl Datapath {
+    /// The region the kernel's table gives `addr` in the active slot.
+    pub fn region_of(&self, addr: IpAddr) -> Result<RegionId> {
+        let slot = self.active_slot()?;
+        let found = match addr {
+            IpAddr::V4(a) => {
+                let name = map_names::REGIONS_V4;
+                let t: LpmTrie<&MapData, LpmDataV4, RegionId> =
+                    LpmTrie::try_from(self.map(name)?).map_err(map_err(name))?;
+                t.get(&lpm_key_v4(slot, a, 32), 0)
+            }
+            IpAddr::V6(a) => {
+                let name = map_names::REGIONS_V6;
+                let t: LpmTrie<&MapData, LpmDataV6, RegionId> =
+                    LpmTrie::try_from(self.map(name)?).map_err(map_err(name))?;
+                t.get(&lpm_key_v6(slot, a, 128), 0)
+            }
+        };
+        match found {
+            Ok(r) => Ok(r),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(source) => Err(DatapathError::Map {
+                map: "REGIONS",
+                source,
+            }),
+        }
+    }
+}
+
+fn insert_v4<V: aya::Pod>(
+    map: &mut Map,
+    name: &'static str,
+    slot: u32,
+    entries: &[(Ipv4Network, V)],
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, LpmDataV4, V> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (net, value) in entries {
+        trie.insert(&lpm_key_v4(slot, net.network(), net.prefix()), value, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn insert_v6<V: aya::Pod>(
+    map: &mut Map,
+    name: &'static str,
+    slot: u32,
+    entries: &[(Ipv6Network, V)],
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, LpmDataV6, V> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (net, value) in entries {
+        trie.insert(&lpm_key_v6(slot, net.network(), net.prefix()), value, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn clear_lpm<K, V>(map: &mut Map, name: &'static str, slot: u32) -> Result<()>
+where
+    K: aya::Pod + AsRef<[u8]>,
+    V: aya::Pod,
+{
+    let mut trie: LpmTrie<&mut MapData, K, V> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let slot_bytes = slot.to_be_bytes();
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|k| k.data().as_ref()[..4] == slot_bytes)
+        .collect();
+    for key in stale {
+        trie.remove(&key).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn ensure_interface(interface: &str) -> Result<()> {
+    if if_index(interface).is_none() {
+        return Err(DatapathError::UnknownInterface(interface.to_owned()));
+    }
+    Ok(())
+}
+
+/// The interface's index, or `None` when no such interface exists.
+pub fn if_index(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The interface's name, for labelling counters and events by ifindex.
+pub fn if_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// tcx (kernel 6.6+) lets several programs share an egress hook without a qdisc.
+fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}

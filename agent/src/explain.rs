@@ -1,0 +1,365 @@
+//! `datafence explain`: what the policy does to a packet to a given address, answered in
+//! userspace with the datapath's own decision functions, and optionally by the kernel
+//! itself through `BPF_PROG_TEST_RUN` on a crafted frame.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use datafence_common::{
+    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, Hook, REGION_NONE, Reason, Verdict,
+    decide::{Decision, PacketFacts, PortInfo, classify, judge},
+    parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, is_builtin_exempt},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    datapath::{Datapath, DatapathError, EventLimits, LoadOptions},
+    policy::{CompiledPolicy, LoadedPolicy},
+};
+
+/// The traffic to explain, beyond its destination.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Query {
+    /// Judge as this class, skipping classification.
+    pub class: Option<String>,
+    pub mark: u32,
+    /// cgroup v2 path (as in the policy) of the sending process.
+    pub cgroup: Option<String>,
+    pub dscp: u8,
+    pub protocol: u8,
+    pub dst_port: u16,
+    pub src: Option<IpAddr>,
+}
+
+impl Query {
+    pub fn new() -> Self {
+        Self {
+            protocol: IPPROTO_TCP,
+            dst_port: 443,
+            ..Self::default()
+        }
+    }
+}
+
+/// One answer; the JSON form is a contract:
+/// `{"address", "region", "class", "verdict", "mode", "reason"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub address: IpAddr,
+    pub region: Option<String>,
+    pub class: Option<String>,
+    pub verdict: String,
+    pub mode: String,
+    pub reason: String,
+    /// Which exemption, region or rule decided, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("no class named {0:?} in the policy")]
+    UnknownClass(String),
+    #[error(
+        "--class cannot be used with --datapath: the kernel classifies by the packet; give its selectors (--mark, --cgroup, --dscp, --proto, --dport, --src) instead"
+    )]
+    ClassWithDatapath,
+    #[error("the source address {src} and destination {dst} are of different families")]
+    MixedFamilies { src: IpAddr, dst: IpAddr },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(
+        "the kernel's verdict for {address} ({kernel}) differs from userspace's ({userspace}); please report this"
+    )]
+    Disagreement {
+        address: IpAddr,
+        kernel: String,
+        userspace: String,
+    },
+}
+
+/// cgroup ids of `path` and each of its ancestors below the root, as the datapath walks
+/// them.
+fn cgroup_ancestor_ids(cgroup_root: &Path, path: &str) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut ids = Vec::new();
+    let mut dir = PathBuf::from(cgroup_root);
+    if let Ok(m) = std::fs::metadata(&dir) {
+        ids.push(m.ino());
+    }
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        dir.push(part);
+        if let Ok(m) = std::fs::metadata(&dir) {
+            ids.push(m.ino());
+        }
+    }
+    ids
+}
+
+fn cgroup_classes(compiled: &CompiledPolicy, cgroup_root: &Path, path: Option<&str>) -> ClassMask {
+    let Some(path) = path else { return 0 };
+    let ids = cgroup_ancestor_ids(cgroup_root, path);
+    compiled
+        .cgroups
+        .iter()
+        .filter(|(id, _)| ids.contains(id))
+        .fold(0, |acc, (_, mask)| acc | mask)
+}
+
+fn family(addr: &IpAddr) -> u8 {
+    if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+fn octets16(addr: &IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => out = a.octets(),
+    }
+    out
+}
+
+/// The userspace answer: the same steps as the datapath's `judge_frame`, on the same
+/// compiled policy, with the same decision functions.
+pub fn explain(
+    policy: &LoadedPolicy,
+    compiled: &CompiledPolicy,
+    cgroup_root: &Path,
+    query: &Query,
+    address: IpAddr,
+) -> Result<Explanation, ExplainError> {
+    let (class, decision, region) = decide(policy, compiled, cgroup_root, query, address)?;
+    let class_name = (class != CLASS_NONE)
+        .then(|| policy.class_name(class).map(str::to_owned))
+        .flatten();
+    let region_name = (region != REGION_NONE)
+        .then(|| policy.region_name(region).map(str::to_owned))
+        .flatten();
+    let mode = policy
+        .classes
+        .get(usize::from(class))
+        .map_or(policy.mode, |c| c.mode);
+    let detail = describe(
+        policy,
+        decision.reason,
+        class_name.as_deref(),
+        region_name.as_deref(),
+        address,
+    );
+    Ok(Explanation {
+        address,
+        region: region_name,
+        class: class_name,
+        verdict: decision.verdict.as_str().to_owned(),
+        mode: mode.as_str().to_owned(),
+        reason: decision.reason.as_str().to_owned(),
+        detail,
+    })
+}
+
+fn decide(
+    policy: &LoadedPolicy,
+    compiled: &CompiledPolicy,
+    cgroup_root: &Path,
+    query: &Query,
+    address: IpAddr,
+) -> Result<(u8, Decision, u16), ExplainError> {
+    let dst = octets16(&address);
+    let none = REGION_NONE;
+    if is_builtin_exempt(family(&address), &dst) {
+        return Ok((CLASS_NONE, Decision::allow(Reason::ExemptBuiltin), none));
+    }
+    if compiled.is_exempt(address) {
+        return Ok((CLASS_NONE, Decision::allow(Reason::ExemptPolicy), none));
+    }
+    let class = match &query.class {
+        Some(name) => policy
+            .classes
+            .iter()
+            .find(|c| &c.name == name)
+            .map(|c| c.id)
+            .ok_or_else(|| ExplainError::UnknownClass(name.clone()))?,
+        None => {
+            let src = query.src.unwrap_or(unspecified_like(&address));
+            let facts = PacketFacts {
+                mark: query.mark,
+                cgroup_classes: cgroup_classes(compiled, cgroup_root, query.cgroup.as_deref()),
+                src_classes: compiled.src_classes(src),
+                dscp: query.dscp,
+                protocol: query.protocol,
+                dst_port: query.dst_port,
+                ports: if has_ports(query.protocol) {
+                    PortInfo::Known
+                } else {
+                    PortInfo::Absent
+                },
+                ip_known: true,
+            };
+            classify(&compiled.policy, &facts)
+        }
+    };
+    if class == CLASS_NONE {
+        return Ok((CLASS_NONE, Decision::allow(Reason::Unclassified), none));
+    }
+    let region = compiled.region_of(address);
+    let spec = &compiled.policy.classes[usize::from(class)];
+    Ok((class, judge(spec, region, false), region as u16))
+}
+
+fn has_ports(protocol: u8) -> bool {
+    matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+}
+
+fn unspecified_like(addr: &IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+fn describe(
+    policy: &LoadedPolicy,
+    reason: Reason,
+    class: Option<&str>,
+    region: Option<&str>,
+    address: IpAddr,
+) -> String {
+    let class = class.unwrap_or("-");
+    let region = region.unwrap_or("-");
+    match reason {
+        Reason::ExemptBuiltin => {
+            format!("{address} is loopback or link-local, which is always allowed")
+        }
+        Reason::ExemptPolicy => {
+            let by = policy
+                .exempt
+                .iter()
+                .filter(|n| n.contains(address))
+                .max_by_key(|n| n.prefix())
+                .map_or_else(String::new, |n| format!(" ({n})"));
+            format!("{address} is in the policy's exempt list{by}")
+        }
+        Reason::Unclassified => "the traffic matches no data class".to_owned(),
+        Reason::RegionAllowed => format!("class {class} may reach region {region}"),
+        Reason::RegionDenied => format!("class {class} may not reach region {region}"),
+        Reason::UnknownAllowed => {
+            format!("{address} is in no region; class {class} has unknown: allow")
+        }
+        Reason::UnknownDenied => {
+            format!("{address} is in no region; class {class} has unknown: deny")
+        }
+        other => other.as_str().to_owned(),
+    }
+}
+
+/// Builds the frame the kernel is asked about: Ethernet, IP with the query's DSCP and
+/// source, and a transport header with its destination port.
+pub fn craft_frame(query: &Query, address: IpAddr) -> Result<Vec<u8>, ExplainError> {
+    let src = query.src.unwrap_or(unspecified_like(&address));
+    if src.is_ipv4() != address.is_ipv4() {
+        return Err(ExplainError::MixedFamilies { src, dst: address });
+    }
+    let mut transport = Vec::new();
+    transport.extend_from_slice(&40000u16.to_be_bytes());
+    transport.extend_from_slice(&query.dst_port.to_be_bytes());
+    // Long enough for the fixed part of TCP, UDP and SCTP headers.
+    transport.extend_from_slice(&[0u8; 16]);
+    if !has_ports(query.protocol) {
+        transport = vec![8, 0, 0, 0, 0, 0, 0, 0];
+    }
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    match (src, address) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            let total = (20 + transport.len()) as u16;
+            f.extend_from_slice(&[0x45, query.dscp << 2]);
+            f.extend_from_slice(&total.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0, 64, query.protocol, 0, 0]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            f.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let tc = query.dscp << 2;
+            f.extend_from_slice(&[0x60 | (tc >> 4), tc << 4, 0, 0]);
+            f.extend_from_slice(&(transport.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[query.protocol, 64]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+        }
+        _ => return Err(ExplainError::MixedFamilies { src, dst: address }),
+    }
+    f.extend_from_slice(&transport);
+    Ok(f)
+}
+
+/// A private, unattached copy of the datapath with `compiled` applied, for asking the
+/// kernel.
+pub struct KernelOracle {
+    datapath: Datapath,
+}
+
+impl KernelOracle {
+    pub fn new(compiled: &CompiledPolicy) -> Result<Self, ExplainError> {
+        let needed = compiled.regions_v4.len().max(compiled.regions_v6.len()) as u32;
+        let mut datapath = Datapath::load(&LoadOptions {
+            table_capacity: needed.max(16),
+        })?;
+        datapath.apply(compiled, EventLimits::default())?;
+        Ok(Self { datapath })
+    }
+
+    /// The kernel's verdict on the crafted frame (`allow`, `deny` or `audit`), read back
+    /// from the counter the program bumped.
+    pub fn verdict(
+        &mut self,
+        query: &Query,
+        address: IpAddr,
+    ) -> Result<(Verdict, Reason), ExplainError> {
+        let frame = craft_frame(query, address)?;
+        let before = self.datapath.counters()?;
+        self.datapath.test_run(Hook::TcEgress, &frame, query.mark)?;
+        let after = self.datapath.counters()?;
+        let _ = self.datapath.drain_events()?;
+        let moved = after.into_iter().find(|(k, v)| {
+            before
+                .iter()
+                .find(|(bk, _)| bk == k)
+                .is_none_or(|(_, bv)| bv.packets != v.packets)
+        });
+        let (key, _) = moved.ok_or(ExplainError::Disagreement {
+            address,
+            kernel: "no counter moved".to_owned(),
+            userspace: String::new(),
+        })?;
+        let verdict = Verdict::from_u8(key.verdict).unwrap_or(Verdict::Deny);
+        let reason = Reason::from_u8(key.reason).unwrap_or(Reason::MalformedDenied);
+        Ok((verdict, reason))
+    }
+}
+
+/// The userspace answer, checked against the kernel's.
+pub fn explain_with_kernel(
+    oracle: &mut KernelOracle,
+    policy: &LoadedPolicy,
+    compiled: &CompiledPolicy,
+    cgroup_root: &Path,
+    query: &Query,
+    address: IpAddr,
+) -> Result<Explanation, ExplainError> {
+    if query.class.is_some() {
+        return Err(ExplainError::ClassWithDatapath);
+    }
+    let userspace = explain(policy, compiled, cgroup_root, query, address)?;
+    let (verdict, reason) = oracle.verdict(query, address)?;
+    if verdict.as_str() != userspace.verdict || reason.as_str() != userspace.reason {
+        return Err(ExplainError::Disagreement {
+            address,
+            kernel: format!("{} ({})", verdict.as_str(), reason.as_str()),
+            userspace: format!("{} ({})", userspace.verdict, userspace.reason),
+        });
+    }
+    Ok(userspace)
+}

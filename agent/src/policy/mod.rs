@@ -1,0 +1,89 @@
+//! The policy file: parsing, validation and compilation into datapath map contents.
+//!
+//! The file format is a contract, documented here with the defaults this module applies:
+//!
+//! ```yaml
+//! version: 1                     # required; only 1 exists
+//! mode: enforce                  # enforce | audit; default enforce; a class may override
+//! interfaces:                    # optional
+//!   egress: [eth0]               # TC egress; omitted = every interface with a default
+//!                                # route; [] = no TC egress hook at all
+//!   gateway: [eth1]              # XDP on forwarded traffic; default none
+//! exempt: [10.0.0.0/8]           # optional; always allowed (loopback and link-local
+//!                                # always are, without being listed)
+//! regions:                       # required, may be empty
+//!   eu-west:                     # ids are 1-based, in file order
+//!     cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
+//!     files: [regions/eu-west.txt]  # one CIDR per line, `#` comments; relative to the
+//!                                   # policy file's directory
+//! data_classes:                  # required, may be empty (then nothing is enforced);
+//!   user-data:                   # first match wins, in file order
+//!     match:                     # every listed selector must match; at least one
+//!       cgroups: [/system.slice/user-api.service]  # cgroup2 path, descendants included
+//!       marks: [{value: 0x10, mask: 0xff}]         # mask defaults to 0xffffffff
+//!       dscp: [10]                                 # 0-63
+//!       protocols: [tcp, udp]    # tcp, udp, sctp, icmp, icmpv6 (ipv6-icmp) or 0-255
+//!       dst_ports: [443, "5432", "9000-9100"]      # 0-65535, ranges inclusive
+//!       src_cidrs: [192.0.2.0/25]
+//!     allow: [eu-west]           # regions this class may reach; default none
+//!     unknown: deny              # destinations in no region: deny (default) | allow
+//!     mode: audit                # optional override of the policy's mode
+//! ```
+//!
+//! A CIDR may be a bare address (a /32 or /128), but never have host bits set. An exact
+//! prefix belongs to at most one region; overlapping prefixes in different regions are
+//! fine, the most specific one decides. Region and class names use letters, digits,
+//! `-`, `_` and `.`.
+//!
+//! [`load_policy`] reads and validates, reporting every mistake it can find as
+//! `FILE:LINE:COLUMN: message`; [`LoadedPolicy::compile`] produces what the datapath maps
+//! hold.
+
+mod cidr;
+mod compile;
+mod error;
+mod model;
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+pub use compile::CompiledPolicy;
+pub use datafence_common::DEFAULT_TABLE_CAPACITY;
+pub use error::{PolicyError, PolicyErrors};
+pub use model::{
+    Class, ClassSummary, InterfacesSummary, LoadedPolicy, Mode, Region, RegionSummary,
+    SelectorSummary, Summary, UnknownRule,
+};
+
+/// Where the policy is checked against the running system and the datapath's sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Mount point of the cgroup2 hierarchy that `cgroups` paths are resolved against.
+    /// Default `/sys/fs/cgroup`.
+    pub cgroup_root: PathBuf,
+    /// Region prefixes allowed per address family, the size of one slot of the region
+    /// tries. Default [`DEFAULT_TABLE_CAPACITY`].
+    pub table_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            table_capacity: DEFAULT_TABLE_CAPACITY,
+        }
+    }
+}
+
+/// Reads the policy at `path` and the region files it names, and validates them.
+///
+/// A YAML syntax or shape error (unknown key, wrong type, missing key) stops at the first
+/// one; past that every mistake is collected. Region files and cgroups are read while
+/// validating, so the result describes the system at the time of the call.
+pub fn load_policy(path: &Path, opts: &LoadOptions) -> Result<LoadedPolicy, PolicyErrors> {
+    validate::load(path, opts)
+}

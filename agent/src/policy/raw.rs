@@ -1,0 +1,146 @@
+//! The policy file as written, before validation.
+//!
+//! Values whose correctness depends on more than their YAML type (modes, CIDRs, port
+//! ranges, numbers with a range) are kept as written and checked in `validate`, so one
+//! pass reports every such mistake instead of stopping at the first, as a typed field
+//! would. Everything is [`Spanned`] where a later error needs to point at it.
+
+use std::fmt;
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub version: Spanned<Int>,
+    #[serde(default)]
+    pub mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub interfaces: Option<RawInterfaces>,
+    #[serde(default)]
+    pub exempt: Option<Spanned<Vec<Spanned<String>>>>,
+    pub regions: Spanned<IndexMap<Spanned<String>, RawRegion>>,
+    pub data_classes: Spanned<IndexMap<Spanned<String>, RawClass>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInterfaces {
+    #[serde(default)]
+    pub egress: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub gateway: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRegion {
+    #[serde(default)]
+    pub cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub files: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClass {
+    #[serde(rename = "match")]
+    pub selectors: Spanned<RawMatch>,
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub unknown: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mode: Option<Spanned<String>>,
+}
+
+/// A selector that is absent is `None`; one that is present but empty is `Some([])`, a
+/// mistake that validation reports.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMatch {
+    #[serde(default)]
+    pub cgroups: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub marks: Option<Spanned<Vec<Spanned<RawMark>>>>,
+    #[serde(default)]
+    pub dscp: Option<Spanned<Vec<Spanned<Int>>>>,
+    #[serde(default)]
+    pub protocols: Option<Spanned<Vec<Spanned<IntOrStr>>>>,
+    #[serde(default)]
+    pub dst_ports: Option<Spanned<Vec<Spanned<IntOrStr>>>>,
+    #[serde(default)]
+    pub src_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMark {
+    pub value: Int,
+    #[serde(default)]
+    pub mask: Option<Int>,
+}
+
+/// An integer of any size, range-checked in `validate`. A visitor of its own so a value
+/// of the wrong type reads "expected an integer", not "invalid i64".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Int(pub i128);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Int;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int, E> {
+                Ok(Int(i128::from(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
+                Ok(Int(i128::from(v)))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Int, E> {
+                Ok(Int(v))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A scalar that may be written as a number or a name: `443` or `"9000-9100"`, `6` or
+/// `tcp`. A hand-written visitor rather than `#[serde(untagged)]`, whose failure message
+/// ("data did not match any variant") says nothing useful.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum IntOrStr {
+    Int(i128),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for IntOrStr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IntOrStr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IntOrStr, E> {
+                Ok(IntOrStr::Int(i128::from(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IntOrStr, E> {
+                Ok(IntOrStr::Int(i128::from(v)))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<IntOrStr, E> {
+                Ok(IntOrStr::Int(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IntOrStr, E> {
+                Ok(IntOrStr::Str(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}

@@ -1,0 +1,742 @@
+//! Loading policies end to end: the contract fixture, and one test per kind of mistake,
+//! each asserting the message and where it points.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use datafence_common::{
+    MAX_CGROUP_ENTRIES, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, REGION_NONE, RegionId, SLOTS,
+};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+use super::*;
+
+/// A policy directory with a cgroup2 root beside it holding a few cgroups.
+struct Env {
+    dir: TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for cg in [
+            "system.slice/user-api.service",
+            "system.slice/other.service",
+        ] {
+            fs::create_dir_all(dir.path().join("cgroup").join(cg)).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn opts(&self) -> LoadOptions {
+        LoadOptions {
+            cgroup_root: self.dir.path().join("cgroup"),
+            ..LoadOptions::default()
+        }
+    }
+
+    fn load(&self, yaml: &str) -> Result<LoadedPolicy, PolicyErrors> {
+        self.load_with(yaml, &self.opts())
+    }
+
+    fn load_with(&self, yaml: &str, opts: &LoadOptions) -> Result<LoadedPolicy, PolicyErrors> {
+        load_policy(&self.write("policy.yaml", yaml), opts)
+    }
+
+    /// The errors, with paths relative to the policy directory.
+    fn errors(&self, yaml: &str) -> Vec<String> {
+        self.errors_with(yaml, &self.opts())
+    }
+
+    fn errors_with(&self, yaml: &str, opts: &LoadOptions) -> Vec<String> {
+        let errors = self
+            .load_with(yaml, opts)
+            .expect_err("policy should be refused");
+        errors
+            .0
+            .iter()
+            .map(|e| {
+                let rel = e.file.strip_prefix(self.dir.path()).unwrap_or(&e.file);
+                PolicyError {
+                    file: rel.to_owned(),
+                    ..e.clone()
+                }
+                .to_string()
+            })
+            .collect()
+    }
+}
+
+fn errors(yaml: &str) -> Vec<String> {
+    Env::new().errors(yaml)
+}
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/policy/testdata/full")
+}
+
+const REGIONS: &str = "regions:\n  eu:\n    cidrs: [192.0.2.0/24]\n";
+
+#[test]
+fn full_fixture_loads_as_documented() {
+    let env = Env::new();
+    let path = fixture_dir().join("policy.yaml");
+    let p = load_policy(&path, &env.opts()).unwrap();
+
+    let mut hash = Sha256::new();
+    hash.update(fs::read(&path).unwrap());
+    hash.update(fs::read(fixture_dir().join("regions/eu-west.txt")).unwrap());
+    assert_eq!(p.sha256, hex::encode(hash.finalize()));
+    assert_eq!(p.path, path);
+    assert_eq!(p.version, 1);
+    assert_eq!(p.mode, Mode::Enforce);
+    assert_eq!(p.egress_interfaces, Some(vec!["eth0".to_owned()]));
+    assert_eq!(p.gateway_interfaces, vec!["eth1".to_owned()]);
+    assert_eq!(p.exempt.len(), 2);
+
+    assert_eq!(p.regions.len(), 2);
+    let eu = &p.regions[0];
+    assert_eq!((eu.name.as_str(), eu.id), ("eu-west", 1));
+    let v4: Vec<String> = eu.v4.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        v4,
+        ["198.51.100.0/24", "192.0.2.128/25"],
+        "file repeat deduped"
+    );
+    let v6: Vec<String> = eu.v6.iter().map(ToString::to_string).collect();
+    assert_eq!(v6, ["2001:db8:100::/48", "2001:db8:200::/48"]);
+    assert_eq!(
+        (p.regions[1].name.as_str(), p.regions[1].id),
+        ("us-east", 2)
+    );
+
+    let user = &p.classes[0];
+    assert_eq!((user.name.as_str(), user.id), ("user-data", 0));
+    assert_eq!(user.mode, Mode::Audit);
+    assert_eq!(user.unknown, UnknownRule::Deny);
+    assert_eq!(user.allow, vec![1]);
+    let cg = env.dir.path().join("cgroup/system.slice/user-api.service");
+    let ino = fs::metadata(cg).unwrap().ino();
+    assert_eq!(
+        user.cgroups,
+        vec![("/system.slice/user-api.service".to_owned(), ino)]
+    );
+    assert_eq!(
+        user.marks,
+        vec![datafence_common::MarkMatch {
+            value: 0x10,
+            mask: 0xff
+        }]
+    );
+    assert_eq!(user.dscp, vec![10]);
+    assert_eq!(user.protocols, vec![6, 17]);
+    assert_eq!(
+        user.port_ranges,
+        vec![(443, 443), (5432, 5432), (9000, 9100)]
+    );
+    assert_eq!(user.src_cidrs, vec!["192.0.2.0/25".parse().unwrap()]);
+
+    let telemetry = &p.classes[1];
+    assert_eq!(telemetry.mode, Mode::Enforce, "inherits the policy mode");
+    assert_eq!(telemetry.unknown, UnknownRule::Allow);
+    assert_eq!(telemetry.allow, vec![1, 2]);
+    assert_eq!(p.class_name(1), Some("telemetry"));
+    assert_eq!(p.class_name(2), None);
+    assert_eq!(p.region_name(2), Some("us-east"));
+    assert_eq!(p.region_name(REGION_NONE), None);
+    assert_eq!(p.region_name(3), None);
+
+    let compiled = p.compile();
+    let at = |s: &str| compiled.region_of(s.parse().unwrap());
+    assert_eq!(at("192.0.2.200"), 1);
+    assert_eq!(at("203.0.113.9"), 2);
+    assert_eq!(at("192.0.2.1"), RegionId::from(REGION_NONE));
+    assert_eq!(compiled.cgroups, vec![(ino, 0b1)]);
+    assert_eq!(compiled.src_classes("192.0.2.5".parse().unwrap()), 0b1);
+
+    let summary = serde_json::to_value(p.summary()).unwrap();
+    assert_eq!(summary["regions"][0]["v4_prefixes"], 2);
+    assert_eq!(summary["regions"][0]["v6_prefixes"], 2);
+    assert_eq!(summary["classes"][0]["mode"], "audit");
+    assert_eq!(summary["classes"][0]["unknown"], "deny");
+    assert_eq!(summary["classes"][1]["allow"][1], "us-east");
+    assert_eq!(
+        summary["classes"][0]["selectors"]["dst_ports"],
+        serde_json::json!(["443", "5432", "9000-9100"])
+    );
+    assert_eq!(
+        summary["classes"][0]["selectors"]["marks"],
+        serde_json::json!(["0x10/0xff"])
+    );
+    assert!(summary["classes"][1]["selectors"].get("cgroups").is_none());
+    assert_eq!(summary["interfaces"]["egress"], serde_json::json!(["eth0"]));
+    assert_eq!(summary["sha256"], p.sha256.as_str());
+}
+
+#[test]
+fn minimal_policy_takes_the_defaults() {
+    let p = Env::new()
+        .load("version: 1\nregions: {}\ndata_classes: {}\n")
+        .unwrap();
+    assert_eq!(p.mode, Mode::Enforce);
+    assert_eq!(p.egress_interfaces, None);
+    assert!(p.gateway_interfaces.is_empty() && p.exempt.is_empty());
+    assert!(p.regions.is_empty() && p.classes.is_empty());
+    let compiled = p.compile();
+    assert_eq!(compiled.policy.header.loaded, 1);
+    assert_eq!(compiled.policy.header.n_classes, 0);
+}
+
+#[test]
+fn class_defaults_fail_closed() {
+    let p = Env::new()
+        .load(&format!(
+            "version: 1\nmode: audit\n{REGIONS}data_classes:\n  c:\n    match: {{dscp: [1]}}\n"
+        ))
+        .unwrap();
+    assert_eq!(p.classes[0].mode, Mode::Audit);
+    assert_eq!(p.classes[0].unknown, UnknownRule::Deny);
+    assert!(p.classes[0].allow.is_empty());
+}
+
+#[test]
+fn unknown_key_at_top_level() {
+    assert_eq!(
+        errors("version: 1\nregions: {}\ndata_classes: {}\nexmept: []\n"),
+        [
+            "policy.yaml:4:1: unknown field `exmept`, expected one of version, mode, interfaces, \
+          exempt, regions, data_classes"
+        ]
+    );
+}
+
+#[test]
+fn unknown_key_in_match() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      port: [443]\n"
+        )),
+        [
+            "policy.yaml:8:7: unknown field `port`, expected one of cgroups, marks, dscp, \
+          protocols, dst_ports, src_cidrs"
+        ]
+    );
+}
+
+#[test]
+fn unknown_key_in_region() {
+    assert_eq!(
+        errors("version: 1\nregions:\n  eu:\n    cidr: [192.0.2.0/24]\ndata_classes: {}\n"),
+        ["policy.yaml:4:5: unknown field `cidr`, expected one of cidrs, files"]
+    );
+}
+
+#[test]
+fn syntax_error_points_at_the_problem() {
+    assert_eq!(
+        errors("version: 1\nregions: [\n"),
+        ["policy.yaml:2:10: expected mapping start"]
+    );
+}
+
+#[test]
+fn missing_required_key() {
+    assert_eq!(
+        errors("version: 1\nregions: {}\n"),
+        ["policy.yaml:2:1: missing field `data_classes`"]
+    );
+}
+
+#[test]
+fn missing_policy_file() {
+    let env = Env::new();
+    let errors = load_policy(&env.dir.path().join("nope.yaml"), &env.opts()).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.0[0].line, 0);
+    assert!(
+        errors.0[0]
+            .message
+            .starts_with("cannot read policy file: No such file"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn wrong_version() {
+    assert_eq!(
+        errors("version: 2\nregions: {}\ndata_classes: {}\n"),
+        ["policy.yaml:1:10: unsupported policy version 2; this agent understands version 1"]
+    );
+}
+
+#[test]
+fn invalid_mode_and_unknown_rule() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\nmode: enforcing\n{REGIONS}data_classes:\n  c:\n    match: {{dscp: [1]}}\n    unknown: maybe\n    mode: audits\n"
+        )),
+        [
+            "policy.yaml:2:7: invalid mode `enforcing`: expected `enforce` or `audit`",
+            "policy.yaml:9:14: invalid unknown rule `maybe`: expected `deny` or `allow`",
+            "policy.yaml:10:11: invalid mode `audits`: expected `enforce` or `audit`",
+        ]
+    );
+}
+
+#[test]
+fn invalid_cidr() {
+    assert_eq!(
+        errors("version: 1\nregions:\n  eu:\n    cidrs: [192.0.2.0/24, 10/8]\ndata_classes: {}\n"),
+        [
+            "policy.yaml:4:27: invalid CIDR `10/8`: expected ADDRESS/LENGTH such as 192.0.2.0/24 \
+          or 2001:db8::/32"
+        ]
+    );
+}
+
+#[test]
+fn cidr_with_host_bits_set() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\nexempt:\n  - 10.0.0.1/8\n{REGIONS}data_classes:\n  c:\n    match:\n      src_cidrs: [\"2001:db8::1/32\"]\n"
+        )),
+        [
+            "policy.yaml:3:5: `10.0.0.1/8` has host bits set; did you mean 10.0.0.0/8?",
+            "policy.yaml:10:19: `2001:db8::1/32` has host bits set; did you mean 2001:db8::/32?",
+        ]
+    );
+}
+
+#[test]
+fn undefined_region() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}  us:\n    cidrs: []\ndata_classes:\n  c:\n    match: {{dscp: [1]}}\n    allow: [eu, eu-west]\n"
+        )),
+        ["policy.yaml:10:17: region `eu-west` is not defined (defined: eu, us)"]
+    );
+    assert_eq!(
+        errors(
+            "version: 1\nregions: {}\ndata_classes:\n  c:\n    match: {dscp: [1]}\n    allow: [eu]\n"
+        ),
+        ["policy.yaml:6:13: region `eu` is not defined (no regions are defined)"]
+    );
+}
+
+#[test]
+fn prefix_in_two_regions() {
+    let env = Env::new();
+    assert_eq!(
+        env.errors(
+            "version: 1\nregions:\n  eu:\n    cidrs: [192.0.2.0/24]\n  us:\n    cidrs: [192.0.2.0/24]\ndata_classes: {}\n"
+        ),
+        ["policy.yaml:6:13: 192.0.2.0/24 is assigned to both region `eu` and region `us` \
+          (first at POLICY:4:13); an exact prefix may belong to one region only"
+            .replace("POLICY", &env.dir.path().join("policy.yaml").display().to_string())]
+    );
+}
+
+#[test]
+fn prefix_repeated_in_one_region_or_nested_across_regions_is_fine() {
+    let p = Env::new()
+        .load(
+            "version: 1\nregions:\n  eu:\n    cidrs: [192.0.2.0/24, 192.0.2.0/24]\n  us:\n    cidrs: [192.0.2.0/25]\ndata_classes: {}\n",
+        )
+        .unwrap();
+    assert_eq!(p.regions[0].v4.len(), 1);
+    let compiled = p.compile();
+    assert_eq!(compiled.region_of("192.0.2.1".parse().unwrap()), 2);
+    assert_eq!(compiled.region_of("192.0.2.200".parse().unwrap()), 1);
+}
+
+#[test]
+fn missing_region_file() {
+    let errors = errors(
+        "version: 1\nregions:\n  eu:\n    files:\n      - regions/eu.txt\ndata_classes: {}\n",
+    );
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].starts_with("policy.yaml:5:9: cannot read region file "),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].ends_with("regions/eu.txt: No such file or directory (os error 2)"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn bad_entries_in_region_file() {
+    let env = Env::new();
+    env.write(
+        "regions/eu.txt",
+        "# comment\n192.0.2.0/24\n\n   10.0.0.1/8  # typo\n2001:db8::/32\nnonsense\n",
+    );
+    assert_eq!(
+        env.errors("version: 1\nregions:\n  eu:\n    files: [regions/eu.txt]\ndata_classes: {}\n"),
+        [
+            "regions/eu.txt:4:4: `10.0.0.1/8` has host bits set; did you mean 10.0.0.0/8?",
+            "regions/eu.txt:6:1: invalid CIDR `nonsense`: expected ADDRESS/LENGTH such as \
+             192.0.2.0/24 or 2001:db8::/32",
+        ]
+    );
+}
+
+#[test]
+fn region_file_prefix_clashing_with_another_region() {
+    let env = Env::new();
+    env.write("us.txt", "198.51.100.0/24\n");
+    assert_eq!(
+        env.errors(
+            "version: 1\nregions:\n  eu:\n    cidrs: [198.51.100.0/24]\n  us:\n    files: [us.txt]\ndata_classes: {}\n"
+        ),
+        ["us.txt:1:1: 198.51.100.0/24 is assigned to both region `eu` and region `us` (first \
+          at POLICY:4:13); an exact prefix may belong to one region only"
+            .replace("POLICY", &env.dir.path().join("policy.yaml").display().to_string())]
+    );
+}
+
+#[test]
+fn empty_match() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match: {{}}\n    allow: [eu]\n"
+        )),
+        [
+            "policy.yaml:7:12: `match` lists no selectors; list at least one of cgroups, marks, \
+          dscp, protocols, dst_ports, src_cidrs"
+        ]
+    );
+}
+
+#[test]
+fn empty_selector_list() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      dscp: [1]\n      protocols: []\n"
+        )),
+        ["policy.yaml:9:18: `protocols` is empty; list at least one value or remove the selector"]
+    );
+}
+
+#[test]
+fn ports_out_of_range_and_bad_syntax() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      dst_ports: [443, 65536, \"70000\", \"80-\", \"100-90\", https, -1]\n"
+        )),
+        [
+            "policy.yaml:8:24: port 65536 is out of range 0-65535",
+            "policy.yaml:8:31: port 70000 is out of range 0-65535",
+            "policy.yaml:8:40: invalid port range `80-`: expected N or N-M, with N and M in 0-65535",
+            "policy.yaml:8:47: port range 100-90 is reversed; did you mean 90-100?",
+            "policy.yaml:8:57: invalid port range `https`: expected N or N-M, with N and M in 0-65535",
+            "policy.yaml:8:64: port -1 is out of range 0-65535",
+        ]
+    );
+}
+
+#[test]
+fn too_many_port_ranges_after_merging() {
+    let list: Vec<String> = (0..17).map(|i| (i * 10).to_string()).collect();
+    let ok: Vec<String> = (0..17)
+        .map(|i| format!("\"{}-{}\"", i * 10, i * 10 + 9))
+        .collect();
+    let yaml = |ports: &str| {
+        format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      dst_ports: [{ports}]\n"
+        )
+    };
+    assert_eq!(
+        errors(&yaml(&list.join(", "))),
+        [
+            "policy.yaml:8:18: `dst_ports` has 17 ranges after merging adjacent and overlapping \
+          ones; at most 16 are supported per class"
+        ]
+    );
+    let p = Env::new().load(&yaml(&ok.join(", "))).unwrap();
+    assert_eq!(p.classes[0].port_ranges, vec![(0, 169)]);
+}
+
+#[test]
+fn dscp_out_of_range() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      dscp: [63, 64, -1]\n"
+        )),
+        [
+            "policy.yaml:8:18: DSCP value 64 is out of range 0-63",
+            "policy.yaml:8:22: DSCP value -1 is out of range 0-63",
+        ]
+    );
+}
+
+#[test]
+fn bad_protocols() {
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      protocols: [tcp, tpc, 256]\n"
+        )),
+        [
+            "policy.yaml:8:24: unknown protocol `tpc`: expected tcp, udp, sctp, icmp, icmpv6 or \
+             a number 0-255",
+            "policy.yaml:8:29: protocol number 256 is out of range 0-255",
+        ]
+    );
+}
+
+#[test]
+fn bad_marks() {
+    let marks: Vec<String> = (1..=9).map(|i| format!("{{value: {i}}}")).collect();
+    assert_eq!(
+        errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      marks: [{{value: 0x110, mask: 0xff}}, {{value: 0x100000000}}]\n  d:\n    match:\n      marks: [{}]\n",
+            marks.join(", ")
+        )),
+        [
+            "policy.yaml:8:15: mark value 0x110 has bits outside mask 0xff, so it can never match",
+            "policy.yaml:8:43: mark value 4294967296 is out of range 0-0xffffffff",
+            "policy.yaml:11:14: 9 distinct marks listed; at most 8 are supported per class",
+        ]
+    );
+}
+
+#[test]
+fn mark_mask_defaults_to_all_bits() {
+    let p = Env::new()
+        .load(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      marks: [{{value: 0x10}}, {{value: 0x10}}]\n"
+        ))
+        .unwrap();
+    assert_eq!(
+        p.classes[0].marks,
+        vec![datafence_common::MarkMatch {
+            value: 0x10,
+            mask: u32::MAX
+        }]
+    );
+}
+
+#[test]
+fn bad_cgroups() {
+    let env = Env::new();
+    fs::write(env.dir.path().join("cgroup/file"), "").unwrap();
+    assert_eq!(
+        env.errors(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      cgroups:\n        - /system.slice/missing.service\n        - system.slice\n        - /\n        - /system.slice/../x\n        - /file\n        - /system.slice/other.service/\n"
+        )),
+        [
+            "policy.yaml:9:11: cgroup `/system.slice/missing.service` does not exist under \
+             CGROOT"
+                .replace("CGROOT", &env.opts().cgroup_root.display().to_string()),
+            "policy.yaml:10:11: cgroup path `system.slice` must be absolute (start with `/`), \
+             relative to the cgroup2 root"
+                .to_owned(),
+            "policy.yaml:11:11: cgroup path `/` is the root cgroup, which holds every process; \
+             remove the cgroups selector to match regardless of cgroup"
+                .to_owned(),
+            "policy.yaml:12:11: cgroup path `/system.slice/../x` must not contain `.` or `..` \
+             components"
+                .to_owned(),
+            "policy.yaml:13:11: cgroup `/file` under CGROOT is not a directory"
+                .replace("CGROOT", &env.opts().cgroup_root.display().to_string()),
+        ]
+    );
+}
+
+#[test]
+fn cgroup_ids_are_directory_inodes() {
+    let env = Env::new();
+    let p = env
+        .load(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  a:\n    match:\n      cgroups: [/system.slice/other.service/, /system.slice]\n  b:\n    match:\n      cgroups: [/system.slice]\n"
+        ))
+        .unwrap();
+    let ino = |rel: &str| {
+        fs::metadata(env.dir.path().join("cgroup").join(rel))
+            .unwrap()
+            .ino()
+    };
+    let other = ino("system.slice/other.service");
+    let slice = ino("system.slice");
+    assert_eq!(
+        p.classes[0].cgroups,
+        vec![
+            ("/system.slice/other.service".to_owned(), other),
+            ("/system.slice".to_owned(), slice)
+        ]
+    );
+    let mut expected = vec![(other, 0b01), (slice, 0b11)];
+    expected.sort_unstable();
+    assert_eq!(p.compile().cgroups, expected);
+}
+
+#[test]
+fn too_many_regions() {
+    let mut yaml = "version: 1\nregions:\n".to_owned();
+    for i in 0..256 {
+        writeln!(yaml, "  r{i}: {{}}").unwrap();
+    }
+    yaml.push_str("data_classes: {}\n");
+    assert_eq!(
+        errors(&yaml),
+        ["policy.yaml:258:3: too many regions: 256 defined, at most 255 are supported"]
+    );
+}
+
+#[test]
+fn too_many_classes() {
+    let mut yaml = format!("version: 1\n{REGIONS}data_classes:\n");
+    for i in 0..17 {
+        writeln!(yaml, "  c{i}:\n    match: {{dscp: [1]}}").unwrap();
+    }
+    assert_eq!(
+        errors(&yaml),
+        ["policy.yaml:38:3: too many data classes: 17 defined, at most 16 are supported"]
+    );
+}
+
+#[test]
+fn region_table_capacity() {
+    let env = Env::new();
+    let opts = LoadOptions {
+        table_capacity: 2,
+        ..env.opts()
+    };
+    let yaml = "version: 1\nregions:\n  eu:\n    cidrs: [192.0.2.0/24, 198.51.100.0/24, \"2001:db8::/32\"]\n  us:\n    cidrs: [203.0.113.0/24, 192.0.2.0/24]\ndata_classes: {}\n";
+    assert_eq!(
+        env.errors_with(yaml, &opts),
+        [
+            "policy.yaml:3:3: regions hold 3 distinct IPv4 prefixes, more than the table \
+             capacity of 2 (raise --table-capacity)"
+                .to_owned(),
+            "policy.yaml:6:29: 192.0.2.0/24 is assigned to both region `eu` and region `us` \
+             (first at POLICY:4:13); an exact prefix may belong to one region only"
+                .replace(
+                    "POLICY",
+                    &env.dir.path().join("policy.yaml").display().to_string()
+                ),
+        ]
+    );
+    let at_limit = LoadOptions {
+        table_capacity: 3,
+        ..env.opts()
+    };
+    assert_eq!(env.errors_with(yaml, &at_limit).len(), 1);
+}
+
+/// A YAML flow list of `n` IPv4 host prefixes, the `start`th onwards.
+fn many_hosts(start: u32, n: u32) -> String {
+    let mut out = String::from("[");
+    for i in start..start + n {
+        if i > start {
+            out.push_str(", ");
+        }
+        write!(out, "{}", std::net::Ipv4Addr::from(0x0a00_0000 + i)).unwrap();
+    }
+    out.push(']');
+    out
+}
+
+#[test]
+fn exempt_capacity() {
+    let limit = MAX_EXEMPT_ENTRIES / SLOTS;
+    let yaml = |n| {
+        format!(
+            "version: 1\nexempt: {}\nregions: {{}}\ndata_classes: {{}}\n",
+            many_hosts(0, n)
+        )
+    };
+    assert_eq!(
+        errors(&yaml(limit + 1)),
+        [format!(
+            "policy.yaml:2:9: `exempt` holds {} distinct IPv4 prefixes, at most {limit} are \
+             supported",
+            limit + 1
+        )]
+    );
+    assert!(Env::new().load(&yaml(limit)).is_ok());
+}
+
+#[test]
+fn src_cidr_capacity() {
+    let limit = MAX_SRC_CIDR_ENTRIES / SLOTS;
+    let half = limit / 2 + 1;
+    let yaml = format!(
+        "version: 1\nregions: {{}}\ndata_classes:\n  a:\n    match:\n      src_cidrs: {}\n  b:\n    match:\n      src_cidrs: {}\n",
+        many_hosts(0, half),
+        many_hosts(half - 1, half),
+    );
+    assert_eq!(
+        errors(&yaml),
+        [format!(
+            "policy.yaml:4:3: data classes list {} distinct IPv4 source prefixes, at most \
+             {limit} are supported",
+            2 * half - 1
+        )]
+    );
+}
+
+#[test]
+fn cgroup_capacity() {
+    let env = Env::new();
+    let limit = MAX_CGROUP_ENTRIES / SLOTS;
+    let mut list = String::new();
+    for i in 0..=limit {
+        fs::create_dir(env.dir.path().join(format!("cgroup/g{i}"))).unwrap();
+        write!(list, "/g{i}, ").unwrap();
+    }
+    assert_eq!(
+        env.errors(&format!(
+            "version: 1\nregions: {{}}\ndata_classes:\n  a:\n    match:\n      cgroups: [{list}]\n"
+        )),
+        [format!(
+            "policy.yaml:4:3: data classes list {} distinct cgroups, at most {limit} are \
+             supported",
+            limit + 1
+        )]
+    );
+}
+
+#[test]
+fn bad_names_and_interfaces() {
+    assert_eq!(
+        errors(
+            "version: 1\ninterfaces:\n  egress: [eth0, \"a/b\", averyveryverylongname]\nregions:\n  \"eu west\": {}\ndata_classes:\n  \"c:1\":\n    match: {dscp: [1]}\n"
+        ),
+        [
+            "policy.yaml:3:18: invalid interface name `a/b`: expected 1 to 15 bytes without \
+             `/`, `:` or whitespace",
+            "policy.yaml:3:25: invalid interface name `averyveryverylongname`: expected 1 to \
+             15 bytes without `/`, `:` or whitespace",
+            "policy.yaml:5:3: invalid region name `eu west`: use only letters, digits, `-`, \
+             `_` and `.`",
+            "policy.yaml:7:3: invalid data class name `c:1`: use only letters, digits, `-`, \
+             `_` and `.`",
+        ]
+    );
+}
+
+#[test]
+fn every_mistake_is_reported_at_once() {
+    let env = Env::new();
+    env.write("r.txt", "bogus\n");
+    let errors = env.errors(&format!(
+        "version: 3\n{REGIONS}    files: [r.txt]\ndata_classes:\n  c:\n    match:\n      dscp: [99]\n    allow: [nowhere]\n"
+    ));
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert!(errors[0].starts_with("policy.yaml:1:10: unsupported policy version 3"));
+    assert!(errors[1].starts_with("policy.yaml:9:14: DSCP value 99"));
+    assert!(errors[2].starts_with("policy.yaml:10:13: region `nowhere` is not defined"));
+    assert!(errors[3].starts_with("r.txt:1:1: invalid CIDR `bogus`"));
+}

@@ -1,0 +1,139 @@
+//! The real `datafence` binary, run inside a sandbox namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{Scratch, agent_binary, netns::NetNs};
+
+/// A running `datafence run`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct RunningAgent {
+    pub child: Child,
+    pub runtime_dir: PathBuf,
+    pub netns: String,
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+    _scratch: Scratch,
+}
+
+impl RunningAgent {
+    /// Starts the agent in `ns` with `policy` and `extra` arguments, and waits until its
+    /// control socket answers.
+    pub fn start(ns: &NetNs, policy: &Path, extra: &[&str]) -> Self {
+        let scratch = Scratch::new("agent");
+        let runtime_dir = scratch.dir.join("run");
+        let stdout_path = scratch.dir.join("stdout.log");
+        let stderr_path = scratch.dir.join("stderr.log");
+        let bin = agent_binary();
+        let child = ns
+            .command(&bin)
+            .arg("--runtime-dir")
+            .arg(&runtime_dir)
+            .arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .args(extra)
+            .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn datafence run");
+        let mut agent = Self {
+            child,
+            runtime_dir,
+            netns: ns.name.clone(),
+            stdout_path,
+            stderr_path,
+            _scratch: scratch,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.try_wait().expect("wait") {
+                panic!(
+                    "datafence run exited early with {status}:\n{}",
+                    agent.stderr()
+                );
+            }
+            if agent.cli(&["status", "--json"]).status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready:\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    /// Runs a `datafence` subcommand against this agent, in its namespace.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        crate::netns::command_in(&self.netns, agent_binary())
+            .arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .args(args)
+            .output()
+            .expect("run datafence")
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Violation lines the agent has written so far.
+    pub fn violations(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stdout_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Sum of packets over counter rows matching every given (field, value).
+    pub fn packets(&self, filters: &[(&str, &str)]) -> u64 {
+        self.status_json()["counters"]
+            .as_array()
+            .expect("counters")
+            .iter()
+            .filter(|row| filters.iter().all(|(k, v)| row[*k] == *v))
+            .map(|row| row["packets"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a valid pid and signal.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

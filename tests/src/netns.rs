@@ -1,0 +1,331 @@
+//! Network-namespace sandboxes joined by veth pairs. Every address lives in namespaces
+//! the test creates; nothing is sent anywhere else.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn split(args: &str) -> Vec<String> {
+    args.split_whitespace().map(str::to_owned).collect()
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A named network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(label: &str) -> Self {
+        let n = NS_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("df-{label}-{}-{n}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        // No duplicate-address detection: links made next start usable at once, instead
+        // of after a second or two of tentative link-local addresses during which
+        // neighbour discovery does not answer.
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ]);
+        ns
+    }
+
+    /// Runs `ip ARGS` inside the namespace; ARGS is split on whitespace.
+    pub fn ip(&self, args: &str) -> Output {
+        let mut full = vec!["ip".to_owned()];
+        full.extend(split(args));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.exec(&refs)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace; sockets it creates belong
+    /// to the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+}
+
+impl NetNs {
+    /// A command that runs in this network namespace; see [`command_in`].
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        command_in(&self.name, program)
+    }
+}
+
+/// A command that runs in the named network namespace, and only that: unlike
+/// `ip netns exec` it keeps the caller's mounts, so /sys/fs/cgroup stays visible.
+pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    {
+        use std::os::unix::process::CommandExt as _;
+        let path = format!("/run/netns/{netns}");
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let mut cmd = Command::new(program);
+        // SAFETY: setns is a plain syscall, safe between fork and exec; the fd was opened
+        // before the fork and stays open (the closure owns it) until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Never panic here: this may run while a failed test is already unwinding.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Addresses of the standard sandbox: a "host" whose egress is enforced and a "world"
+/// namespace that owns the addresses of every region.
+pub mod addr {
+    pub const HOST_V4: &str = "192.0.2.1";
+    pub const WORLD_V4: &str = "192.0.2.2";
+    pub const HOST_V6: &str = "2001:db8:1::1";
+    pub const WORLD_V6: &str = "2001:db8:1::2";
+    /// In the approved region (eu-west).
+    pub const EU_V4: &str = "198.51.100.10";
+    pub const EU_V6: &str = "2001:db8:100::10";
+    /// In the unapproved region (us-east).
+    pub const US_V4: &str = "203.0.113.10";
+    pub const US_V6: &str = "2001:db8:300::10";
+}
+
+const HOST_MAC: &str = "02:df:00:00:00:01";
+const WORLD_MAC: &str = "02:df:00:00:00:02";
+
+/// Two namespaces joined by a veth pair: `host` (interface `up0`) and `world` (`dn0`).
+pub struct Sandbox {
+    pub host: NetNs,
+    pub world: NetNs,
+    pub uplink: &'static str,
+}
+
+impl Sandbox {
+    pub fn new(label: &str) -> Self {
+        let host = NetNs::new(&format!("{label}h"));
+        let world = NetNs::new(&format!("{label}w"));
+        let (h, w) = (&host.name, &world.name);
+        let link = split(&format!(
+            "ip link add up0 address {HOST_MAC} netns {h} type veth \
+             peer name dn0 address {WORLD_MAC} netns {w}"
+        ));
+        sh(&link.iter().map(String::as_str).collect::<Vec<_>>());
+        for (ns, dev, v4, v6) in [
+            (&host, "up0", addr::HOST_V4, addr::HOST_V6),
+            (&world, "dn0", addr::WORLD_V4, addr::WORLD_V6),
+        ] {
+            ns.ip(&format!("addr add {v4}/24 dev {dev}"));
+            ns.ip(&format!("-6 addr add {v6}/64 dev {dev} nodad"));
+            ns.ip(&format!("link set {dev} up"));
+        }
+        // Static neighbours: traffic flows from the first packet, with no ARP or neighbour
+        // discovery racing the test.
+        for (ns, dev, peer_v4, peer_v6, mac) in [
+            (&host, "up0", addr::WORLD_V4, addr::WORLD_V6, WORLD_MAC),
+            (&world, "dn0", addr::HOST_V4, addr::HOST_V6, HOST_MAC),
+        ] {
+            for peer in [peer_v4, peer_v6] {
+                ns.ip(&format!(
+                    "neigh replace {peer} lladdr {mac} dev {dev} nud permanent"
+                ));
+            }
+        }
+        for a in [addr::EU_V4, addr::US_V4] {
+            world.ip(&format!("addr add {a}/32 dev lo"));
+            host.ip(&format!("route add {a}/32 via {}", addr::WORLD_V4));
+        }
+        for a in [addr::EU_V6, addr::US_V6] {
+            world.ip(&format!("-6 addr add {a}/128 dev lo nodad"));
+            host.ip(&format!("-6 route add {a}/128 via {}", addr::WORLD_V6));
+        }
+        Self {
+            host,
+            world,
+            uplink: "up0",
+        }
+    }
+}
+
+/// Sends `count` UDP datagrams from the host namespace to `dst` and returns how many
+/// the world namespace received. Bounded in count and time.
+pub fn udp_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> u32 {
+    udp_delivered_marked(sandbox, dst, port, count, 0)
+}
+
+/// As [`udp_delivered`], with `SO_MARK` set on the sending socket.
+pub fn udp_delivered_marked(sandbox: &Sandbox, dst: &str, port: u16, count: u32, mark: u32) -> u32 {
+    udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
+        sandbox.host.run(move || {
+            let unspecified: SocketAddr = if dst_addr.is_ipv4() {
+                "0.0.0.0:0".parse().expect("addr")
+            } else {
+                "[::]:0".parse().expect("addr")
+            };
+            let sock = UdpSocket::bind(unspecified).expect("bind sender");
+            if mark != 0 {
+                set_mark(sock.as_raw_fd(), mark);
+            }
+            for i in 0..count {
+                // A denied datagram may fail at send time: that is the point.
+                let _ = sock.send_to(&i.to_be_bytes(), dst_addr);
+            }
+        });
+    })
+}
+
+/// Sends `count` datagrams from a separate process that runs in the host namespace and
+/// in the cgroup whose `cgroup.procs` file is given.
+pub fn udp_delivered_from_cgroup(
+    sandbox: &Sandbox,
+    cgroup_procs: &std::path::Path,
+    dst: &str,
+    port: u16,
+    count: u32,
+) -> u32 {
+    use std::os::unix::process::CommandExt as _;
+    udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
+        let procs =
+            std::ffi::CString::new(cgroup_procs.as_os_str().as_encoded_bytes()).expect("path");
+        let script = "import socket,sys\n\
+            host,port,n=sys.argv[1],int(sys.argv[2]),int(sys.argv[3])\n\
+            fam=socket.AF_INET6 if ':' in host else socket.AF_INET\n\
+            s=socket.socket(fam,socket.SOCK_DGRAM)\n\
+            for i in range(n):\n\
+            \x20\x20try: s.sendto(b'x',(host,port))\n\
+            \x20\x20except OSError: pass\n";
+        let mut cmd = sandbox.host.command("python3");
+        cmd.args(["-c", script])
+            .arg(dst_addr.ip().to_string())
+            .arg(dst_addr.port().to_string())
+            .arg(count.to_string());
+        // SAFETY: only async-signal-safe calls between fork and exec, on memory prepared
+        // before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().expect("spawn sender");
+        assert!(
+            out.status.success(),
+            "sender: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+}
+
+/// Binds a receiver for `dst:port` in the world namespace, runs `send`, and counts what
+/// arrived.
+pub fn udp_delivered_with(
+    sandbox: &Sandbox,
+    dst: &str,
+    port: u16,
+    count: u32,
+    send: impl FnOnce(SocketAddr),
+) -> u32 {
+    let dst_addr: SocketAddr = SocketAddr::new(dst.parse().expect("dst"), port);
+    let receiver = sandbox.world.run(move || {
+        let sock = UdpSocket::bind(dst_addr).expect("bind receiver");
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        sock
+    });
+    send(dst_addr);
+    let mut got = 0;
+    let mut buf = [0u8; 64];
+    while receiver.recv_from(&mut buf).is_ok() {
+        got += 1;
+        if got == count {
+            break;
+        }
+    }
+    got
+}
+
+/// Whether a TCP connection from the host namespace to `dst` completes.
+pub fn tcp_connects(sandbox: &Sandbox, dst: &str, port: u16) -> bool {
+    let addr: SocketAddr = SocketAddr::new(dst.parse().expect("dst"), port);
+    let listener = sandbox
+        .world
+        .run(move || TcpListener::bind(addr).expect("bind listener"));
+    let ok = sandbox
+        .host
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(800)).is_ok());
+    drop(listener);
+    ok
+}
+
+fn set_mark(fd: i32, mark: u32) {
+    // SAFETY: setsockopt with a valid fd and a correctly sized u32 option.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_MARK: {}", std::io::Error::last_os_error());
+}

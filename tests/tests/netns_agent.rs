@@ -1,0 +1,366 @@
+//! The real `datafence` binary enforcing in a namespace sandbox: classes chosen by mark,
+//! port and cgroup; audit mode; reload under live traffic; the CLI against the agent.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use integration_tests::{
+    Scratch,
+    agent::RunningAgent,
+    netns::{
+        Sandbox, addr, tcp_connects, udp_delivered, udp_delivered_from_cgroup, udp_delivered_marked,
+    },
+    require_root,
+};
+
+/// A cgroup made for one test, removed on drop.
+struct TestCgroup {
+    dir: PathBuf,
+    /// Path relative to the cgroup2 root, as a policy names it.
+    path: String,
+}
+
+impl TestCgroup {
+    fn new(label: &str) -> Self {
+        let root = datafence::cgroups::cgroup2_root();
+        let name = format!("datafence-test-{label}-{}", std::process::id());
+        let dir = root.join(&name);
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self {
+            dir,
+            path: format!("/{name}"),
+        }
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn policy_text(mode: &str, cgroup: &str, us_allowed: bool) -> String {
+    let allow = if us_allowed {
+        "[eu-west, us-east]"
+    } else {
+        "[eu-west]"
+    };
+    format!(
+        r#"
+version: 1
+mode: {mode}
+interfaces:
+  egress: [up0]
+exempt: [192.0.2.2/32]
+regions:
+  eu-west:
+    cidrs: ["2001:db8:100::/48"]
+    files: [regions/eu-west.txt]
+  us-east:
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
+data_classes:
+  marked:
+    match:
+      marks: [{{value: 0x42}}]
+    allow: {allow}
+  database:
+    match:
+      protocols: [tcp]
+      dst_ports: [5432]
+    allow: {allow}
+  api-service:
+    match:
+      cgroups: [{cgroup}]
+    allow: {allow}
+"#
+    )
+}
+
+fn write_policy(scratch: &Scratch, mode: &str, cgroup: &str, us_allowed: bool) -> PathBuf {
+    scratch.write(
+        "regions/eu-west.txt",
+        "# EU data centres\n198.51.100.0/24\n",
+    );
+    scratch.write("policy.yaml", &policy_text(mode, cgroup, us_allowed))
+}
+
+#[test]
+fn agent_separates_user_data_by_mark_port_and_cgroup() {
+    require_root();
+    let sandbox = Sandbox::new("ag");
+    let cgroup = TestCgroup::new("sep");
+    let scratch = Scratch::new("sep");
+    let policy = write_policy(&scratch, "enforce", &cgroup.path, false);
+    let agent = RunningAgent::start(&sandbox.host, &policy, &[]);
+
+    for (us, eu) in [(addr::US_V4, addr::EU_V4), (addr::US_V6, addr::EU_V6)] {
+        // Marked traffic is user data: blocked to us-east, allowed to eu-west.
+        assert_eq!(
+            udp_delivered_marked(&sandbox, us, 7000, 10, 0x42),
+            0,
+            "marked to {us}"
+        );
+        assert_eq!(
+            udp_delivered_marked(&sandbox, eu, 7000, 10, 0x42),
+            10,
+            "marked to {eu}"
+        );
+        // Unmarked UDP is not user data and flows anywhere.
+        assert_eq!(
+            udp_delivered(&sandbox, us, 7000, 10),
+            10,
+            "unmarked to {us}"
+        );
+        // The database port is user data.
+        assert!(!tcp_connects(&sandbox, us, 5432), "tcp/5432 to {us}");
+        assert!(tcp_connects(&sandbox, eu, 5432), "tcp/5432 to {eu}");
+        assert!(tcp_connects(&sandbox, us, 8080), "tcp/8080 to {us}");
+        // A process in the api-service cgroup sends user data.
+        assert_eq!(
+            udp_delivered_from_cgroup(&sandbox, &cgroup.procs(), us, 7001, 10),
+            0
+        );
+        assert_eq!(
+            udp_delivered_from_cgroup(&sandbox, &cgroup.procs(), eu, 7001, 10),
+            10
+        );
+    }
+
+    let denied_marked = agent.packets(&[
+        ("class", "marked"),
+        ("region", "us-east"),
+        ("verdict", "deny"),
+    ]);
+    assert_eq!(
+        denied_marked, 20,
+        "10 marked datagrams per family were dropped"
+    );
+    let denied_cgroup = agent.packets(&[
+        ("class", "api-service"),
+        ("region", "us-east"),
+        ("verdict", "deny"),
+    ]);
+    assert_eq!(denied_cgroup, 20);
+    let status = agent.status_json();
+    assert_eq!(status["attachments"][0]["interface"], "up0");
+    assert_eq!(status["attachments"][0]["hook"], "tc_egress");
+    assert_eq!(status["policy"]["version"], 1);
+    assert_eq!(status["policy"]["sha256"].as_str().map(str::len), Some(64));
+
+    // Violations are reported with who, where and why.
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = agent.violations();
+    let from_cgroup = lines
+        .iter()
+        .find(|l| l["class"] == "api-service")
+        .unwrap_or_else(|| panic!("no api-service violation in {lines:?}"));
+    assert_eq!(from_cgroup["cgroup"], cgroup.path.as_str());
+    assert_eq!(from_cgroup["region"], "us-east");
+    assert_eq!(from_cgroup["verdict"], "deny");
+    assert_eq!(from_cgroup["reason"], "region_denied");
+    assert_eq!(from_cgroup["interface"], "up0");
+    assert_eq!(from_cgroup["dst_port"], 7001);
+    agent.stop();
+}
+
+#[test]
+fn audit_mode_lets_traffic_pass_and_counts_it() {
+    require_root();
+    let sandbox = Sandbox::new("au");
+    let scratch = Scratch::new("audit");
+    let cgroup = TestCgroup::new("audit");
+    let policy = write_policy(&scratch, "audit", &cgroup.path, false);
+    let agent = RunningAgent::start(&sandbox.host, &policy, &[]);
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7000, 15, 0x42),
+        15
+    );
+    assert_eq!(
+        agent.packets(&[
+            ("class", "marked"),
+            ("region", "us-east"),
+            ("verdict", "audit")
+        ]),
+        15
+    );
+    assert_eq!(agent.packets(&[("verdict", "deny")]), 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent
+            .violations()
+            .iter()
+            .any(|l| l["verdict"] == "audit" && l["class"] == "marked"),
+        "an audit hit is reported"
+    );
+    agent.stop();
+}
+
+#[test]
+fn reload_switches_behaviour_under_live_traffic_and_refuses_bad_policies() {
+    require_root();
+    let sandbox = Arc::new(Sandbox::new("rl"));
+    let scratch = Scratch::new("reload");
+    let cgroup = TestCgroup::new("reload");
+    let policy = write_policy(&scratch, "enforce", &cgroup.path, false);
+    let agent = RunningAgent::start(&sandbox.host, &policy, &[]);
+
+    // Live traffic throughout: marked datagrams to us-east, counted by the receiver.
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU32::new(0));
+    let traffic = {
+        let (sandbox, stop, received) = (sandbox.clone(), stop.clone(), received.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let got = udp_delivered_marked(&sandbox, addr::US_V4, 7100, 5, 0x42);
+                received.fetch_add(got, Ordering::Relaxed);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        0,
+        "blocked before the reload"
+    );
+
+    // A bad policy is refused and changes nothing.
+    std::fs::write(&policy, "version: 1\nregions: [not a map\n").expect("write");
+    let out = agent.cli(&["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy.yaml:"), "error names the file: {err}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        0,
+        "still blocked after a refused reload"
+    );
+
+    // A good policy that approves us-east takes effect at once.
+    std::fs::write(&policy, policy_text("enforce", &cgroup.path, true)).expect("write");
+    let out = agent.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let after_open = received.load(Ordering::Relaxed);
+    assert!(after_open > 0, "traffic flows after the reload");
+
+    // SIGHUP reloads too: back to the strict policy.
+    std::fs::write(&policy, policy_text("enforce", &cgroup.path, false)).expect("write");
+    // SAFETY: kill with a valid pid and signal.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(800));
+    let settled = received.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        settled,
+        "blocked again after SIGHUP"
+    );
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().expect("traffic thread");
+    let generation = agent.status_json()["policy"]["generation"].as_u64();
+    assert_eq!(
+        generation,
+        Some(3),
+        "initial load plus two accepted reloads"
+    );
+    agent.stop();
+}
+
+#[test]
+fn explain_answers_from_the_agent_and_from_a_file_and_the_kernel_agrees() {
+    require_root();
+    let sandbox = Sandbox::new("ex");
+    let scratch = Scratch::new("explain");
+    let cgroup = TestCgroup::new("explain");
+    let policy = write_policy(&scratch, "enforce", &cgroup.path, false);
+    let agent = RunningAgent::start(&sandbox.host, &policy, &[]);
+    let policy_arg = policy.to_str().expect("utf-8");
+    for source in [vec![], vec!["--policy", policy_arg]] {
+        for datapath in [false, true] {
+            let mut args = vec!["explain", "--json", "--mark", "0x42", "--proto", "udp"];
+            args.extend(source.iter().copied());
+            if datapath {
+                args.push("--datapath");
+            }
+            args.extend([addr::US_V4, addr::EU_V6, "192.0.2.2", "192.0.2.77"]);
+            let out = agent.cli(&args);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json line"))
+                .collect();
+            let brief: Vec<(String, String, String, String)> = answers
+                .iter()
+                .map(|a| {
+                    (
+                        a["address"].as_str().unwrap_or_default().to_owned(),
+                        a["verdict"].as_str().unwrap_or_default().to_owned(),
+                        a["region"].as_str().unwrap_or("-").to_owned(),
+                        a["reason"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            let expected = [
+                (addr::US_V4, "deny", "us-east", "region_denied"),
+                (addr::EU_V6, "allow", "eu-west", "region_allowed"),
+                ("192.0.2.2", "allow", "-", "exempt_policy"),
+                ("192.0.2.77", "deny", "-", "unknown_denied"),
+            ];
+            let expected: Vec<_> = expected
+                .iter()
+                .map(|(a, v, r, why)| {
+                    (a.to_string(), v.to_string(), r.to_string(), why.to_string())
+                })
+                .collect();
+            assert_eq!(brief, expected, "{args:?}");
+            for a in &answers {
+                for key in ["address", "region", "class", "verdict", "mode", "reason"] {
+                    assert!(a.get(key).is_some(), "{key} missing in {a}");
+                }
+            }
+        }
+    }
+    agent.stop();
+}
+
+#[test]
+fn unknown_interface_is_refused_by_name() {
+    require_root();
+    let sandbox = Sandbox::new("if");
+    let scratch = Scratch::new("iface");
+    let cgroup = TestCgroup::new("iface");
+    let policy = write_policy(&scratch, "enforce", &cgroup.path, false);
+    let out = sandbox
+        .host
+        .command(integration_tests::agent_binary())
+        .arg("--runtime-dir")
+        .arg(scratch.dir.join("run"))
+        .args(["run", "--policy"])
+        .arg(&policy)
+        .args(["--interface", "nosuch0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interface nosuch0 does not exist"), "{err}");
+}

@@ -1,0 +1,19 @@
+//! The programs load, and the verifier's work on them stays within budget. The counts are
+//! printed (run with --nocapture) because performance work tracks them.
+
+use datafence::datapath::{Datapath, LoadOptions};
+
+/// The kernel's limit is 1,000,000 processed instructions; a program that creeps toward
+/// it will fail to load after the next feature, so fail here first.
+const VERIFIER_BUDGET: u32 = 500_000;
+
+#[test]
+fn programs_verify_well_within_the_kernel_budget() {
+    integration_tests::require_root();
+    let dp = Datapath::load(&LoadOptions::default()).expect("load");
+    for (name, count) in dp.verified_instructions() {
+        let count = count.expect("kernel reports verified instruction counts");
+        println!("{name}: {count} instructions processed by the verifier");
+        assert!(count < VERIFIER_BUDGET, "{name}: {count}");
+    }
+}

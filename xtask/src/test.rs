@@ -1,0 +1,187 @@
+//! `cargo xtask test`: every check CI runs, in order, stopping at the first failure.
+
+use std::{
+    env,
+    ffi::OsString,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::util::{self, CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, Privileges};
+
+#[derive(Args)]
+pub(crate) struct Options {
+    /// Skip rustfmt and clippy; only run the tests.
+    #[arg(long)]
+    quick: bool,
+    /// Arguments after `--` go to the test binaries, e.g. a name filter or `--test-threads=1`.
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    test_args: Vec<OsString>,
+}
+
+/// Builds only for the BPF target; excluded from the host steps.
+const EBPF_PACKAGE: &str = "datafence-ebpf";
+
+struct Step {
+    name: &'static str,
+    command: Command,
+}
+
+enum Outcome {
+    Passed(Duration),
+    Failed(Duration),
+    Skipped,
+    NotRun,
+}
+
+pub(crate) fn run(opts: Options) -> Result<()> {
+    // Checked first: finding out after ten minutes of clippy that the tests cannot run at all
+    // helps nobody.
+    require_privileges()?;
+
+    let mut steps = Vec::new();
+    let mut fmt = util::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    steps.push(Step {
+        name: "rustfmt",
+        command: fmt,
+    });
+
+    // Also builds the eBPF object, through agent/build.rs. The eBPF crate itself is left out:
+    // `--workspace` would check it for the host with features unified across the workspace,
+    // so it would see datafence-common's `user` feature, hence aya and std, and fail on a
+    // duplicate `panic_impl`. The next step lints it for the BPF target instead.
+    let mut clippy = util::cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        EBPF_PACKAGE,
+        "--all-targets",
+    ]);
+    clippy.args(["--", "-D", "warnings"]);
+    steps.push(Step {
+        name: "clippy (host)",
+        command: clippy,
+    });
+
+    // aya-build compiles the eBPF crate without clippy, so lint it here, for the target it
+    // really runs on. From the workspace root, where `-p` can find it despite default-members.
+    let mut clippy_ebpf = util::cargo();
+    clippy_ebpf.args([
+        "+nightly",
+        "clippy",
+        "--package",
+        EBPF_PACKAGE,
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    steps.push(Step {
+        name: "clippy (eBPF)",
+        command: clippy_ebpf,
+    });
+
+    let mut test = util::cargo();
+    // The eBPF crate has no host tests, and building it for the host fails (see above).
+    test.args(["test", "--workspace", "--exclude", EBPF_PACKAGE]);
+    if !opts.test_args.is_empty() {
+        test.arg("--").args(&opts.test_args);
+    }
+    steps.push(Step {
+        name: "tests",
+        command: test,
+    });
+
+    let mut outcomes: Vec<Outcome> = steps
+        .iter()
+        .map(|step| {
+            if opts.quick && step.name != "tests" {
+                Outcome::Skipped
+            } else {
+                Outcome::NotRun
+            }
+        })
+        .collect();
+
+    let count = steps.len();
+    let total = Instant::now();
+    for index in 0..count {
+        if matches!(outcomes[index], Outcome::Skipped) {
+            continue;
+        }
+        let name = steps[index].name;
+        eprintln!("\n==> [{}/{count}] {name}", index + 1);
+        let start = Instant::now();
+        let result = util::run(&mut steps[index].command);
+        let elapsed = start.elapsed();
+        match result {
+            Ok(()) => outcomes[index] = Outcome::Passed(elapsed),
+            Err(err) => {
+                outcomes[index] = Outcome::Failed(elapsed);
+                print_summary(&steps, &outcomes, total.elapsed());
+                bail!("{name} failed: {err:#}");
+            }
+        }
+    }
+    print_summary(&steps, &outcomes, total.elapsed());
+    Ok(())
+}
+
+fn print_summary(steps: &[Step], outcomes: &[Outcome], total: Duration) {
+    eprintln!("\n==> summary");
+    for (step, outcome) in steps.iter().zip(outcomes) {
+        let (label, time) = match outcome {
+            Outcome::Passed(t) => ("ok", format!("{:>7.1}s", t.as_secs_f64())),
+            Outcome::Failed(t) => ("FAILED", format!("{:>7.1}s", t.as_secs_f64())),
+            Outcome::Skipped => ("skipped", String::new()),
+            Outcome::NotRun => ("not run", String::new()),
+        };
+        eprintln!("  {label:<8} {:<14} {time}", step.name);
+        if matches!(outcome, Outcome::Failed(_)) {
+            eprintln!("           rerun: {}", util::display(&step.command));
+        }
+    }
+    eprintln!("  total    {:>23.1}s", total.as_secs_f64());
+}
+
+/// The integration tests load eBPF programs and build network namespaces.
+fn require_privileges() -> Result<()> {
+    let privileges = Privileges::current()?;
+    let in_ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let context = if in_ci {
+        " (CI=true: the CI job must run .ci/run as root, with CAP_BPF and CAP_NET_ADMIN)"
+    } else {
+        ""
+    };
+    if privileges.euid != 0 {
+        bail!(
+            "the test suite must run as root: it needs CAP_BPF and CAP_NET_ADMIN to load eBPF \
+             programs and build network namespaces{context}; run it from a root shell, e.g. \
+             `sudo -E env \"PATH=$PATH\" cargo xtask test`"
+        );
+    }
+    let mut missing = Vec::new();
+    if !privileges.has_cap(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    // Kernels before 5.8 have no CAP_BPF and ask for CAP_SYS_ADMIN instead.
+    if !privileges.has_cap(CAP_BPF) && !privileges.has_cap(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "running as root but without {}{context}; an unprivileged container cannot run the \
+             test suite (use a VM or a --privileged container)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
