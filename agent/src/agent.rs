@@ -2,7 +2,6 @@
 //! violation reports until told to stop.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::SystemTime,
@@ -10,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use datafence_common::{CLASS_NONE, FAMILY_V4, Hook, REGION_NONE, Reason, Verdict, ViolationEvent};
+use datafence_common::{CLASS_NONE, Hook, REGION_NONE, Reason, Verdict, ViolationEvent, map_names};
 use serde::Serialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, unix::AsyncFd},
@@ -20,11 +19,14 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    cgroups::CgroupNames,
     control::{Attachment, CounterRow, PolicyIdentity, Request, Response, StatusReport, Totals},
     datapath::{Datapath, DatapathError, EventLimits, LoadOptions, if_index, if_name},
     dirs,
     explain::{self, KernelOracle},
+    metrics::{self, AgentCounters, CounterLedger, Snapshot},
     policy::{self, CompiledPolicy, LoadedPolicy, PolicyErrors},
+    report::{self, FlowKey, Folder, RotatingFile, ViolationRecord},
 };
 
 #[derive(Clone, Debug)]
@@ -36,6 +38,31 @@ pub struct RunOptions {
     pub table_capacity: u32,
     pub events: EventLimits,
     pub cgroup_root: PathBuf,
+    /// Serve /metrics and /healthz here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub reports: ReportOptions,
+}
+
+/// Where and how violations are reported.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    /// Repeats of a flow within this interval are folded into one line.
+    pub fold_interval: std::time::Duration,
+    /// Also append the lines to this file, rotated by size.
+    pub file: Option<PathBuf>,
+    pub file_max_bytes: u64,
+    pub file_keep: u32,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        Self {
+            fold_interval: report::DEFAULT_FOLD_INTERVAL,
+            file: None,
+            file_max_bytes: 64 << 20,
+            file_keep: 3,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +88,8 @@ struct Agent {
     generation: u32,
     loaded_at: SystemTime,
     attachments: Vec<Attachment>,
+    ledger: CounterLedger,
+    counters: Arc<AgentCounters>,
 }
 
 fn load_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
@@ -168,6 +197,8 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         generation: report.generation,
         loaded_at: SystemTime::now(),
         attachments,
+        ledger: CounterLedger::default(),
+        counters: Arc::default(),
     })
 }
 
@@ -175,8 +206,21 @@ impl Agent {
     /// Re-reads the policy and switches to it with no gap; on any failure the old one
     /// stays in force.
     fn reload(&mut self) -> Result<(), AgentError> {
+        let result = self.try_reload();
+        let counter = if result.is_ok() {
+            &self.counters.reload_success
+        } else {
+            &self.counters.reload_failure
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<(), AgentError> {
         let policy = load_policy(&self.opts)?;
         let compiled = policy.compile();
+        // Credit what was counted so far to the names of the policy about to be replaced.
+        self.sync_ledger()?;
         let report = self.datapath.apply(&compiled, self.opts.events)?;
         info!(sha256 = %policy.sha256, generation = report.generation, "policy reloaded");
         self.policy = policy;
@@ -186,29 +230,39 @@ impl Agent {
         Ok(())
     }
 
-    fn status(&self) -> Result<StatusReport, AgentError> {
+    /// Brings the name-keyed counter totals up to date with the kernel's counters.
+    fn sync_ledger(&mut self) -> Result<(), AgentError> {
+        let kernel = self.datapath.counters()?;
+        let policy = &self.policy;
+        self.ledger.sync(&kernel, |key| {
+            metrics::verdict_labels(
+                key,
+                |i| if_name(i).unwrap_or_else(|| i.to_string()),
+                |c| policy.class_name(c).map(str::to_owned),
+                |r| policy.region_name(r).map(str::to_owned),
+            )
+        });
+        Ok(())
+    }
+
+    fn status(&mut self) -> Result<StatusReport, AgentError> {
+        self.sync_ledger()?;
         let mut rows = Vec::new();
         let mut totals = Totals::default();
-        for (key, value) in self.datapath.counters()? {
-            match Verdict::from_u8(key.verdict) {
-                Some(Verdict::Allow) => totals.allow += value.packets,
-                Some(Verdict::Deny) => totals.deny += value.packets,
-                Some(Verdict::Audit) => totals.audit += value.packets,
-                None => {}
+        for (labels, value) in self.ledger.totals() {
+            match labels.verdict.as_str() {
+                "allow" => totals.allow += value.packets,
+                "deny" => totals.deny += value.packets,
+                "audit" => totals.audit += value.packets,
+                _ => {}
             }
             rows.push(CounterRow {
-                interface: if_name(key.ifindex).unwrap_or_else(|| key.ifindex.to_string()),
-                hook: Hook::from_u8(key.hook)
-                    .map_or("unknown", Hook::as_str)
-                    .to_owned(),
-                class: self.class_label(key.class),
-                region: self.region_label(key.region),
-                verdict: Verdict::from_u8(key.verdict)
-                    .map_or("unknown", Verdict::as_str)
-                    .to_owned(),
-                reason: Reason::from_u8(key.reason)
-                    .map_or("unknown", Reason::as_str)
-                    .to_owned(),
+                interface: labels.interface.clone(),
+                hook: labels.hook.clone(),
+                class: labels.class.clone(),
+                region: labels.region.clone(),
+                verdict: labels.verdict.clone(),
+                reason: labels.reason.clone(),
                 packets: value.packets,
                 bytes: value.bytes,
             });
@@ -236,6 +290,42 @@ impl Agent {
             totals,
             events_lost: stats.events_lost,
             events_suppressed: stats.events_suppressed,
+        })
+    }
+
+    /// What a scrape of /metrics or /healthz reports.
+    fn snapshot(&mut self) -> Result<Snapshot, AgentError> {
+        self.sync_ledger()?;
+        let stats = self.datapath.stats()?;
+        let counter_keys = self.datapath.counters()?.len() as u64;
+        let mut maps = self.datapath.map_usage();
+        maps.push((
+            map_names::COUNTERS.to_owned(),
+            counter_keys,
+            u64::from(datafence_common::MAX_COUNTER_KEYS),
+        ));
+        let attachments = self
+            .attachments
+            .iter()
+            .map(|a| {
+                let up = self.datapath.is_attached(&a.interface, &a.hook);
+                (a.interface.clone(), a.hook.clone(), up)
+            })
+            .collect();
+        Ok(Snapshot {
+            verdicts: self.ledger.totals().map(|(l, v)| (l.clone(), *v)).collect(),
+            events_lost: stats.events_lost,
+            events_suppressed: stats.events_suppressed,
+            policy_sha256: self.policy.sha256.clone(),
+            policy_version: self.policy.version,
+            prefixes_v4: self.compiled.regions_v4.len(),
+            prefixes_v6: self.compiled.regions_v6.len(),
+            last_reload_unix: self
+                .loaded_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            maps,
+            attachments,
         })
     }
 
@@ -370,37 +460,6 @@ fn bind_control(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// A violation, as one JSON log line.
-#[derive(Serialize)]
-pub struct ViolationRecord {
-    pub time: String,
-    pub host: String,
-    pub interface: String,
-    pub hook: &'static str,
-    pub class: String,
-    pub region: String,
-    pub verdict: &'static str,
-    pub mode: &'static str,
-    pub reason: &'static str,
-    pub protocol: u8,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub cgroup: String,
-    pub cgroup_id: u64,
-    pub packet_len: u32,
-    pub policy_sha256: String,
-}
-
-fn addr_of(family: u8, bytes: &[u8; 16]) -> IpAddr {
-    if family == FAMILY_V4 {
-        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*bytes))
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -412,7 +471,7 @@ impl Agent {
         &self,
         ev: &ViolationEvent,
         host: &str,
-        cgroups: &mut crate::cgroups::CgroupNames,
+        cgroups: &mut CgroupNames,
     ) -> ViolationRecord {
         let verdict = Verdict::from_u8(ev.verdict).unwrap_or(Verdict::Deny);
         ViolationRecord {
@@ -429,65 +488,261 @@ impl Agent {
                 "enforce"
             },
             reason: Reason::from_u8(ev.reason).map_or("unknown", Reason::as_str),
-            protocol: ev.protocol,
-            src: addr_of(ev.family, &ev.src_addr),
-            dst: addr_of(ev.family, &ev.dst_addr),
+            protocol: report::protocol_name(ev.protocol),
+            src: report::event_addr(ev.family, &ev.src_addr),
+            dst: report::event_addr(ev.family, &ev.dst_addr),
             src_port: ev.src_port,
             dst_port: ev.dst_port,
             cgroup: cgroups.name(ev.cgroup_id),
             cgroup_id: ev.cgroup_id,
             packet_len: ev.packet_len,
             policy_sha256: self.policy.sha256.clone(),
+            count: 1,
+            bytes: u64::from(ev.packet_len),
+            repeat: false,
         }
     }
 }
 
-async fn report_violations(shared: Shared, ring: RingBuf<MapData>) -> anyhow::Result<()> {
+/// Writes report lines to stdout (journald under systemd) and, when configured, to a
+/// rotated file. Runs on its own thread so a slow disk never stalls the ring-buffer
+/// reader; lines that do not fit its queue are counted and dropped.
+struct ReportWriter {
+    queue: std::sync::mpsc::SyncSender<String>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReportWriter {
+    fn spawn(opts: &ReportOptions) -> anyhow::Result<Self> {
+        let mut file = match &opts.file {
+            Some(path) => Some(
+                RotatingFile::open(path.clone(), opts.file_max_bytes, opts.file_keep)
+                    .with_context(|| format!("opening violations file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let (queue, lines) = std::sync::mpsc::sync_channel::<String>(16_384);
+        std::thread::Builder::new()
+            .name("violation-writer".into())
+            .spawn(move || {
+                use std::io::Write as _;
+                for line in lines {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    drop(out);
+                    if let Some(f) = file.as_mut()
+                        && let Err(e) = f.write_line(&line)
+                    {
+                        warn!(error = %e, "writing the violations file");
+                    }
+                }
+            })?;
+        Ok(Self {
+            queue,
+            dropped: Arc::default(),
+        })
+    }
+
+    fn write(&self, line: String) {
+        if self.queue.try_send(line).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// A line saying how many violations the kernel did not report, when there are new ones.
+#[derive(Serialize)]
+struct Unreported {
+    time: String,
+    host: String,
+    event: &'static str,
+    suppressed: u64,
+    lost: u64,
+    dropped_lines: u64,
+}
+
+async fn report_violations(
+    shared: Shared,
+    ring: RingBuf<MapData>,
+    opts: ReportOptions,
+) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long
     // as the AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)
         .context("watching the event ring buffer")?;
     let host = hostname();
-    let cgroup_root = lock(&shared).opts.cgroup_root.clone();
-    let mut cgroups = crate::cgroups::CgroupNames::new(cgroup_root);
+    let (cgroup_root, counters) = {
+        let agent = lock(&shared);
+        (agent.opts.cgroup_root.clone(), agent.counters.clone())
+    };
+    let mut cgroups = CgroupNames::new(cgroup_root);
+    let mut folder = Folder::new(opts.fold_interval);
+    let writer = ReportWriter::spawn(&opts)?;
+    let mut flush = tokio::time::interval(folder.interval().min(std::time::Duration::from_secs(1)));
+    let mut last_flush = std::time::Instant::now();
+    let (mut seen_suppressed, mut seen_lost, mut seen_dropped) = (0u64, 0u64, 0u64);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            if let Some(ev) = ViolationEvent::from_bytes(&item) {
-                events.push(ev);
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                let mut events = Vec::new();
+                while let Some(item) = ring.next() {
+                    if let Some(ev) = ViolationEvent::from_bytes(&item) {
+                        events.push(ev);
+                    }
+                }
+                guard.clear_ready();
+                if events.is_empty() {
+                    continue;
+                }
+                let now = std::time::Instant::now();
+                let agent = lock(&shared);
+                for ev in &events {
+                    let record = folder.observe(FlowKey::of(ev), now, || agent.record(ev, &host, &mut cgroups));
+                    let labels = (agent.class_label(ev.class), agent.region_label(ev.region));
+                    let verdict = Verdict::from_u8(ev.verdict).map_or("unknown", Verdict::as_str);
+                    counters.count_violation(&labels.0, &labels.1, verdict);
+                    if let Some(r) = record
+                        && let Ok(line) = serde_json::to_string(&r)
+                    {
+                        counters.report_lines.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        writer.write(line);
+                    }
+                }
+            }
+            _ = flush.tick() => {
+                let now = std::time::Instant::now();
+                if now.duration_since(last_flush) < folder.interval() {
+                    continue;
+                }
+                last_flush = now;
+                let time = rfc3339(SystemTime::now());
+                for r in folder.flush(now, &time) {
+                    if let Ok(line) = serde_json::to_string(&r) {
+                        counters.report_lines.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        writer.write(line);
+                    }
+                }
+                let stats = {
+                    let agent = lock(&shared);
+                    agent.datapath.stats()
+                };
+                let dropped = writer.dropped.load(std::sync::atomic::Ordering::Relaxed);
+                if let Ok(stats) = stats
+                    && (stats.events_suppressed, stats.events_lost, dropped) != (seen_suppressed, seen_lost, seen_dropped)
+                {
+                    let line = Unreported {
+                        time,
+                        host: host.clone(),
+                        event: "violations_unreported",
+                        suppressed: stats.events_suppressed - seen_suppressed.min(stats.events_suppressed),
+                        lost: stats.events_lost - seen_lost.min(stats.events_lost),
+                        dropped_lines: dropped - seen_dropped,
+                    };
+                    (seen_suppressed, seen_lost, seen_dropped) = (stats.events_suppressed, stats.events_lost, dropped);
+                    if let Ok(line) = serde_json::to_string(&line) {
+                        writer.write(line);
+                    }
+                }
             }
         }
-        guard.clear_ready();
-        if events.is_empty() {
-            continue;
-        }
-        let lines: Vec<String> = {
-            let agent = lock(&shared);
-            events
-                .iter()
-                .filter_map(|ev| serde_json::to_string(&agent.record(ev, &host, &mut cgroups)).ok())
-                .collect()
-        };
-        let mut out = std::io::stdout().lock();
-        for line in lines {
-            use std::io::Write as _;
-            let _ = writeln!(out, "{line}");
-        }
     }
+}
+
+async fn serve_metrics(shared: Shared, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use axum::{Router, http::StatusCode, http::header, routing::get};
+    async fn scrape(shared: Shared) -> Result<Snapshot, String> {
+        tokio::task::spawn_blocking(move || {
+            let mut agent = lock(&shared);
+            agent.snapshot().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+    let metrics_state = shared.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let shared = metrics_state.clone();
+                async move {
+                    let counters = lock(&shared).counters.clone();
+                    match scrape(shared)
+                        .await
+                        .and_then(|s| metrics::render(&s, &counters).map_err(|e| e.to_string()))
+                    {
+                        Ok(text) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            text,
+                        ),
+                        Err(e) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                            e,
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let shared = shared.clone();
+                async move {
+                    match scrape(shared).await {
+                        Ok(s) => {
+                            let (healthy, text) = metrics::health(&s);
+                            let code = if healthy {
+                                StatusCode::OK
+                            } else {
+                                StatusCode::SERVICE_UNAVAILABLE
+                            };
+                            (code, text)
+                        }
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e),
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    info!(%addr, "serving /metrics and /healthz");
+    axum::serve(listener, app).await?;
+    Ok(())
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let runtime_dir = opts.runtime_dir.clone();
+    let reports = opts.reports.clone();
+    let metrics_addr = opts.metrics_addr;
+    if let Some(addr) = metrics_addr {
+        // Bind early so a taken port fails the start, before anything is attached.
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("the metrics address {addr} is not available"))?;
+    }
     let mut agent = tokio::task::spawn_blocking(move || start(opts)).await??;
     let ring = agent.datapath.take_events()?;
     let listener = bind_control(&runtime_dir)?;
     let shared: Shared = Arc::new(Mutex::new(agent));
 
-    let reporter = tokio::spawn(report_violations(shared.clone(), ring));
+    let reporter = tokio::spawn(report_violations(shared.clone(), ring, reports));
+    let metrics = metrics_addr.map(|addr| {
+        let state = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(state, addr).await {
+                error!(error = %e, "metrics server stopped");
+            }
+        })
+    });
     let server_state = shared.clone();
     let server = tokio::spawn(async move {
         loop {
@@ -524,6 +779,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     server.abort();
     reporter.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(runtime_dir.join(dirs::CONTROL_SOCKET));
     Ok(())
 }

@@ -129,6 +129,34 @@ pub struct Stats {
 pub struct Datapath {
     ebpf: Ebpf,
     table_capacity: u32,
+    /// What each slot holds, for map-pressure metrics without walking million-entry maps.
+    slot_contents: [SlotContents; 2],
+}
+
+/// Entries one policy slot holds in the shared maps.
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotContents {
+    regions_v4: usize,
+    regions_v6: usize,
+    exempt_v4: usize,
+    exempt_v6: usize,
+    src_v4: usize,
+    src_v6: usize,
+    cgroups: usize,
+}
+
+impl SlotContents {
+    fn of(c: &CompiledPolicy) -> Self {
+        Self {
+            regions_v4: c.regions_v4.len(),
+            regions_v6: c.regions_v6.len(),
+            exempt_v4: c.exempt_v4.len(),
+            exempt_v6: c.exempt_v6.len(),
+            src_v4: c.src_v4.len(),
+            src_v6: c.src_v6.len(),
+            cgroups: c.cgroups.len(),
+        }
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -176,6 +204,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             table_capacity: opts.table_capacity,
+            slot_contents: [SlotContents::default(); 2],
         })
     }
 
@@ -216,11 +245,13 @@ impl Datapath {
             .wrapping_add(1);
         self.check_capacity(compiled)?;
         self.clear_slot(target)?;
+        self.slot_contents[target as usize] = SlotContents::default();
         if let Err(err) = self.fill_slot(target, compiled) {
             // Leave nothing half-written behind; the error that matters is the first.
             let _ = self.clear_slot(target);
             return Err(err);
         }
+        self.slot_contents[target as usize] = SlotContents::of(compiled);
         let mut policy = compiled.policy;
         policy.header.loaded = 1;
         policy.header.generation = generation;
@@ -555,6 +586,67 @@ impl Datapath {
     pub fn table_capacity(&self) -> u32 {
         self.table_capacity
     }
+
+    /// (map, entries, capacity) for the policy maps, both slots together.
+    pub fn map_usage(&self) -> Vec<(String, u64, u64)> {
+        let [a, b] = self.slot_contents;
+        let sum = |f: fn(&SlotContents) -> usize| (f(&a) + f(&b)) as u64;
+        let table = u64::from(SLOTS * self.table_capacity);
+        vec![
+            (map_names::REGIONS_V4.into(), sum(|c| c.regions_v4), table),
+            (map_names::REGIONS_V6.into(), sum(|c| c.regions_v6), table),
+            (
+                map_names::EXEMPT_V4.into(),
+                sum(|c| c.exempt_v4),
+                MAX_EXEMPT_ENTRIES.into(),
+            ),
+            (
+                map_names::EXEMPT_V6.into(),
+                sum(|c| c.exempt_v6),
+                MAX_EXEMPT_ENTRIES.into(),
+            ),
+            (
+                map_names::SRC_V4.into(),
+                sum(|c| c.src_v4),
+                MAX_SRC_CIDR_ENTRIES.into(),
+            ),
+            (
+                map_names::SRC_V6.into(),
+                sum(|c| c.src_v6),
+                MAX_SRC_CIDR_ENTRIES.into(),
+            ),
+            (
+                map_names::CGROUP_CLASSES.into(),
+                sum(|c| c.cgroups),
+                MAX_CGROUP_ENTRIES.into(),
+            ),
+        ]
+    }
+
+    fn program_id(&self, name: &'static str) -> Option<u32> {
+        self.ebpf.program(name)?.info().ok().map(|i| i.id())
+    }
+
+    /// Whether our program is attached to the interface's hook right now, as the kernel
+    /// reports it (not as we remember it): someone may have detached it.
+    pub fn is_attached(&self, interface: &str, hook: &str) -> bool {
+        if hook == Hook::TcEgress.as_str() {
+            let Some(id) = self.program_id(program_names::TC_EGRESS) else {
+                return false;
+            };
+            if !tcx_supported() {
+                // clsact attachments are not queried; trust the netlink attach.
+                return if_index(interface).is_some();
+            }
+            SchedClassifier::query_tcx(interface, TcAttachType::Egress)
+                .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == id))
+        } else {
+            let Some(id) = self.program_id(program_names::XDP_GATEWAY) else {
+                return false;
+            };
+            xdp_program_id(interface) == Some(id)
+        }
+    }
 }
 
 /// Looks up the region the datapath's tables give an address, in the active slot.
@@ -675,6 +767,18 @@ pub fn if_name(index: u32) -> Option<String> {
     // SAFETY: on success the buffer holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(name.to_string_lossy().into_owned())
+}
+
+/// The id of the XDP program on an interface, from `ip -json link show` (iproute2):
+/// the kernel reports XDP attachments only through netlink.
+fn xdp_program_id(interface: &str) -> Option<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-json", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let id = links.get(0)?.get("xdp")?.get("prog")?.get("id")?.as_u64()?;
+    u32::try_from(id).ok()
 }
 
 /// tcx (kernel 6.6+) lets several programs share an egress hook without a qdisc.

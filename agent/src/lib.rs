@@ -7,4 +7,6 @@ pub mod control;
 pub mod datapath;
 pub mod dirs;
 pub mod explain;
+pub mod metrics;
 pub mod policy;
+pub mod report;

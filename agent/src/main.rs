@@ -153,6 +153,18 @@ struct RunArgs {
     /// Serve Prometheus metrics and /healthz on this address, e.g. 127.0.0.1:9477.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Also append violation lines to this file (rotated by size).
+    #[arg(long, value_name = "PATH")]
+    violations_file: Option<PathBuf>,
+    /// Rotate the violations file when it reaches this many bytes.
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    violations_file_max_bytes: u64,
+    /// Rotated violations files to keep (PATH.1 ... PATH.N).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    violations_file_keep: u32,
+    /// Seconds within which repeats of a flow are folded into one violation line.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    fold_interval: u64,
     /// Violation events per second per CPU that the kernel reports; the rest are counted
     /// as suppressed.
     #[arg(long, default_value_t = 1000)]
@@ -516,9 +528,6 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
         } => check(cli, policy, *json, tables),
         Command::Explain(args) => explain_cmd(cli, args),
         Command::Run(args) => {
-            if args.metrics_addr.is_some() {
-                tracing::warn!("--metrics-addr is accepted but metrics are not served yet");
-            }
             let opts = RunOptions {
                 policy_path: args.policy.clone(),
                 interfaces: args.interfaces.clone(),
@@ -529,6 +538,13 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
                     burst: args.events_burst,
                 },
                 cgroup_root: cli.cgroup_root.clone(),
+                metrics_addr: args.metrics_addr,
+                reports: agent::ReportOptions {
+                    fold_interval: std::time::Duration::from_secs(args.fold_interval.max(1)),
+                    file: args.violations_file.clone(),
+                    file_max_bytes: args.violations_file_max_bytes,
+                    file_keep: args.violations_file_keep,
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -1,0 +1,409 @@
+//! Violation reports: one JSON line per deny or audit verdict, with repeats of a flow
+//! folded so that a flood costs a few lines per second rather than one per packet.
+
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use datafence_common::{FAMILY_V4, ViolationEvent};
+use serde::Serialize;
+
+/// Repeats of a flow within this interval are folded into one line with a count.
+pub const DEFAULT_FOLD_INTERVAL: Duration = Duration::from_secs(10);
+/// Flows tracked for folding. Past this, new flows are still reported at once but their
+/// repeats are not folded, so memory stays bounded under a scan.
+const MAX_TRACKED_FLOWS: usize = 65_536;
+
+/// A violation, as one JSON log line. Field names are a contract (docs/metrics.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct ViolationRecord {
+    pub time: String,
+    pub host: String,
+    pub interface: String,
+    pub hook: &'static str,
+    pub class: String,
+    pub region: String,
+    pub verdict: &'static str,
+    pub mode: &'static str,
+    pub reason: &'static str,
+    pub protocol: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// The sending process's cgroup path, or its id when the path is unknown; empty for
+    /// forwarded traffic, which has no socket.
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub packet_len: u32,
+    pub policy_sha256: String,
+    /// Packets this line stands for: 1 for the first packet of a flow, more for a line
+    /// that folds the repeats seen since.
+    pub count: u64,
+    /// Bytes of the packets this line stands for.
+    pub bytes: u64,
+    /// Set on lines that fold repeats.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub repeat: bool,
+}
+
+pub fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
+pub fn event_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    }
+}
+
+/// What makes two events "the same flow".
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct FlowKey {
+    ifindex: u32,
+    hook: u8,
+    class: u8,
+    region: u16,
+    verdict: u8,
+    reason: u8,
+    protocol: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    cgroup_id: u64,
+}
+
+impl FlowKey {
+    pub fn of(ev: &ViolationEvent) -> Self {
+        Self {
+            ifindex: ev.ifindex,
+            hook: ev.hook,
+            class: ev.class,
+            region: ev.region,
+            verdict: ev.verdict,
+            reason: ev.reason,
+            protocol: ev.protocol,
+            src: ev.src_addr,
+            dst: ev.dst_addr,
+            src_port: ev.src_port,
+            dst_port: ev.dst_port,
+            cgroup_id: ev.cgroup_id,
+        }
+    }
+}
+
+struct Folded {
+    /// The record of the flow's first packet, reused for its repeat lines.
+    record: ViolationRecord,
+    repeats: u64,
+    repeat_bytes: u64,
+    last_seen: Instant,
+}
+
+/// Folds repeats of a flow. `observe` says whether an event must be written now;
+/// `flush` yields the folded lines that are due.
+pub struct Folder {
+    interval: Duration,
+    flows: HashMap<FlowKey, Folded>,
+}
+
+impl Folder {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            flows: HashMap::new(),
+        }
+    }
+
+    /// Returns the record to write now (the flow's first packet), or `None` when the
+    /// event was folded into a later line.
+    pub fn observe(
+        &mut self,
+        key: FlowKey,
+        now: Instant,
+        make: impl FnOnce() -> ViolationRecord,
+    ) -> Option<ViolationRecord> {
+        if let Some(f) = self.flows.get_mut(&key) {
+            f.repeats += 1;
+            f.repeat_bytes += u64::from(f.record.packet_len);
+            f.last_seen = now;
+            return None;
+        }
+        let record = make();
+        if self.flows.len() < MAX_TRACKED_FLOWS {
+            self.flows.insert(
+                key,
+                Folded {
+                    record: record.clone(),
+                    repeats: 0,
+                    repeat_bytes: 0,
+                    last_seen: now,
+                },
+            );
+        }
+        Some(record)
+    }
+
+    /// Lines for flows with repeats since their last line; forgets flows quiet for a
+    /// whole interval, so their next packet is reported at once again.
+    pub fn flush(&mut self, now: Instant, time: &str) -> Vec<ViolationRecord> {
+        let mut out = Vec::new();
+        let interval = self.interval;
+        self.flows.retain(|_, f| {
+            if f.repeats > 0 {
+                let mut line = f.record.clone();
+                line.time = time.to_owned();
+                line.count = f.repeats;
+                line.bytes = f.repeat_bytes;
+                line.repeat = true;
+                out.push(line);
+                f.repeats = 0;
+                f.repeat_bytes = 0;
+            }
+            now.duration_since(f.last_seen) < interval
+        });
+        out
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+}
+
+/// Appends lines to a file, rotating it when it passes a size: `PATH` → `PATH.1` → ...
+/// → `PATH.<keep>`, the oldest dropped.
+pub struct RotatingFile {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    file: File,
+    written: u64,
+}
+
+impl RotatingFile {
+    pub fn open(path: PathBuf, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let written = file.metadata()?.len();
+        Ok(Self {
+            path,
+            max_bytes,
+            keep,
+            file,
+            written,
+        })
+    }
+
+    pub fn write_line(&mut self, line: &str) -> std::io::Result<()> {
+        if self.written > 0 && self.written + line.len() as u64 + 1 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(line.as_bytes())?;
+        self.file.write_all(b"\n")?;
+        self.written += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        for n in (1..self.keep).rev() {
+            let from = self.rotated(n);
+            if from.exists() {
+                std::fs::rename(&from, self.rotated(n + 1))?;
+            }
+        }
+        if self.keep > 0 {
+            std::fs::rename(&self.path, self.rotated(1))?;
+        } else {
+            std::fs::remove_file(&self.path)?;
+        }
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafence_common::{Reason, Verdict};
+
+    fn event(dst_port: u16) -> ViolationEvent {
+        ViolationEvent {
+            timestamp_ns: 1,
+            cgroup_id: 7,
+            src_addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst_addr: [203, 0, 113, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ifindex: 2,
+            packet_len: 100,
+            policy_generation: 1,
+            region: 3,
+            class: 0,
+            verdict: Verdict::Deny as u8,
+            reason: Reason::RegionDenied as u8,
+            hook: 0,
+            family: FAMILY_V4,
+            protocol: 17,
+            src_port: 40000,
+            dst_port,
+        }
+    }
+
+    fn record(ev: &ViolationEvent) -> ViolationRecord {
+        ViolationRecord {
+            time: "t0".into(),
+            host: "h".into(),
+            interface: "eth0".into(),
+            hook: "tc_egress",
+            class: "user-data".into(),
+            region: "us-east".into(),
+            verdict: "deny",
+            mode: "enforce",
+            reason: "region_denied",
+            protocol: protocol_name(ev.protocol),
+            src: event_addr(ev.family, &ev.src_addr),
+            dst: event_addr(ev.family, &ev.dst_addr),
+            src_port: ev.src_port,
+            dst_port: ev.dst_port,
+            cgroup: "/x".into(),
+            cgroup_id: ev.cgroup_id,
+            packet_len: ev.packet_len,
+            policy_sha256: "s".into(),
+            count: 1,
+            bytes: u64::from(ev.packet_len),
+            repeat: false,
+        }
+    }
+
+    #[test]
+    fn first_packet_is_reported_at_once_and_repeats_are_folded() {
+        let mut folder = Folder::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let ev = event(443);
+        let mut written = Vec::new();
+        for i in 0..1000 {
+            let at = t0 + Duration::from_millis(i);
+            if let Some(r) = folder.observe(FlowKey::of(&ev), at, || record(&ev)) {
+                written.push(r);
+            }
+        }
+        assert_eq!(written.len(), 1, "only the first packet is written at once");
+        assert_eq!(written[0].dst, "203.0.113.10".parse::<IpAddr>().unwrap());
+        let folded = folder.flush(t0 + Duration::from_secs(1), "t1");
+        assert_eq!(folded.len(), 1);
+        assert_eq!(folded[0].count, 999);
+        assert_eq!(folded[0].bytes, 99_900);
+        assert!(folded[0].repeat);
+        // Nothing new: nothing to say.
+        assert!(folder.flush(t0 + Duration::from_secs(2), "t2").is_empty());
+        // Quiet for a whole interval: forgotten, so the next packet is reported at once.
+        folder.flush(t0 + Duration::from_secs(12), "t3");
+        assert!(
+            folder
+                .observe(FlowKey::of(&ev), t0 + Duration::from_secs(13), || record(
+                    &ev
+                ))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn different_flows_are_reported_separately() {
+        let mut folder = Folder::new(Duration::from_secs(10));
+        let now = Instant::now();
+        let (a, b) = (event(443), event(8443));
+        assert!(
+            folder
+                .observe(FlowKey::of(&a), now, || record(&a))
+                .is_some()
+        );
+        assert!(
+            folder
+                .observe(FlowKey::of(&b), now, || record(&b))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn event_record_serialises_with_the_documented_fields() {
+        let ev = event(443);
+        let v: serde_json::Value = serde_json::to_value(record(&ev)).unwrap();
+        for k in [
+            "time",
+            "host",
+            "interface",
+            "hook",
+            "class",
+            "region",
+            "verdict",
+            "mode",
+            "reason",
+            "protocol",
+            "src",
+            "dst",
+            "src_port",
+            "dst_port",
+            "cgroup",
+            "cgroup_id",
+            "packet_len",
+            "policy_sha256",
+            "count",
+            "bytes",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing");
+        }
+        assert_eq!(v["protocol"], "udp");
+        assert!(v.get("repeat").is_none());
+    }
+
+    #[test]
+    fn event_decoding_rejects_short_records() {
+        let ev = event(443);
+        // SAFETY: ViolationEvent is plain old data.
+        let bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const ViolationEvent).cast(),
+                size_of::<ViolationEvent>(),
+            )
+        };
+        assert_eq!(ViolationEvent::from_bytes(bytes), Some(ev));
+        assert_eq!(ViolationEvent::from_bytes(&bytes[..10]), None);
+    }
+
+    #[test]
+    fn file_sink_rotates_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("violations.jsonl");
+        let mut f = RotatingFile::open(path.clone(), 100, 2).unwrap();
+        for i in 0..20 {
+            f.write_line(&format!("{{\"n\":{i:>20}}}")).unwrap();
+        }
+        assert!(path.exists());
+        assert!(dir.path().join("violations.jsonl.1").exists());
+        assert!(dir.path().join("violations.jsonl.2").exists());
+        assert!(!dir.path().join("violations.jsonl.3").exists());
+        assert!(std::fs::metadata(&path).unwrap().len() <= 100);
+    }
+}
