@@ -10,6 +10,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use datafence_common::{CLASS_NONE, Hook, REGION_NONE, Reason, Verdict, ViolationEvent, map_names};
+use ipnetwork::IpNetwork;
 use serde::Serialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, unix::AsyncFd},
@@ -20,10 +21,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     cgroups::CgroupNames,
-    control::{Attachment, CounterRow, PolicyIdentity, Request, Response, StatusReport, Totals},
-    datapath::{Datapath, DatapathError, EventLimits, LoadOptions, if_index, if_name},
+    control::{
+        AgentState, Attachment, CounterRow, PolicyIdentity, Request, Response, STATE_FILE,
+        StatusReport, Totals,
+    },
+    datapath::{Attached, Datapath, DatapathError, EventLimits, LoadOptions, if_index, if_name},
     dirs,
     explain::{self, KernelOracle},
+    lockout,
     metrics::{self, AgentCounters, CounterLedger, Snapshot},
     policy::{self, CompiledPolicy, LoadedPolicy, PolicyErrors},
     report::{self, FlowKey, Folder, RotatingFile, ViolationRecord},
@@ -41,6 +46,17 @@ pub struct RunOptions {
     /// Serve /metrics and /healthz here.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub reports: ReportOptions,
+    /// bpffs directory for pinned links and maps; `None` makes enforcement end with the
+    /// process (for trials only).
+    pub pin_dir: Option<PathBuf>,
+    /// Networks the host is managed from (plus `SSH_CONNECTION`'s client): a policy that
+    /// does not exempt them is refused unless `allow_lockout_risk`.
+    pub management: Vec<IpNetwork>,
+    pub allow_lockout_risk: bool,
+    /// Reload when the policy file or a region file changes.
+    pub watch: bool,
+    /// How often attachments are verified (and repaired).
+    pub monitor_interval: std::time::Duration,
 }
 
 /// Where and how violations are reported.
@@ -75,6 +91,10 @@ pub enum AgentError {
         "nothing to attach: the policy names no egress or gateway interface and no interface carries a default route; name one with --interface"
     )]
     NoInterfaces,
+    #[error(
+        "policy {path} would lock this host out: its exempt list does not cover the management address {address}; add it to `exempt`, or pass --allow-lockout-risk if you are sure"
+    )]
+    LockoutRisk { path: String, address: IpNetwork },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
@@ -90,9 +110,40 @@ struct Agent {
     attachments: Vec<Attachment>,
     ledger: CounterLedger,
     counters: Arc<AgentCounters>,
+    /// Interfaces found missing, so their absence is logged once, not every check.
+    missing: std::collections::BTreeSet<String>,
+    /// Told when a `detach` request means the agent should exit.
+    stop: Arc<tokio::sync::Notify>,
+    /// The latest violation lines, for `datafence status`.
+    recent: std::collections::VecDeque<serde_json::Value>,
 }
 
-fn load_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
+/// Violation lines `datafence status` shows.
+const RECENT_VIOLATIONS: usize = 10;
+
+fn load_policy(
+    opts: &RunOptions,
+    extra_management: &[IpNetwork],
+) -> Result<LoadedPolicy, AgentError> {
+    let policy = read_policy(opts)?;
+    if !opts.allow_lockout_risk {
+        let management: Vec<IpNetwork> = opts
+            .management
+            .iter()
+            .chain(extra_management)
+            .copied()
+            .collect();
+        if let Some(address) = lockout::uncovered(&policy.exempt, &management).first() {
+            return Err(AgentError::LockoutRisk {
+                path: opts.policy_path.display().to_string(),
+                address: *address,
+            });
+        }
+    }
+    Ok(policy)
+}
+
+fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
     policy::load_policy(
         &opts.policy_path,
         &policy::LoadOptions {
@@ -149,37 +200,66 @@ fn egress_interfaces(opts: &RunOptions, policy: &LoadedPolicy) -> Result<Vec<Str
     Ok(list)
 }
 
+/// The interfaces and hooks the agent should be attached to now.
+fn desired_attachments(
+    opts: &RunOptions,
+    policy: &LoadedPolicy,
+) -> Result<Vec<Attachment>, AgentError> {
+    let egress = egress_interfaces(opts, policy)?;
+    let tc = egress.into_iter().map(|interface| Attachment {
+        interface,
+        hook: Hook::TcEgress.as_str().to_owned(),
+    });
+    let xdp = policy
+        .gateway_interfaces
+        .iter()
+        .map(|interface| Attachment {
+            interface: interface.clone(),
+            hook: Hook::Xdp.as_str().to_owned(),
+        });
+    Ok(tc.chain(xdp).collect())
+}
+
+fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached, DatapathError> {
+    if a.hook == Hook::Xdp.as_str() {
+        datapath.attach_xdp(&a.interface)
+    } else {
+        datapath.attach_tc(&a.interface)
+    }
+}
+
 /// Validates everything, then loads and attaches. Nothing touches the kernel until the
-/// policy and the interfaces have been checked.
+/// policy and the interfaces have been checked. With pinning, whatever an earlier agent
+/// left in force is adopted: its maps are reused (the old policy keeps being enforced),
+/// the new policy goes into the other slot, and pinned links are switched to the new
+/// programs atomically, so a restart or upgrade has no gap.
 fn start(opts: RunOptions) -> Result<Agent, AgentError> {
-    let policy = load_policy(&opts)?;
-    let egress = egress_interfaces(&opts, &policy)?;
-    for name in egress.iter().chain(&policy.gateway_interfaces) {
-        if if_index(name).is_none() {
-            return Err(AgentError::UnknownInterface(name.clone()));
+    let policy = load_policy(&opts, &[])?;
+    let attachments = desired_attachments(&opts, &policy)?;
+    for a in &attachments {
+        if if_index(&a.interface).is_none() {
+            return Err(AgentError::UnknownInterface(a.interface.clone()));
         }
     }
     let compiled = policy.compile();
     let mut datapath = Datapath::load(&LoadOptions {
         table_capacity: opts.table_capacity,
+        pin_dir: opts.pin_dir.clone(),
     })?;
+    let adopted_generation = datapath
+        .policy_in_slot(datapath.active_slot()?)?
+        .header
+        .generation;
     let report = datapath.apply(&compiled, opts.events)?;
-    let mut attachments = Vec::new();
-    for name in &egress {
-        datapath.attach_tc(name)?;
-        info!(interface = %name, hook = "tc_egress", "attached");
-        attachments.push(Attachment {
-            interface: name.clone(),
-            hook: Hook::TcEgress.as_str().to_owned(),
-        });
+    for a in &attachments {
+        let how = attach(&mut datapath, a)?;
+        info!(interface = %a.interface, hook = %a.hook, adopted = (how == Attached::Adopted), "attached");
     }
-    for name in &policy.gateway_interfaces {
-        datapath.attach_xdp(name)?;
-        info!(interface = %name, hook = "xdp", "attached");
-        attachments.push(Attachment {
-            interface: name.clone(),
-            hook: Hook::Xdp.as_str().to_owned(),
-        });
+    if adopted_generation != 0 {
+        info!(
+            previous_generation = adopted_generation,
+            "adopted the enforcement an earlier agent left in place"
+        );
     }
     info!(
         policy = %opts.policy_path.display(),
@@ -189,6 +269,17 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         regions_v6 = report.regions_v6,
         "policy in force"
     );
+    let mut ledger = CounterLedger::default();
+    // Counters the kernel kept from an earlier agent carry on from where they were.
+    let kernel = datapath.counters()?;
+    ledger.sync(&kernel, |key| {
+        metrics::verdict_labels(
+            key,
+            |i| if_name(i).unwrap_or_else(|| i.to_string()),
+            |c| policy.class_name(c).map(str::to_owned),
+            |r| policy.region_name(r).map(str::to_owned),
+        )
+    });
     Ok(Agent {
         opts,
         datapath,
@@ -197,16 +288,19 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         generation: report.generation,
         loaded_at: SystemTime::now(),
         attachments,
-        ledger: CounterLedger::default(),
+        ledger,
         counters: Arc::default(),
+        missing: std::collections::BTreeSet::new(),
+        stop: Arc::default(),
+        recent: std::collections::VecDeque::new(),
     })
 }
 
 impl Agent {
     /// Re-reads the policy and switches to it with no gap; on any failure the old one
     /// stays in force.
-    fn reload(&mut self) -> Result<(), AgentError> {
-        let result = self.try_reload();
+    fn reload(&mut self, management: &[IpNetwork]) -> Result<(), AgentError> {
+        let result = self.try_reload(management);
         let counter = if result.is_ok() {
             &self.counters.reload_success
         } else {
@@ -216,8 +310,12 @@ impl Agent {
         result
     }
 
-    fn try_reload(&mut self) -> Result<(), AgentError> {
-        let policy = load_policy(&self.opts)?;
+    fn try_reload(&mut self, management: &[IpNetwork]) -> Result<(), AgentError> {
+        let policy = load_policy(&self.opts, management)?;
+        if policy.sha256 == self.policy.sha256 {
+            // Nothing changed (a touch, or a watch event for an unrelated file).
+            return Ok(());
+        }
         let compiled = policy.compile();
         // Credit what was counted so far to the names of the policy about to be replaced.
         self.sync_ledger()?;
@@ -227,7 +325,64 @@ impl Agent {
         self.compiled = compiled;
         self.generation = report.generation;
         self.loaded_at = SystemTime::now();
+        self.write_state();
         Ok(())
+    }
+
+    /// Verifies every attachment against the kernel and repairs what is missing: a
+    /// program someone detached is attached again, an interface that came back gets its
+    /// program, and new default-route interfaces are picked up. A missing interface is
+    /// logged once.
+    fn ensure_attached(&mut self) {
+        let desired = match desired_attachments(&self.opts, &self.policy) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot work out which interfaces to attach to");
+                return;
+            }
+        };
+        for a in &desired {
+            if if_index(&a.interface).is_none() {
+                if self.missing.insert(a.interface.clone()) {
+                    warn!(interface = %a.interface, hook = %a.hook, "interface is gone; its program will be attached again when it returns");
+                }
+                continue;
+            }
+            let returned = self.missing.remove(&a.interface);
+            if !returned && self.datapath.is_attached(&a.interface, &a.hook) {
+                continue;
+            }
+            match attach(&mut self.datapath, a) {
+                Ok(_) if returned => {
+                    info!(interface = %a.interface, hook = %a.hook, "interface is back; attached")
+                }
+                Ok(_) => {
+                    self.counters
+                        .reattached
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(interface = %a.interface, hook = %a.hook, "program was detached from outside datafence; attached it again");
+                }
+                Err(e) => {
+                    error!(interface = %a.interface, hook = %a.hook, error = %e, "cannot attach")
+                }
+            }
+        }
+        self.attachments = desired;
+    }
+
+    /// Removes all enforcement: every pinned link (the programs detach) and every
+    /// pinned map. Returns what was detached.
+    fn detach_all(&mut self) -> Result<Vec<String>, AgentError> {
+        let Some(pins) = self.datapath.pins().cloned() else {
+            return Ok(Vec::new());
+        };
+        let removed = pins.remove_all().map_err(|source| {
+            AgentError::Datapath(DatapathError::PinDir {
+                path: pins.root.clone(),
+                source,
+            })
+        })?;
+        Ok(removed)
     }
 
     /// Brings the name-keyed counter totals up to date with the kernel's counters.
@@ -290,7 +445,97 @@ impl Agent {
             totals,
             events_lost: stats.events_lost,
             events_suppressed: stats.events_suppressed,
+            agent_running: true,
+            recent_violations: self.recent.iter().cloned().collect(),
         })
+    }
+
+    /// Records what is in force for `datafence status` to read when no agent runs.
+    fn write_state(&self) {
+        let state = AgentState {
+            pin_dir: self.datapath.pins().map(|p| p.root.display().to_string()),
+            policy: PolicyIdentity {
+                path: self.policy.path.display().to_string(),
+                version: self.policy.version,
+                sha256: self.policy.sha256.clone(),
+                loaded_at: rfc3339(self.loaded_at),
+                generation: self.generation,
+            },
+            classes: self
+                .policy
+                .classes
+                .iter()
+                .map(|c| (c.id, c.name.clone()))
+                .collect(),
+            regions: self
+                .policy
+                .regions
+                .iter()
+                .map(|r| (u16::from(r.id), r.name.clone()))
+                .collect(),
+            attachments: self.attachments.clone(),
+        };
+        let path = self.opts.runtime_dir.join(STATE_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(&state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            warn!(path = %path.display(), error = %e, "cannot record the agent state");
+        }
+    }
+
+    fn remember(&mut self, record: &ViolationRecord) {
+        if let Ok(v) = serde_json::to_value(record) {
+            if self.recent.len() == RECENT_VIOLATIONS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(v);
+        }
+    }
+
+    /// Ids of the cgroups the policy names change when a cgroup is removed and made
+    /// again, as systemd does on every service restart. Without this, a restarted
+    /// service's traffic would silently stop matching its class. Re-resolves the paths
+    /// and switches to the recompiled policy (no gap) when an id changed.
+    fn refresh_cgroups(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = self.opts.cgroup_root.clone();
+        let mut changed = Vec::new();
+        let mut policy = self.policy.clone();
+        for class in &mut policy.classes {
+            for (path, id) in &mut class.cgroups {
+                let dir = root.join(path.trim_start_matches('/'));
+                if let Ok(meta) = std::fs::metadata(&dir)
+                    && meta.ino() != *id
+                {
+                    *id = meta.ino();
+                    changed.push(path.clone());
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let compiled = policy.compile();
+        let _ = self.sync_ledger();
+        match self.datapath.apply(&compiled, self.opts.events) {
+            Ok(report) => {
+                info!(
+                    ?changed,
+                    generation = report.generation,
+                    "cgroups were recreated; their new ids are in force"
+                );
+                self.policy = policy;
+                self.compiled = compiled;
+                self.generation = report.generation;
+                self.write_state();
+            }
+            Err(e) => {
+                error!(?changed, error = %e, "cgroups were recreated but the policy could not be updated")
+            }
+        }
     }
 
     /// What a scrape of /metrics or /healthz reports.
@@ -366,12 +611,21 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Agent> {
 async fn handle(shared: Shared, request: Request) -> Response {
     let result = tokio::task::spawn_blocking(move || {
         let mut agent = lock(&shared);
+        let agent_stop = agent.stop.clone();
         match request {
+            Request::Detach => match agent.detach_all() {
+                Ok(detached) => {
+                    info!(?detached, "detached on request; stopping");
+                    agent_stop.notify_one();
+                    Ok(Response::Detached { detached })
+                }
+                Err(e) => Err(e.to_string()),
+            },
             Request::Status => agent
                 .status()
                 .map(|s| Response::Status(Box::new(s)))
                 .map_err(|e| e.to_string()),
-            Request::Reload => match agent.reload() {
+            Request::Reload { management } => match agent.reload(&management) {
                 Ok(()) => Ok(Response::Reloaded {
                     sha256: agent.policy.sha256.clone(),
                     generation: agent.generation,
@@ -599,7 +853,7 @@ async fn report_violations(
                     continue;
                 }
                 let now = std::time::Instant::now();
-                let agent = lock(&shared);
+                let mut agent = lock(&shared);
                 for ev in &events {
                     let record = folder.observe(FlowKey::of(ev), now, || agent.record(ev, &host, &mut cgroups));
                     let labels = (agent.class_label(ev.class), agent.region_label(ev.region));
@@ -608,6 +862,7 @@ async fn report_violations(
                     if let Some(r) = record
                         && let Ok(line) = serde_json::to_string(&r)
                     {
+                        agent.remember(&r);
                         counters.report_lines.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         writer.write(line);
                     }
@@ -719,10 +974,71 @@ async fn serve_metrics(shared: Shared, addr: std::net::SocketAddr) -> anyhow::Re
     Ok(())
 }
 
+async fn monitor_attachments(shared: Shared, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut agent = lock(&state);
+            agent.ensure_attached();
+            agent.refresh_cgroups();
+        })
+        .await;
+    }
+}
+
+/// How long the policy files must be quiet before a change is reloaded: editors and
+/// `git checkout` write files in several steps, and a half-written file must not even be
+/// tried.
+const WATCH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Watches the policy file's directory tree (region files live beside the policy) and
+/// asks for a reload once changes settle.
+fn watch_policy(
+    policy_path: &Path,
+    reload: tokio::sync::mpsc::Sender<&'static str>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = policy_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && !e.kind.is_access()
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::Recursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    std::thread::Builder::new()
+        .name("policy-watch".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // Debounce: wait until no event has arrived for a while.
+                while rx.recv_timeout(WATCH_DEBOUNCE).is_ok() {}
+                if reload.blocking_send("policy file changed").is_err() {
+                    break;
+                }
+            }
+        })?;
+    info!(dir = %dir.display(), "watching the policy for changes");
+    Ok(watcher)
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let runtime_dir = opts.runtime_dir.clone();
     let reports = opts.reports.clone();
+    let monitor_interval = opts.monitor_interval;
+    let watch = opts.watch;
+    let policy_path = opts.policy_path.clone();
     let metrics_addr = opts.metrics_addr;
     if let Some(addr) = metrics_addr {
         // Bind early so a taken port fails the start, before anything is attached.
@@ -732,6 +1048,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut agent = tokio::task::spawn_blocking(move || start(opts)).await??;
     let ring = agent.datapath.take_events()?;
     let listener = bind_control(&runtime_dir)?;
+    agent.write_state();
     let shared: Shared = Arc::new(Mutex::new(agent));
 
     let reporter = tokio::spawn(report_violations(shared.clone(), ring, reports));
@@ -760,22 +1077,58 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     });
 
+    let monitor = tokio::spawn(monitor_attachments(shared.clone(), monitor_interval));
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+    let _watcher = if watch {
+        Some(watch_policy(&policy_path, reload_tx.clone())?)
+    } else {
+        None
+    };
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let stop = lock(&shared).stop.clone();
     info!(control = %runtime_dir.join(dirs::CONTROL_SOCKET).display(), "running");
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                let state = shared.clone();
-                let result = tokio::task::spawn_blocking(move || lock(&state).reload()).await?;
-                if let Err(e) = result {
-                    error!(error = %e, "reload refused; the previous policy stays in force");
-                }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        tokio::spawn(async move {
+            // Ping twice per period, as systemd recommends.
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
+        })
+    });
+    let pinned = lock(&shared).datapath.pins().map(|p| p.root.clone());
+    loop {
+        let cause = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            Some(cause) = reload_rx.recv() => cause,
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            () = stop.notified() => break,
+        };
+        let state = shared.clone();
+        let result = tokio::task::spawn_blocking(move || lock(&state).reload(&[])).await?;
+        match result {
+            Ok(()) => info!(cause, "reload done"),
+            Err(e) => {
+                error!(cause, error = %e, "reload refused; the previous policy stays in force")
+            }
         }
+    }
+    match pinned {
+        Some(dir) if dir.exists() => info!(
+            pinned = %dir.display(),
+            "enforcement stays in place while the agent is stopped, like a firewall's rules; `datafence detach` removes it"
+        ),
+        _ => info!("enforcement ends with the agent (nothing pinned)"),
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    monitor.abort();
+    if let Some(w) = watchdog {
+        w.abort();
     }
     server.abort();
     reporter.abort();

@@ -17,7 +17,14 @@ use crate::explain::{Explanation, Query};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Reload,
+    /// `management`: addresses the caller manages the host from (its SSH client), which
+    /// the new policy must exempt.
+    Reload {
+        #[serde(default)]
+        management: Vec<ipnetwork::IpNetwork>,
+    },
+    /// Remove all enforcement and stop.
+    Detach,
     Explain {
         query: Query,
         addresses: Vec<IpAddr>,
@@ -31,18 +38,30 @@ pub enum Response {
     Status(Box<StatusReport>),
     Reloaded { sha256: String, generation: u32 },
     Explained { explanations: Vec<Explanation> },
+    Detached { detached: Vec<String> },
     Error { message: String },
 }
 
 /// `datafence status --json`: a stable shape for scripts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// False when the agent is not running and this was read from the pinned state the
+    /// kernel keeps enforcing.
+    #[serde(default = "yes")]
+    pub agent_running: bool,
     pub attachments: Vec<Attachment>,
     pub policy: PolicyIdentity,
     pub counters: Vec<CounterRow>,
     pub totals: Totals,
     pub events_lost: u64,
     pub events_suppressed: u64,
+    /// The latest violation lines, newest last.
+    #[serde(default)]
+    pub recent_violations: Vec<serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -111,3 +130,16 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ControlError> 
     BufReader::new(stream).read_line(&mut answer)?;
     Ok(serde_json::from_str(&answer)?)
 }
+
+/// What the running agent writes to `<runtime dir>/state.json` so that `datafence status`
+/// can describe the pinned enforcement while no agent runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentState {
+    pub pin_dir: Option<String>,
+    pub policy: PolicyIdentity,
+    pub classes: Vec<(u8, String)>,
+    pub regions: Vec<(u16, String)>,
+    pub attachments: Vec<Attachment>,
+}
+
+pub const STATE_FILE: &str = "state.json";

@@ -2,7 +2,11 @@
 //! policy into the inactive slot and switching to it, attaching to interfaces, reading
 //! counters and events, and running crafted frames through `BPF_PROG_TEST_RUN`.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -12,6 +16,7 @@ use aya::{
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::FdLink,
         tc::{self, TcError},
     },
 };
@@ -74,6 +79,168 @@ pub enum DatapathError {
     },
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("interface {interface}: the link cannot be pinned: {source}")]
+    Link {
+        interface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+}
+
+/// Counters summed over CPUs.
+fn read_counters(map: &Map) -> Result<Vec<(CounterKey, CounterValue)>> {
+    let name = map_names::COUNTERS;
+    let map: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
+        PerCpuHashMap::try_from(map).map_err(map_err(name))?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, per_cpu) = item.map_err(map_err(name))?;
+        let mut sum = CounterValue::default();
+        for v in per_cpu.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+        }
+        out.push((key, sum));
+    }
+    Ok(out)
+}
+
+fn read_stats(map: &Map) -> Result<Stats> {
+    let name = map_names::STATS;
+    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let sum = |i: u32| -> Result<u64> { Ok(map.get(&i, 0).map_err(map_err(name))?.iter().sum()) };
+    Ok(Stats {
+        events_lost: sum(stat::EVENTS_LOST)?,
+        events_suppressed: sum(stat::EVENTS_SUPPRESSED)?,
+        counter_map_full: sum(stat::COUNTER_MAP_FULL)?,
+    })
+}
+
+/// What the kernel keeps enforcing while no agent runs, read from the pinned maps.
+pub struct PinnedState {
+    pub counters: Vec<(CounterKey, CounterValue)>,
+    pub stats: Stats,
+    pub generation: u32,
+    /// Links pinned, as `<hook>-<interface>`.
+    pub links: Vec<String>,
+}
+
+impl PinLayout {
+    pub fn read(&self) -> Result<PinnedState> {
+        let open = |name: &'static str| -> Result<MapData> {
+            MapData::from_pin(self.map(name)).map_err(map_err(name))
+        };
+        let counters = read_counters(&Map::PerCpuHashMap(open(map_names::COUNTERS)?))?;
+        let stats = read_stats(&Map::PerCpuArray(open(map_names::STATS)?))?;
+        let active = Map::Array(open(map_names::ACTIVE_SLOT)?);
+        let active: Array<&MapData, u32> =
+            Array::try_from(&active).map_err(map_err(map_names::ACTIVE_SLOT))?;
+        let slot = active.get(&0, 0).map_err(map_err(map_names::ACTIVE_SLOT))? & 1;
+        let policy = Map::Array(open(map_names::POLICY)?);
+        let policy: Array<&MapData, Policy> =
+            Array::try_from(&policy).map_err(map_err(map_names::POLICY))?;
+        let generation = policy
+            .get(&slot, 0)
+            .map_err(map_err(map_names::POLICY))?
+            .header
+            .generation;
+        let mut links: Vec<String> = std::fs::read_dir(self.links_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        links.sort();
+        Ok(PinnedState {
+            counters,
+            stats,
+            generation,
+            links,
+        })
+    }
+}
+
+/// Where bpffs is normally mounted; systemd does it at boot.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Makes sure `dir` lies on a bpf filesystem, mounting one at /sys/fs/bpf when a host
+/// has none (minimal images and containers). Pins anywhere else must already be bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let on_bpffs = mounts.lines().any(|line| {
+        let mut cols = line.split_whitespace();
+        let (_, point, fstype) = (cols.next(), cols.next(), cols.next());
+        fstype == Some("bpf") && point.is_some_and(|p| dir.starts_with(p))
+    });
+    if on_bpffs {
+        return Ok(());
+    }
+    let not_bpffs = |source| DatapathError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
+    if !dir.starts_with(BPFFS) {
+        return Err(not_bpffs(std::io::Error::other(format!(
+            "not on a bpf filesystem; mount one (mount -t bpf bpf {BPFFS}) and pin below it"
+        ))));
+    }
+    let cstr = |s: &str| std::ffi::CString::new(s).expect("no NUL in constant");
+    let (source, target, fstype, opts) = (cstr("bpf"), cstr(BPFFS), cstr("bpf"), cstr("mode=0700"));
+    // SAFETY: plain mount(2) with valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(not_bpffs(std::io::Error::other(format!(
+            "no bpf filesystem at {BPFFS} and mounting one failed ({e}); mount it with `mount -t bpf bpf {BPFFS}`"
+        ))));
+    }
+    tracing::info!(mount = BPFFS, "mounted the bpf filesystem");
+    Ok(())
+}
+
+/// Opens a link pinned by an earlier agent, if there is one.
+fn adopt_link(path: &Path) -> Option<FdLink> {
+    let pinned = aya::programs::links::PinnedLink::from_pin(path).ok()?;
+    // The pin stays in place: it is what keeps the link alive after this agent exits.
+    Some(FdLink::from(pinned))
+}
+
+/// Entries of one slot in an LPM map; 0 when the map is missing.
+fn count_lpm<K, V>(map: Option<&Map>, slot: u32) -> usize
+where
+    K: aya::Pod + AsRef<[u8]>,
+    V: aya::Pod,
+{
+    let Some(map) = map else { return 0 };
+    let Ok(trie) = LpmTrie::<&MapData, K, V>::try_from(map) else {
+        return 0;
+    };
+    let slot_bytes = slot.to_be_bytes();
+    trie.keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|k| k.data().as_ref()[..4] == slot_bytes)
+        .count()
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -83,14 +250,110 @@ type Result<T, E = DatapathError> = std::result::Result<T, E>;
 pub struct LoadOptions {
     /// Region prefixes per address family and per slot.
     pub table_capacity: u32,
+    /// bpffs directory where maps and links are pinned so that enforcement outlives the
+    /// agent; `None` for a private datapath (tests, `explain --datapath`) that vanishes
+    /// with the process.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             table_capacity: DEFAULT_TABLE_CAPACITY,
+            pin_dir: None,
         }
     }
+}
+
+/// Where the pinned objects of one datafence installation live. The map directory
+/// carries the ABI version, so an agent never adopts maps of an incompatible layout.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root
+            .join(format!("v{}", datafence_common::ABI_VERSION))
+            .join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn link(&self, hook: Hook, interface: &str) -> PathBuf {
+        self.links_dir()
+            .join(format!("{}-{interface}", hook.as_str()))
+    }
+
+    /// Maps that are pinned: every map the programs use.
+    pub const MAPS: [&'static str; 14] = [
+        map_names::ACTIVE_SLOT,
+        map_names::POLICY,
+        map_names::REGIONS_V4,
+        map_names::REGIONS_V6,
+        map_names::EXEMPT_V4,
+        map_names::EXEMPT_V6,
+        map_names::SRC_V4,
+        map_names::SRC_V6,
+        map_names::CGROUP_CLASSES,
+        map_names::COUNTERS,
+        map_names::STATS,
+        map_names::EVENTS,
+        map_names::RATE_LIMIT,
+        "FRAME",
+    ];
+
+    /// Whether anything is pinned here (an agent ran, or is running).
+    pub fn exists(&self) -> bool {
+        self.maps_dir().join(map_names::POLICY).exists()
+    }
+
+    /// Removes every pinned link (which detaches the programs) and every pinned map.
+    /// Returns the links removed.
+    pub fn remove_all(&self) -> std::io::Result<Vec<String>> {
+        let mut detached = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.links_dir()) {
+            for entry in entries.flatten() {
+                // Unpinning drops the last reference to the link: the kernel detaches it.
+                std::fs::remove_file(entry.path())?;
+                detached.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let _ = std::fs::remove_dir(self.links_dir());
+        if let Ok(entries) = std::fs::read_dir(self.maps_dir()) {
+            for entry in entries.flatten() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        let _ = std::fs::remove_dir(self.maps_dir());
+        if let Some(parent) = self.maps_dir().parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        let _ = std::fs::remove_dir(&self.root);
+        detached.sort();
+        Ok(detached)
+    }
+}
+
+/// How an attachment came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link.
+    New,
+    /// A pinned link from an earlier run now runs this agent's program: swapped
+    /// atomically, so enforcement never paused.
+    Adopted,
 }
 
 /// Violation-event rate limit, per CPU.
@@ -129,6 +392,7 @@ pub struct Stats {
 pub struct Datapath {
     ebpf: Ebpf,
     table_capacity: u32,
+    pins: Option<PinLayout>,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [SlotContents; 2],
 }
@@ -191,21 +455,76 @@ impl Datapath {
     /// Loads the object and both programs into the kernel, without attaching anything.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let per_family = SLOTS.saturating_mul(opts.table_capacity);
-        let mut ebpf = EbpfLoader::new()
+        let pins = opts.pin_dir.as_ref().map(PinLayout::new);
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_names::REGIONS_V4, per_family)
-            .map_max_entries(map_names::REGIONS_V6, per_family)
-            .load(EBPF_OBJECT)?;
+            .map_max_entries(map_names::REGIONS_V6, per_family);
+        let map_paths: Vec<(&'static str, PathBuf)> = match &pins {
+            Some(layout) => {
+                ensure_bpffs(&layout.root)?;
+                for dir in [layout.maps_dir(), layout.links_dir()] {
+                    std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                }
+                PinLayout::MAPS
+                    .iter()
+                    .map(|name| (*name, layout.map(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        // Pinned maps that exist are reused as they are: the policy in force, its counters
+        // and queued events carry over to this agent.
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         program_mut::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS)?
             .load()
             .map_err(program_err(program_names::TC_EGRESS))?;
         program_mut::<Xdp>(&mut ebpf, program_names::XDP_GATEWAY)?
             .load()
             .map_err(program_err(program_names::XDP_GATEWAY))?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             table_capacity: opts.table_capacity,
+            pins,
             slot_contents: [SlotContents::default(); 2],
-        })
+        };
+        if dp.pins.is_some() {
+            dp.adopt_sizes()?;
+        }
+        Ok(dp)
+    }
+
+    /// Learns the real size and contents of adopted maps, which an earlier agent may have
+    /// created with another table capacity.
+    fn adopt_sizes(&mut self) -> Result<()> {
+        let name = map_names::REGIONS_V4;
+        let max = match self.map(name)? {
+            Map::LpmTrie(data) => data.info().map_err(map_err(name))?.max_entries(),
+            _ => return Err(DatapathError::MissingMap(name)),
+        };
+        self.table_capacity = max / SLOTS;
+        for slot in 0..SLOTS {
+            let c = &mut self.slot_contents[slot as usize];
+            c.regions_v4 =
+                count_lpm::<LpmDataV4, RegionId>(self.ebpf.map(map_names::REGIONS_V4), slot);
+            c.regions_v6 =
+                count_lpm::<LpmDataV6, RegionId>(self.ebpf.map(map_names::REGIONS_V6), slot);
+            c.exempt_v4 = count_lpm::<LpmDataV4, u32>(self.ebpf.map(map_names::EXEMPT_V4), slot);
+            c.exempt_v6 = count_lpm::<LpmDataV6, u32>(self.ebpf.map(map_names::EXEMPT_V6), slot);
+            c.src_v4 = count_lpm::<LpmDataV4, ClassMask>(self.ebpf.map(map_names::SRC_V4), slot);
+            c.src_v6 = count_lpm::<LpmDataV6, ClassMask>(self.ebpf.map(map_names::SRC_V6), slot);
+        }
+        Ok(())
+    }
+
+    pub fn pins(&self) -> Option<&PinLayout> {
+        self.pins.as_ref()
     }
 
     fn map(&self, name: &'static str) -> Result<&Map> {
@@ -424,10 +743,30 @@ impl Datapath {
     }
 
     /// Attaches the TC egress program to `interface`: through tcx where the kernel has it,
-    /// else through a clsact qdisc.
-    pub fn attach_tc(&mut self, interface: &str) -> Result<()> {
+    /// else through a clsact qdisc. With pinning, a link pinned by an earlier agent is
+    /// switched to this program atomically instead of attaching a second time.
+    pub fn attach_tc(&mut self, interface: &str) -> Result<Attached> {
         ensure_interface(interface)?;
+        let attach_err = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.link(Hook::TcEgress, interface));
         let prog = program_mut::<SchedClassifier>(&mut self.ebpf, program_names::TC_EGRESS)?;
+        if let Some(path) = &pin
+            && let Some(old) = adopt_link(path)
+        {
+            if let Ok(link) = aya::programs::tc::SchedClassifierLink::try_from(old)
+                && prog.attach_to_link(link).is_ok()
+            {
+                return Ok(Attached::Adopted);
+            }
+            // Detached by someone else, or not ours: replace it with a fresh link.
+            let _ = std::fs::remove_file(path);
+        }
         if !tcx_supported() {
             match tc::qdisc_add_clsact(interface) {
                 Ok(()) => {}
@@ -440,24 +779,54 @@ impl Datapath {
                 }
             }
         }
-        prog.attach(interface, TcAttachType::Egress)
-            .map_err(|source| DatapathError::Attach {
+        let id = prog
+            .attach(interface, TcAttachType::Egress)
+            .map_err(attach_err)?;
+        if let Some(path) = pin {
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
                 interface: interface.to_owned(),
                 source,
             })?;
-        Ok(())
+            fd.pin(&path)
+                .map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        Ok(Attached::New)
     }
 
-    /// Attaches the XDP program to a gateway interface.
-    pub fn attach_xdp(&mut self, interface: &str) -> Result<()> {
+    /// Attaches the XDP program to a gateway interface; pinned links are adopted as for
+    /// [`Self::attach_tc`].
+    pub fn attach_xdp(&mut self, interface: &str) -> Result<Attached> {
         ensure_interface(interface)?;
+        let attach_err = |source| DatapathError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let pin = self.pins.as_ref().map(|p| p.link(Hook::Xdp, interface));
         let prog = program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_GATEWAY)?;
-        prog.attach(interface, XdpMode::Default)
-            .map_err(|source| DatapathError::Attach {
+        if let Some(path) = &pin
+            && let Some(old) = adopt_link(path)
+        {
+            if let Ok(link) = aya::programs::xdp::XdpLink::try_from(old)
+                && prog.attach_to_link(link).is_ok()
+            {
+                return Ok(Attached::Adopted);
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let id = prog
+            .attach(interface, XdpMode::Default)
+            .map_err(attach_err)?;
+        if let Some(path) = pin {
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let fd: FdLink = link.try_into().map_err(|source| DatapathError::Link {
                 interface: interface.to_owned(),
                 source,
             })?;
-        Ok(())
+            fd.pin(&path)
+                .map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        Ok(Attached::New)
     }
 
     /// Runs one frame through a program with `BPF_PROG_TEST_RUN`; returns whether the
@@ -515,33 +884,11 @@ impl Datapath {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(CounterKey, CounterValue)>> {
-        let name = map_names::COUNTERS;
-        let map: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (key, per_cpu) = item.map_err(map_err(name))?;
-            let mut sum = CounterValue::default();
-            for v in per_cpu.iter() {
-                sum.packets += v.packets;
-                sum.bytes += v.bytes;
-            }
-            out.push((key, sum));
-        }
-        Ok(out)
+        read_counters(self.map(map_names::COUNTERS)?)
     }
 
     pub fn stats(&self) -> Result<Stats> {
-        let name = map_names::STATS;
-        let map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
-        let sum =
-            |i: u32| -> Result<u64> { Ok(map.get(&i, 0).map_err(map_err(name))?.iter().sum()) };
-        Ok(Stats {
-            events_lost: sum(stat::EVENTS_LOST)?,
-            events_suppressed: sum(stat::EVENTS_SUPPRESSED)?,
-            counter_map_full: sum(stat::COUNTER_MAP_FULL)?,
-        })
+        read_stats(self.map(map_names::STATS)?)
     }
 
     /// Reads every event waiting on the ring buffer, without blocking.

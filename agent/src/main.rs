@@ -59,8 +59,13 @@ enum Command {
     /// order and what each may reach, and exits 0. Nothing on the host is changed.
     Check {
         /// The policy file (YAML).
-        policy: PathBuf,
-        /// Machine-readable output: {"valid": bool, "summary"|"errors": ...}.
+        #[arg(required_unless_present = "diff")]
+        policy: Option<PathBuf>,
+        /// Validate two policies and show what replacing OLD with NEW would change:
+        /// regions and prefixes added or removed, and classes whose reach changes.
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], conflicts_with = "policy")]
+        diff: Option<Vec<PathBuf>>,
+        /// Machine-readable output: {"valid": bool, "summary"|"errors": ...}, or the diff.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -91,8 +96,18 @@ enum Command {
     /// Make the running agent re-read its policy and switch to it with no gap.
     ///
     /// Exits non-zero and prints the reason when the new policy is refused; the policy
-    /// in force then stays.
+    /// in force then stays. The address this command is run from over SSH must be
+    /// exempt in the new policy (see `run --allow-lockout-risk`).
     Reload,
+    /// Remove all enforcement: detach every program and delete the pinned maps.
+    ///
+    /// This is the only command that ends enforcement; stopping or killing the agent
+    /// leaves the last policy in force. A running agent is told to detach and exit.
+    Detach {
+        /// bpffs directory of the pinned state.
+        #[arg(long, default_value = dirs::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -165,6 +180,26 @@ struct RunArgs {
     /// Seconds within which repeats of a flow are folded into one violation line.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     fold_interval: u64,
+    /// bpffs directory where programs' links and maps are pinned, so enforcement
+    /// continues while the agent is stopped, restarted or upgraded.
+    #[arg(long, default_value = dirs::PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Pin nothing: enforcement ends when the agent exits (for trials only).
+    #[arg(long)]
+    no_pin: bool,
+    /// A network this host is managed from; the policy must exempt it. Repeatable.
+    /// The client address in SSH_CONNECTION counts too.
+    #[arg(long = "management-cidr", value_name = "CIDR")]
+    management_cidrs: Vec<ipnetwork::IpNetwork>,
+    /// Accept a policy that does not exempt the management addresses.
+    #[arg(long)]
+    allow_lockout_risk: bool,
+    /// Do not reload when the policy file or a region file changes.
+    #[arg(long)]
+    no_watch: bool,
+    /// Seconds between checks that every program is still attached (and repairs).
+    #[arg(long, default_value_t = 2, value_name = "SECONDS")]
+    monitor_interval: u64,
     /// Violation events per second per CPU that the kernel reports; the rest are counted
     /// as suppressed.
     #[arg(long, default_value_t = 1000)]
@@ -259,6 +294,77 @@ fn check(cli: &Cli, path: &Path, json: bool, tables: &TableArgs) -> anyhow::Resu
             Ok(usage_error())
         }
     }
+}
+
+fn check_diff(
+    cli: &Cli,
+    old: &Path,
+    new: &Path,
+    json: bool,
+    tables: &TableArgs,
+) -> anyhow::Result<ExitCode> {
+    let mut loaded = Vec::new();
+    let mut failed = false;
+    for path in [old, new] {
+        match load(path, &cli.cgroup_root, tables) {
+            Ok(p) => loaded.push(p),
+            Err(errors) => {
+                eprintln!("{errors}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return Ok(usage_error());
+    }
+    let d = datafence::diff::diff(&loaded[0], &loaded[1]);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        print!("{}", datafence::diff::render(&d));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detach(cli: &Cli, pin_dir: &Path) -> anyhow::Result<ExitCode> {
+    let socket = cli.runtime_dir.join(dirs::CONTROL_SOCKET);
+    if socket.exists()
+        && let Ok(response) = control::call(&socket, &Request::Detach)
+    {
+        match response {
+            Response::Detached { detached } => {
+                println!(
+                    "detached {} (the agent has stopped)",
+                    if detached.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        detached.join(", ")
+                    }
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Response::Error { message } => bail!("the agent could not detach: {message}"),
+            other => bail!("unexpected answer from the agent: {other:?}"),
+        }
+    }
+    // No agent running: remove what the last one left pinned.
+    let layout = datafence::datapath::PinLayout::new(pin_dir);
+    let detached = layout
+        .remove_all()
+        .with_context(|| format!("removing pinned state under {}", pin_dir.display()))?;
+    if detached.is_empty() && !pin_dir.exists() {
+        println!("nothing to detach under {}", pin_dir.display());
+    } else {
+        println!(
+            "detached {}",
+            if detached.is_empty() {
+                "nothing".to_owned()
+            } else {
+                detached.join(", ")
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_summary(p: &LoadedPolicy) {
@@ -471,7 +577,92 @@ fn explain_cmd(cli: &Cli, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The status of the enforcement the kernel keeps while no agent runs, from the pinned
+/// maps and the names the last agent recorded.
+fn status_from_pins(runtime_dir: &Path) -> anyhow::Result<StatusReport> {
+    let state_path = runtime_dir.join(control::STATE_FILE);
+    let state: control::AgentState =
+        serde_json::from_slice(&std::fs::read(&state_path).with_context(|| {
+            format!(
+                "the agent is not running and left no state at {}",
+                state_path.display()
+            )
+        })?)
+        .with_context(|| format!("reading {}", state_path.display()))?;
+    let Some(pin_dir) = &state.pin_dir else {
+        bail!("the agent is not running, and it pinned nothing: nothing is enforced");
+    };
+    let layout = datafence::datapath::PinLayout::new(pin_dir);
+    if !layout.exists() {
+        bail!(
+            "the agent is not running and nothing is pinned under {pin_dir}: nothing is enforced"
+        );
+    }
+    let pinned = layout.read()?;
+    let class = |id: u8| {
+        state
+            .classes
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| n.clone())
+    };
+    let region = |id: u16| {
+        state
+            .regions
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| n.clone())
+    };
+    let mut report = StatusReport {
+        agent_running: false,
+        attachments: state.attachments.clone(),
+        policy: state.policy.clone(),
+        events_lost: pinned.stats.events_lost,
+        events_suppressed: pinned.stats.events_suppressed,
+        ..Default::default()
+    };
+    report.policy.generation = pinned.generation;
+    for (key, value) in &pinned.counters {
+        let labels = datafence::metrics::verdict_labels(
+            key,
+            |i| datafence::datapath::if_name(i).unwrap_or_else(|| i.to_string()),
+            class,
+            region,
+        );
+        match labels.verdict.as_str() {
+            "allow" => report.totals.allow += value.packets,
+            "deny" => report.totals.deny += value.packets,
+            "audit" => report.totals.audit += value.packets,
+            _ => {}
+        }
+        report.counters.push(control::CounterRow {
+            interface: labels.interface,
+            hook: labels.hook,
+            class: labels.class,
+            region: labels.region,
+            verdict: labels.verdict,
+            reason: labels.reason,
+            packets: value.packets,
+            bytes: value.bytes,
+        });
+    }
+    report.counters.sort_by(|a, b| {
+        (&a.interface, &a.class, &a.region, &a.verdict).cmp(&(
+            &b.interface,
+            &b.class,
+            &b.region,
+            &b.verdict,
+        ))
+    });
+    Ok(report)
+}
+
 fn print_status(s: &StatusReport) {
+    if !s.agent_running {
+        println!(
+            "AGENT NOT RUNNING: the kernel keeps enforcing the last policy (read from its pinned state)"
+        );
+    }
     println!(
         "policy   {} (version {}, generation {})",
         s.policy.path, s.policy.version, s.policy.generation
@@ -496,6 +687,26 @@ fn print_status(s: &StatusReport) {
             r.interface, r.hook, r.class, r.region, r.verdict, r.reason, r.packets, r.bytes
         );
     }
+    if !s.recent_violations.is_empty() {
+        println!("recent violations (newest last):");
+        for v in &s.recent_violations {
+            let text = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+            println!(
+                "  {} {} {} {} -> {}:{} class {} region {} ({}) cgroup {} x{}",
+                text("time"),
+                text("verdict"),
+                text("protocol"),
+                text("src"),
+                text("dst"),
+                v["dst_port"],
+                text("class"),
+                text("region"),
+                text("reason"),
+                text("cgroup"),
+                v["count"]
+            );
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -507,6 +718,7 @@ fn main() -> ExitCode {
             if let Some(
                 agent::AgentError::Policy { .. }
                 | agent::AgentError::UnknownInterface(_)
+                | agent::AgentError::LockoutRisk { .. }
                 | agent::AgentError::NoInterfaces,
             ) = err.downcast_ref::<agent::AgentError>()
             {
@@ -523,9 +735,15 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Check {
             policy,
+            diff,
             json,
             tables,
-        } => check(cli, policy, *json, tables),
+        } => match (policy, diff) {
+            (_, Some(pair)) => check_diff(cli, &pair[0], &pair[1], *json, tables),
+            (Some(policy), None) => check(cli, policy, *json, tables),
+            (None, None) => unreachable!("clap requires a policy or --diff"),
+        },
+        Command::Detach { pin_dir } => detach(cli, pin_dir),
         Command::Explain(args) => explain_cmd(cli, args),
         Command::Run(args) => {
             let opts = RunOptions {
@@ -545,6 +763,16 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
                     file_max_bytes: args.violations_file_max_bytes,
                     file_keep: args.violations_file_keep,
                 },
+                pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
+                management: args
+                    .management_cidrs
+                    .iter()
+                    .copied()
+                    .chain(datafence::lockout::ssh_client())
+                    .collect(),
+                allow_lockout_risk: args.allow_lockout_risk,
+                watch: !args.no_watch,
+                monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -554,10 +782,15 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let response = control::call(
+            let response = match control::call(
                 &cli.runtime_dir.join(dirs::CONTROL_SOCKET),
                 &Request::Status,
-            )?;
+            ) {
+                Err(control::ControlError::Connect { .. }) => {
+                    Response::Status(Box::new(status_from_pins(&cli.runtime_dir)?))
+                }
+                other => other?,
+            };
             match response {
                 Response::Status(s) if *json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Response::Status(s) => print_status(&s),
@@ -569,7 +802,9 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Reload => {
             let response = control::call(
                 &cli.runtime_dir.join(dirs::CONTROL_SOCKET),
-                &Request::Reload,
+                &Request::Reload {
+                    management: datafence::lockout::ssh_client().into_iter().collect(),
+                },
             )?;
             match response {
                 Response::Reloaded { sha256, generation } => {

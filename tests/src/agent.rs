@@ -15,13 +15,33 @@ pub struct RunningAgent {
     pub netns: String,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
-    _scratch: Scratch,
+    /// bpffs directory of this agent's pinned state, removed on drop unless
+    /// `keep_pins` (a successor agent adopted it, or the test inspects what stays).
+    pub pin_dir: PathBuf,
+    pub keep_pins: bool,
+    scratch: Option<Scratch>,
+}
+
+/// A bpffs directory private to one test.
+pub fn test_pin_dir(label: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(format!(
+        "/sys/fs/bpf/datafence-test-{label}-{}-{n}",
+        std::process::id()
+    ))
 }
 
 impl RunningAgent {
     /// Starts the agent in `ns` with `policy` and `extra` arguments, and waits until its
     /// control socket answers.
     pub fn start(ns: &NetNs, policy: &Path, extra: &[&str]) -> Self {
+        Self::start_with_pins(ns, policy, extra, test_pin_dir("agent"))
+    }
+
+    /// As [`Self::start`], with a given pin directory: a restarted agent passes the one
+    /// its predecessor used, to adopt its state.
+    pub fn start_with_pins(ns: &NetNs, policy: &Path, extra: &[&str], pin_dir: PathBuf) -> Self {
         let scratch = Scratch::new("agent");
         let runtime_dir = scratch.dir.join("run");
         let stdout_path = scratch.dir.join("stdout.log");
@@ -34,6 +54,8 @@ impl RunningAgent {
             .arg("run")
             .arg("--policy")
             .arg(policy)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
             .args(extra)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
@@ -46,7 +68,9 @@ impl RunningAgent {
             netns: ns.name.clone(),
             stdout_path,
             stderr_path,
-            _scratch: scratch,
+            pin_dir,
+            keep_pins: false,
+            scratch: Some(scratch),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -113,6 +137,21 @@ impl RunningAgent {
             .sum()
     }
 
+    /// SIGKILL, as a crash would: nothing is cleaned up, pinned state stays.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, leaving the pinned enforcement in place for the test to inspect. Also
+    /// hands back the agent's scratch directory (runtime dir, logs), which the test then
+    /// owns.
+    pub fn stop_leaving_enforcement(mut self) -> (std::process::ExitStatus, Scratch) {
+        self.keep_pins = true;
+        let scratch = self.scratch.take().expect("scratch");
+        (self.stop(), scratch)
+    }
+
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill with a valid pid and signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -134,6 +173,10 @@ impl Drop for RunningAgent {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // Enforcement outlives the agent by design; tests must not leave it behind.
+        if !self.keep_pins {
+            let _ = datafence::datapath::PinLayout::new(&self.pin_dir).remove_all();
         }
     }
 }

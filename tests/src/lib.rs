@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod frames;
 pub mod netns;
+pub mod reference;
 
 use std::{
     path::{Path, PathBuf},
@@ -81,6 +82,7 @@ pub fn datapath_with(yaml: &str, limits: EventLimits) -> (Datapath, LoadedPolicy
     let policy = policy_from_yaml(yaml);
     let mut dp = Datapath::load(&LoadOptions {
         table_capacity: 4096,
+        ..Default::default()
     })
     .expect("load datapath");
     dp.apply(&policy.compile(), limits).expect("apply policy");
@@ -102,4 +104,41 @@ pub fn agent_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Detaches every BPF link attached with the given program, the way another tool (or
+/// an operator with bpftool) would.
+pub fn detach_links_of_program(prog_id: u32) -> usize {
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let mut detached = 0;
+    for info in aya::programs::loaded_links().flatten() {
+        if info.program_id() != prog_id {
+            continue;
+        }
+        let mut attr = [0u32; 32];
+        attr[0] = info.id();
+        // SAFETY: bpf(2) with a zeroed attr buffer larger than the command's fields.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_mut_ptr(), 128) };
+        assert!(fd >= 0, "link fd: {}", std::io::Error::last_os_error());
+        let mut attr = [0u32; 32];
+        attr[0] = fd as u32;
+        // SAFETY: as above; the fd is ours and closed right after.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128) };
+        assert_eq!(rc, 0, "detach: {}", std::io::Error::last_os_error());
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(fd as i32) };
+        detached += 1;
+    }
+    detached
+}
+
+/// The id of the TC egress program attached to `interface` in `ns` (exactly one).
+pub fn tc_program_ids(ns: &netns::NetNs, interface: &'static str) -> Vec<u32> {
+    ns.run(move || {
+        aya::programs::SchedClassifier::query_tcx(interface, aya::programs::TcAttachType::Egress)
+            .map(|(_, progs)| progs.iter().map(aya::programs::ProgramInfo::id).collect())
+            .unwrap_or_default()
+    })
 }

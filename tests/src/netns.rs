@@ -155,6 +155,25 @@ impl Sandbox {
     pub fn new(label: &str) -> Self {
         let host = NetNs::new(&format!("{label}h"));
         let world = NetNs::new(&format!("{label}w"));
+        for a in [addr::EU_V4, addr::US_V4] {
+            world.ip(&format!("addr add {a}/32 dev lo"));
+        }
+        for a in [addr::EU_V6, addr::US_V6] {
+            world.ip(&format!("-6 addr add {a}/128 dev lo nodad"));
+        }
+        let sandbox = Self {
+            host,
+            world,
+            uplink: "up0",
+        };
+        sandbox.connect();
+        sandbox
+    }
+
+    /// Makes the veth pair between host and world, with its addresses, static neighbours
+    /// and the host's routes to the region servers.
+    pub fn connect(&self) {
+        let (host, world) = (&self.host, &self.world);
         let (h, w) = (&host.name, &world.name);
         let link = split(&format!(
             "ip link add up0 address {HOST_MAC} netns {h} type veth \
@@ -162,8 +181,8 @@ impl Sandbox {
         ));
         sh(&link.iter().map(String::as_str).collect::<Vec<_>>());
         for (ns, dev, v4, v6) in [
-            (&host, "up0", addr::HOST_V4, addr::HOST_V6),
-            (&world, "dn0", addr::WORLD_V4, addr::WORLD_V6),
+            (host, "up0", addr::HOST_V4, addr::HOST_V6),
+            (world, "dn0", addr::WORLD_V4, addr::WORLD_V6),
         ] {
             ns.ip(&format!("addr add {v4}/24 dev {dev}"));
             ns.ip(&format!("-6 addr add {v6}/64 dev {dev} nodad"));
@@ -172,8 +191,8 @@ impl Sandbox {
         // Static neighbours: traffic flows from the first packet, with no ARP or neighbour
         // discovery racing the test.
         for (ns, dev, peer_v4, peer_v6, mac) in [
-            (&host, "up0", addr::WORLD_V4, addr::WORLD_V6, WORLD_MAC),
-            (&world, "dn0", addr::HOST_V4, addr::HOST_V6, HOST_MAC),
+            (host, "up0", addr::WORLD_V4, addr::WORLD_V6, WORLD_MAC),
+            (world, "dn0", addr::HOST_V4, addr::HOST_V6, HOST_MAC),
         ] {
             for peer in [peer_v4, peer_v6] {
                 ns.ip(&format!(
@@ -182,18 +201,16 @@ impl Sandbox {
             }
         }
         for a in [addr::EU_V4, addr::US_V4] {
-            world.ip(&format!("addr add {a}/32 dev lo"));
             host.ip(&format!("route add {a}/32 via {}", addr::WORLD_V4));
         }
         for a in [addr::EU_V6, addr::US_V6] {
-            world.ip(&format!("-6 addr add {a}/128 dev lo nodad"));
             host.ip(&format!("-6 route add {a}/128 via {}", addr::WORLD_V6));
         }
-        Self {
-            host,
-            world,
-            uplink: "up0",
-        }
+    }
+
+    /// Removes the veth pair, as an unplugged NIC or a bond going down would.
+    pub fn disconnect(&self) {
+        self.host.ip("link del up0");
     }
 }
 
@@ -286,7 +303,18 @@ pub fn udp_delivered_with(
 ) -> u32 {
     let dst_addr: SocketAddr = SocketAddr::new(dst.parse().expect("dst"), port);
     let receiver = sandbox.world.run(move || {
-        let sock = UdpSocket::bind(dst_addr).expect("bind receiver");
+        // The previous receiver on this port may still be going away under load.
+        let mut attempt = 0;
+        let sock = loop {
+            match UdpSocket::bind(dst_addr) {
+                Ok(sock) => break sock,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 100 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("bind receiver {dst_addr}: {e}"),
+            }
+        };
         sock.set_read_timeout(Some(Duration::from_millis(300)))
             .expect("timeout");
         sock

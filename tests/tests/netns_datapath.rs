@@ -30,6 +30,7 @@ fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
     let dp = sandbox.host.run(move || {
         let mut dp = Datapath::load(&LoadOptions {
             table_capacity: 1024,
+            ..Default::default()
         })
         .expect("load");
         dp.apply(&compiled, EventLimits::default()).expect("apply");

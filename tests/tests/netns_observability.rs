@@ -10,6 +10,7 @@ use std::{
 use integration_tests::{
     Scratch,
     agent::RunningAgent,
+    detach_links_of_program,
     netns::{NetNs, Sandbox, addr, udp_delivered_marked},
     require_root,
 };
@@ -210,34 +211,6 @@ fn a_flood_of_violations_yields_a_bounded_number_of_lines_that_add_up() {
     let stdout_lines = agent.violations().len();
     assert_eq!(stdout_lines, lines.len());
     agent.stop();
-}
-
-/// Detaches every BPF link attached with the given program, the way another tool (or
-/// an operator with bpftool) would.
-fn detach_links_of_program(prog_id: u32) -> usize {
-    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let mut detached = 0;
-    for info in aya::programs::loaded_links().flatten() {
-        if info.program_id() != prog_id {
-            continue;
-        }
-        let mut attr = [0u32; 32];
-        attr[0] = info.id();
-        // SAFETY: bpf(2) with a zeroed attr buffer larger than the command's fields.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_mut_ptr(), 128) };
-        assert!(fd >= 0, "link fd: {}", std::io::Error::last_os_error());
-        let mut attr = [0u32; 32];
-        attr[0] = fd as u32;
-        // SAFETY: as above; the fd is ours and closed right after.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128) };
-        assert_eq!(rc, 0, "detach: {}", std::io::Error::last_os_error());
-        // SAFETY: closing the fd we opened.
-        unsafe { libc::close(fd as i32) };
-        detached += 1;
-    }
-    detached
 }
 
 #[test]

@@ -712,8 +712,11 @@ fn xdp_judges_forwarded_frames_with_the_same_logic() {
 #[test]
 fn nothing_is_dropped_before_a_policy_is_loaded() {
     integration_tests::require_root();
-    let mut dp =
-        Datapath::load(&datafence::datapath::LoadOptions { table_capacity: 16 }).expect("load");
+    let mut dp = Datapath::load(&datafence::datapath::LoadOptions {
+        table_capacity: 16,
+        ..Default::default()
+    })
+    .expect("load");
     let o = tc(&mut dp, &Spec::tcp(SRC4, US4, 443).build());
     assert_outcome(
         &o,

@@ -3,7 +3,9 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod package;
+mod regions;
 mod setup;
 mod test;
 mod util;
@@ -40,6 +42,12 @@ enum Command {
     Demo(demo::Options),
     /// Build the release package (not implemented yet).
     Package(package::Options),
+    /// Run a cargo-fuzz target (packet_parse, policy_parse), seeded from policies/ and
+    /// crafted frames; `--seconds N` to stop after N seconds.
+    Fuzz(fuzz::Options),
+    /// Generate policies/regions/cloud/*.txt (EU/EEA, European non-EU, other, global,
+    /// ambiguous) from a cloud-provider range list (CSV: cidr,provider,region,service).
+    Regions(regions::Options),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +59,8 @@ fn main() -> ExitCode {
         Command::Bench(opts) => bench::run(opts),
         Command::Demo(opts) => demo::run(opts),
         Command::Package(opts) => package::run(opts),
+        Command::Fuzz(opts) => fuzz::run(opts),
+        Command::Regions(opts) => regions::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

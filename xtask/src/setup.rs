@@ -39,6 +39,7 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("curl", "curl"),
     ("python3", "python3"),
+    ("promtool", "prometheus"),
 ];
 
 pub(crate) fn run(Options {}: Options) -> Result<()> {
@@ -47,6 +48,7 @@ pub(crate) fn run(Options {}: Options) -> Result<()> {
     ensure_nightly_components(&nightly)?;
     ensure_host_components()?;
     ensure_bpf_linker(&nightly)?;
+    ensure_cargo_fuzz()?;
     ensure_system_tools()?;
     println!("setup: done in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -327,6 +329,26 @@ fn binary_works(binary: &Path) -> bool {
 fn installed_with_feature(root: &Path, major: &str) -> bool {
     fs::read_to_string(root.join(".crates2.json"))
         .is_ok_and(|record| record.contains(&format!("\"llvm-{major}\"")))
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` and the brief fuzzing in `cargo xtask test`.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let root = tools_dir()?.join("cargo-fuzz");
+    let binary = root.join("bin").join("cargo-fuzz");
+    if binary.is_file() {
+        step("cargo-fuzz", "present");
+        return Ok(());
+    }
+    step("cargo-fuzz", "installing (about a minute)");
+    let tools = tools_dir()?;
+    fs::create_dir_all(&tools).with_context(|| format!("creating {}", tools.display()))?;
+    util::run(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked", "--root"])
+            .arg(&root)
+            // Away from the workspace, as for bpf-linker.
+            .current_dir(&tools),
+    )
 }
 
 fn ensure_system_tools() -> Result<()> {

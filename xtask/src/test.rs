@@ -10,11 +10,12 @@ use std::{
 use anyhow::{Result, bail};
 use clap::Args;
 
+use crate::fuzz;
 use crate::util::{self, CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, Privileges};
 
 #[derive(Args)]
 pub(crate) struct Options {
-    /// Skip rustfmt and clippy; only run the tests.
+    /// Skip rustfmt, clippy and fuzzing; only run the tests.
     #[arg(long)]
     quick: bool,
     /// Arguments after `--` go to the test binaries, e.g. a name filter or `--test-threads=1`.
@@ -99,6 +100,23 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         name: "tests",
         command: test,
     });
+
+    // A short run of each fuzz target (DATAFENCE_FUZZ_SECONDS each, default 20): enough to
+    // catch a parser change that panics on the seeds or their near neighbours. Longer runs
+    // are `cargo xtask fuzz <target> --seconds N`.
+    if !opts.quick {
+        let seconds = fuzz::brief_seconds()?;
+        for (name, target) in [
+            ("fuzz packets", "packet_parse"),
+            ("fuzz policy", "policy_parse"),
+        ] {
+            debug_assert!(fuzz::TARGETS.contains(&target));
+            steps.push(Step {
+                name,
+                command: fuzz::command(target, Some(seconds))?,
+            });
+        }
+    }
 
     let mut outcomes: Vec<Outcome> = steps
         .iter()

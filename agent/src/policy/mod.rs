@@ -85,5 +85,17 @@ impl Default for LoadOptions {
 /// one; past that every mistake is collected. Region files and cgroups are read while
 /// validating, so the result describes the system at the time of the call.
 pub fn load_policy(path: &Path, opts: &LoadOptions) -> Result<LoadedPolicy, PolicyErrors> {
-    validate::load(path, opts)
+    let text = validate::read(path)?;
+    parse_policy_str(&text, path, opts)
+}
+
+/// [`load_policy`] for a policy already in memory: `path` is only what errors and the
+/// result name, and the directory that region files are relative to. The fuzz target
+/// (fuzz/fuzz_targets/policy_parse.rs) drives this.
+pub fn parse_policy_str(
+    text: &str,
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<LoadedPolicy, PolicyErrors> {
+    validate::parse(text, path, opts)
 }

@@ -41,7 +41,8 @@ fn at<T>(s: &Spanned<T>) -> Pos {
     }
 }
 
-pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedPolicy, PolicyErrors> {
+/// Reads the policy file as text; [`parse`] does the rest.
+pub(super) fn read(path: &Path) -> Result<String, PolicyErrors> {
     let whole_file = |problem: Problem| {
         PolicyErrors(vec![PolicyError {
             file: path.to_owned(),
@@ -51,8 +52,16 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedPolicy, Poli
         }])
     };
     let bytes = fs::read(path).map_err(|e| whole_file(Problem::ReadPolicy(e)))?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| whole_file(Problem::NotUtf8("the policy file".to_owned())))?;
+    String::from_utf8(bytes).map_err(|_| whole_file(Problem::NotUtf8("the policy file".to_owned())))
+}
+
+/// Parses and validates policy `text` as if read from `path`, whose directory region files
+/// are relative to.
+pub(super) fn parse(
+    text: &str,
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<LoadedPolicy, PolicyErrors> {
     let raw: RawPolicy = serde_saphyr::from_str(text).map_err(|e| {
         let location = e.location();
         let message = serde_saphyr::UserMessageFormatter.format_message(e.without_snippet());
@@ -65,7 +74,7 @@ pub(super) fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedPolicy, Poli
     })?;
 
     let mut hasher = Sha256::new();
-    hasher.update(&bytes);
+    hasher.update(text.as_bytes());
     let mut v = Validator {
         opts,
         dir: path.parent().map(Path::to_owned).unwrap_or_default(),

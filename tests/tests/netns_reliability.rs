@@ -1,0 +1,560 @@
+//! Enforcement that holds: through kill -9 and restarts, reload storms, bad reloads and
+//! detaches from outside; never a host locked out of its management network.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Scratch,
+    agent::{RunningAgent, test_pin_dir},
+    agent_binary, detach_links_of_program,
+    netns::{Sandbox, addr, udp_delivered_marked},
+    require_root, tc_program_ids,
+};
+
+const MARK: u32 = 0x42;
+
+fn policy(extra_allow: &str, exempt: &str) -> String {
+    format!(
+        r#"
+version: 1
+interfaces:
+  egress: [up0]
+exempt: [{exempt}]
+regions:
+  eu-west:
+    files: [regions/eu-west.txt]
+  us-east:
+    cidrs: [203.0.113.0/24]
+  elsewhere:
+    cidrs: [198.18.0.0/15]
+data_classes:
+  user-data:
+    match:
+      marks: [{{value: 0x42}}]
+    allow: [eu-west{extra_allow}]
+"#
+    )
+}
+
+fn write_policy(scratch: &Scratch, text: &str) -> PathBuf {
+    scratch.write("regions/eu-west.txt", "198.51.100.0/24\n");
+    scratch.write("policy.yaml", text)
+}
+
+/// Marked datagrams sent without pause to an approved and an unapproved address, each
+/// counted by a receiver that drains continuously: every arrival at us-east is a leak,
+/// every datagram to eu-west that does not arrive is a false drop.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent_eu: Arc<AtomicU64>,
+    sent_us: Arc<AtomicU64>,
+    got_eu: Arc<AtomicU64>,
+    got_us: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(sandbox: &Sandbox) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters: [Arc<AtomicU64>; 4] = Default::default();
+        let mut threads = Vec::new();
+        for (dst, got) in [
+            (addr::EU_V4, counters[2].clone()),
+            (addr::US_V4, counters[3].clone()),
+        ] {
+            let at: SocketAddr = format!("{dst}:7300").parse().expect("addr");
+            let sock = sandbox
+                .world
+                .run(move || UdpSocket::bind(at).expect("bind receiver"));
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 16];
+                let mut quiet_since: Option<Instant> = None;
+                loop {
+                    match sock.recv_from(&mut buf) {
+                        Ok(_) => {
+                            got.fetch_add(1, Ordering::Relaxed);
+                            quiet_since = None;
+                        }
+                        Err(_) if stop.load(Ordering::Relaxed) => {
+                            // Drain until the wire has been quiet for a while.
+                            let since = *quiet_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > Duration::from_millis(300) {
+                                break;
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }));
+        }
+        let (stop2, sent_to_eu, sent_to_us) =
+            (stop.clone(), counters[0].clone(), counters[1].clone());
+        let host = sandbox.host.name.clone();
+        threads.push(std::thread::spawn(move || {
+            let path = format!("/run/netns/{host}");
+            let ns = std::fs::File::open(&path).expect("netns");
+            // SAFETY: setns on a valid netns fd affects only this thread.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind sender");
+            let mark = MARK;
+            // SAFETY: setsockopt with a valid fd and a u32 option.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&mark as *const u32).cast(),
+                    4,
+                )
+            };
+            assert_eq!(rc, 0);
+            let eu: SocketAddr = format!("{}:7300", addr::EU_V4).parse().expect("addr");
+            let us: SocketAddr = format!("{}:7300", addr::US_V4).parse().expect("addr");
+            while !stop2.load(Ordering::Relaxed) {
+                if sock.send_to(b"eu", eu).is_ok() {
+                    sent_to_eu.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = sock.send_to(b"us", us);
+                sent_to_us.fetch_add(1, Ordering::Relaxed);
+                // About 2,000 datagrams a second per destination: continuous, but far
+                // below what could overflow the receivers' buffers.
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }));
+        let [sent_eu, sent_us, got_eu, got_us] = counters;
+        Self {
+            stop,
+            sent_eu,
+            sent_us,
+            got_eu,
+            got_us,
+            threads,
+        }
+    }
+
+    /// Stops sending, waits for the last datagrams, and returns
+    /// (sent to eu, received from eu, sent to us, leaked to us).
+    fn finish(self) -> (u64, u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("traffic thread");
+        }
+        (
+            self.sent_eu.load(Ordering::Relaxed),
+            self.got_eu.load(Ordering::Relaxed),
+            self.sent_us.load(Ordering::Relaxed),
+            self.got_us.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[test]
+fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop() {
+    require_root();
+    let sandbox = Sandbox::new("kl");
+    let scratch = Scratch::new("kill");
+    let policy = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("kill");
+    let mut agent = RunningAgent::start_with_pins(&sandbox.host, &policy, &[], pins.clone());
+    let traffic = Traffic::start(&sandbox);
+    for round in 0..20 {
+        agent.kill9();
+        // Killed: the pinned programs keep enforcing while nothing runs.
+        std::thread::sleep(Duration::from_millis(50));
+        let next = RunningAgent::start_with_pins(&sandbox.host, &policy, &[], pins.clone());
+        // The dead agent's handle must not clean up the pins the new one adopted.
+        agent.keep_pins = true;
+        agent = next;
+        assert_eq!(
+            tc_program_ids(&sandbox.host, "up0").len(),
+            1,
+            "round {round}: one program, never two"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (sent_eu, got_eu, sent_us, leaked) = traffic.finish();
+    println!(
+        "kill test: {sent_eu} sent to eu-west, {got_eu} arrived; {sent_us} sent to us-east, {leaked} leaked"
+    );
+    assert!(sent_us > 1000, "traffic flowed throughout ({sent_us})");
+    assert_eq!(leaked, 0, "packets that should have been dropped arrived");
+    assert_eq!(
+        got_eu,
+        sent_eu,
+        "false drops: {} of {sent_eu}",
+        sent_eu - got_eu
+    );
+    let status = agent.status_json();
+    assert_eq!(
+        status["policy"]["generation"], 21,
+        "each restart adopted and switched the policy"
+    );
+    agent.stop();
+}
+
+#[test]
+fn reload_storm_never_yields_a_verdict_neither_policy_gives() {
+    require_root();
+    let sandbox = Sandbox::new("st");
+    let scratch = Scratch::new("storm");
+    let a = policy("", "192.0.2.2/32");
+    // B differs in reach and exemptions, but agrees on eu-west (allow) and us-east (deny).
+    let b = policy(", elsewhere", "192.0.2.2/32, 10.0.0.0/8");
+    let path = write_policy(&scratch, &a);
+    let agent = RunningAgent::start(&sandbox.host, &path, &["--no-watch"]);
+    let traffic = Traffic::start(&sandbox);
+    let started = Instant::now();
+    for i in 0..100 {
+        std::fs::write(&path, if i % 2 == 0 { &b } else { &a }).expect("write");
+        let out = agent.cli(&["reload"]);
+        assert!(
+            out.status.success(),
+            "reload {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let took = started.elapsed();
+    let (sent_eu, got_eu, sent_us, leaked) = traffic.finish();
+    println!(
+        "reload storm: 100 reloads in {took:?}; {sent_eu} to eu-west, {got_eu} arrived; {sent_us} to us-east, {leaked} leaked"
+    );
+    assert_eq!(leaked, 0);
+    assert_eq!(got_eu, sent_eu);
+    assert_eq!(agent.status_json()["policy"]["generation"], 101);
+    agent.stop();
+}
+
+#[test]
+fn bad_reloads_are_refused_and_the_old_verdicts_hold() {
+    require_root();
+    let sandbox = Sandbox::new("bd");
+    let scratch = Scratch::new("bad");
+    let good = policy("", "192.0.2.2/32");
+    let path = write_policy(&scratch, &good);
+    let agent = RunningAgent::start(&sandbox.host, &path, &["--table-capacity", "64"]);
+    let traffic = Traffic::start(&sandbox);
+    let oversized = {
+        let many: Vec<String> = (0..100).map(|i| format!("198.18.{i}.0/24")).collect();
+        good.replace("[198.18.0.0/15]", &format!("[{}]", many.join(", ")))
+    };
+    let cases: [(&str, String, &str); 4] = [
+        (
+            "corrupt YAML",
+            "version: 1\nregions: {eu-west: [unclosed\n".into(),
+            "policy.yaml:",
+        ),
+        (
+            "missing region file",
+            good.replace("regions/eu-west.txt", "regions/gone.txt"),
+            "gone.txt",
+        ),
+        ("oversized", oversized, "64"),
+        (
+            "truncated mid-write",
+            good[..good.len() / 2].to_owned(),
+            "policy.yaml:",
+        ),
+    ];
+    for (what, text, needle) in &cases {
+        std::fs::write(&path, text).expect("write");
+        let out = agent.cli(&["reload"]);
+        // Keep traffic flowing under the refused policy for a while.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!out.status.success(), "{what}: accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(
+            err.contains("previous policy stays in force"),
+            "{what}: {err}"
+        );
+    }
+    std::fs::write(&path, &good).expect("restore");
+    let (sent_eu, got_eu, sent_us, leaked) = traffic.finish();
+    println!(
+        "bad reloads: {sent_eu} to eu-west, {got_eu} arrived; {sent_us} to us-east, {leaked} leaked"
+    );
+    assert_eq!(leaked, 0);
+    assert_eq!(got_eu, sent_eu);
+    assert_eq!(
+        agent.status_json()["policy"]["generation"],
+        1,
+        "no bad policy was ever applied"
+    );
+    agent.stop();
+}
+
+#[test]
+fn a_program_detached_from_outside_is_attached_again() {
+    require_root();
+    let sandbox = Sandbox::new("dt");
+    let scratch = Scratch::new("detach");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let agent = RunningAgent::start(&sandbox.host, &path, &["--monitor-interval", "1"]);
+    let ids = tc_program_ids(&sandbox.host, "up0");
+    assert_eq!(ids.len(), 1);
+    assert_eq!(detach_links_of_program(ids[0]), 1);
+    assert!(tc_program_ids(&sandbox.host, "up0").is_empty(), "detached");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tc_program_ids(&sandbox.host, "up0").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "not reattached:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7400, 5, MARK),
+        0,
+        "enforcing again"
+    );
+    assert!(
+        agent.stderr().contains("attached it again"),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop();
+}
+
+#[test]
+fn sigterm_leaves_enforcement_in_place_and_only_detach_removes_it() {
+    require_root();
+    let sandbox = Sandbox::new("tm");
+    let scratch = Scratch::new("term");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("term");
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let runtime = agent.runtime_dir.clone();
+    let (status, _agent_files) = agent.stop_leaving_enforcement();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7500, 5, MARK),
+        0,
+        "still enforced"
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::EU_V4, 7500, 5, MARK),
+        5
+    );
+    let out = sandbox
+        .host
+        .command(agent_binary())
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .args(["detach", "--pin-dir"])
+        .arg(&pins)
+        .output()
+        .expect("detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tc_egress-up0"));
+    assert!(tc_program_ids(&sandbox.host, "up0").is_empty());
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7500, 5, MARK),
+        5,
+        "enforcement removed"
+    );
+    assert!(!pins.exists(), "pinned state removed");
+}
+
+#[test]
+fn a_policy_that_would_lock_the_host_out_is_refused() {
+    require_root();
+    let sandbox = Sandbox::new("lo");
+    let scratch = Scratch::new("lockout");
+    // The host is managed from 192.0.2.2; this policy exempts only 10.0.0.0/8.
+    let path = write_policy(&scratch, &policy("", "10.0.0.0/8"));
+    for (env, args) in [
+        (None, vec!["--management-cidr", "192.0.2.0/28"]),
+        (Some("192.0.2.2 50000 192.0.2.1 22"), vec![]),
+    ] {
+        let mut cmd = sandbox.host.command(agent_binary());
+        cmd.arg("--runtime-dir")
+            .arg(scratch.dir.join("run"))
+            .args(["run", "--no-pin", "--policy"])
+            .arg(&path)
+            .args(&args);
+        if let Some(conn) = env {
+            cmd.env("SSH_CONNECTION", conn);
+        }
+        let out = cmd.output().expect("run");
+        assert_eq!(out.status.code(), Some(64));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("would lock this host out"), "{err}");
+        assert!(err.contains("192.0.2."), "{err}");
+    }
+    // Accepted when the risk is acknowledged, and when the exemption covers it.
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &path,
+        &["--management-cidr", "192.0.2.0/28", "--allow-lockout-risk"],
+    );
+    agent.stop();
+    let covered = write_policy(&scratch, &policy("", "192.0.2.0/24"));
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &covered,
+        &["--management-cidr", "192.0.2.0/28"],
+    );
+    // A reload from an SSH session whose client the new policy does not exempt is refused.
+    std::fs::write(&covered, policy("", "10.0.0.0/8")).expect("write");
+    let out = integration_tests::netns::command_in(&sandbox.host.name, agent_binary())
+        .arg("--runtime-dir")
+        .arg(&agent.runtime_dir)
+        .arg("reload")
+        .env("SSH_CONNECTION", "192.0.2.2 50000 192.0.2.1 22")
+        .output()
+        .expect("reload");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("would lock this host out"));
+    agent.stop();
+}
+
+#[test]
+fn an_interface_that_goes_away_and_comes_back_is_enforced_again() {
+    require_root();
+    let sandbox = Sandbox::new("hp");
+    let scratch = Scratch::new("hotplug");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let agent = RunningAgent::start(&sandbox.host, &path, &["--monitor-interval", "1"]);
+    sandbox.disconnect();
+    std::thread::sleep(Duration::from_millis(2500));
+    sandbox.connect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tc_program_ids(&sandbox.host, "up0").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "not attached again:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7600, 5, MARK),
+        0
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::EU_V4, 7600, 5, MARK),
+        5
+    );
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("interface is gone").count(),
+        1,
+        "logged once, not every check:\n{log}"
+    );
+    assert!(log.contains("interface is back"), "{log}");
+    agent.stop();
+}
+
+#[test]
+fn status_reads_the_pinned_state_while_the_agent_is_stopped() {
+    require_root();
+    let sandbox = Sandbox::new("ps");
+    let scratch = Scratch::new("pinned-status");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("pinned-status");
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7700, 7, MARK),
+        0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let live = agent.status_json();
+    let recent = live["recent_violations"]
+        .as_array()
+        .expect("recent violations");
+    assert!(
+        recent
+            .iter()
+            .any(|v| v["dst"] == addr::US_V4 && v["verdict"] == "deny"),
+        "{live}"
+    );
+    let runtime = agent.runtime_dir.clone();
+    let (_, _agent_files) = agent.stop_leaving_enforcement();
+    // The agent is gone; the kernel still enforces, and status says so.
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7700, 3, MARK),
+        0
+    );
+    let out = sandbox
+        .host
+        .command(agent_binary())
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .args(["status", "--json"])
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(stopped["agent_running"], false);
+    let denied: u64 = stopped["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .filter(|r| r["class"] == "user-data" && r["region"] == "us-east" && r["verdict"] == "deny")
+        .map(|r| r["packets"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(denied, 10, "counted while running and after: {stopped}");
+    let _ = datafence::datapath::PinLayout::new(&pins).remove_all();
+}
+
+#[test]
+fn a_recreated_cgroup_keeps_its_class() {
+    require_root();
+    let sandbox = Sandbox::new("cg");
+    let scratch = Scratch::new("cgroup-recreate");
+    let root = datafence::cgroups::cgroup2_root();
+    let name = format!("datafence-test-recreate-{}", std::process::id());
+    let dir = root.join(&name);
+    let _ = std::fs::remove_dir(&dir);
+    std::fs::create_dir(&dir).expect("mkdir cgroup");
+    let text = policy("", "192.0.2.2/32").replace(
+        "data_classes:",
+        &format!(
+            "data_classes:\n  api:\n    match:\n      cgroups: [/{name}]\n    allow: [eu-west]"
+        ),
+    );
+    let path = write_policy(&scratch, &text);
+    let agent = RunningAgent::start(&sandbox.host, &path, &["--monitor-interval", "1"]);
+    let procs = dir.join("cgroup.procs");
+    let from_cgroup = |port| {
+        integration_tests::netns::udp_delivered_from_cgroup(&sandbox, &procs, addr::US_V4, port, 5)
+    };
+    assert_eq!(from_cgroup(7800), 0);
+    // A service restart: systemd removes the cgroup and makes it again, with a new id.
+    std::fs::remove_dir(&dir).expect("rmdir cgroup");
+    std::fs::create_dir(&dir).expect("mkdir cgroup again");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        from_cgroup(7801),
+        0,
+        "the new cgroup's traffic is still user data:\n{}",
+        agent.stderr()
+    );
+    assert!(agent.stderr().contains("cgroups were recreated"));
+    agent.stop();
+    let _ = std::fs::remove_dir(&dir);
+}
