@@ -47,14 +47,22 @@ fn check_prerequisites() -> anyhow::Result<Option<PathBuf>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
+    let workspace = manifest_dir.parent().context("agent/ has no parent")?;
+    // Declared before any early return: a build that skipped the eBPF object must rerun
+    // once the skip is lifted, and the object depends on the shared crate as well as on
+    // its own.
     println!("cargo:rerun-if-env-changed=DATAFENCE_TOOLS_DIR");
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    for dir in ["agent-ebpf", "agent-common"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
+    }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let object = out_dir.join("datafence-ebpf");
     if env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1" || v == "true") {
-        // Metadata-only builds (clippy of the agent alone): embed an empty object.
-        if !object.exists() {
-            std::fs::write(&object, [])?;
-        }
+        // Metadata-only builds (clippy, fuzzing the parsers): embed an empty object, never
+        // a stale one, so a binary built this way cannot enforce an outdated datapath.
+        std::fs::write(&object, [])?;
         return Ok(());
     }
     let linker_dir = match check_prerequisites() {
@@ -75,10 +83,7 @@ fn main() -> anyhow::Result<()> {
         // cargo that aya-build spawns.
         unsafe { env::set_var("PATH", joined) };
     }
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
-    let ebpf_dir = manifest_dir
-        .parent()
-        .map(|p| p.join("agent-ebpf"))
+    let ebpf_dir = Some(workspace.join("agent-ebpf"))
         .filter(|p| Path::new(p).is_dir())
         .context("agent-ebpf not found beside agent/")?;
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;

@@ -39,6 +39,26 @@ pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
 /// Default region-table capacity per address family and per slot. The agent can raise it
 /// (`--table-capacity`); the maps hold two slots, so their max_entries is twice this.
 pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
+/// IPv4 regions live in a DIR-24-8 table: `DIR24` has one u16 per /24 and slot. An entry
+/// is a region id (0: none), or [`DIR_EXTENDED`] plus the index of a 256-entry group in
+/// `DIR8` for /24s that contain longer prefixes. A lookup costs one or two array reads
+/// whatever the number of prefixes.
+pub const DIR24_ENTRIES: u32 = 1 << 24;
+pub const DIR_EXTENDED: u16 = 0x8000;
+/// u16 entries per array value: the kernel stores array values at an 8-byte stride, so
+/// packing four entries in each keeps the memory-mapped arrays dense.
+pub const DIR_LANES: usize = 4;
+/// `DIR8` groups per slot: /24s that hold prefixes longer than /24. The cloud catalogue
+/// needs a few thousand.
+pub const DEFAULT_DIR8_GROUPS: u32 = 16_384;
+/// Largest group count the entry encoding can address.
+pub const MAX_DIR8_GROUPS: u32 = DIR_EXTENDED as u32;
+/// Lookups each cold benchmark run performs, on addresses drawn at random from a
+/// pre-filled array (`BENCH_ADDRS_*`).
+pub const COLD_LOOKUPS_PER_RUN: u32 = 64;
+/// Entries of each benchmark address array; a power of two so an index is a mask.
+pub const BENCH_ADDRS: u32 = 1 << 16;
+
 /// Distinct (interface, hook, class, region, verdict, reason) counter keys.
 pub const MAX_COUNTER_KEYS: u32 = 65_536;
 /// Ring buffer for violation events; a power of two and a multiple of the page size.
@@ -64,6 +84,8 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
     pub const RATE_LIMIT: &str = "RATE_LIMIT";
+    pub const DIR24: &str = "DIR24";
+    pub const DIR8: &str = "DIR8";
     pub const ALL: [&str; 13] = [
         ACTIVE_SLOT,
         POLICY,
@@ -85,6 +107,23 @@ pub mod map_names {
 pub mod program_names {
     pub const TC_EGRESS: &str = "datafence_tc_egress";
     pub const XDP_GATEWAY: &str = "datafence_xdp";
+    /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
+    pub const BENCH_EMPTY: &str = "bench_empty";
+    pub const BENCH_LPM_V4: &str = "bench_lpm_v4";
+    pub const BENCH_LPM_V6: &str = "bench_lpm_v6";
+    pub const BENCH_COLD_FLOOR: &str = "bench_cold_floor";
+    pub const BENCH_COLD_LPM_V4: &str = "bench_cold_lpm_v4";
+    pub const BENCH_COLD_LPM_V6: &str = "bench_cold_lpm_v6";
+    pub const BENCH_COLD_REGION_V4: &str = "bench_cold_region_v4";
+    pub const BENCH_COLD_REGION_V6: &str = "bench_cold_region_v6";
+}
+
+/// Read-only globals the loader sets; the verifier prunes the branches they rule out.
+pub mod globals {
+    /// 1: IPv4 regions in the DIR-24-8 table; 0: in the `REGIONS_V4` LPM trie.
+    pub const V4_DIR24: &str = "V4_DIR24";
+    /// `DIR8` groups per slot.
+    pub const DIR8_GROUPS: &str = "DIR8_GROUPS";
 }
 
 /// The hook that judged a packet. Numbered contract: metrics label `hook`, event field

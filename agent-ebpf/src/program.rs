@@ -5,9 +5,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_MMAPABLE, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_get_prandom_u32, bpf_ktime_get_ns,
         generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
     macros::{classifier, map, xdp},
@@ -15,7 +15,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use datafence_common::{
-    CLASS_NONE, CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_TABLE_CAPACITY,
+    BENCH_ADDRS, CLASS_NONE, COLD_LOOKUPS_PER_RUN, CgroupKey, ClassMask, CounterKey, CounterValue,
+    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DIR_EXTENDED, DIR_LANES, DIR24_ENTRIES,
     EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES,
     MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE,
     RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS, SLOTS, Verdict, ViolationEvent,
@@ -55,6 +56,43 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 #[map]
 static RATE_LIMIT: PerCpuArray<RateLimitState> = PerCpuArray::with_max_entries(1, 0);
+// The kernel lays array values out at an 8-byte stride; four u16 entries per value keep
+// the memory-mapped view a dense array of u16.
+#[map]
+static DIR24: Array<[u16; DIR_LANES]> =
+    Array::with_max_entries(SLOTS * DIR24_ENTRIES / DIR_LANES as u32, BPF_F_MMAPABLE);
+#[map]
+static DIR8: Array<[u16; DIR_LANES]> = Array::with_max_entries(
+    SLOTS * DEFAULT_DIR8_GROUPS * 256 / DIR_LANES as u32,
+    BPF_F_MMAPABLE,
+);
+
+/// Entry `index` of a DIR table.
+#[inline(always)]
+fn dir_entry(table: &Array<[u16; DIR_LANES]>, index: u32) -> Option<u16> {
+    let lanes = table.get(index / DIR_LANES as u32)?;
+    Some(lanes[(index % DIR_LANES as u32) as usize])
+}
+
+/// Set by the loader (see `datafence_common::globals`).
+#[unsafe(no_mangle)]
+static V4_DIR24: u8 = 1;
+#[unsafe(no_mangle)]
+static DIR8_GROUPS: u32 = DEFAULT_DIR8_GROUPS;
+
+#[inline(always)]
+fn global_u8(v: &u8) -> u8 {
+    // SAFETY: a read of a plain global; volatile so the value the loader wrote into
+    // .rodata is read rather than the compile-time initialiser.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn global_u32(v: &u32) -> u32 {
+    // SAFETY: as for `global_u8`.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
 /// Scratch space for the parsed frame; see [`stash`].
 #[map]
 static FRAME: PerCpuArray<ParsedFrame> = PerCpuArray::with_max_entries(1, 0);
@@ -124,16 +162,47 @@ fn lookup_v6<V: Copy>(map: &LpmTrie<LpmDataV6, V>, slot: u32, addr: &[u8; 16]) -
     map.get(Key::new(SLOT_PREFIX_BITS + 128, data)).copied()
 }
 
+/// IPv4 region by DIR-24-8: one array read, two when the /24 holds longer prefixes.
+#[inline(always)]
+fn dir24_region(slot: u32, a: [u8; 4]) -> RegionId {
+    let top = (u32::from(a[0]) << 16) | (u32::from(a[1]) << 8) | u32::from(a[2]);
+    let Some(entry) = dir_entry(&DIR24, slot * DIR24_ENTRIES + top) else {
+        return REGION_NONE as RegionId;
+    };
+    if entry & DIR_EXTENDED == 0 {
+        return RegionId::from(entry);
+    }
+    let group = u32::from(entry & !DIR_EXTENDED);
+    let index = (slot * global_u32(&DIR8_GROUPS) + group) * 256 + u32::from(a[3]);
+    dir_entry(&DIR8, index).map_or(REGION_NONE as RegionId, RegionId::from)
+}
+
+#[inline(always)]
+fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
+    if global_u8(&V4_DIR24) != 0 {
+        return dir24_region(slot, a);
+    }
+    let data = datafence_common::lpm_data_v4(slot, a);
+    REGIONS_V4
+        .get(Key::new(SLOT_PREFIX_BITS + 32, data))
+        .copied()
+        .unwrap_or(REGION_NONE as RegionId)
+}
+
+#[inline(always)]
+fn region_v6(slot: u32, a: &[u8; 16]) -> RegionId {
+    lookup_v6(&REGIONS_V6, slot, a).unwrap_or(REGION_NONE as RegionId)
+}
+
 /// The region of a destination, or `REGION_NONE`. The one place that knows how region
 /// tables are stored, so the lookup structure can change behind it.
 #[inline(always)]
 fn region_of(slot: u32, frame: &ParsedFrame) -> RegionId {
-    let found = if frame.family == FAMILY_V4 {
-        lookup_v4(&REGIONS_V4, slot, &frame.dst)
+    if frame.family == FAMILY_V4 {
+        region_v4(slot, frame.dst_v4())
     } else {
-        lookup_v6(&REGIONS_V6, slot, &frame.dst)
-    };
-    found.unwrap_or(REGION_NONE as RegionId)
+        region_v6(slot, &frame.dst)
+    }
 }
 
 #[inline(always)]
@@ -483,6 +552,139 @@ fn gateway(ctx: &XdpContext) -> bool {
     };
     let j = judge_frame(frame, &info, |_| 0);
     finish(frame, &info, &j)
+}
+
+// Benchmark programs: baselines for `cargo xtask bench`, loaded only by it. They share
+// the object (and so the maps and lookup code) with the programs they are compared to.
+
+#[map]
+static BENCH_LPM_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_TABLE_CAPACITY, 0);
+#[map]
+static BENCH_LPM_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_TABLE_CAPACITY, 0);
+#[map]
+static BENCH_ADDRS_V4: Array<[u8; 4]> = Array::with_max_entries(BENCH_ADDRS, 0);
+#[map]
+static BENCH_ADDRS_V6: Array<[u8; 16]> = Array::with_max_entries(BENCH_ADDRS, 0);
+
+/// The floor: a TC program that does nothing.
+#[classifier]
+pub fn bench_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Reads the destination at a fixed offset (untagged Ethernet) and looks it up in a
+/// plain kernel LPM trie: what a trie-based filter costs at the least.
+#[classifier]
+pub fn bench_lpm_v4(ctx: TcContext) -> i32 {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    let Some(dst) = bytes.load::<[u8; 4]>(30) else {
+        return TC_ACT_OK;
+    };
+    match BENCH_LPM_V4.get(Key::new(32, dst)) {
+        Some(v) if *v == u32::MAX => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
+    }
+}
+
+#[classifier]
+pub fn bench_lpm_v6(ctx: TcContext) -> i32 {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    let Some(dst) = bytes.load::<[u8; 16]>(38) else {
+        return TC_ACT_OK;
+    };
+    match BENCH_LPM_V6.get(Key::new(128, dst)) {
+        Some(v) if *v == u32::MAX => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn bench_index() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_prandom_u32() & (BENCH_ADDRS - 1) }
+}
+
+#[inline(always)]
+fn bench_verdict(acc: u32) -> i32 {
+    // Uses the result so nothing is optimised away; never true for real data.
+    if acc == 0xdead_beef {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Cold-lookup floor: draws the random addresses and does nothing with them.
+#[classifier]
+pub fn bench_cold_floor(_ctx: TcContext) -> i32 {
+    let mut acc = 0u32;
+    for _ in 0..COLD_LOOKUPS_PER_RUN {
+        if let Some(a) = BENCH_ADDRS_V6.get(bench_index()) {
+            acc ^= u32::from(a[0]);
+        }
+    }
+    bench_verdict(acc)
+}
+
+#[classifier]
+pub fn bench_cold_lpm_v4(_ctx: TcContext) -> i32 {
+    let mut acc = 0u32;
+    for _ in 0..COLD_LOOKUPS_PER_RUN {
+        if let Some(a) = BENCH_ADDRS_V4.get(bench_index()) {
+            acc ^= BENCH_LPM_V4.get(Key::new(32, *a)).copied().unwrap_or(0);
+        }
+    }
+    bench_verdict(acc)
+}
+
+#[classifier]
+pub fn bench_cold_lpm_v6(_ctx: TcContext) -> i32 {
+    let mut acc = 0u32;
+    for _ in 0..COLD_LOOKUPS_PER_RUN {
+        if let Some(a) = BENCH_ADDRS_V6.get(bench_index()) {
+            acc ^= BENCH_LPM_V6.get(Key::new(128, *a)).copied().unwrap_or(0);
+        }
+    }
+    bench_verdict(acc)
+}
+
+#[inline(always)]
+fn active_slot() -> u32 {
+    match ACTIVE_SLOT.get(0) {
+        Some(s) => *s & 1,
+        None => 0,
+    }
+}
+
+/// datafence's own IPv4 region lookup, on random addresses.
+#[classifier]
+pub fn bench_cold_region_v4(_ctx: TcContext) -> i32 {
+    let slot = active_slot();
+    let mut acc = 0u32;
+    for _ in 0..COLD_LOOKUPS_PER_RUN {
+        if let Some(a) = BENCH_ADDRS_V4.get(bench_index()) {
+            acc ^= region_v4(slot, *a);
+        }
+    }
+    bench_verdict(acc)
+}
+
+#[classifier]
+pub fn bench_cold_region_v6(_ctx: TcContext) -> i32 {
+    let slot = active_slot();
+    let mut acc = 0u32;
+    for _ in 0..COLD_LOOKUPS_PER_RUN {
+        if let Some(a) = BENCH_ADDRS_V6.get(bench_index()) {
+            acc ^= region_v6(slot, a);
+        }
+    }
+    bench_verdict(acc)
 }
 
 #[panic_handler]

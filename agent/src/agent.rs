@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub watch: bool,
     /// How often attachments are verified (and repaired).
     pub monitor_interval: std::time::Duration,
+    pub v4_table: crate::datapath::V4Table,
+    pub dir8_groups: u32,
 }
 
 /// Where and how violations are reported.
@@ -245,6 +247,9 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     let mut datapath = Datapath::load(&LoadOptions {
         table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
+        v4_table: opts.v4_table,
+        dir8_groups: opts.dir8_groups,
+        bench: false,
     })?;
     let adopted_generation = datapath
         .policy_in_slot(datapath.active_slot()?)?

@@ -21,14 +21,16 @@ use aya::{
     },
 };
 use datafence_common::{
-    CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_TABLE_CAPACITY, Hook, LpmDataV4,
-    LpmDataV6, MAX_CGROUP_ENTRIES, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, RegionId,
-    SLOT_PREFIX_BITS, SLOTS, ViolationEvent, lpm_data_v4, lpm_data_v6, map_names, program_names,
-    stat,
+    CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY,
+    DIR_LANES, DIR24_ENTRIES, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_ENTRIES, MAX_DIR8_GROUPS,
+    MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, RegionId, SLOT_PREFIX_BITS, SLOTS,
+    ViolationEvent, globals, lpm_data_v4, lpm_data_v6, map_names, program_names, stat,
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use crate::policy::CompiledPolicy;
+use std::os::fd::AsFd as _;
+
+use crate::{dir24, policy::CompiledPolicy};
 
 /// The eBPF object built by agent/build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -79,6 +81,20 @@ pub enum DatapathError {
     },
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
+    #[error("map {map}: mapping it into memory: {source}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the IPv4 table needs {needed} groups for /24s that hold longer prefixes; it has {capacity} (raise --dir8-groups, up to {max})"
+    )]
+    Dir8Full {
+        needed: usize,
+        capacity: usize,
+        max: u32,
+    },
     #[error("creating the pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -173,6 +189,11 @@ impl PinLayout {
     }
 }
 
+/// Array values that hold `entries` u16 table entries (at least one).
+fn lanes(entries: u32) -> u32 {
+    entries.div_ceil(DIR_LANES as u32).max(1)
+}
+
 /// Where bpffs is normally mounted; systemd does it at boot.
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -219,6 +240,36 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Opens the pinned link and detaches it with `BPF_LINK_DETACH`: the program is off its
+/// hook when this returns. (aya keeps a link's fd private, hence the bare syscalls.)
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let cpath =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // bpf_attr.obj_get: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut get = [0u64; 2];
+    get[0] = cpath.as_ptr() as u64;
+    // SAFETY: bpf(2) with a correctly laid out attr pointing at `cpath`, alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), 16) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut detach = [0u32; 4];
+    detach[0] = fd as u32;
+    // SAFETY: bpf(2) with an attr holding only the link fd opened above.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_mut_ptr(), 16) };
+    let result = if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd as i32) };
+    result
+}
+
 /// Opens a link pinned by an earlier agent, if there is one.
 fn adopt_link(path: &Path) -> Option<FdLink> {
     let pinned = aya::programs::links::PinnedLink::from_pin(path).ok()?;
@@ -254,6 +305,12 @@ pub struct LoadOptions {
     /// agent; `None` for a private datapath (tests, `explain --datapath`) that vanishes
     /// with the process.
     pub pin_dir: Option<PathBuf>,
+    /// How IPv4 regions are looked up.
+    pub v4_table: V4Table,
+    /// DIR-24-8 groups per slot for /24s holding longer prefixes.
+    pub dir8_groups: u32,
+    /// Also load the benchmark programs (`cargo xtask bench`).
+    pub bench: bool,
 }
 
 impl Default for LoadOptions {
@@ -261,9 +318,67 @@ impl Default for LoadOptions {
         Self {
             table_capacity: DEFAULT_TABLE_CAPACITY,
             pin_dir: None,
+            v4_table: V4Table::Dir24,
+            dir8_groups: DEFAULT_DIR8_GROUPS,
+            bench: false,
         }
     }
 }
+
+/// The IPv4 region table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Table {
+    /// DIR-24-8: constant-time lookups; 64 MiB of table plus 512 bytes per group.
+    Dir24,
+    /// The kernel LPM trie: small for small policies, slower as they grow.
+    Trie,
+}
+
+/// Baselines and cold-lookup loops for `cargo xtask bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchProgram {
+    /// An empty TC program: the floor.
+    Empty,
+    /// Parses the destination and only looks it up in a kernel LPM trie.
+    LpmOnlyV4,
+    LpmOnlyV6,
+    /// The cold loop without lookups.
+    ColdFloor,
+    /// The cold loop with LPM-trie lookups of random addresses.
+    ColdLpmV4,
+    ColdLpmV6,
+    /// The cold loop with datafence's own region lookup.
+    ColdRegionV4,
+    ColdRegionV6,
+}
+
+impl BenchProgram {
+    pub const ALL: [Self; 8] = [
+        Self::Empty,
+        Self::LpmOnlyV4,
+        Self::LpmOnlyV6,
+        Self::ColdFloor,
+        Self::ColdLpmV4,
+        Self::ColdLpmV6,
+        Self::ColdRegionV4,
+        Self::ColdRegionV6,
+    ];
+
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Self::Empty => program_names::BENCH_EMPTY,
+            Self::LpmOnlyV4 => program_names::BENCH_LPM_V4,
+            Self::LpmOnlyV6 => program_names::BENCH_LPM_V6,
+            Self::ColdFloor => program_names::BENCH_COLD_FLOOR,
+            Self::ColdLpmV4 => program_names::BENCH_COLD_LPM_V4,
+            Self::ColdLpmV6 => program_names::BENCH_COLD_LPM_V6,
+            Self::ColdRegionV4 => program_names::BENCH_COLD_REGION_V4,
+            Self::ColdRegionV6 => program_names::BENCH_COLD_REGION_V6,
+        }
+    }
+}
+
+pub use datafence_common::COLD_LOOKUPS_PER_RUN;
 
 /// Where the pinned objects of one datafence installation live. The map directory
 /// carries the ABI version, so an agent never adopts maps of an incompatible layout.
@@ -297,7 +412,9 @@ impl PinLayout {
     }
 
     /// Maps that are pinned: every map the programs use.
-    pub const MAPS: [&'static str; 14] = [
+    pub const MAPS: [&'static str; 16] = [
+        map_names::DIR24,
+        map_names::DIR8,
         map_names::ACTIVE_SLOT,
         map_names::POLICY,
         map_names::REGIONS_V4,
@@ -325,7 +442,10 @@ impl PinLayout {
         let mut detached = Vec::new();
         if let Ok(entries) = std::fs::read_dir(self.links_dir()) {
             for entry in entries.flatten() {
-                // Unpinning drops the last reference to the link: the kernel detaches it.
+                // Detach first, so the program is off the hook when this returns; dropping
+                // the last reference (the pin) would detach it only once the kernel gets
+                // round to freeing the link.
+                let _ = detach_pinned_link(&entry.path());
                 std::fs::remove_file(entry.path())?;
                 detached.push(entry.file_name().to_string_lossy().into_owned());
             }
@@ -393,6 +513,10 @@ pub struct Datapath {
     ebpf: Ebpf,
     table_capacity: u32,
     pins: Option<PinLayout>,
+    v4_table: V4Table,
+    /// The DIR-24-8 arrays, mapped: all slots' top-level entries, and all slots' groups.
+    dir24: Option<(dir24::MappedArray, dir24::MappedArray)>,
+    dir8_groups: u32,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [SlotContents; 2],
 }
@@ -407,6 +531,7 @@ struct SlotContents {
     src_v4: usize,
     src_v6: usize,
     cgroups: usize,
+    dir8_groups: usize,
 }
 
 impl SlotContents {
@@ -419,6 +544,7 @@ impl SlotContents {
             src_v4: c.src_v4.len(),
             src_v6: c.src_v6.len(),
             cgroups: c.cgroups.len(),
+            dir8_groups: 0,
         }
     }
 }
@@ -456,10 +582,36 @@ impl Datapath {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let per_family = SLOTS.saturating_mul(opts.table_capacity);
         let pins = opts.pin_dir.as_ref().map(PinLayout::new);
+        // Adopted maps keep the sizes and layout they were made with; the programs must
+        // be told the same.
+        let adopted = |name: &str| {
+            pins.as_ref()
+                .and_then(|p| aya::maps::MapInfo::from_pin(p.map(name)).ok())
+                .map(|i| i.max_entries())
+        };
+        let v4_table = match adopted(map_names::DIR24) {
+            Some(1) => V4Table::Trie,
+            Some(_) => V4Table::Dir24,
+            None => opts.v4_table,
+        };
+        let dir8_groups = match adopted(map_names::DIR8) {
+            Some(n) if v4_table == V4Table::Dir24 => n * DIR_LANES as u32 / (SLOTS * 256),
+            _ => opts.dir8_groups.min(MAX_DIR8_GROUPS),
+        };
+        let (top_entries, group_entries) = match v4_table {
+            V4Table::Dir24 => (SLOTS * DIR24_ENTRIES, SLOTS * dir8_groups * 256),
+            // The trie serves IPv4; the arrays shrink to nothing.
+            V4Table::Trie => (1, 1),
+        };
+        let v4_dir24 = u8::from(v4_table == V4Table::Dir24);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::REGIONS_V4, per_family)
-            .map_max_entries(map_names::REGIONS_V6, per_family);
+            .map_max_entries(map_names::REGIONS_V6, per_family)
+            .map_max_entries(map_names::DIR24, lanes(top_entries))
+            .map_max_entries(map_names::DIR8, lanes(group_entries))
+            .override_global(globals::V4_DIR24, &v4_dir24, true)
+            .override_global(globals::DIR8_GROUPS, &dir8_groups, true);
         let map_paths: Vec<(&'static str, PathBuf)> = match &pins {
             Some(layout) => {
                 ensure_bpffs(&layout.root)?;
@@ -488,10 +640,39 @@ impl Datapath {
         program_mut::<Xdp>(&mut ebpf, program_names::XDP_GATEWAY)?
             .load()
             .map_err(program_err(program_names::XDP_GATEWAY))?;
+        if opts.bench {
+            for prog in BenchProgram::ALL {
+                let name = prog.program_name();
+                program_mut::<SchedClassifier>(&mut ebpf, name)?
+                    .load()
+                    .map_err(program_err(name))?;
+            }
+        }
+        let dir24 = match v4_table {
+            V4Table::Dir24 => {
+                let map = |name: &'static str, entries: u32| -> Result<dir24::MappedArray> {
+                    match ebpf.map(name) {
+                        Some(Map::Array(data)) => {
+                            dir24::MappedArray::map(&data.fd().as_fd(), entries as usize)
+                                .map_err(|source| DatapathError::Mmap { map: name, source })
+                        }
+                        _ => Err(DatapathError::MissingMap(name)),
+                    }
+                };
+                Some((
+                    map(map_names::DIR24, top_entries)?,
+                    map(map_names::DIR8, group_entries)?,
+                ))
+            }
+            V4Table::Trie => None,
+        };
         let mut dp = Self {
             ebpf,
             table_capacity: opts.table_capacity,
             pins,
+            v4_table,
+            dir24,
+            dir8_groups,
             slot_contents: [SlotContents::default(); 2],
         };
         if dp.pins.is_some() {
@@ -521,6 +702,11 @@ impl Datapath {
             c.src_v6 = count_lpm::<LpmDataV6, ClassMask>(self.ebpf.map(map_names::SRC_V6), slot);
         }
         Ok(())
+    }
+
+    /// How IPv4 regions are looked up (adopted maps decide, not the options).
+    pub fn v4_table(&self) -> V4Table {
+        self.v4_table
     }
 
     pub fn pins(&self) -> Option<&PinLayout> {
@@ -570,7 +756,11 @@ impl Datapath {
             let _ = self.clear_slot(target);
             return Err(err);
         }
-        self.slot_contents[target as usize] = SlotContents::of(compiled);
+        let groups = self.slot_contents[target as usize].dir8_groups;
+        self.slot_contents[target as usize] = SlotContents {
+            dir8_groups: groups,
+            ..SlotContents::of(compiled)
+        };
         let mut policy = compiled.policy;
         policy.header.loaded = 1;
         policy.header.generation = generation;
@@ -644,12 +834,29 @@ impl Datapath {
     }
 
     fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy) -> Result<()> {
-        insert_v4(
-            self.map_mut(map_names::REGIONS_V4)?,
-            map_names::REGIONS_V4,
-            slot,
-            &c.regions_v4,
-        )?;
+        match &mut self.dir24 {
+            Some((top, groups)) => {
+                let top_slot = DIR24_ENTRIES as usize;
+                let group_slot = self.dir8_groups as usize * 256;
+                let s = slot as usize;
+                let top = &mut top.as_mut_slice()[s * top_slot..(s + 1) * top_slot];
+                let groups = &mut groups.as_mut_slice()[s * group_slot..(s + 1) * group_slot];
+                let used = dir24::fill(top, groups, &c.regions_v4).map_err(|e| {
+                    DatapathError::Dir8Full {
+                        needed: e.needed,
+                        capacity: e.capacity,
+                        max: MAX_DIR8_GROUPS,
+                    }
+                })?;
+                self.slot_contents[s].dir8_groups = used;
+            }
+            None => insert_v4(
+                self.map_mut(map_names::REGIONS_V4)?,
+                map_names::REGIONS_V4,
+                slot,
+                &c.regions_v4,
+            )?,
+        }
         insert_v6(
             self.map_mut(map_names::REGIONS_V6)?,
             map_names::REGIONS_V6,
@@ -914,6 +1121,130 @@ impl Datapath {
         RingBuf::try_from(map).map_err(map_err(name))
     }
 
+    /// Fills the LPM-only baseline tries, and the arrays of random addresses the cold
+    /// loops draw from with addresses inside these prefixes (so cold lookups hit, as real
+    /// traffic to listed regions would).
+    pub fn fill_bench_lpm(
+        &mut self,
+        v4: &[(Ipv4Network, u32)],
+        v6: &[(Ipv6Network, u32)],
+    ) -> Result<()> {
+        let name = "BENCH_LPM_V4";
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> =
+            LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (net, region) in v4 {
+            trie.insert(
+                &Key::new(u32::from(net.prefix()), net.network().octets()),
+                region,
+                0,
+            )
+            .map_err(map_err(name))?;
+        }
+        let name = "BENCH_LPM_V6";
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> =
+            LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (net, region) in v6 {
+            trie.insert(
+                &Key::new(u32::from(net.prefix()), net.network().octets()),
+                region,
+                0,
+            )
+            .map_err(map_err(name))?;
+        }
+        // A small xorshift: reproducible addresses without a dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let name = "BENCH_ADDRS_V4";
+        let mut arr: Array<&mut MapData, [u8; 4]> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for i in 0..datafence_common::BENCH_ADDRS {
+            let addr = match v4.get(next() as usize % v4.len().max(1)) {
+                Some((net, _)) => {
+                    let host_bits = 32 - u32::from(net.prefix());
+                    let mask = if host_bits == 0 {
+                        0
+                    } else {
+                        u32::MAX >> (32 - host_bits)
+                    };
+                    u32::from(net.network()) | (next() as u32 & mask)
+                }
+                None => next() as u32,
+            };
+            arr.set(i, addr.to_be_bytes(), 0).map_err(map_err(name))?;
+        }
+        let name = "BENCH_ADDRS_V6";
+        let mut arr: Array<&mut MapData, [u8; 16]> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for i in 0..datafence_common::BENCH_ADDRS {
+            let random = (u128::from(next()) << 64) | u128::from(next());
+            let addr = match v6.get(next() as usize % v6.len().max(1)) {
+                Some((net, _)) => {
+                    let host_bits = 128 - u32::from(net.prefix());
+                    let mask = if host_bits == 0 {
+                        0
+                    } else {
+                        u128::MAX >> (128 - host_bits)
+                    };
+                    u128::from(net.network()) | (random & mask)
+                }
+                None => random,
+            };
+            arr.set(i, addr.to_be_bytes(), 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a benchmark program `repeat` times on `frame`; the kernel's mean per run.
+    /// Needs a datapath loaded with [`LoadOptions::bench`].
+    pub fn bench_run(&self, prog: BenchProgram, frame: &[u8], repeat: u32) -> Result<Duration> {
+        let name = prog.program_name();
+        let p = program_ref::<SchedClassifier>(&self.ebpf, name)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(program_err(name))?;
+        Ok(r.duration)
+    }
+
+    /// Kernel memory of each map, from the map's own accounting (`memlock` in
+    /// /proc/self/fdinfo), which counts what tries and hash maps allocate as they fill.
+    pub fn map_memory(&self) -> Vec<(String, u64)> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut out = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            let data = match map {
+                Map::Array(d)
+                | Map::PerCpuArray(d)
+                | Map::HashMap(d)
+                | Map::PerCpuHashMap(d)
+                | Map::LpmTrie(d)
+                | Map::RingBuf(d) => d,
+                _ => continue,
+            };
+            let fd = data.fd().as_fd().as_raw_fd();
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            let memlock = info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            out.push((name.to_owned(), memlock));
+        }
+        out.sort();
+        out
+    }
+
     /// Instructions the verifier processed for each program: the complexity figures that
     /// performance work tracks.
     pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
@@ -967,6 +1298,12 @@ impl Datapath {
                 sum(|c| c.cgroups),
                 MAX_CGROUP_ENTRIES.into(),
             ),
+            (
+                // Groups, not entries: each holds 256.
+                map_names::DIR8.into(),
+                sum(|c| c.dir8_groups),
+                u64::from(SLOTS * self.dir8_groups),
+            ),
         ]
     }
 
@@ -985,8 +1322,9 @@ impl Datapath {
                 // clsact attachments are not queried; trust the netlink attach.
                 return if_index(interface).is_some();
             }
-            SchedClassifier::query_tcx(interface, TcAttachType::Egress)
-                .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == id))
+            if_index(interface)
+                .and_then(|index| tcx_egress_program_ids(index).ok())
+                .is_some_and(|ids| ids.contains(&id))
         } else {
             let Some(id) = self.program_id(program_names::XDP_GATEWAY) else {
                 return false;
@@ -1016,6 +1354,18 @@ impl Datapath {
     pub fn region_of(&self, addr: IpAddr) -> Result<RegionId> {
         let slot = self.active_slot()?;
         let found = match addr {
+            IpAddr::V4(a) if self.dir24.is_some() => {
+                let Some((top, groups)) = &self.dir24 else {
+                    unreachable!()
+                };
+                let (ts, gs) = (DIR24_ENTRIES as usize, self.dir8_groups as usize * 256);
+                let s = slot as usize;
+                Ok(dir24::lookup(
+                    &top.as_slice()[s * ts..(s + 1) * ts],
+                    &groups.as_slice()[s * gs..(s + 1) * gs],
+                    a,
+                ))
+            }
             IpAddr::V4(a) => {
                 let name = map_names::REGIONS_V4;
                 let t: LpmTrie<&MapData, LpmDataV4, RegionId> =
@@ -1114,6 +1464,54 @@ pub fn if_name(index: u32) -> Option<String> {
     // SAFETY: on success the buffer holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(name.to_string_lossy().into_owned())
+}
+
+/// Ids of the programs attached to an interface's tcx egress hook.
+///
+/// A bare `BPF_PROG_QUERY`: aya's `query_tcx` also opens each program by id, which needs
+/// CAP_SYS_ADMIN, and the agent runs without it.
+fn tcx_egress_program_ids(ifindex: u32) -> std::io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_EGRESS: u32 = 47;
+    /// `bpf_attr.query`, as in include/uapi/linux/bpf.h.
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_EGRESS,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..QueryAttr::default()
+    };
+    // SAFETY: bpf(2) with a correctly laid out attr whose pointer fields point at `ids`,
+    // which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            size_of::<QueryAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = (attr.prog_cnt as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
 }
 
 /// The id of the XDP program on an interface, from `ip -json link show` (iproute2):

@@ -306,7 +306,7 @@ impl KernelOracle {
         let needed = compiled.regions_v4.len().max(compiled.regions_v6.len()) as u32;
         let mut datapath = Datapath::load(&LoadOptions {
             table_capacity: needed.max(16),
-            pin_dir: None,
+            ..LoadOptions::default()
         })?;
         datapath.apply(compiled, EventLimits::default())?;
         Ok(Self { datapath })

@@ -6,6 +6,7 @@ pub mod cgroups;
 pub mod control;
 pub mod datapath;
 pub mod diff;
+pub mod dir24;
 pub mod dirs;
 pub mod explain;
 pub mod lockout;

@@ -197,6 +197,14 @@ struct RunArgs {
     /// Do not reload when the policy file or a region file changes.
     #[arg(long)]
     no_watch: bool,
+    /// IPv4 region table: dir24 (constant-time DIR-24-8, 64 MiB plus groups) or trie
+    /// (the kernel LPM trie: smaller for small policies, slower as they grow).
+    #[arg(long, value_parser = ["dir24", "trie"], default_value = "dir24")]
+    v4_table: String,
+    /// DIR-24-8 groups per slot: /24s that hold prefixes longer than /24 (512 bytes
+    /// each, twice for the two slots).
+    #[arg(long, default_value_t = datafence_common::DEFAULT_DIR8_GROUPS, value_name = "N")]
+    dir8_groups: u32,
     /// Seconds between checks that every program is still attached (and repairs).
     #[arg(long, default_value_t = 2, value_name = "SECONDS")]
     monitor_interval: u64,
@@ -773,6 +781,12 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
                 allow_lockout_risk: args.allow_lockout_risk,
                 watch: !args.no_watch,
                 monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
+                v4_table: if args.v4_table == "trie" {
+                    datafence::datapath::V4Table::Trie
+                } else {
+                    datafence::datapath::V4Table::Dir24
+                },
+                dir8_groups: args.dir8_groups,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

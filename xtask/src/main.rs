@@ -36,11 +36,13 @@ enum Command {
     Test(test::Options),
     /// Build the release agent and print the path of the binary.
     Build(build::Options),
-    /// Run the benchmarks (not implemented yet).
+    /// Measure the datapath side by side with an empty program, the kernel LPM trie,
+    /// nftables and ipset; tables on stdout and in target/bench/results.json. Needs root.
     Bench(bench::Options),
-    /// Run the demo (not implemented yet).
+    /// The demo: a sandbox of network namespaces where the real agent keeps user data in
+    /// eu-west and eu-north and blocks it towards us-east. Needs root; leaves nothing behind.
     Demo(demo::Options),
-    /// Build the release package (not implemented yet).
+    /// Build the Debian package (cargo-deb) and check its contents.
     Package(package::Options),
     /// Run a cargo-fuzz target (packet_parse, policy_parse), seeded from policies/ and
     /// crafted frames; `--seconds N` to stop after N seconds.

@@ -93,7 +93,10 @@ fn ensure_cargo_deb() -> Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    eprintln!("package: installing cargo-deb into {} (about a minute)", root.display());
+    eprintln!(
+        "package: installing cargo-deb into {} (about a minute)",
+        root.display()
+    );
     fs::create_dir_all(&tools).with_context(|| format!("creating {}", tools.display()))?;
     util::run(
         Command::new("cargo")
@@ -114,7 +117,10 @@ fn ensure_cargo_deb() -> Result<PathBuf> {
 /// Checks the package's files and control members with dpkg-deb.
 fn verify(deb: &Path) -> Result<()> {
     if util::find_program("dpkg-deb").is_none() {
-        eprintln!("package: dpkg-deb not found; skipping the check of {}", deb.display());
+        eprintln!(
+            "package: dpkg-deb not found; skipping the check of {}",
+            deb.display()
+        );
         return Ok(());
     }
     let contents = util::output(Command::new("dpkg-deb").arg("--contents").arg(deb))?;
