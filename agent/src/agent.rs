@@ -118,6 +118,8 @@ struct Agent {
     stop: Arc<tokio::sync::Notify>,
     /// The latest violation lines, for `datafence status`.
     recent: std::collections::VecDeque<serde_json::Value>,
+    /// The files the policy in force was read from, for the file watcher.
+    sources: Arc<Mutex<Vec<PathBuf>>>,
 }
 
 /// Violation lines `datafence status` shows.
@@ -285,6 +287,7 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             |r| policy.region_name(r).map(str::to_owned),
         )
     });
+    let sources = Arc::new(Mutex::new(watched_sources(&policy)));
     Ok(Agent {
         opts,
         datapath,
@@ -298,6 +301,7 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         missing: std::collections::BTreeSet::new(),
         stop: Arc::default(),
         recent: std::collections::VecDeque::new(),
+        sources,
     })
 }
 
@@ -330,6 +334,10 @@ impl Agent {
         self.compiled = compiled;
         self.generation = report.generation;
         self.loaded_at = SystemTime::now();
+        *self
+            .sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = watched_sources(&self.policy);
         self.write_state();
         Ok(())
     }
@@ -452,6 +460,7 @@ impl Agent {
             events_suppressed: stats.events_suppressed,
             agent_running: true,
             recent_violations: self.recent.iter().cloned().collect(),
+            map_memory_bytes: self.datapath.map_memory().into_iter().collect(),
         })
     }
 
@@ -575,6 +584,7 @@ impl Agent {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
             maps,
+            map_memory: self.datapath.map_memory(),
             attachments,
         })
     }
@@ -994,15 +1004,28 @@ async fn monitor_attachments(shared: Shared, every: std::time::Duration) {
     }
 }
 
+/// The files whose changes trigger a reload: the ones the policy was read from, made
+/// absolute the way the watcher reports paths.
+fn watched_sources(policy: &LoadedPolicy) -> Vec<PathBuf> {
+    policy
+        .sources
+        .iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect()
+}
+
 /// How long the policy files must be quiet before a change is reloaded: editors and
 /// `git checkout` write files in several steps, and a half-written file must not even be
 /// tried.
 const WATCH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Watches the policy file's directory tree (region files live beside the policy) and
-/// asks for a reload once changes settle.
+/// asks for a reload once changes to the files the policy is read from settle. Other
+/// files in the tree (logs, editor swap files) are ignored, or a busy log would reload
+/// the policy over and over.
 fn watch_policy(
     policy_path: &Path,
+    sources: Arc<Mutex<Vec<PathBuf>>>,
     reload: tokio::sync::mpsc::Sender<&'static str>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
@@ -1013,9 +1036,21 @@ fn watch_policy(
         .to_owned();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event
-            && !e.kind.is_access()
-        {
+        let Ok(e) = event else { return };
+        if e.kind.is_access() {
+            return;
+        }
+        let watched = sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Editors and `git checkout` often replace a file by renaming a new one over it,
+        // so compare file names within the watched tree, not inode identity.
+        let relevant = e.paths.iter().any(|p| {
+            watched
+                .iter()
+                .any(|w| w == p || (w.file_name() == p.file_name() && w.parent() == p.parent()))
+        });
+        if relevant {
             let _ = tx.send(());
         }
     })?;
@@ -1085,7 +1120,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let monitor = tokio::spawn(monitor_attachments(shared.clone(), monitor_interval));
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
     let _watcher = if watch {
-        Some(watch_policy(&policy_path, reload_tx.clone())?)
+        let sources = lock(&shared).sources.clone();
+        Some(watch_policy(&policy_path, sources, reload_tx.clone())?)
     } else {
         None
     };

@@ -58,6 +58,9 @@ pub struct StatusReport {
     /// The latest violation lines, newest last.
     #[serde(default)]
     pub recent_violations: Vec<serde_json::Value>,
+    /// Kernel memory of each datapath map, in bytes.
+    #[serde(default)]
+    pub map_memory_bytes: std::collections::BTreeMap<String, u64>,
 }
 
 fn yes() -> bool {

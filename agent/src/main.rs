@@ -695,6 +695,21 @@ fn print_status(s: &StatusReport) {
             r.interface, r.hook, r.class, r.region, r.verdict, r.reason, r.packets, r.bytes
         );
     }
+    if !s.map_memory_bytes.is_empty() {
+        let total: u64 = s.map_memory_bytes.values().sum();
+        let mut top: Vec<_> = s.map_memory_bytes.iter().collect();
+        top.sort_by_key(|(_, b)| std::cmp::Reverse(**b));
+        let parts: Vec<String> = top
+            .iter()
+            .take(4)
+            .map(|(m, b)| format!("{m} {:.1} MiB", **b as f64 / 1048576.0))
+            .collect();
+        println!(
+            "kernel memory {:.1} MiB ({})",
+            total as f64 / 1048576.0,
+            parts.join(", ")
+        );
+    }
     if !s.recent_violations.is_empty() {
         println!("recent violations (newest last):");
         for v in &s.recent_violations {

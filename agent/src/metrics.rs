@@ -180,6 +180,8 @@ pub struct Snapshot {
     pub last_reload_unix: f64,
     /// (map, entries, capacity)
     pub maps: Vec<(String, u64, u64)>,
+    /// (map, bytes of kernel memory), from each map's own accounting.
+    pub map_memory: Vec<(String, u64)>,
     /// (interface, hook, attached)
     pub attachments: Vec<(String, String, bool)>,
 }
@@ -301,6 +303,18 @@ pub fn render(
         entries.get_or_create(&labels).set(*used as i64);
         capacity.get_or_create(&labels).set(*cap as i64);
     }
+    let memory = Family::<MapLabels, Gauge>::default();
+    for (map, bytes) in &snapshot.map_memory {
+        memory
+            .get_or_create(&MapLabels { map: map.clone() })
+            .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+    }
+    registry.register_with_unit(
+        "map_memory",
+        "Kernel memory each datapath map holds, from the map's own accounting",
+        prometheus_client::registry::Unit::Bytes,
+        memory,
+    );
     registry.register("map_entries", "Entries in each datapath map", entries);
     registry.register("map_capacity", "Capacity of each datapath map", capacity);
 

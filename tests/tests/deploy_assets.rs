@@ -62,6 +62,7 @@ impl Exported {
             prefixes_v4: 10,
             prefixes_v6: 5,
             last_reload_unix: 1_700_000_000.0,
+            map_memory: vec![("DIR24".into(), 1 << 26)],
             maps: vec![("REGIONS_V4".into(), 10, 100)],
             attachments: vec![("eth0".into(), "tc_egress".into(), true)],
         };

@@ -364,3 +364,46 @@ fn unknown_interface_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interface nosuch0 does not exist"), "{err}");
 }
+
+#[test]
+fn changes_to_the_policy_files_are_reloaded_and_other_files_ignored() {
+    require_root();
+    let sandbox = Sandbox::new("wt");
+    let scratch = Scratch::new("watch");
+    let cgroup = TestCgroup::new("watch");
+    let policy = write_policy(&scratch, "enforce", &cgroup.path, false);
+    let agent = RunningAgent::start(&sandbox.host, &policy, &[]);
+    let generation = || agent.status_json()["policy"]["generation"].as_u64();
+    let wait_for = |want: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while generation() != Some(want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "generation stayed {:?}, want {want}",
+                generation()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(generation(), Some(1));
+    // A log next to the policy changes all the time; it is not part of the policy.
+    for i in 0..5 {
+        scratch.write("agent.log", &format!("line {i}\n"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(generation(), Some(1), "an unrelated file caused a reload");
+    // A region file is part of it.
+    scratch.write("regions/eu-west.txt", "198.51.100.0/24\n203.0.113.0/25\n");
+    wait_for(2);
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7900, 5, 0x42),
+        5,
+        "us-east is eu-west now"
+    );
+    // So is the policy file itself, written in two steps as an editor might.
+    std::fs::write(&policy, "version: 1\nregions:\n").expect("write");
+    std::fs::write(&policy, policy_text("enforce", &cgroup.path, true)).expect("write");
+    wait_for(3);
+    agent.stop();
+}

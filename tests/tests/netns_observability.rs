@@ -126,6 +126,7 @@ fn metrics_count_exactly_what_was_sent() {
         "datafence_map_capacity{map=\"REGIONS_V4\"}",
         "datafence_programs_attached{interface=\"up0\",hook=\"tc_egress\"} 1",
         "datafence_build_info{",
+        "datafence_map_memory_bytes{map=\"DIR24\"}",
         "datafence_violations_total{class=\"user-data\",region=\"us-east\",verdict=\"deny\"} 48",
     ] {
         assert!(body.contains(name), "{name} missing from\n{body}");

@@ -236,6 +236,7 @@ mod tests {
         LoadedPolicy {
             path: "p.yaml".into(),
             sha256: String::new(),
+            sources: Vec::new(),
             version: 1,
             mode: Mode::Enforce,
             egress_interfaces: None,

@@ -116,6 +116,8 @@ pub struct LoadedPolicy {
     /// Hex SHA-256 over the policy file's bytes, then each region file's bytes in the
     /// order they are listed: a change to any of them changes this.
     pub sha256: String,
+    /// Every file the policy was read from: the policy file, then its region files.
+    pub sources: Vec<PathBuf>,
     pub version: u32,
     /// The policy-wide mode; classes may override it (see [`Class::mode`]).
     pub mode: Mode,

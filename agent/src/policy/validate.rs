@@ -150,6 +150,7 @@ impl Validator<'_> {
         LoadedPolicy {
             path: path.to_owned(),
             sha256: hex::encode(hasher.finalize()),
+            sources: self.files.clone(),
             version: 1,
             mode,
             egress_interfaces,
