@@ -612,6 +612,12 @@ impl Datapath {
             .map_max_entries(map_names::DIR8, lanes(group_entries))
             .override_global(globals::V4_DIR24, &v4_dir24, true)
             .override_global(globals::DIR8_GROUPS, &dir8_groups, true);
+        if !opts.bench {
+            // The benchmark maps live in the object but only `cargo xtask bench` uses them.
+            for name in ["BENCH_LPM_V4", "BENCH_LPM_V6", "BENCH_ADDRS_V4", "BENCH_ADDRS_V6"] {
+                loader.map_max_entries(name, 1);
+            }
+        }
         let map_paths: Vec<(&'static str, PathBuf)> = match &pins {
             Some(layout) => {
                 ensure_bpffs(&layout.root)?;

@@ -137,7 +137,8 @@ impl Nightly {
 }
 
 fn ensure_nightly() -> Result<Nightly> {
-    if let Ok(nightly) = Nightly::query() {
+    let query = Nightly::query();
+    if let Ok(nightly) = query {
         step(
             "nightly toolchain",
             format_args!(
@@ -146,6 +147,13 @@ fn ensure_nightly() -> Result<Nightly> {
             ),
         );
         return Ok(nightly);
+    }
+    // Install only when rustup really lacks a nightly: a query that failed for another
+    // reason (an interrupted run, a busy machine) must not upgrade the toolchain the
+    // project was tested with.
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if installed.lines().any(|l| l.starts_with("nightly")) {
+        return query.context("the nightly toolchain is installed but `rustc +nightly -vV` failed");
     }
     step("nightly toolchain", "missing, installing");
     util::run(Command::new("rustup").args([
