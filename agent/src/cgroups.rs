@@ -90,3 +90,32 @@ pub fn cgroup2_root() -> PathBuf {
         .next()
         .unwrap_or_else(|| PathBuf::from(crate::dirs::CGROUP_ROOT))
 }
+
+/// Makes `cmd` start its process inside the cgroup whose `cgroup.procs` file is given,
+/// before it execs: the process is in the cgroup from its first instruction.
+pub fn spawn_in_cgroup(
+    cmd: &mut std::process::Command,
+    cgroup_procs: &Path,
+) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(cgroup_procs.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
+    // functions (open, write, close) on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

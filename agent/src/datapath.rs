@@ -614,7 +614,12 @@ impl Datapath {
             .override_global(globals::DIR8_GROUPS, &dir8_groups, true);
         if !opts.bench {
             // The benchmark maps live in the object but only `cargo xtask bench` uses them.
-            for name in ["BENCH_LPM_V4", "BENCH_LPM_V6", "BENCH_ADDRS_V4", "BENCH_ADDRS_V6"] {
+            for name in [
+                "BENCH_LPM_V4",
+                "BENCH_LPM_V6",
+                "BENCH_ADDRS_V4",
+                "BENCH_ADDRS_V6",
+            ] {
                 loader.map_max_entries(name, 1);
             }
         }

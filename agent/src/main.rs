@@ -455,31 +455,13 @@ const IN_CGROUP_ENV: &str = "DATAFENCE_EXPLAIN_IN_CGROUP";
 /// `BPF_PROG_TEST_RUN` gives the test packet the calling process's cgroup, so to ask the
 /// kernel about another cgroup this command re-runs itself inside that cgroup.
 fn rerun_in_cgroup(cgroup_root: &Path, cgroup: &str) -> anyhow::Result<ExitCode> {
-    use std::os::unix::process::CommandExt as _;
     let procs = cgroup_root
         .join(cgroup.trim_start_matches('/'))
         .join("cgroup.procs");
-    let procs_c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(std::env::args_os().skip(1))
         .env(IN_CGROUP_ENV, "1");
-    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
-    // functions (open, write, close) on memory prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n != 1 {
-                return Err(err);
-            }
-            Ok(())
-        });
-    }
+    datafence::cgroups::spawn_in_cgroup(&mut cmd, &procs)?;
     let status = cmd.status().with_context(|| {
         format!(
             "running the kernel check inside cgroup {cgroup} ({})",

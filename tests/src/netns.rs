@@ -250,10 +250,7 @@ pub fn udp_delivered_from_cgroup(
     port: u16,
     count: u32,
 ) -> u32 {
-    use std::os::unix::process::CommandExt as _;
     udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
-        let procs =
-            std::ffi::CString::new(cgroup_procs.as_os_str().as_encoded_bytes()).expect("path");
         let script = "import socket,sys\n\
             host,port,n=sys.argv[1],int(sys.argv[2]),int(sys.argv[3])\n\
             fam=socket.AF_INET6 if ':' in host else socket.AF_INET\n\
@@ -266,23 +263,7 @@ pub fn udp_delivered_from_cgroup(
             .arg(dst_addr.ip().to_string())
             .arg(dst_addr.port().to_string())
             .arg(count.to_string());
-        // SAFETY: only async-signal-safe calls between fork and exec, on memory prepared
-        // before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        datafence::cgroups::spawn_in_cgroup(&mut cmd, cgroup_procs).expect("cgroup");
         let out = cmd.output().expect("spawn sender");
         assert!(
             out.status.success(),
