@@ -39,20 +39,21 @@ pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
 /// Default region-table capacity per address family and per slot. The agent can raise it
 /// (`--table-capacity`); the maps hold two slots, so their max_entries is twice this.
 pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
-/// IPv4 regions live in a DIR-24-8 table: `DIR24` has one u16 per /24 and slot. An entry
-/// is a region id (0: none), or [`DIR_EXTENDED`] plus the index of a 256-entry group in
-/// `DIR8` for /24s that contain longer prefixes. A lookup costs one or two array reads
-/// whatever the number of prefixes.
+/// IPv4 regions live in a DIR-24-8 table: `DIR24` has one u32 per /24 and slot. An entry
+/// is a region id (0: none), or [`DIR_EXTENDED`] plus the index of a 256-entry group of
+/// u8 region ids in `DIR8`, for /24s that contain longer prefixes. A lookup costs one or
+/// two array reads whatever the number of prefixes.
 pub const DIR24_ENTRIES: u32 = 1 << 24;
-pub const DIR_EXTENDED: u16 = 0x8000;
-/// u16 entries per array value: the kernel stores array values at an 8-byte stride, so
-/// packing four entries in each keeps the memory-mapped arrays dense.
-pub const DIR_LANES: usize = 4;
-/// `DIR8` groups per slot: /24s that hold prefixes longer than /24. The cloud catalogue
-/// needs a few thousand.
-pub const DEFAULT_DIR8_GROUPS: u32 = 16_384;
-/// Largest group count the entry encoding can address.
-pub const MAX_DIR8_GROUPS: u32 = DIR_EXTENDED as u32;
+pub const DIR_EXTENDED: u32 = 1 << 31;
+/// Table entries per array value. The kernel stores array values at an 8-byte stride, so
+/// values of eight bytes keep the memory-mapped arrays dense.
+pub const DIR24_LANES: usize = 2;
+pub const DIR8_LANES: usize = 8;
+/// `DIR8` groups per slot by default: /24s that hold prefixes longer than /24. The cloud
+/// catalogue needs about 17,000; a million real-world prefixes about 250,000.
+pub const DEFAULT_DIR8_GROUPS: u32 = 32_768;
+/// Largest group count the agent accepts (256 bytes each, per slot).
+pub const MAX_DIR8_GROUPS: u32 = 1 << 22;
 /// Lookups each cold benchmark run performs, on addresses drawn at random from a
 /// pre-filled array (`BENCH_ADDRS_*`).
 pub const COLD_LOOKUPS_PER_RUN: u32 = 64;

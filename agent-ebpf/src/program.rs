@@ -16,10 +16,11 @@ use aya_ebpf::{
 };
 use datafence_common::{
     BENCH_ADDRS, CLASS_NONE, COLD_LOOKUPS_PER_RUN, CgroupKey, ClassMask, CounterKey, CounterValue,
-    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DIR_EXTENDED, DIR_LANES, DIR24_ENTRIES,
-    EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES,
-    MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE,
-    RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS, SLOTS, Verdict, ViolationEvent,
+    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DIR_EXTENDED, DIR8_LANES, DIR24_ENTRIES,
+    DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH,
+    MAX_CGROUP_ENTRIES, MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy,
+    REGION_NONE, RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS, SLOTS, Verdict,
+    ViolationEvent,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{FrameKind, PacketBytes, ParsedFrame, is_builtin_exempt, parse_frame},
     selector, stat,
@@ -56,22 +57,22 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 #[map]
 static RATE_LIMIT: PerCpuArray<RateLimitState> = PerCpuArray::with_max_entries(1, 0);
-// The kernel lays array values out at an 8-byte stride; four u16 entries per value keep
-// the memory-mapped view a dense array of u16.
+// The kernel lays array values out at an 8-byte stride; eight-byte values keep the
+// memory-mapped views dense arrays of u32 and u8.
 #[map]
-static DIR24: Array<[u16; DIR_LANES]> =
-    Array::with_max_entries(SLOTS * DIR24_ENTRIES / DIR_LANES as u32, BPF_F_MMAPABLE);
+static DIR24: Array<[u32; DIR24_LANES]> =
+    Array::with_max_entries(SLOTS * DIR24_ENTRIES / DIR24_LANES as u32, BPF_F_MMAPABLE);
 #[map]
-static DIR8: Array<[u16; DIR_LANES]> = Array::with_max_entries(
-    SLOTS * DEFAULT_DIR8_GROUPS * 256 / DIR_LANES as u32,
+static DIR8: Array<[u8; DIR8_LANES]> = Array::with_max_entries(
+    SLOTS * DEFAULT_DIR8_GROUPS * 256 / DIR8_LANES as u32,
     BPF_F_MMAPABLE,
 );
 
 /// Entry `index` of a DIR table.
 #[inline(always)]
-fn dir_entry(table: &Array<[u16; DIR_LANES]>, index: u32) -> Option<u16> {
-    let lanes = table.get(index / DIR_LANES as u32)?;
-    Some(lanes[(index % DIR_LANES as u32) as usize])
+fn dir_entry<T: Copy, const N: usize>(table: &Array<[T; N]>, index: u32) -> Option<T> {
+    let lanes = table.get(index / N as u32)?;
+    Some(lanes[(index % N as u32) as usize])
 }
 
 /// Set by the loader (see `datafence_common::globals`).
@@ -170,9 +171,9 @@ fn dir24_region(slot: u32, a: [u8; 4]) -> RegionId {
         return REGION_NONE as RegionId;
     };
     if entry & DIR_EXTENDED == 0 {
-        return RegionId::from(entry);
+        return entry;
     }
-    let group = u32::from(entry & !DIR_EXTENDED);
+    let group = entry & !DIR_EXTENDED;
     let index = (slot * global_u32(&DIR8_GROUPS) + group) * 256 + u32::from(a[3]);
     dir_entry(&DIR8, index).map_or(REGION_NONE as RegionId, RegionId::from)
 }

@@ -250,7 +250,11 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
         v4_table: opts.v4_table,
-        dir8_groups: opts.dir8_groups,
+        // Room for the policy at hand and for it to double before a restart is needed.
+        dir8_groups: opts
+            .dir8_groups
+            .max(2 * crate::dir24::count_groups(&compiled.regions_v4) as u32)
+            .min(datafence_common::MAX_DIR8_GROUPS),
         bench: false,
     })?;
     let adopted_generation = datapath

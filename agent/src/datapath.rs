@@ -22,9 +22,9 @@ use aya::{
 };
 use datafence_common::{
     CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY,
-    DIR_LANES, DIR24_ENTRIES, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_ENTRIES, MAX_DIR8_GROUPS,
-    MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, RegionId, SLOT_PREFIX_BITS, SLOTS,
-    ViolationEvent, globals, lpm_data_v4, lpm_data_v6, map_names, program_names, stat,
+    DIR8_LANES, DIR24_ENTRIES, DIR24_LANES, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_ENTRIES,
+    MAX_DIR8_GROUPS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, RegionId, SLOT_PREFIX_BITS,
+    SLOTS, ViolationEvent, globals, lpm_data_v4, lpm_data_v6, map_names, program_names, stat,
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
@@ -189,9 +189,9 @@ impl PinLayout {
     }
 }
 
-/// Array values that hold `entries` u16 table entries (at least one).
-fn lanes(entries: u32) -> u32 {
-    entries.div_ceil(DIR_LANES as u32).max(1)
+/// Array values that hold `entries` table entries, `per_value` to a value (at least one).
+fn values(entries: u32, per_value: usize) -> u32 {
+    entries.div_ceil(per_value as u32).max(1)
 }
 
 /// Where bpffs is normally mounted; systemd does it at boot.
@@ -328,7 +328,8 @@ impl Default for LoadOptions {
 /// The IPv4 region table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum V4Table {
-    /// DIR-24-8: constant-time lookups; 64 MiB of table plus 512 bytes per group.
+    /// DIR-24-8: constant-time lookups; 128 MiB of table (both slots) plus 256 bytes per
+    /// group and slot.
     Dir24,
     /// The kernel LPM trie: small for small policies, slower as they grow.
     Trie,
@@ -515,7 +516,7 @@ pub struct Datapath {
     pins: Option<PinLayout>,
     v4_table: V4Table,
     /// The DIR-24-8 arrays, mapped: all slots' top-level entries, and all slots' groups.
-    dir24: Option<(dir24::MappedArray, dir24::MappedArray)>,
+    dir24: Option<(dir24::MappedArray<u32>, dir24::MappedArray<u8>)>,
     dir8_groups: u32,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [SlotContents; 2],
@@ -595,7 +596,7 @@ impl Datapath {
             None => opts.v4_table,
         };
         let dir8_groups = match adopted(map_names::DIR8) {
-            Some(n) if v4_table == V4Table::Dir24 => n * DIR_LANES as u32 / (SLOTS * 256),
+            Some(n) if v4_table == V4Table::Dir24 => n * DIR8_LANES as u32 / (SLOTS * 256),
             _ => opts.dir8_groups.min(MAX_DIR8_GROUPS),
         };
         let (top_entries, group_entries) = match v4_table {
@@ -608,8 +609,8 @@ impl Datapath {
         loader
             .map_max_entries(map_names::REGIONS_V4, per_family)
             .map_max_entries(map_names::REGIONS_V6, per_family)
-            .map_max_entries(map_names::DIR24, lanes(top_entries))
-            .map_max_entries(map_names::DIR8, lanes(group_entries))
+            .map_max_entries(map_names::DIR24, values(top_entries, DIR24_LANES))
+            .map_max_entries(map_names::DIR8, values(group_entries, DIR8_LANES))
             .override_global(globals::V4_DIR24, &v4_dir24, true)
             .override_global(globals::DIR8_GROUPS, &dir8_groups, true);
         if !opts.bench {
@@ -661,7 +662,11 @@ impl Datapath {
         }
         let dir24 = match v4_table {
             V4Table::Dir24 => {
-                let map = |name: &'static str, entries: u32| -> Result<dir24::MappedArray> {
+                fn map<T: Copy>(
+                    ebpf: &Ebpf,
+                    name: &'static str,
+                    entries: u32,
+                ) -> Result<dir24::MappedArray<T>> {
                     match ebpf.map(name) {
                         Some(Map::Array(data)) => {
                             dir24::MappedArray::map(&data.fd().as_fd(), entries as usize)
@@ -669,10 +674,10 @@ impl Datapath {
                         }
                         _ => Err(DatapathError::MissingMap(name)),
                     }
-                };
+                }
                 Some((
-                    map(map_names::DIR24, top_entries)?,
-                    map(map_names::DIR8, group_entries)?,
+                    map::<u32>(&ebpf, map_names::DIR24, top_entries)?,
+                    map::<u8>(&ebpf, map_names::DIR8, group_entries)?,
                 ))
             }
             V4Table::Trie => None,

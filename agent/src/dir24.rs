@@ -21,8 +21,8 @@ pub struct GroupsExhausted {
 /// The most specific prefix must win, so prefixes are applied from shortest to longest,
 /// each overwriting what shorter ones wrote.
 pub fn fill(
-    top: &mut [u16],
-    groups: &mut [u16],
+    top: &mut [u32],
+    groups: &mut [u8],
     prefixes: &[(Ipv4Network, RegionId)],
 ) -> Result<usize, GroupsExhausted> {
     debug_assert_eq!(top.len(), DIR24_ENTRIES as usize);
@@ -36,7 +36,8 @@ pub fn fill(
     }
     let mut used = 0usize;
     for (net, region) in sorted {
-        let region = *region as u16;
+        // Region ids are at most MAX_REGIONS (255).
+        let region = *region;
         let start = u32::from(net.network());
         let len = u32::from(net.prefix());
         if len <= 24 {
@@ -47,18 +48,18 @@ pub fn fill(
             let slot = (start >> 8) as usize;
             let entry = top[slot];
             let group = if entry & DIR_EXTENDED != 0 {
-                usize::from(entry & !DIR_EXTENDED)
+                (entry & !DIR_EXTENDED) as usize
             } else {
                 let g = used;
                 used += 1;
                 // The group starts out as what the /24 resolved to.
-                groups[g * 256..(g + 1) * 256].fill(entry);
-                top[slot] = DIR_EXTENDED | g as u16;
+                groups[g * 256..(g + 1) * 256].fill(entry as u8);
+                top[slot] = DIR_EXTENDED | g as u32;
                 g
             };
             let first = group * 256 + (start & 0xff) as usize;
             let count = 1usize << (32 - len);
-            groups[first..first + count].fill(region);
+            groups[first..first + count].fill(region as u8);
         }
     }
     Ok(used)
@@ -76,20 +77,20 @@ pub fn count_groups(prefixes: &[(Ipv4Network, RegionId)]) -> usize {
     tops.len()
 }
 
-/// A BPF array map mapped into this process.
-pub struct MappedArray {
-    ptr: NonNull<u16>,
+/// A BPF array map mapped into this process, seen as a dense array of `T`.
+pub struct MappedArray<T> {
+    ptr: NonNull<T>,
     entries: usize,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; access goes through
 // &mut self, so no two threads write it at once from this process.
-unsafe impl Send for MappedArray {}
+unsafe impl<T> Send for MappedArray<T> {}
 
-impl MappedArray {
-    /// Maps an array of u16 created with BPF_F_MMAPABLE.
+impl<T: Copy> MappedArray<T> {
+    /// Maps `entries` values of `T` of an array created with BPF_F_MMAPABLE.
     pub fn map(fd: &impl AsRawFd, entries: usize) -> std::io::Result<Self> {
-        let len = entries * size_of::<u16>();
+        let len = entries * size_of::<T>();
         // SAFETY: mmap of a BPF map fd that supports it, with the map's own size; the
         // result is checked before use.
         let ptr = unsafe {
@@ -105,37 +106,37 @@ impl MappedArray {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let ptr = NonNull::new(ptr.cast::<u16>())
+        let ptr = NonNull::new(ptr.cast::<T>())
             .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
         Ok(Self { ptr, entries })
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u16] {
-        // SAFETY: the mapping is `entries` u16s long and lives as long as self.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: the mapping is `entries` values long and lives as long as self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.entries) }
     }
 
-    pub fn as_slice(&self) -> &[u16] {
+    pub fn as_slice(&self) -> &[T] {
         // SAFETY: as above.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.entries) }
     }
 }
 
-impl Drop for MappedArray {
+impl<T> Drop for MappedArray<T> {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * size_of::<u16>()) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * size_of::<T>()) };
     }
 }
 
 /// Looks an address up in one slot's tables, as the datapath does.
-pub fn lookup(top: &[u16], groups: &[u16], addr: std::net::Ipv4Addr) -> RegionId {
+pub fn lookup(top: &[u32], groups: &[u8], addr: std::net::Ipv4Addr) -> RegionId {
     let a = u32::from(addr);
     let entry = top[(a >> 8) as usize];
     if entry & DIR_EXTENDED == 0 {
-        return RegionId::from(entry);
+        return entry;
     }
-    let g = usize::from(entry & !DIR_EXTENDED);
+    let g = (entry & !DIR_EXTENDED) as usize;
     RegionId::from(groups[g * 256 + (a & 0xff) as usize])
 }
 
@@ -151,8 +152,8 @@ mod tests {
 
     #[test]
     fn most_specific_prefix_wins_across_both_levels() {
-        let mut top = vec![0u16; DIR24_ENTRIES as usize];
-        let mut groups = vec![0u16; 4 * 256];
+        let mut top = vec![0u32; DIR24_ENTRIES as usize];
+        let mut groups = vec![0u8; 4 * 256];
         let prefixes = vec![
             (net("198.51.100.128/25"), 3),
             (net("198.51.0.0/16"), 1),
@@ -170,8 +171,8 @@ mod tests {
 
     #[test]
     fn too_many_groups_is_refused_with_the_numbers() {
-        let mut top = vec![0u16; DIR24_ENTRIES as usize];
-        let mut groups = vec![0u16; 256];
+        let mut top = vec![0u32; DIR24_ENTRIES as usize];
+        let mut groups = vec![0u8; 256];
         let prefixes = vec![(net("10.0.0.1/32"), 1), (net("10.0.1.1/32"), 1)];
         assert_eq!(
             fill(&mut top, &mut groups, &prefixes),
@@ -199,8 +200,8 @@ mod tests {
                     prefixes.push((n, region));
                 }
             }
-            let mut top = vec![0u16; DIR24_ENTRIES as usize];
-            let mut groups = vec![0u16; 64 * 256];
+            let mut top = vec![0u32; DIR24_ENTRIES as usize];
+            let mut groups = vec![0u8; 64 * 256];
             fill(&mut top, &mut groups, &prefixes).unwrap();
             for p in probes {
                 let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (p & 0x00ff_ffff));

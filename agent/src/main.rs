@@ -197,12 +197,12 @@ struct RunArgs {
     /// Do not reload when the policy file or a region file changes.
     #[arg(long)]
     no_watch: bool,
-    /// IPv4 region table: dir24 (constant-time DIR-24-8, 64 MiB plus groups) or trie
+    /// IPv4 region table: dir24 (constant-time DIR-24-8, 128 MiB plus groups) or trie
     /// (the kernel LPM trie: smaller for small policies, slower as they grow).
     #[arg(long, value_parser = ["dir24", "trie"], default_value = "dir24")]
     v4_table: String,
-    /// DIR-24-8 groups per slot: /24s that hold prefixes longer than /24 (512 bytes
-    /// each, twice for the two slots).
+    /// DIR-24-8 groups per slot: /24s that hold prefixes longer than /24 (256 bytes
+    /// each, twice for the two slots). At least twice what the policy at start needs.
     #[arg(long, default_value_t = datafence_common::DEFAULT_DIR8_GROUPS, value_name = "N")]
     dir8_groups: u32,
     /// Seconds between checks that every program is still attached (and repairs).
