@@ -250,10 +250,11 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
         v4_table: opts.v4_table,
-        // Room for the policy at hand and for it to double before a restart is needed.
+        // Room for the policy at hand and a quarter more before a restart is needed; each
+        // group costs 512 bytes of kernel memory (256 per slot).
         dir8_groups: opts
             .dir8_groups
-            .max(2 * crate::dir24::count_groups(&compiled.regions_v4) as u32)
+            .max(crate::dir24::count_groups(&compiled.regions_v4) as u32 * 5 / 4)
             .min(datafence_common::MAX_DIR8_GROUPS),
         bench: false,
     })?;

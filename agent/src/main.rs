@@ -202,7 +202,7 @@ struct RunArgs {
     #[arg(long, value_parser = ["dir24", "trie"], default_value = "dir24")]
     v4_table: String,
     /// DIR-24-8 groups per slot: /24s that hold prefixes longer than /24 (256 bytes
-    /// each, twice for the two slots). At least twice what the policy at start needs.
+    /// each, twice for the two slots). At least 1.25 times what the policy at start needs.
     #[arg(long, default_value_t = datafence_common::DEFAULT_DIR8_GROUPS, value_name = "N")]
     dir8_groups: u32,
     /// Seconds between checks that every program is still attached (and repairs).
