@@ -90,6 +90,15 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         command: clippy_ebpf,
     });
 
+    // The namespace tests run the real `datafence` binary, which `cargo test` only builds
+    // for the agent crate's own integration tests: build it explicitly.
+    let mut agent = util::cargo();
+    agent.args(["build", "--package", "datafence", "--bin", "datafence"]);
+    steps.push(Step {
+        name: "build agent",
+        command: agent,
+    });
+
     let mut test = util::cargo();
     // The eBPF crate has no host tests, and building it for the host fails (see above).
     test.args(["test", "--workspace", "--exclude", EBPF_PACKAGE]);
