@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::fuzz;
@@ -28,6 +28,8 @@ const EBPF_PACKAGE: &str = "datafence-ebpf";
 
 struct Step {
     name: &'static str,
+    /// Read cargo test's `test result:` lines from this step's stdout and add them up.
+    counts_tests: bool,
     command: Command,
 }
 
@@ -47,6 +49,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     let mut fmt = util::cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     steps.push(Step {
+        counts_tests: false,
         name: "rustfmt",
         command: fmt,
     });
@@ -65,6 +68,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     ]);
     clippy.args(["--", "-D", "warnings"]);
     steps.push(Step {
+        counts_tests: false,
         name: "clippy (host)",
         command: clippy,
     });
@@ -86,6 +90,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         "warnings",
     ]);
     steps.push(Step {
+        counts_tests: false,
         name: "clippy (eBPF)",
         command: clippy_ebpf,
     });
@@ -95,6 +100,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     let mut agent = util::cargo();
     agent.args(["build", "--package", "datafence", "--bin", "datafence"]);
     steps.push(Step {
+        counts_tests: false,
         name: "build agent",
         command: agent,
     });
@@ -106,6 +112,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         test.arg("--").args(&opts.test_args);
     }
     steps.push(Step {
+        counts_tests: true,
         name: "tests",
         command: test,
     });
@@ -121,6 +128,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         ] {
             debug_assert!(fuzz::TARGETS.contains(&target));
             steps.push(Step {
+                counts_tests: false,
                 name,
                 command: fuzz::command(target, Some(seconds))?,
             });
@@ -130,7 +138,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     let mut outcomes: Vec<Outcome> = steps
         .iter()
         .map(|step| {
-            if opts.quick && step.name != "tests" {
+            if opts.quick && !matches!(step.name, "tests" | "build agent") {
                 Outcome::Skipped
             } else {
                 Outcome::NotRun
@@ -140,6 +148,7 @@ pub(crate) fn run(opts: Options) -> Result<()> {
 
     let count = steps.len();
     let total = Instant::now();
+    let mut totals = TestTotals::default();
     for index in 0..count {
         if matches!(outcomes[index], Outcome::Skipped) {
             continue;
@@ -147,7 +156,11 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         let name = steps[index].name;
         eprintln!("\n==> [{}/{count}] {name}", index + 1);
         let start = Instant::now();
-        let result = util::run(&mut steps[index].command);
+        let result = if steps[index].counts_tests {
+            run_counting(&mut steps[index].command, &mut totals)
+        } else {
+            util::run(&mut steps[index].command)
+        };
         let elapsed = start.elapsed();
         match result {
             Ok(()) => outcomes[index] = Outcome::Passed(elapsed),
@@ -159,6 +172,61 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         }
     }
     print_summary(&steps, &outcomes, total.elapsed());
+    // One plain closing line for whoever reads only the end of the log.
+    println!(
+        "datafence: {} passed, {} failed",
+        totals.passed, totals.failed
+    );
+    Ok(())
+}
+
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+impl TestTotals {
+    /// Adds a libtest summary line: `test result: ok. 18 passed; 0 failed; ...`.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            match (
+                words.next().and_then(|n| n.parse::<u64>().ok()),
+                words.next(),
+            ) {
+                (Some(n), Some("passed")) => self.passed += n,
+                (Some(n), Some("failed")) => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cmd` like [`util::run`], passing its stdout through while adding up the
+/// libtest summary lines in it.
+fn run_counting(cmd: &mut std::process::Command, totals: &mut TestTotals) -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let shown = util::display(cmd);
+    eprintln!("$ {shown}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning `{shown}`"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut out = std::io::stdout();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        totals.add(&line);
+        writeln!(out, "{line}")?;
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
     Ok(())
 }
 
