@@ -556,27 +556,8 @@ impl MemCg {
 
     /// Makes `cmd` run in this cgroup.
     fn adopt(&self, cmd: &mut Command) {
-        use std::os::unix::process::CommandExt as _;
-        let procs =
-            std::ffi::CString::new(self.dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                .expect("no NUL in a cgroup path");
-        // SAFETY: only async-signal-safe calls (open, write, close) on memory prepared
-        // before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        datafence::cgroups::spawn_in_cgroup(cmd, &self.dir.join("cgroup.procs"))
+            .expect("no NUL in a cgroup path");
     }
 }
 
