@@ -22,8 +22,8 @@ use tracing::{error, info, warn};
 use crate::{
     cgroups::CgroupNames,
     control::{
-        AgentState, Attachment, CounterRow, PolicyIdentity, Request, Response, STATE_FILE,
-        StatusReport, Totals,
+        self as control, AgentState, Attachment, PolicyIdentity, Request, Response, STATE_FILE,
+        StatusReport,
     },
     datapath::{Attached, Datapath, DatapathError, EventLimits, LoadOptions, if_index, if_name},
     dirs,
@@ -420,35 +420,8 @@ impl Agent {
 
     fn status(&mut self) -> Result<StatusReport, AgentError> {
         self.sync_ledger()?;
-        let mut rows = Vec::new();
-        let mut totals = Totals::default();
-        for (labels, value) in self.ledger.totals() {
-            match labels.verdict.as_str() {
-                "allow" => totals.allow += value.packets,
-                "deny" => totals.deny += value.packets,
-                "audit" => totals.audit += value.packets,
-                _ => {}
-            }
-            rows.push(CounterRow {
-                interface: labels.interface.clone(),
-                hook: labels.hook.clone(),
-                class: labels.class.clone(),
-                region: labels.region.clone(),
-                verdict: labels.verdict.clone(),
-                reason: labels.reason.clone(),
-                packets: value.packets,
-                bytes: value.bytes,
-            });
-        }
-        rows.sort_by(|a, b| {
-            (&a.interface, &a.class, &a.region, &a.verdict, &a.reason).cmp(&(
-                &b.interface,
-                &b.class,
-                &b.region,
-                &b.verdict,
-                &b.reason,
-            ))
-        });
+        let (rows, totals) =
+            control::counter_table(self.ledger.totals().map(|(l, v)| (l.clone(), *v)));
         let stats = self.datapath.stats()?;
         Ok(StatusReport {
             attachments: self.attachments.clone(),

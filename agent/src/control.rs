@@ -11,7 +11,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::explain::{Explanation, Query};
+use datafence_common::CounterValue;
+
+use crate::{
+    explain::{Explanation, Query},
+    metrics::VerdictLabels,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -83,16 +88,39 @@ pub struct PolicyIdentity {
     pub generation: u32,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// One counter: its labels (interface, hook, class, region, verdict, reason) at the top
+/// level of the JSON object, then packets and bytes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CounterRow {
-    pub interface: String,
-    pub hook: String,
-    pub class: String,
-    pub region: String,
-    pub verdict: String,
-    pub reason: String,
+    #[serde(flatten)]
+    pub labels: VerdictLabels,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// The counter table of `status`, sorted, and its totals by verdict.
+pub fn counter_table(
+    counters: impl IntoIterator<Item = (VerdictLabels, CounterValue)>,
+) -> (Vec<CounterRow>, Totals) {
+    let mut totals = Totals::default();
+    let mut rows: Vec<CounterRow> = counters
+        .into_iter()
+        .map(|(labels, value)| {
+            match labels.verdict.as_str() {
+                "allow" => totals.allow += value.packets,
+                "deny" => totals.deny += value.packets,
+                "audit" => totals.audit += value.packets,
+                _ => {}
+            }
+            CounterRow {
+                labels,
+                packets: value.packets,
+                bytes: value.bytes,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.labels.cmp(&b.labels));
+    (rows, totals)
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -612,38 +612,16 @@ fn status_from_pins(runtime_dir: &Path) -> anyhow::Result<StatusReport> {
         ..Default::default()
     };
     report.policy.generation = pinned.generation;
-    for (key, value) in &pinned.counters {
+    let labelled = pinned.counters.iter().map(|(key, value)| {
         let labels = datafence::metrics::verdict_labels(
             key,
             |i| datafence::datapath::if_name(i).unwrap_or_else(|| i.to_string()),
             class,
             region,
         );
-        match labels.verdict.as_str() {
-            "allow" => report.totals.allow += value.packets,
-            "deny" => report.totals.deny += value.packets,
-            "audit" => report.totals.audit += value.packets,
-            _ => {}
-        }
-        report.counters.push(control::CounterRow {
-            interface: labels.interface,
-            hook: labels.hook,
-            class: labels.class,
-            region: labels.region,
-            verdict: labels.verdict,
-            reason: labels.reason,
-            packets: value.packets,
-            bytes: value.bytes,
-        });
-    }
-    report.counters.sort_by(|a, b| {
-        (&a.interface, &a.class, &a.region, &a.verdict).cmp(&(
-            &b.interface,
-            &b.class,
-            &b.region,
-            &b.verdict,
-        ))
+        (labels, *value)
     });
+    (report.counters, report.totals) = control::counter_table(labelled);
     Ok(report)
 }
 
@@ -674,7 +652,14 @@ fn print_status(s: &StatusReport) {
     for r in &s.counters {
         println!(
             "{:<12} {:<9} {:<16} {:<12} {:<7} {:<22} {:>10} {:>12}",
-            r.interface, r.hook, r.class, r.region, r.verdict, r.reason, r.packets, r.bytes
+            r.labels.interface,
+            r.labels.hook,
+            r.labels.class,
+            r.labels.region,
+            r.labels.verdict,
+            r.labels.reason,
+            r.packets,
+            r.bytes
         );
     }
     if !s.map_memory_bytes.is_empty() {

@@ -24,7 +24,18 @@ use prometheus_client::{
 
 /// Labels of the per-verdict packet and byte counters. Low cardinality by design: no
 /// addresses, no ports.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+#[derive(
+    Clone,
+    Debug,
+    Hash,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    EncodeLabelSet,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct VerdictLabels {
     pub interface: String,
     pub hook: String,
