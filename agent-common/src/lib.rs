@@ -9,12 +9,13 @@
 
 pub mod decide;
 pub mod parse;
+pub mod v6;
 
 pub use decide::{Decision, PacketFacts, classify, judge};
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Data classes per policy. Class ids are indexes into [`Policy::classes`].
 pub const MAX_CLASSES: usize = 16;
@@ -54,6 +55,11 @@ pub const DIR8_LANES: usize = 8;
 pub const DEFAULT_DIR8_GROUPS: u32 = 32_768;
 /// Largest group count the agent accepts (256 bytes each, per slot).
 pub const MAX_DIR8_GROUPS: u32 = 1 << 22;
+/// `REGIONS_V6` entries per slot by default: prefixes and the markers the length search
+/// needs (see [`v6`]). The agent sizes the table to the policy it starts with.
+pub const DEFAULT_V6_ENTRIES: u32 = 1 << 17;
+/// Largest `REGIONS_V6` entry count per slot the agent accepts.
+pub const MAX_V6_ENTRIES: u32 = 1 << 24;
 /// Lookups each cold benchmark run performs, on addresses drawn at random from a
 /// pre-filled array (`BENCH_ADDRS_*`).
 pub const COLD_LOOKUPS_PER_RUN: u32 = 64;
@@ -87,11 +93,13 @@ pub mod map_names {
     pub const RATE_LIMIT: &str = "RATE_LIMIT";
     pub const DIR24: &str = "DIR24";
     pub const DIR8: &str = "DIR8";
-    pub const ALL: [&str; 13] = [
+    pub const V6_LENGTHS: &str = "V6_LENGTHS";
+    pub const ALL: [&str; 14] = [
         ACTIVE_SLOT,
         POLICY,
         REGIONS_V4,
         REGIONS_V6,
+        V6_LENGTHS,
         EXEMPT_V4,
         EXEMPT_V6,
         SRC_V4,
@@ -500,6 +508,8 @@ mod pod {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for RateLimitState {}
     unsafe impl aya::Pod for ViolationEvent {}
+    unsafe impl aya::Pod for crate::v6::V6PrefixKey {}
+    unsafe impl aya::Pod for crate::v6::V6LengthNode {}
 }
 
 impl ViolationEvent {

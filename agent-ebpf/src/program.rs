@@ -5,25 +5,26 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns,
         generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
     macros::{classifier, map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use datafence_common::{
     BENCH_ADDRS, CLASS_NONE, COLD_LOOKUPS_PER_RUN, CgroupKey, ClassMask, CounterKey, CounterValue,
-    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DIR_EXTENDED, DIR8_LANES, DIR24_ENTRIES,
-    DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH,
-    MAX_CGROUP_ENTRIES, MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy,
-    REGION_NONE, RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS, SLOTS, Verdict,
-    ViolationEvent,
+    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, DIR_EXTENDED, DIR8_LANES,
+    DIR24_ENTRIES, DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6,
+    MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES,
+    MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE, RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS,
+    SLOTS, Verdict, ViolationEvent,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{FrameKind, PacketBytes, ParsedFrame, is_builtin_exempt, parse_frame},
     selector, stat,
+    v6::{V6_TREE_NODES, V6LengthNode, V6PrefixKey, v6_search},
 };
 
 #[map]
@@ -34,9 +35,13 @@ static POLICY: Array<Policy> = Array::with_max_entries(SLOTS, 0);
 #[map]
 static REGIONS_V4: LpmTrie<LpmDataV4, RegionId> =
     LpmTrie::with_max_entries(SLOTS * DEFAULT_TABLE_CAPACITY, 0);
+// IPv6 regions: prefixes and markers of both slots, searched by length (see
+// `datafence_common::v6`). Not preallocated: memory follows the policy, not the capacity.
 #[map]
-static REGIONS_V6: LpmTrie<LpmDataV6, RegionId> =
-    LpmTrie::with_max_entries(SLOTS * DEFAULT_TABLE_CAPACITY, 0);
+static REGIONS_V6: HashMap<V6PrefixKey, RegionId> =
+    HashMap::with_max_entries(SLOTS * DEFAULT_V6_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static V6_LENGTHS: Array<V6LengthNode> = Array::with_max_entries(SLOTS * V6_TREE_NODES, 0);
 #[map]
 static EXEMPT_V4: LpmTrie<LpmDataV4, u32> = LpmTrie::with_max_entries(MAX_EXEMPT_ENTRIES, 0);
 #[map]
@@ -116,6 +121,27 @@ fn stash(frame: ParsedFrame) -> Option<&'static ParsedFrame> {
     FRAME.get_ptr(0).map(|p| unsafe { &*p })
 }
 
+const _: () = assert!(MAX_CLASSES.is_power_of_two());
+
+#[map]
+static SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Returns `value` with everything the verifier knows about it forgotten except its
+/// type's range. `classify` returns a different constant from each iteration of its
+/// unrolled loop; without this the verifier checks everything after it once per class.
+#[inline(always)]
+fn forget(value: u8) -> u8 {
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return value;
+    };
+    // SAFETY: a per-CPU scratch value, used only by this CPU while the program runs;
+    // volatile so the round trip through memory is kept.
+    unsafe {
+        core::ptr::write_volatile(slot, u32::from(value));
+        core::ptr::read_volatile(slot) as u8
+    }
+}
+
 /// Direct reads from packet memory, for XDP and for the skb's linear area.
 struct DirectBytes {
     data: usize,
@@ -192,7 +218,13 @@ fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
 
 #[inline(always)]
 fn region_v6(slot: u32, a: &[u8; 16]) -> RegionId {
-    lookup_v6(&REGIONS_V6, slot, a).unwrap_or(REGION_NONE as RegionId)
+    v6_search(
+        slot,
+        a,
+        |node| V6_LENGTHS.get(slot * V6_TREE_NODES + node).copied(),
+        // SAFETY: the value is a plain integer copied out at once.
+        |key| unsafe { REGIONS_V6.get(key) }.copied(),
+    )
 }
 
 /// The region of a destination, or `REGION_NONE`. The one place that knows how region
@@ -312,7 +344,7 @@ fn judge_frame(
         ports: frame.ports,
         ip_known: frame.ip_known,
     };
-    let class = classify(policy, &facts);
+    let class = forget(classify(policy, &facts));
     j.class = class;
     if class == CLASS_NONE {
         j.decision = Decision::allow(if frame.kind == FrameKind::Malformed {
@@ -322,9 +354,9 @@ fn judge_frame(
         });
         return j;
     }
-    let Some(spec) = policy.classes.get(class as usize) else {
-        return j;
-    };
+    // `classify` returns an index below MAX_CLASSES (a power of two) or CLASS_NONE; the
+    // mask states that bound in a form the verifier tracks.
+    let spec = &policy.classes[usize::from(class) & (MAX_CLASSES - 1)];
     if frame.kind == FrameKind::Malformed {
         j.decision = judge_malformed(spec);
         return j;

@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub monitor_interval: std::time::Duration,
     pub v4_table: crate::datapath::V4Table,
     pub dir8_groups: u32,
+    /// IPv6 table entries per slot (prefixes and search markers).
+    pub v6_entries: u32,
 }
 
 /// Where and how violations are reported.
@@ -256,6 +258,12 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             .dir8_groups
             .max(crate::dir24::count_groups(&compiled.regions_v4) as u32 * 5 / 4)
             .min(datafence_common::MAX_DIR8_GROUPS),
+        // The same margin for the IPv6 table; its entries are not preallocated, so the
+        // margin costs only the hash's bucket array (8 bytes per entry).
+        v6_entries: opts
+            .v6_entries
+            .max((crate::v6table::build(0, &compiled.regions_v6).entries() * 5 / 4) as u32)
+            .min(datafence_common::MAX_V6_ENTRIES),
         bench: false,
     })?;
     let adopted_generation = datapath

@@ -22,15 +22,21 @@ use aya::{
 };
 use datafence_common::{
     CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY,
-    DIR8_LANES, DIR24_ENTRIES, DIR24_LANES, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_ENTRIES,
-    MAX_DIR8_GROUPS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, RegionId, SLOT_PREFIX_BITS,
-    SLOTS, ViolationEvent, globals, lpm_data_v4, lpm_data_v6, map_names, program_names, stat,
+    DEFAULT_V6_ENTRIES, DIR8_LANES, DIR24_ENTRIES, DIR24_LANES, Hook, LpmDataV4, LpmDataV6,
+    MAX_CGROUP_ENTRIES, MAX_DIR8_GROUPS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, MAX_V6_ENTRIES,
+    Policy, RegionId, SLOT_PREFIX_BITS, SLOTS, ViolationEvent, globals, lpm_data_v4, lpm_data_v6,
+    map_names, program_names, stat,
+    v6::{V6_EMPTY_NODE, V6_TREE_NODES, V6LengthNode, V6PrefixKey},
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use std::os::fd::AsFd as _;
 
-use crate::{dir24, policy::CompiledPolicy};
+use crate::{
+    batch, dir24,
+    policy::CompiledPolicy,
+    v6table::{self, V6Table},
+};
 
 /// The eBPF object built by agent/build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -94,6 +100,20 @@ pub enum DatapathError {
         needed: usize,
         capacity: usize,
         max: u32,
+    },
+    #[error(
+        "the IPv6 table needs {needed} entries (prefixes and search markers); it has {capacity} (raise --v6-entries, up to {max})"
+    )]
+    V6Full {
+        needed: usize,
+        capacity: u32,
+        max: u32,
+    },
+    #[error("map {map}: {source}")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("creating the pin directory {path}: {source}")]
     PinDir {
@@ -309,6 +329,8 @@ pub struct LoadOptions {
     pub v4_table: V4Table,
     /// DIR-24-8 groups per slot for /24s holding longer prefixes.
     pub dir8_groups: u32,
+    /// IPv6 table entries per slot: prefixes and search markers.
+    pub v6_entries: u32,
     /// Also load the benchmark programs (`cargo xtask bench`).
     pub bench: bool,
 }
@@ -320,6 +342,7 @@ impl Default for LoadOptions {
             pin_dir: None,
             v4_table: V4Table::Dir24,
             dir8_groups: DEFAULT_DIR8_GROUPS,
+            v6_entries: DEFAULT_V6_ENTRIES,
             bench: false,
         }
     }
@@ -413,9 +436,10 @@ impl PinLayout {
     }
 
     /// Maps that are pinned: every map the programs use.
-    pub const MAPS: [&'static str; 16] = [
+    pub const MAPS: [&'static str; 17] = [
         map_names::DIR24,
         map_names::DIR8,
+        map_names::V6_LENGTHS,
         map_names::ACTIVE_SLOT,
         map_names::POLICY,
         map_names::REGIONS_V4,
@@ -518,6 +542,8 @@ pub struct Datapath {
     /// The DIR-24-8 arrays, mapped: all slots' top-level entries, and all slots' groups.
     dir24: Option<(dir24::MappedArray<u32>, dir24::MappedArray<u8>)>,
     dir8_groups: u32,
+    /// `REGIONS_V6` entries per slot.
+    v6_entries: u32,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [SlotContents; 2],
 }
@@ -599,6 +625,10 @@ impl Datapath {
             Some(n) if v4_table == V4Table::Dir24 => n * DIR8_LANES as u32 / (SLOTS * 256),
             _ => opts.dir8_groups.min(MAX_DIR8_GROUPS),
         };
+        let v6_entries = match adopted(map_names::REGIONS_V6) {
+            Some(n) => n / SLOTS,
+            None => opts.v6_entries.clamp(1, MAX_V6_ENTRIES),
+        };
         let (top_entries, group_entries) = match v4_table {
             V4Table::Dir24 => (SLOTS * DIR24_ENTRIES, SLOTS * dir8_groups * 256),
             // The trie serves IPv4; the arrays shrink to nothing.
@@ -608,7 +638,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::REGIONS_V4, per_family)
-            .map_max_entries(map_names::REGIONS_V6, per_family)
+            .map_max_entries(map_names::REGIONS_V6, SLOTS * v6_entries)
             .map_max_entries(map_names::DIR24, values(top_entries, DIR24_LANES))
             .map_max_entries(map_names::DIR8, values(group_entries, DIR8_LANES))
             .override_global(globals::V4_DIR24, &v4_dir24, true)
@@ -689,6 +719,7 @@ impl Datapath {
             v4_table,
             dir24,
             dir8_groups,
+            v6_entries,
             slot_contents: [SlotContents::default(); 2],
         };
         if dp.pins.is_some() {
@@ -706,12 +737,12 @@ impl Datapath {
             _ => return Err(DatapathError::MissingMap(name)),
         };
         self.table_capacity = max / SLOTS;
+        let v6_keys = v6_keys(self.map(map_names::REGIONS_V6)?)?;
         for slot in 0..SLOTS {
             let c = &mut self.slot_contents[slot as usize];
             c.regions_v4 =
                 count_lpm::<LpmDataV4, RegionId>(self.ebpf.map(map_names::REGIONS_V4), slot);
-            c.regions_v6 =
-                count_lpm::<LpmDataV6, RegionId>(self.ebpf.map(map_names::REGIONS_V6), slot);
+            c.regions_v6 = v6_keys.iter().filter(|k| k.slot == slot).count();
             c.exempt_v4 = count_lpm::<LpmDataV4, u32>(self.ebpf.map(map_names::EXEMPT_V4), slot);
             c.exempt_v6 = count_lpm::<LpmDataV6, u32>(self.ebpf.map(map_names::EXEMPT_V6), slot);
             c.src_v4 = count_lpm::<LpmDataV4, ClassMask>(self.ebpf.map(map_names::SRC_V4), slot);
@@ -765,9 +796,17 @@ impl Datapath {
             .generation
             .wrapping_add(1);
         self.check_capacity(compiled)?;
+        let v6 = v6table::build(target, &compiled.regions_v6);
+        if v6.entries() > self.v6_entries as usize {
+            return Err(DatapathError::V6Full {
+                needed: v6.entries(),
+                capacity: self.v6_entries,
+                max: MAX_V6_ENTRIES,
+            });
+        }
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
-        if let Err(err) = self.fill_slot(target, compiled) {
+        if let Err(err) = self.fill_slot(target, compiled, &v6) {
             // Leave nothing half-written behind; the error that matters is the first.
             let _ = self.clear_slot(target);
             return Err(err);
@@ -775,6 +814,7 @@ impl Datapath {
         let groups = self.slot_contents[target as usize].dir8_groups;
         self.slot_contents[target as usize] = SlotContents {
             dir8_groups: groups,
+            regions_v6: v6.entries(),
             ..SlotContents::of(compiled)
         };
         let mut policy = compiled.policy;
@@ -807,6 +847,7 @@ impl Datapath {
                 self.table_capacity,
             ),
             (
+                // Checked again with markers counted, once the table is built.
                 map_names::REGIONS_V6,
                 c.regions_v6.len(),
                 self.table_capacity,
@@ -849,7 +890,7 @@ impl Datapath {
         Ok(())
     }
 
-    fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy) -> Result<()> {
+    fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy, v6: &V6Table) -> Result<()> {
         match &mut self.dir24 {
             Some((top, groups)) => {
                 let top_slot = DIR24_ENTRIES as usize;
@@ -873,12 +914,10 @@ impl Datapath {
                 &c.regions_v4,
             )?,
         }
-        insert_v6(
-            self.map_mut(map_names::REGIONS_V6)?,
-            map_names::REGIONS_V6,
-            slot,
-            &c.regions_v6,
-        )?;
+        let name = map_names::REGIONS_V6;
+        batch::update(map_fd(self.map(name)?, name)?, &v6.keys, &v6.values)
+            .map_err(|source| DatapathError::Batch { map: name, source })?;
+        self.write_v6_nodes(slot, &v6.nodes)?;
         let exempt_v4: Vec<(Ipv4Network, u32)> = c.exempt_v4.iter().map(|n| (*n, 1)).collect();
         let exempt_v6: Vec<(Ipv6Network, u32)> = c.exempt_v6.iter().map(|n| (*n, 1)).collect();
         insert_v4(
@@ -919,6 +958,18 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes a slot's IPv6 search tree.
+    fn write_v6_nodes(&mut self, slot: u32, nodes: &[V6LengthNode]) -> Result<()> {
+        let name = map_names::V6_LENGTHS;
+        let mut arr: Array<&mut MapData, V6LengthNode> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (i, node) in nodes.iter().enumerate() {
+            arr.set(slot * V6_TREE_NODES + i as u32, node, 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
     /// Removes every entry a slot owns from the shared tables.
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
         clear_lpm::<LpmDataV4, RegionId>(
@@ -926,11 +977,15 @@ impl Datapath {
             map_names::REGIONS_V4,
             slot,
         )?;
-        clear_lpm::<LpmDataV6, RegionId>(
-            self.map_mut(map_names::REGIONS_V6)?,
-            map_names::REGIONS_V6,
-            slot,
-        )?;
+        self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
+        let name = map_names::REGIONS_V6;
+        let map = self.map(name)?;
+        let stale: Vec<V6PrefixKey> = v6_keys(map)?
+            .into_iter()
+            .filter(|k| k.slot == slot)
+            .collect();
+        batch::delete(map_fd(map, name)?, &stale)
+            .map_err(|source| DatapathError::Batch { map: name, source })?;
         clear_lpm::<LpmDataV4, u32>(
             self.map_mut(map_names::EXEMPT_V4)?,
             map_names::EXEMPT_V4,
@@ -1288,7 +1343,12 @@ impl Datapath {
         let table = u64::from(SLOTS * self.table_capacity);
         vec![
             (map_names::REGIONS_V4.into(), sum(|c| c.regions_v4), table),
-            (map_names::REGIONS_V6.into(), sum(|c| c.regions_v6), table),
+            (
+                // Entries, markers included.
+                map_names::REGIONS_V6.into(),
+                sum(|c| c.regions_v6),
+                u64::from(SLOTS * self.v6_entries),
+            ),
             (
                 map_names::EXEMPT_V4.into(),
                 sum(|c| c.exempt_v4),
@@ -1390,9 +1450,17 @@ impl Datapath {
             }
             IpAddr::V6(a) => {
                 let name = map_names::REGIONS_V6;
-                let t: LpmTrie<&MapData, LpmDataV6, RegionId> =
-                    LpmTrie::try_from(self.map(name)?).map_err(map_err(name))?;
-                t.get(&lpm_key_v6(slot, a, 128), 0)
+                let hash: BpfHashMap<&MapData, V6PrefixKey, RegionId> =
+                    BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+                let name = map_names::V6_LENGTHS;
+                let nodes: Array<&MapData, V6LengthNode> =
+                    Array::try_from(self.map(name)?).map_err(map_err(name))?;
+                Ok(datafence_common::v6::v6_search(
+                    slot,
+                    &a.octets(),
+                    |i| nodes.get(&(slot * V6_TREE_NODES + i), 0).ok(),
+                    |k| hash.get(k, 0).ok(),
+                ))
             }
         };
         match found {
@@ -1404,6 +1472,20 @@ impl Datapath {
             }),
         }
     }
+}
+
+fn map_fd<'a>(map: &'a Map, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>> {
+    match map {
+        Map::HashMap(data) => Ok(data.fd().as_fd()),
+        _ => Err(DatapathError::MissingMap(name)),
+    }
+}
+
+/// Every key of the IPv6 region table, both slots.
+fn v6_keys(map: &Map) -> Result<Vec<V6PrefixKey>> {
+    let name = map_names::REGIONS_V6;
+    batch::keys::<V6PrefixKey, RegionId>(map_fd(map, name)?)
+        .map_err(|source| DatapathError::Batch { map: name, source })
 }
 
 fn insert_v4<V: aya::Pod>(

@@ -306,6 +306,7 @@ impl KernelOracle {
         let needed = compiled.regions_v4.len().max(compiled.regions_v6.len()) as u32;
         let mut datapath = Datapath::load(&LoadOptions {
             table_capacity: needed.max(16),
+            v6_entries: (crate::v6table::build(0, &compiled.regions_v6).entries() as u32).max(16),
             ..LoadOptions::default()
         })?;
         datapath.apply(compiled, EventLimits::default())?;

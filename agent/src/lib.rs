@@ -2,6 +2,7 @@
 //! both build on it.
 
 pub mod agent;
+pub mod batch;
 pub mod cgroups;
 pub mod control;
 pub mod datapath;
@@ -13,3 +14,4 @@ pub mod lockout;
 pub mod metrics;
 pub mod policy;
 pub mod report;
+pub mod v6table;

@@ -205,6 +205,11 @@ struct RunArgs {
     /// each, twice for the two slots). At least 1.25 times what the policy at start needs.
     #[arg(long, default_value_t = datafence_common::DEFAULT_DIR8_GROUPS, value_name = "N")]
     dir8_groups: u32,
+    /// IPv6 table entries per slot: the policy's IPv6 prefixes plus the markers its
+    /// length search needs (usually under one per prefix). At least 1.25 times what the
+    /// policy at start needs.
+    #[arg(long, default_value_t = datafence_common::DEFAULT_V6_ENTRIES, value_name = "N")]
+    v6_entries: u32,
     /// Seconds between checks that every program is still attached (and repairs).
     #[arg(long, default_value_t = 2, value_name = "SECONDS")]
     monitor_interval: u64,
@@ -769,6 +774,7 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
                     datafence::datapath::V4Table::Dir24
                 },
                 dir8_groups: args.dir8_groups,
+                v6_entries: args.v6_entries,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

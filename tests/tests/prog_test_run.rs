@@ -796,3 +796,83 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
     assert!(tc(&mut dp, &Spec::tcp(SRC4, EU4, 443).build()).passed);
     assert_eq!(dp.region_of(IpAddr::V4(US4.parse().unwrap())).unwrap(), 3);
 }
+
+/// The IPv6 table across every prefix length: nested prefixes resolve to the longest, in
+/// the kernel's own hash, through reloads that clear the old slot, and a table that would
+/// overflow is refused whole.
+#[test]
+fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
+    use datafence::datapath::LoadOptions;
+    use ipnetwork::Ipv6Network;
+    integration_tests::require_root();
+    let base = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
+    // /32, /33, ... /128 nested in each other, region cycling 1..=3: each address below
+    // must resolve to the prefix one bit longer than the one enclosing it.
+    let nested: Vec<(Ipv6Network, u32)> = (32..=128u8)
+        .map(|len| {
+            (
+                Ipv6Network::new(Ipv6Addr::from(base), len).unwrap(),
+                u32::from(len % 3) + 1,
+            )
+        })
+        .collect();
+    let mut policy = integration_tests::policy_from_yaml(POLICY).compile();
+    policy.regions_v6 = nested.clone();
+    let mut dp = Datapath::load(&LoadOptions {
+        table_capacity: 4096,
+        v6_entries: 256,
+        ..Default::default()
+    })
+    .expect("load");
+    let entries = datafence::v6table::build(0, &nested).entries() as u64;
+    let v6_usage = |dp: &Datapath| {
+        dp.map_usage()
+            .into_iter()
+            .find(|(m, _, _)| m == "REGIONS_V6")
+            .map(|(_, used, cap)| (used, cap))
+            .unwrap()
+    };
+    for round in 0..3 {
+        dp.apply(&policy, EventLimits::default()).expect("apply");
+        // Both slots hold the same table after the second apply, never more.
+        let expected = entries * if round == 0 { 1 } else { 2 };
+        assert_eq!(v6_usage(&dp), (expected, 512), "round {round}");
+        for len in 32..=127u32 {
+            // The address whose bit `len` (counting from 0) is set leaves every prefix
+            // longer than `len` bits: its longest match is the /len.
+            let addr = Ipv6Addr::from(base | (1u128 << (127 - len)));
+            let want = len % 3 + 1;
+            assert_eq!(dp.region_of(IpAddr::V6(addr)).unwrap(), want, "/{len}");
+            let frame = Spec::tcp(SRC6, &addr.to_string(), 443).build();
+            let o = tc(&mut dp, &frame);
+            // The https class allows eu-west (1) and eu-north (2) only.
+            assert_eq!(o.passed, want != 3, "/{len}");
+        }
+        assert_eq!(
+            dp.region_of(IpAddr::V6(Ipv6Addr::from(base))).unwrap(),
+            128 % 3 + 1
+        );
+        assert_eq!(
+            dp.region_of(IpAddr::V6("2001:db9::".parse().unwrap()))
+                .unwrap(),
+            0
+        );
+    }
+    // 300 /64s do not fit 256 entries: refused whole, the nested table stays.
+    let mut huge = policy.clone();
+    huge.regions_v6 = (0..300u128)
+        .map(|i| {
+            (
+                Ipv6Network::new(Ipv6Addr::from(base | (i << 64)), 64).unwrap(),
+                1,
+            )
+        })
+        .collect();
+    let err = dp
+        .apply(&huge, EventLimits::default())
+        .expect_err("too large");
+    assert!(err.to_string().contains("--v6-entries"), "{err}");
+    assert_eq!(v6_usage(&dp).0, entries * 2);
+    let addr = Ipv6Addr::from(base | (1u128 << 60));
+    assert_eq!(dp.region_of(IpAddr::V6(addr)).unwrap(), 67 % 3 + 1);
+}

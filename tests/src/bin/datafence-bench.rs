@@ -36,7 +36,9 @@ use datafence::{
     datapath::{BenchProgram, COLD_LOOKUPS_PER_RUN, Datapath, EventLimits, LoadOptions, V4Table},
     policy::{self, CompiledPolicy},
 };
-use datafence_common::{DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, Hook, MAX_DIR8_GROUPS};
+use datafence_common::{
+    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, Hook, MAX_DIR8_GROUPS,
+};
 use integration_tests::{
     Scratch,
     frames::{self, Spec},
@@ -875,10 +877,16 @@ fn load_options(n: usize, compiled: &CompiledPolicy, bench: bool) -> LoadOptions
     LoadOptions {
         table_capacity: table_capacity(n),
         dir8_groups: dir8_groups(compiled),
+        v6_entries: v6_entries(compiled),
         v4_table: v4_table(compiled).0,
         bench,
         ..Default::default()
     }
+}
+
+fn v6_entries(compiled: &CompiledPolicy) -> u32 {
+    let needed = datafence::v6table::build(0, &compiled.regions_v6).entries() as u32;
+    DEFAULT_V6_ENTRIES.max(needed + 16)
 }
 
 fn dir8_groups(compiled: &CompiledPolicy) -> u32 {

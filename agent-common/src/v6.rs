@@ -1,0 +1,128 @@
+//! The IPv6 region table: one hash of prefixes keyed by (slot, length, masked address),
+//! searched by binary search over the prefix lengths the policy uses (Waldvogel et al.,
+//! "Scalable high speed IP routing lookups", SIGCOMM 1997).
+//!
+//! A kernel LPM trie walks one node per distinguishing bit, and at a million prefixes
+//! each node is a cache miss. Here a lookup probes at most [`V6_MAX_PROBES`] hash
+//! buckets, whatever the number of prefixes. A probe that hits means "a prefix at least
+//! this long may match: search longer"; a miss means "search shorter". For the hits to be
+//! right, every prefix leaves a *marker* at each shorter length its search passes
+//! through, and every entry (prefix or marker) stores its best matching prefix, so the
+//! search never backtracks: the answer is the value of the last hit.
+//!
+//! The search order is a binary tree over the lengths, stored per slot in
+//! `V6_LENGTHS` and read from the map at each step. That keeps the tree out of the
+//! program's constants, and keeps the verifier's view of each step the same, so the
+//! bounded loop is verified in a few passes rather than once per path.
+
+use crate::RegionId;
+
+/// Key of the `REGIONS_V6` hash. `hi` and `lo` are the address as two big-endian-read
+/// halves, masked to `len` bits, so the key is the same however the address was read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct V6PrefixKey {
+    pub slot: u32,
+    pub len: u32,
+    pub hi: u64,
+    pub lo: u64,
+}
+
+/// One step of the length search. `on_hit` and `on_miss` index the next node of the same
+/// slot, or are [`V6_NODE_END`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct V6LengthNode {
+    /// Prefix length probed at this step; [`V6_NO_LENGTH`] when the table is empty.
+    pub len: u8,
+    pub on_hit: u8,
+    pub on_miss: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<V6PrefixKey>() == 24);
+const _: () = assert!(core::mem::size_of::<V6LengthNode>() == 4);
+
+/// Nodes per slot: one per possible prefix length, /0 to /128.
+pub const V6_TREE_NODES: u32 = 129;
+/// Depth of a balanced tree of 129 nodes: the most probes a lookup makes.
+pub const V6_MAX_PROBES: usize = 8;
+pub const V6_NODE_END: u8 = 0xff;
+pub const V6_NO_LENGTH: u8 = 0xff;
+/// An empty table: the root says there is nothing to probe.
+pub const V6_EMPTY_NODE: V6LengthNode = V6LengthNode {
+    len: V6_NO_LENGTH,
+    on_hit: V6_NODE_END,
+    on_miss: V6_NODE_END,
+    _pad: 0,
+};
+
+/// The address as the two halves a key holds.
+#[inline(always)]
+pub fn v6_halves(addr: &[u8; 16]) -> (u64, u64) {
+    let hi = u64::from_be_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    let lo = u64::from_be_bytes([
+        addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+    ]);
+    (hi, lo)
+}
+
+/// The leading `bits` bits of a 64-bit half (`bits` may be 0 or 64 and over).
+#[inline(always)]
+fn keep_leading(half: u64, bits: u32) -> u64 {
+    if bits == 0 {
+        return 0;
+    }
+    if bits >= 64 {
+        return half;
+    }
+    half & (u64::MAX << (64 - bits))
+}
+
+/// The key of the `len`-bit prefix of an address, given as its halves.
+#[inline(always)]
+pub fn v6_key(slot: u32, len: u32, hi: u64, lo: u64) -> V6PrefixKey {
+    V6PrefixKey {
+        slot,
+        len,
+        hi: keep_leading(hi, len),
+        lo: keep_leading(lo, len.saturating_sub(64)),
+    }
+}
+
+/// Longest-prefix match of `addr` in one slot. `node` reads the slot's search tree and
+/// `probe` the hash; the datapath passes map lookups, tests pass in-memory tables.
+#[inline(always)]
+pub fn v6_search(
+    slot: u32,
+    addr: &[u8; 16],
+    node: impl Fn(u32) -> Option<V6LengthNode>,
+    probe: impl Fn(&V6PrefixKey) -> Option<RegionId>,
+) -> RegionId {
+    let (hi, lo) = v6_halves(addr);
+    let mut best = crate::REGION_NONE as RegionId;
+    let mut at = 0u32;
+    let mut step = 0;
+    // Bounded by V6_MAX_PROBES, the depth of the deepest tree the agent builds.
+    while step < V6_MAX_PROBES {
+        let Some(n) = node(at) else { break };
+        if n.len == V6_NO_LENGTH {
+            break;
+        }
+        let next = match probe(&v6_key(slot, u32::from(n.len), hi, lo)) {
+            Some(region) => {
+                best = region;
+                n.on_hit
+            }
+            None => n.on_miss,
+        };
+        if next == V6_NODE_END {
+            break;
+        }
+        at = u32::from(next);
+        step += 1;
+    }
+    best
+}
