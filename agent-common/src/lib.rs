@@ -372,6 +372,9 @@ pub struct PolicyHeader {
     pub events_burst: u32,
     /// Increments with every policy the agent writes; reported in events.
     pub generation: u32,
+    /// Prefixes in the slot's exemption tables, so packets skip an empty table's lookup.
+    pub exempt_v4: u32,
+    pub exempt_v6: u32,
 }
 
 /// One policy slot: the value type of the `POLICY` array (index = slot).
@@ -391,6 +394,8 @@ impl Policy {
             events_per_sec: 0,
             events_burst: 0,
             generation: 0,
+            exempt_v4: 0,
+            exempt_v6: 0,
         },
         classes: [ClassSpec::EMPTY; MAX_CLASSES],
     };
@@ -487,8 +492,8 @@ pub struct ViolationEvent {
 const _: () = assert!(core::mem::size_of::<MarkMatch>() == 8);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 4);
 const _: () = assert!(core::mem::size_of::<ClassSpec>() == 208);
-const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<Policy>() == 24 + 16 * 208);
+const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 32);
+const _: () = assert!(core::mem::size_of::<Policy>() == 32 + 16 * 208);
 const _: () = assert!(core::mem::size_of::<CgroupKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);

@@ -238,12 +238,14 @@ fn region_of(slot: u32, frame: &ParsedFrame) -> RegionId {
     }
 }
 
+/// Whether the policy's exempt list covers the destination. Most policies list few or no
+/// exemptions for one family, and an empty table's lookup is skipped.
 #[inline(always)]
-fn policy_exempts(slot: u32, frame: &ParsedFrame) -> bool {
+fn policy_exempts(policy: &Policy, slot: u32, frame: &ParsedFrame) -> bool {
     if frame.family == FAMILY_V4 {
-        lookup_v4(&EXEMPT_V4, slot, &frame.dst).is_some()
+        policy.header.exempt_v4 != 0 && lookup_v4(&EXEMPT_V4, slot, &frame.dst).is_some()
     } else {
-        lookup_v6(&EXEMPT_V6, slot, &frame.dst).is_some()
+        policy.header.exempt_v6 != 0 && lookup_v6(&EXEMPT_V6, slot, &frame.dst).is_some()
     }
 }
 
@@ -321,7 +323,7 @@ fn judge_frame(
         j.decision = Decision::allow(Reason::NoPolicy);
         return j;
     }
-    if frame.dst_known && policy_exempts(slot, frame) {
+    if frame.dst_known && policy_exempts(policy, slot, frame) {
         j.decision = Decision::allow(Reason::ExemptPolicy);
         return j;
     }
@@ -547,10 +549,18 @@ fn egress(ctx: &TcContext) -> bool {
         ifindex,
         mark,
         len: ctx.len(),
-        // SAFETY: the helper only reads the skb the program was given.
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        // Only violation events carry it: filled in below when one may be raised.
+        cgroup_id: 0,
     };
     let j = judge_frame(frame, &info, |slot| cgroup_classes(ctx, slot));
+    if j.decision.verdict == Verdict::Allow {
+        return finish(frame, &info, &j);
+    }
+    let info = HookInfo {
+        // SAFETY: the helper only reads the skb the program was given.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        ..info
+    };
     finish(frame, &info, &j)
 }
 

@@ -82,12 +82,16 @@ impl LoadedPolicy {
             }
         }
 
+        let exempt_v4 = sorted_unique_prefixes(exempt_v4);
+        let exempt_v6 = sorted_unique_prefixes(exempt_v6);
+        policy.header.exempt_v4 = exempt_v4.len() as u32;
+        policy.header.exempt_v6 = exempt_v6.len() as u32;
         CompiledPolicy {
             policy,
             regions_v4: sorted_unique(regions_v4),
             regions_v6: sorted_unique(regions_v6),
-            exempt_v4: sorted_unique_prefixes(exempt_v4),
-            exempt_v6: sorted_unique_prefixes(exempt_v6),
+            exempt_v4,
+            exempt_v6,
             src_v4: src_masks(src_v4),
             src_v6: src_masks(src_v6),
             cgroups: cgroups.into_iter().collect(),
