@@ -55,14 +55,15 @@ pub const DIR8_LANES: usize = 8;
 pub const DEFAULT_DIR8_GROUPS: u32 = 32_768;
 /// Largest group count the agent accepts (256 bytes each, per slot).
 pub const MAX_DIR8_GROUPS: u32 = 1 << 22;
-/// `REGIONS_V6` entries per slot by default: prefixes and the markers the length search
-/// needs (see [`v6`]). The agent sizes the table to the policy it starts with.
-pub const DEFAULT_V6_ENTRIES: u32 = 1 << 17;
-/// Largest `REGIONS_V6` entry count per slot the agent accepts.
+/// IPv6 table entries per slot by default: prefixes and the markers the length search
+/// needs (see [`v6`]). The table has twice as many places, at 24 bytes each. The agent
+/// sizes the table to the policy it starts with.
+pub const DEFAULT_V6_ENTRIES: u32 = 1 << 16;
+/// Largest IPv6 entry count per slot the agent accepts.
 pub const MAX_V6_ENTRIES: u32 = 1 << 24;
 /// Lookups each cold benchmark run performs, on addresses drawn at random from a
 /// pre-filled array (`BENCH_ADDRS_*`).
-pub const COLD_LOOKUPS_PER_RUN: u32 = 64;
+pub const COLD_LOOKUPS_PER_RUN: u32 = 16;
 /// Entries of each benchmark address array; a power of two so an index is a mask.
 pub const BENCH_ADDRS: u32 = 1 << 16;
 
@@ -133,6 +134,8 @@ pub mod globals {
     pub const V4_DIR24: &str = "V4_DIR24";
     /// `DIR8` groups per slot.
     pub const DIR8_GROUPS: &str = "DIR8_GROUPS";
+    /// log2 of the `REGIONS_V6` places per slot.
+    pub const V6_TABLE_BITS: &str = "V6_TABLE_BITS";
 }
 
 /// The hook that judged a packet. Numbered contract: metrics label `hook`, event field
@@ -375,6 +378,9 @@ pub struct PolicyHeader {
     /// Prefixes in the slot's exemption tables, so packets skip an empty table's lookup.
     pub exempt_v4: u32,
     pub exempt_v6: u32,
+    /// Seed of the slot's IPv6 table hash, and how many entries a lookup scans at most.
+    pub v6_seed: u32,
+    pub v6_scan: u32,
 }
 
 /// One policy slot: the value type of the `POLICY` array (index = slot).
@@ -396,6 +402,8 @@ impl Policy {
             generation: 0,
             exempt_v4: 0,
             exempt_v6: 0,
+            v6_seed: 0,
+            v6_scan: 0,
         },
         classes: [ClassSpec::EMPTY; MAX_CLASSES],
     };
@@ -492,8 +500,8 @@ pub struct ViolationEvent {
 const _: () = assert!(core::mem::size_of::<MarkMatch>() == 8);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 4);
 const _: () = assert!(core::mem::size_of::<ClassSpec>() == 208);
-const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 32);
-const _: () = assert!(core::mem::size_of::<Policy>() == 32 + 16 * 208);
+const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<Policy>() == 40 + 16 * 208);
 const _: () = assert!(core::mem::size_of::<CgroupKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);

@@ -14,6 +14,12 @@
 //! `V6_LENGTHS` and read from the map at each step. That keeps the tree out of the
 //! program's constants, and keeps the verifier's view of each step the same, so the
 //! bounded loop is verified in a few passes rather than once per path.
+//!
+//! The hash itself is an open-addressed table in a memory-mappable array (`REGIONS_V6`),
+//! which the agent fills with plain memory writes, like the IPv4 DIR-24-8 table. A probe
+//! reads one 24-byte entry and, rarely, its neighbours: one cache miss, where a kernel
+//! hash map costs a bucket and an element. Robin Hood insertion keeps every entry within
+//! a few places of its home, and the slot's header records how far a lookup must scan.
 
 use crate::RegionId;
 
@@ -56,6 +62,63 @@ pub const V6_EMPTY_NODE: V6LengthNode = V6LengthNode {
     on_miss: V6_NODE_END,
     _pad: 0,
 };
+
+/// One entry of the `REGIONS_V6` table: `[hi, lo, meta]`, where `meta` is 0 for an empty
+/// entry and otherwise `(len + 1) << 32 | region`.
+pub type V6Entry = [u64; 3];
+/// Most entries a lookup scans from a key's home. The agent re-seeds the hash until every
+/// entry sits this close, and refuses the table if none does.
+pub const V6_MAX_SCAN: u32 = 12;
+/// The table holds at most half as many entries as it has places, which keeps scans short.
+pub const V6_LOAD_DIVISOR: u32 = 2;
+
+/// The `meta` word of an entry.
+#[inline(always)]
+pub const fn v6_meta(len: u32, region: RegionId) -> u64 {
+    ((len as u64 + 1) << 32) | region as u64
+}
+
+/// Where a key's scan starts, before masking to the table's size. A 64-bit finaliser
+/// (MurmurHash3's fmix64) over the key and the slot's seed.
+#[inline(always)]
+pub fn v6_hash(key: &V6PrefixKey, seed: u32) -> u64 {
+    let mut h = key.hi ^ key.lo.rotate_left(29) ^ (u64::from(key.len) << 56) ^ u64::from(seed);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Looks a key up in one slot's table of `mask + 1` entries. `entry(i)` reads entry `i`
+/// of the slot; `scan` is the slot's recorded scan length.
+#[inline(always)]
+pub fn v6_table_get(
+    key: &V6PrefixKey,
+    seed: u32,
+    mask: u32,
+    scan: u32,
+    entry: impl Fn(u32) -> Option<V6Entry>,
+) -> Option<RegionId> {
+    let home = v6_hash(key, seed) as u32;
+    let tag = u64::from(key.len) + 1;
+    let mut i = 0;
+    // Bounded by V6_MAX_SCAN; the slot's own scan length is usually far shorter.
+    while i < V6_MAX_SCAN {
+        if i >= scan {
+            return None;
+        }
+        let e = entry(home.wrapping_add(i) & mask)?;
+        if e[2] == 0 {
+            return None;
+        }
+        if e[0] == key.hi && e[1] == key.lo && e[2] >> 32 == tag {
+            return Some(e[2] as RegionId);
+        }
+        i += 1;
+    }
+    None
+}
 
 /// The address as the two halves a key holds.
 #[inline(always)]

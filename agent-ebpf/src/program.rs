@@ -5,13 +5,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_MMAPABLE, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns,
         generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use datafence_common::{
@@ -24,7 +24,7 @@ use datafence_common::{
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{FrameKind, PacketBytes, ParsedFrame, is_builtin_exempt, parse_frame},
     selector, stat,
-    v6::{V6_TREE_NODES, V6LengthNode, V6PrefixKey, v6_search},
+    v6::{V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode, v6_search, v6_table_get},
 };
 
 #[map]
@@ -35,11 +35,11 @@ static POLICY: Array<Policy> = Array::with_max_entries(SLOTS, 0);
 #[map]
 static REGIONS_V4: LpmTrie<LpmDataV4, RegionId> =
     LpmTrie::with_max_entries(SLOTS * DEFAULT_TABLE_CAPACITY, 0);
-// IPv6 regions: prefixes and markers of both slots, searched by length (see
-// `datafence_common::v6`). Not preallocated: memory follows the policy, not the capacity.
+// IPv6 regions: prefixes and markers of both slots in an open-addressed table, searched by
+// length (see `datafence_common::v6`). The agent sizes it and fills it through mmap.
 #[map]
-static REGIONS_V6: HashMap<V6PrefixKey, RegionId> =
-    HashMap::with_max_entries(SLOTS * DEFAULT_V6_ENTRIES, BPF_F_NO_PREALLOC);
+static REGIONS_V6: Array<V6Entry> =
+    Array::with_max_entries(SLOTS * DEFAULT_V6_ENTRIES * V6_LOAD_DIVISOR, BPF_F_MMAPABLE);
 #[map]
 static V6_LENGTHS: Array<V6LengthNode> = Array::with_max_entries(SLOTS * V6_TREE_NODES, 0);
 #[map]
@@ -85,6 +85,8 @@ fn dir_entry<T: Copy, const N: usize>(table: &Array<[T; N]>, index: u32) -> Opti
 static V4_DIR24: u8 = 1;
 #[unsafe(no_mangle)]
 static DIR8_GROUPS: u32 = DEFAULT_DIR8_GROUPS;
+#[unsafe(no_mangle)]
+static V6_TABLE_BITS: u32 = (DEFAULT_V6_ENTRIES * V6_LOAD_DIVISOR).trailing_zeros();
 
 #[inline(always)]
 fn global_u8(v: &u8) -> u8 {
@@ -217,24 +219,27 @@ fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
 }
 
 #[inline(always)]
-fn region_v6(slot: u32, a: &[u8; 16]) -> RegionId {
+fn region_v6(policy: &Policy, slot: u32, a: &[u8; 16]) -> RegionId {
+    let bits = global_u32(&V6_TABLE_BITS);
+    let mask = (1u32 << (bits & 31)) - 1;
+    let base = slot << (bits & 31);
+    let (seed, scan) = (policy.header.v6_seed, policy.header.v6_scan);
     v6_search(
         slot,
         a,
         |node| V6_LENGTHS.get(slot * V6_TREE_NODES + node).copied(),
-        // SAFETY: the value is a plain integer copied out at once.
-        |key| unsafe { REGIONS_V6.get(key) }.copied(),
+        |key| v6_table_get(key, seed, mask, scan, |i| REGIONS_V6.get(base + i).copied()),
     )
 }
 
 /// The region of a destination, or `REGION_NONE`. The one place that knows how region
 /// tables are stored, so the lookup structure can change behind it.
 #[inline(always)]
-fn region_of(slot: u32, frame: &ParsedFrame) -> RegionId {
+fn region_of(policy: &Policy, slot: u32, frame: &ParsedFrame) -> RegionId {
     if frame.family == FAMILY_V4 {
         region_v4(slot, frame.dst_v4())
     } else {
-        region_v6(slot, &frame.dst)
+        region_v6(policy, slot, &frame.dst)
     }
 }
 
@@ -365,7 +370,7 @@ fn judge_frame(
     }
     // A routed packet's destination is not final, so its region is not looked up.
     if !frame.routed {
-        j.region = region_of(slot, frame);
+        j.region = region_of(policy, slot, frame);
     }
     j.decision = judge(spec, j.region, frame.routed);
     j
@@ -721,10 +726,13 @@ pub fn bench_cold_region_v4(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bench_cold_region_v6(_ctx: TcContext) -> i32 {
     let slot = active_slot();
+    let Some(policy) = POLICY.get(slot) else {
+        return TC_ACT_OK;
+    };
     let mut acc = 0u32;
     for _ in 0..COLD_LOOKUPS_PER_RUN {
         if let Some(a) = BENCH_ADDRS_V6.get(bench_index()) {
-            acc ^= region_v6(slot, a);
+            acc ^= region_v6(policy, slot, a);
         }
     }
     bench_verdict(acc)

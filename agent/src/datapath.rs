@@ -26,14 +26,14 @@ use datafence_common::{
     MAX_CGROUP_ENTRIES, MAX_DIR8_GROUPS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, MAX_V6_ENTRIES,
     Policy, RegionId, SLOT_PREFIX_BITS, SLOTS, ViolationEvent, globals, lpm_data_v4, lpm_data_v6,
     map_names, program_names, stat,
-    v6::{V6_EMPTY_NODE, V6_TREE_NODES, V6LengthNode, V6PrefixKey},
+    v6::{V6_EMPTY_NODE, V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode},
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use std::os::fd::AsFd as _;
 
 use crate::{
-    batch, dir24,
+    dir24,
     policy::CompiledPolicy,
     v6table::{self, V6Table},
 };
@@ -109,12 +109,10 @@ pub enum DatapathError {
         capacity: u32,
         max: u32,
     },
-    #[error("map {map}: {source}")]
-    Batch {
-        map: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(
+        "the IPv6 table could not place its {entries} entries in {places} places within the scan limit (raise --v6-entries)"
+    )]
+    V6Crowded { entries: usize, places: usize },
     #[error("creating the pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -542,8 +540,10 @@ pub struct Datapath {
     /// The DIR-24-8 arrays, mapped: all slots' top-level entries, and all slots' groups.
     dir24: Option<(dir24::MappedArray<u32>, dir24::MappedArray<u8>)>,
     dir8_groups: u32,
-    /// `REGIONS_V6` entries per slot.
-    v6_entries: u32,
+    /// log2 of the `REGIONS_V6` places per slot; the slot holds half as many entries.
+    v6_bits: u32,
+    /// `REGIONS_V6`, mapped: all slots' places.
+    v6_table: dir24::MappedArray<V6Entry>,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [SlotContents; 2],
 }
@@ -625,9 +625,11 @@ impl Datapath {
             Some(n) if v4_table == V4Table::Dir24 => n * DIR8_LANES as u32 / (SLOTS * 256),
             _ => opts.dir8_groups.min(MAX_DIR8_GROUPS),
         };
-        let v6_entries = match adopted(map_names::REGIONS_V6) {
-            Some(n) => n / SLOTS,
-            None => opts.v6_entries.clamp(1, MAX_V6_ENTRIES),
+        let v6_bits = match adopted(map_names::REGIONS_V6) {
+            Some(n) => (n / SLOTS).trailing_zeros(),
+            None => (opts.v6_entries.clamp(8, MAX_V6_ENTRIES) * V6_LOAD_DIVISOR)
+                .next_power_of_two()
+                .trailing_zeros(),
         };
         let (top_entries, group_entries) = match v4_table {
             V4Table::Dir24 => (SLOTS * DIR24_ENTRIES, SLOTS * dir8_groups * 256),
@@ -638,11 +640,12 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::REGIONS_V4, per_family)
-            .map_max_entries(map_names::REGIONS_V6, SLOTS * v6_entries)
+            .map_max_entries(map_names::REGIONS_V6, SLOTS << v6_bits)
             .map_max_entries(map_names::DIR24, values(top_entries, DIR24_LANES))
             .map_max_entries(map_names::DIR8, values(group_entries, DIR8_LANES))
             .override_global(globals::V4_DIR24, &v4_dir24, true)
-            .override_global(globals::DIR8_GROUPS, &dir8_groups, true);
+            .override_global(globals::DIR8_GROUPS, &dir8_groups, true)
+            .override_global(globals::V6_TABLE_BITS, &v6_bits, true);
         if !opts.bench {
             // The benchmark maps live in the object but only `cargo xtask bench` uses them.
             for name in [
@@ -690,26 +693,25 @@ impl Datapath {
                     .map_err(program_err(name))?;
             }
         }
-        let dir24 = match v4_table {
-            V4Table::Dir24 => {
-                fn map<T: Copy>(
-                    ebpf: &Ebpf,
-                    name: &'static str,
-                    entries: u32,
-                ) -> Result<dir24::MappedArray<T>> {
-                    match ebpf.map(name) {
-                        Some(Map::Array(data)) => {
-                            dir24::MappedArray::map(&data.fd().as_fd(), entries as usize)
-                                .map_err(|source| DatapathError::Mmap { map: name, source })
-                        }
-                        _ => Err(DatapathError::MissingMap(name)),
-                    }
+        fn map<T: Copy>(
+            ebpf: &Ebpf,
+            name: &'static str,
+            entries: u32,
+        ) -> Result<dir24::MappedArray<T>> {
+            match ebpf.map(name) {
+                Some(Map::Array(data)) => {
+                    dir24::MappedArray::map(&data.fd().as_fd(), entries as usize)
+                        .map_err(|source| DatapathError::Mmap { map: name, source })
                 }
-                Some((
-                    map::<u32>(&ebpf, map_names::DIR24, top_entries)?,
-                    map::<u8>(&ebpf, map_names::DIR8, group_entries)?,
-                ))
+                _ => Err(DatapathError::MissingMap(name)),
             }
+        }
+        let v6_table = map::<V6Entry>(&ebpf, map_names::REGIONS_V6, SLOTS << v6_bits)?;
+        let dir24 = match v4_table {
+            V4Table::Dir24 => Some((
+                map::<u32>(&ebpf, map_names::DIR24, top_entries)?,
+                map::<u8>(&ebpf, map_names::DIR8, group_entries)?,
+            )),
             V4Table::Trie => None,
         };
         let mut dp = Self {
@@ -719,7 +721,8 @@ impl Datapath {
             v4_table,
             dir24,
             dir8_groups,
-            v6_entries,
+            v6_bits,
+            v6_table,
             slot_contents: [SlotContents::default(); 2],
         };
         if dp.pins.is_some() {
@@ -737,12 +740,17 @@ impl Datapath {
             _ => return Err(DatapathError::MissingMap(name)),
         };
         self.table_capacity = max / SLOTS;
-        let v6_keys = v6_keys(self.map(map_names::REGIONS_V6)?)?;
+        let places = 1usize << self.v6_bits;
         for slot in 0..SLOTS {
+            let s = slot as usize;
+            let v6_used = self.v6_table.as_slice()[s * places..(s + 1) * places]
+                .iter()
+                .filter(|e| e[2] != 0)
+                .count();
             let c = &mut self.slot_contents[slot as usize];
             c.regions_v4 =
                 count_lpm::<LpmDataV4, RegionId>(self.ebpf.map(map_names::REGIONS_V4), slot);
-            c.regions_v6 = v6_keys.iter().filter(|k| k.slot == slot).count();
+            c.regions_v6 = v6_used;
             c.exempt_v4 = count_lpm::<LpmDataV4, u32>(self.ebpf.map(map_names::EXEMPT_V4), slot);
             c.exempt_v6 = count_lpm::<LpmDataV6, u32>(self.ebpf.map(map_names::EXEMPT_V6), slot);
             c.src_v4 = count_lpm::<LpmDataV4, ClassMask>(self.ebpf.map(map_names::SRC_V4), slot);
@@ -797,20 +805,23 @@ impl Datapath {
             .wrapping_add(1);
         self.check_capacity(compiled)?;
         let v6 = v6table::build(target, &compiled.regions_v6);
-        if v6.entries() > self.v6_entries as usize {
+        if v6.entries() > self.v6_capacity() as usize {
             return Err(DatapathError::V6Full {
                 needed: v6.entries(),
-                capacity: self.v6_entries,
+                capacity: self.v6_capacity(),
                 max: MAX_V6_ENTRIES,
             });
         }
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
-        if let Err(err) = self.fill_slot(target, compiled, &v6) {
-            // Leave nothing half-written behind; the error that matters is the first.
-            let _ = self.clear_slot(target);
-            return Err(err);
-        }
+        let placement = match self.fill_slot(target, compiled, &v6) {
+            Ok(p) => p,
+            Err(err) => {
+                // Leave nothing half-written behind; the error that matters is the first.
+                let _ = self.clear_slot(target);
+                return Err(err);
+            }
+        };
         let groups = self.slot_contents[target as usize].dir8_groups;
         self.slot_contents[target as usize] = SlotContents {
             dir8_groups: groups,
@@ -822,6 +833,8 @@ impl Datapath {
         policy.header.generation = generation;
         policy.header.events_per_sec = events.per_second;
         policy.header.events_burst = events.burst;
+        policy.header.v6_seed = placement.seed;
+        policy.header.v6_scan = placement.scan;
         let name = map_names::POLICY;
         let mut arr: Array<&mut MapData, Policy> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
@@ -890,7 +903,24 @@ impl Datapath {
         Ok(())
     }
 
-    fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy, v6: &V6Table) -> Result<()> {
+    /// IPv6 entries a slot can hold.
+    fn v6_capacity(&self) -> u32 {
+        (1u32 << self.v6_bits) / V6_LOAD_DIVISOR
+    }
+
+    /// One slot's places in the IPv6 table.
+    fn v6_slot(&mut self, slot: u32) -> &mut [V6Entry] {
+        let places = 1usize << self.v6_bits;
+        let s = slot as usize;
+        &mut self.v6_table.as_mut_slice()[s * places..(s + 1) * places]
+    }
+
+    fn fill_slot(
+        &mut self,
+        slot: u32,
+        c: &CompiledPolicy,
+        v6: &V6Table,
+    ) -> Result<v6table::Placement> {
         match &mut self.dir24 {
             Some((top, groups)) => {
                 let top_slot = DIR24_ENTRIES as usize;
@@ -914,9 +944,11 @@ impl Datapath {
                 &c.regions_v4,
             )?,
         }
-        let name = map_names::REGIONS_V6;
-        batch::update(map_fd(self.map(name)?, name)?, &v6.keys, &v6.values)
-            .map_err(|source| DatapathError::Batch { map: name, source })?;
+        let placement =
+            v6table::place(self.v6_slot(slot), v6).map_err(|e| DatapathError::V6Crowded {
+                entries: e.entries,
+                places: e.places,
+            })?;
         self.write_v6_nodes(slot, &v6.nodes)?;
         let exempt_v4: Vec<(Ipv4Network, u32)> = c.exempt_v4.iter().map(|n| (*n, 1)).collect();
         let exempt_v6: Vec<(Ipv6Network, u32)> = c.exempt_v6.iter().map(|n| (*n, 1)).collect();
@@ -955,7 +987,7 @@ impl Datapath {
             };
             cg.insert(key, mask, 0).map_err(map_err(name))?;
         }
-        Ok(())
+        Ok(placement)
     }
 
     /// Writes a slot's IPv6 search tree.
@@ -978,14 +1010,7 @@ impl Datapath {
             slot,
         )?;
         self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
-        let name = map_names::REGIONS_V6;
-        let map = self.map(name)?;
-        let stale: Vec<V6PrefixKey> = v6_keys(map)?
-            .into_iter()
-            .filter(|k| k.slot == slot)
-            .collect();
-        batch::delete(map_fd(map, name)?, &stale)
-            .map_err(|source| DatapathError::Batch { map: name, source })?;
+        self.v6_slot(slot).fill([0; 3]);
         clear_lpm::<LpmDataV4, u32>(
             self.map_mut(map_names::EXEMPT_V4)?,
             map_names::EXEMPT_V4,
@@ -1347,7 +1372,7 @@ impl Datapath {
                 // Entries, markers included.
                 map_names::REGIONS_V6.into(),
                 sum(|c| c.regions_v6),
-                u64::from(SLOTS * self.v6_entries),
+                u64::from(SLOTS * self.v6_capacity()),
             ),
             (
                 map_names::EXEMPT_V4.into(),
@@ -1449,17 +1474,26 @@ impl Datapath {
                 t.get(&lpm_key_v4(slot, a, 32), 0)
             }
             IpAddr::V6(a) => {
-                let name = map_names::REGIONS_V6;
-                let hash: BpfHashMap<&MapData, V6PrefixKey, RegionId> =
-                    BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+                let header = self.policy_in_slot(slot)?.header;
                 let name = map_names::V6_LENGTHS;
                 let nodes: Array<&MapData, V6LengthNode> =
                     Array::try_from(self.map(name)?).map_err(map_err(name))?;
+                let places = 1usize << self.v6_bits;
+                let s = slot as usize;
+                let table = &self.v6_table.as_slice()[s * places..(s + 1) * places];
                 Ok(datafence_common::v6::v6_search(
                     slot,
                     &a.octets(),
                     |i| nodes.get(&(slot * V6_TREE_NODES + i), 0).ok(),
-                    |k| hash.get(k, 0).ok(),
+                    |k| {
+                        datafence_common::v6::v6_table_get(
+                            k,
+                            header.v6_seed,
+                            places as u32 - 1,
+                            header.v6_scan,
+                            |i| table.get(i as usize).copied(),
+                        )
+                    },
                 ))
             }
         };
@@ -1472,20 +1506,6 @@ impl Datapath {
             }),
         }
     }
-}
-
-fn map_fd<'a>(map: &'a Map, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>> {
-    match map {
-        Map::HashMap(data) => Ok(data.fd().as_fd()),
-        _ => Err(DatapathError::MissingMap(name)),
-    }
-}
-
-/// Every key of the IPv6 region table, both slots.
-fn v6_keys(map: &Map) -> Result<Vec<V6PrefixKey>> {
-    let name = map_names::REGIONS_V6;
-    batch::keys::<V6PrefixKey, RegionId>(map_fd(map, name)?)
-        .map_err(|source| DatapathError::Batch { map: name, source })
 }
 
 fn insert_v4<V: aya::Pod>(

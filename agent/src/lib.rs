@@ -2,7 +2,6 @@
 //! both build on it.
 
 pub mod agent;
-pub mod batch;
 pub mod cgroups;
 pub mod control;
 pub mod datapath;

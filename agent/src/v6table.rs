@@ -3,7 +3,10 @@
 
 use datafence_common::{
     REGION_NONE, RegionId,
-    v6::{V6_EMPTY_NODE, V6_MAX_PROBES, V6_NODE_END, V6_TREE_NODES, V6LengthNode, V6PrefixKey},
+    v6::{
+        V6_EMPTY_NODE, V6_MAX_PROBES, V6_MAX_SCAN, V6_NODE_END, V6_TREE_NODES, V6Entry,
+        V6LengthNode, V6PrefixKey, v6_hash, v6_meta,
+    },
 };
 use ipnetwork::Ipv6Network;
 
@@ -22,6 +25,82 @@ impl V6Table {
     pub fn entries(&self) -> usize {
         self.keys.len()
     }
+}
+
+/// How a table was laid out in its slot: what the slot's policy header records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub seed: u32,
+    pub scan: u32,
+}
+
+/// No seed placed every entry within `V6_MAX_SCAN` places of its home.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableCrowded {
+    pub entries: usize,
+    pub places: usize,
+}
+
+/// Seeds tried before a table is refused. At the load factor the agent keeps (at most one
+/// half) a single seed nearly always does.
+const SEEDS: u32 = 16;
+
+/// Writes the table's entries into one slot's places (a power of two of them), by Robin
+/// Hood insertion: an entry that has come further from its home takes the place of one
+/// that has come a shorter way, which keeps every scan short.
+pub fn place(slot: &mut [V6Entry], table: &V6Table) -> Result<Placement, TableCrowded> {
+    debug_assert!(slot.len().is_power_of_two());
+    let mask = slot.len() - 1;
+    let crowded = TableCrowded {
+        entries: table.entries(),
+        places: slot.len(),
+    };
+    if table.entries() > slot.len() {
+        return Err(crowded);
+    }
+    'seeds: for seed in 0..SEEDS {
+        slot.fill([0; 3]);
+        let home = |e: &V6Entry| {
+            let key = V6PrefixKey {
+                slot: 0,
+                len: (e[2] >> 32) as u32 - 1,
+                hi: e[0],
+                lo: e[1],
+            };
+            (v6_hash(&key, seed) as u32 as usize) & mask
+        };
+        let mut longest = 0;
+        for (key, &region) in table.keys.iter().zip(&table.values) {
+            let mut moving: V6Entry = [key.hi, key.lo, v6_meta(key.len, region)];
+            let mut at = home(&moving);
+            let mut distance = 0;
+            loop {
+                if distance >= V6_MAX_SCAN as usize {
+                    continue 'seeds;
+                }
+                let here = &mut slot[at];
+                if here[2] == 0 {
+                    *here = moving;
+                    longest = longest.max(distance);
+                    break;
+                }
+                let theirs = (at.wrapping_sub(home(here))) & mask;
+                if theirs < distance {
+                    std::mem::swap(here, &mut moving);
+                    longest = longest.max(distance);
+                    distance = theirs;
+                }
+                at = (at + 1) & mask;
+                distance += 1;
+            }
+        }
+        return Ok(Placement {
+            seed,
+            scan: longest as u32 + 1,
+        });
+    }
+    slot.fill([0; 3]);
+    Err(crowded)
 }
 
 fn truncate(bits: u128, len: u8) -> u128 {
@@ -144,11 +223,13 @@ pub fn build(slot: u32, prefixes: &[(Ipv6Network, RegionId)]) -> V6Table {
 mod tests {
     use std::{collections::HashMap, net::Ipv6Addr};
 
-    use datafence_common::v6::v6_search;
+    use datafence_common::v6::{v6_search, v6_table_get};
     use proptest::prelude::*;
 
     use super::*;
 
+    /// Looks up through a plain hash of the entries, and through the placed table, which
+    /// must agree.
     fn lookup(table: &V6Table, addr: Ipv6Addr) -> RegionId {
         let hash: HashMap<V6PrefixKey, RegionId> = table
             .keys
@@ -156,12 +237,27 @@ mod tests {
             .copied()
             .zip(table.values.iter().copied())
             .collect();
-        v6_search(
+        let by_hash = v6_search(
             0,
             &addr.octets(),
             |i| table.nodes.get(i as usize).copied(),
             |k| hash.get(k).copied(),
-        )
+        );
+        let places = (table.entries() * 2).next_power_of_two().max(16);
+        let mut slot = vec![[0u64; 3]; places];
+        let p = place(&mut slot, table).expect("placed");
+        let by_table = v6_search(
+            0,
+            &addr.octets(),
+            |i| table.nodes.get(i as usize).copied(),
+            |k| {
+                v6_table_get(k, p.seed, places as u32 - 1, p.scan, |i| {
+                    slot.get(i as usize).copied()
+                })
+            },
+        );
+        assert_eq!(by_hash, by_table, "{addr}");
+        by_table
     }
 
     fn naive(prefixes: &[(Ipv6Network, RegionId)], addr: Ipv6Addr) -> RegionId {
@@ -174,6 +270,32 @@ mod tests {
 
     fn net(s: &str) -> Ipv6Network {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_full_table_places_every_entry_close_to_home() {
+        let prefixes: Vec<(Ipv6Network, RegionId)> = (0..50_000u128)
+            .map(|i| {
+                (
+                    Ipv6Network::new(Ipv6Addr::from((0x2001_0db8u128 << 96) | (i << 64)), 64)
+                        .unwrap(),
+                    1,
+                )
+            })
+            .collect();
+        let t = build(0, &prefixes);
+        let mut slot = vec![[0u64; 3]; (t.entries() * 2).next_power_of_two()];
+        let p = place(&mut slot, &t).expect("placed");
+        assert!(p.scan <= V6_MAX_SCAN);
+        assert_eq!(slot.iter().filter(|e| e[2] != 0).count(), t.entries());
+        let mut tiny = vec![[0u64; 3]; 16];
+        assert_eq!(
+            place(&mut tiny, &t),
+            Err(TableCrowded {
+                entries: t.entries(),
+                places: 16
+            })
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use datafence::datapath::{Datapath, LoadOptions};
 
 /// The kernel's limit is 1,000,000 processed instructions; a program that creeps toward
-/// it will fail to load after the next feature, so fail here first. (About 450,000 for
-/// the TC program with the DIR-24-8 lookup.)
+/// it will fail to load after the next feature, so fail here first. (About 340,000 for
+/// the TC program.)
 const VERIFIER_BUDGET: u32 = 700_000;
 
 #[test]
@@ -17,4 +17,16 @@ fn programs_verify_well_within_the_kernel_budget() {
         println!("{name}: {count} instructions processed by the verifier");
         assert!(count < VERIFIER_BUDGET, "{name}: {count}");
     }
+}
+
+/// `cargo xtask bench` loads its baseline and cold-lookup programs from the same object;
+/// they must keep loading as the lookups they wrap change.
+#[test]
+fn benchmark_programs_load() {
+    integration_tests::require_root();
+    Datapath::load(&LoadOptions {
+        bench: true,
+        ..LoadOptions::default()
+    })
+    .expect("load with the benchmark programs");
 }
