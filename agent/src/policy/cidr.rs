@@ -13,7 +13,10 @@ use super::error::CidrProblem;
 /// 10.0.0.0/8, and silently widening it would hide the slip.
 pub(super) fn parse_cidr(text: &str) -> Result<IpNetwork, CidrProblem> {
     let syntax = || CidrProblem::Syntax(text.to_owned());
-    let (addr, len) = match text.split_once('/') {
+    // A byte search: `split_once('/')` goes through the generic char searcher, which
+    // dominated the time to read a million-prefix region file.
+    let slash = text.bytes().position(|b| b == b'/');
+    let (addr, len) = match slash.map(|i| (&text[..i], &text[i + 1..])) {
         Some((addr, len)) => {
             if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(syntax());

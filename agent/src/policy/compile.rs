@@ -129,14 +129,16 @@ fn class_spec(class: &Class) -> ClassSpec {
 }
 
 /// Sorted as [`lpm`] needs; of two entries for one prefix the first is kept.
+/// Validation has already refused a prefix listed with two values, so which of equal
+/// entries survives does not matter, and the faster unstable sort will do.
 fn sorted_unique<P: Prefix, T>(mut entries: Vec<(P, T)>) -> Vec<(P, T)> {
-    entries.sort_by_key(|(p, _)| sort_key(p));
+    entries.sort_unstable_by_key(|(p, _)| sort_key(p));
     entries.dedup_by_key(|(p, _)| sort_key(p));
     entries
 }
 
 fn sorted_unique_prefixes<P: Prefix>(mut prefixes: Vec<P>) -> Vec<P> {
-    prefixes.sort_by_key(sort_key);
+    prefixes.sort_unstable_by_key(sort_key);
     prefixes.dedup_by_key(|p| sort_key(p));
     prefixes
 }

@@ -1,6 +1,5 @@
 //! From the file as written to a [`LoadedPolicy`], collecting every mistake on the way.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
@@ -12,7 +11,7 @@ use datafence_common::{
     MAX_PORT_RANGES_PER_CLASS, MAX_REGIONS, MAX_SRC_CIDR_ENTRIES, MarkMatch, SLOTS,
 };
 use indexmap::{IndexMap, IndexSet};
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde_saphyr::{MessageFormatter, Spanned};
 use sha2::{Digest, Sha256};
 
@@ -26,18 +25,44 @@ use super::raw::{Int, IntOrStr, RawClass, RawMark, RawMatch, RawPolicy, RawRegio
 /// origin of each of possibly millions of region prefixes costs a few bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pos {
-    file: usize,
-    line: u64,
-    column: u64,
+    file: u32,
+    line: u32,
+    column: u32,
 }
 
-const POLICY_FILE: usize = 0;
+const POLICY_FILE: u32 = 0;
+
+/// Lines and columns past u32 are clamped; no policy file comes near.
+fn clamp(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 fn at<T>(s: &Spanned<T>) -> Pos {
     Pos {
         file: POLICY_FILE,
-        line: s.referenced.line(),
-        column: s.referenced.column(),
+        line: clamp(s.referenced.line()),
+        column: clamp(s.referenced.column()),
+    }
+}
+
+/// One region prefix as read. Claims are sorted once all are read, which finds a prefix
+/// written twice in far less memory than a hash of millions of prefixes.
+#[derive(Clone, Copy)]
+struct Claim {
+    /// The address bits, split so the claim needs 8-byte alignment, not 16.
+    hi: u64,
+    lo: u64,
+    /// The prefix length, plus 256 for IPv4 so the families never collide.
+    kind: u16,
+    region: u32,
+    /// Reading order, so the first claim of a prefix is known.
+    seq: u32,
+    pos: Pos,
+}
+
+impl Claim {
+    fn key(&self) -> (u64, u64, u16, u32) {
+        (self.hi, self.lo, self.kind, self.seq)
     }
 }
 
@@ -108,15 +133,15 @@ struct Validator<'a> {
 #[derive(Default)]
 struct RegionSet {
     regions: Vec<Region>,
-    owner: HashMap<IpNetwork, (usize, Pos)>,
+    claims: Vec<Claim>,
 }
 
 impl Validator<'_> {
     fn error(&mut self, pos: Pos, problem: Problem) {
         let error = PolicyError {
-            file: self.files[pos.file].clone(),
-            line: pos.line,
-            column: pos.column,
+            file: self.files[pos.file as usize].clone(),
+            line: u64::from(pos.line),
+            column: u64::from(pos.column),
             message: problem.to_string(),
         };
         self.errors.push((pos, error));
@@ -125,7 +150,7 @@ impl Validator<'_> {
     fn describe(&self, pos: Pos) -> String {
         format!(
             "{}:{}:{}",
-            self.files[pos.file].display(),
+            self.files[pos.file as usize].display(),
             pos.line,
             pos.column
         )
@@ -273,6 +298,7 @@ impl Validator<'_> {
                 self.region_file(&mut set, index, file);
             }
         }
+        self.settle_claims(&mut set);
         let capacity = self.opts.table_capacity;
         let v4: usize = set.regions.iter().map(|r| r.v4.len()).sum();
         let v6: usize = set.regions.iter().map(|r| r.v6.len()).sum();
@@ -296,26 +322,86 @@ impl Validator<'_> {
             Ok(net) => net,
             Err(p) => return self.error(pos, p.into()),
         };
-        match set.owner.entry(net) {
-            Entry::Occupied(e) => {
-                let (first, first_pos) = *e.get();
-                // The same prefix twice in one region is harmless repetition.
-                if first != region {
-                    let problem = Problem::DuplicatePrefix {
-                        prefix: net.to_string(),
-                        first: set.regions[first].name.clone(),
-                        second: set.regions[region].name.clone(),
-                        first_at: self.describe(first_pos),
-                    };
-                    self.error(pos, problem);
-                }
+        let (bits, kind) = match net {
+            IpNetwork::V4(n) => {
+                set.regions[region].v4.push(n);
+                (
+                    u128::from(u32::from(n.network())),
+                    256 + u16::from(n.prefix()),
+                )
             }
-            Entry::Vacant(e) => {
-                e.insert((region, pos));
-                match net {
-                    IpNetwork::V4(n) => set.regions[region].v4.push(n),
-                    IpNetwork::V6(n) => set.regions[region].v6.push(n),
+            IpNetwork::V6(n) => {
+                set.regions[region].v6.push(n);
+                (u128::from(n.network()), u16::from(n.prefix()))
+            }
+        };
+        set.claims.push(Claim {
+            hi: (bits >> 64) as u64,
+            lo: bits as u64,
+            kind,
+            region: region as u32,
+            seq: set.claims.len() as u32,
+            pos,
+        });
+    }
+
+    /// Refuses a prefix claimed by two regions, naming both. A prefix written again, in
+    /// the same region (harmless repetition) or another (an error), is kept only where
+    /// it was first written.
+    fn settle_claims(&mut self, set: &mut RegionSet) {
+        let mut claims = std::mem::take(&mut set.claims);
+        claims.sort_unstable_by_key(Claim::key);
+        let mut repeats: Vec<u32> = Vec::new();
+        for run in claims.chunk_by(|a, b| (a.hi, a.lo, a.kind) == (b.hi, b.lo, b.kind)) {
+            let first = run[0];
+            for later in &run[1..] {
+                repeats.push(later.seq);
+                if later.region == first.region {
+                    continue;
                 }
+                let bits = (u128::from(first.hi) << 64) | u128::from(first.lo);
+                let prefix = if first.kind >= 256 {
+                    format!(
+                        "{}/{}",
+                        std::net::Ipv4Addr::from(bits as u32),
+                        first.kind - 256
+                    )
+                } else {
+                    format!("{}/{}", std::net::Ipv6Addr::from(bits), first.kind)
+                };
+                let problem = Problem::DuplicatePrefix {
+                    prefix,
+                    first: set.regions[first.region as usize].name.clone(),
+                    second: set.regions[later.region as usize].name.clone(),
+                    first_at: self.describe(first.pos),
+                };
+                self.error(later.pos, problem);
+            }
+        }
+        if repeats.is_empty() {
+            return;
+        }
+        // Rare: rebuild the regions' lists in reading order without the repeats.
+        repeats.sort_unstable();
+        claims.sort_unstable_by_key(|c| c.seq);
+        for r in &mut set.regions {
+            r.v4.clear();
+            r.v6.clear();
+        }
+        for c in claims
+            .iter()
+            .filter(|c| repeats.binary_search(&c.seq).is_err())
+        {
+            let region = &mut set.regions[c.region as usize];
+            let bits = (u128::from(c.hi) << 64) | u128::from(c.lo);
+            if c.kind >= 256 {
+                let addr = std::net::Ipv4Addr::from(bits as u32);
+                region
+                    .v4
+                    .extend(Ipv4Network::new(addr, (c.kind - 256) as u8));
+            } else {
+                let addr = std::net::Ipv6Addr::from(bits);
+                region.v6.extend(Ipv6Network::new(addr, c.kind as u8));
             }
         }
     }
@@ -336,7 +422,7 @@ impl Validator<'_> {
         };
         self.hasher.update(&bytes);
         self.files.push(path);
-        let file_index = self.files.len() - 1;
+        let file_index = clamp(self.files.len() as u64 - 1);
         for (n, line) in text.lines().enumerate() {
             let content = line.split('#').next().unwrap_or_default();
             let entry = content.trim();
@@ -346,8 +432,8 @@ impl Validator<'_> {
             let indent = &content[..content.len() - content.trim_start().len()];
             let pos = Pos {
                 file: file_index,
-                line: n as u64 + 1,
-                column: indent.chars().count() as u64 + 1,
+                line: clamp(n as u64 + 1),
+                column: clamp(indent.chars().count() as u64 + 1),
             };
             self.region_prefix(set, region, entry, pos);
         }
