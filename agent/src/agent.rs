@@ -234,12 +234,34 @@ fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached, DatapathE
     }
 }
 
+/// Makes large allocations (policy files, prefix lists, table builds) come straight from
+/// mmap, so freeing them returns the memory. glibc otherwise raises its mmap threshold
+/// each time such a block is freed, and later large blocks land in the heap, where a
+/// million-prefix reload leaves tens of MiB the agent keeps for its lifetime.
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; a fixed threshold is always valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
+/// Hands freed heap pages back to the kernel after a policy switch.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Validates everything, then loads and attaches. Nothing touches the kernel until the
 /// policy and the interfaces have been checked. With pinning, whatever an earlier agent
 /// left in force is adopted: its maps are reused (the old policy keeps being enforced),
 /// the new policy goes into the other slot, and pinned links are switched to the new
 /// programs atomically, so a restart or upgrade has no gap.
 fn start(opts: RunOptions) -> Result<Agent, AgentError> {
+    tune_allocator();
     let policy = load_policy(&opts, &[])?;
     let attachments = desired_attachments(&opts, &policy)?;
     for a in &attachments {
@@ -271,6 +293,9 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         .header
         .generation;
     let report = datapath.apply(&compiled, opts.events)?;
+    let mut compiled = compiled;
+    compiled.release_prefixes();
+    release_free_memory();
     for a in &attachments {
         let how = attach(&mut datapath, a)?;
         info!(interface = %a.interface, hook = %a.hook, adopted = (how == Attached::Adopted), "attached");
@@ -345,6 +370,8 @@ impl Agent {
         info!(sha256 = %policy.sha256, generation = report.generation, "policy reloaded");
         self.policy = policy;
         self.compiled = compiled;
+        self.compiled.release_prefixes();
+        release_free_memory();
         self.generation = report.generation;
         self.loaded_at = SystemTime::now();
         *self
@@ -529,6 +556,7 @@ impl Agent {
                 );
                 self.policy = policy;
                 self.compiled = compiled;
+                self.compiled.release_prefixes();
                 self.generation = report.generation;
                 self.write_state();
             }
@@ -563,8 +591,8 @@ impl Agent {
             events_suppressed: stats.events_suppressed,
             policy_sha256: self.policy.sha256.clone(),
             policy_version: self.policy.version,
-            prefixes_v4: self.compiled.regions_v4.len(),
-            prefixes_v6: self.compiled.regions_v6.len(),
+            prefixes_v4: self.policy.prefix_counts().0,
+            prefixes_v6: self.policy.prefix_counts().1,
             last_reload_unix: self
                 .loaded_at
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -643,7 +671,8 @@ async fn handle(shared: Shared, request: Request) -> Response {
             } => {
                 let cgroup_root = agent.opts.cgroup_root.clone();
                 let mut oracle = if datapath {
-                    match KernelOracle::new(&agent.compiled) {
+                    // The agent keeps no compiled prefix lists; compile them afresh.
+                    match KernelOracle::new(&agent.policy.compile()) {
                         Ok(o) => Some(o),
                         Err(e) => return Err(e.to_string()),
                     }

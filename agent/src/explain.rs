@@ -203,7 +203,7 @@ fn decide(
     if class == CLASS_NONE {
         return Ok((CLASS_NONE, Decision::allow(Reason::Unclassified), none));
     }
-    let region = compiled.region_of(address);
+    let region = policy.region_of(address);
     let spec = &compiled.policy.classes[usize::from(class)];
     Ok((class, judge(spec, region, false), region as u16))
 }

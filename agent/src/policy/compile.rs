@@ -166,6 +166,14 @@ fn src_masks<P: Prefix>(entries: Vec<(P, ClassMask)>) -> Vec<(P, ClassMask)> {
 }
 
 impl CompiledPolicy {
+    /// Frees the region prefix lists once they are in the kernel's tables. A running
+    /// agent keeps the policy's own lists (for `explain`, status and recompiling); the
+    /// compiled copies would double what it holds, tens of MiB at a million prefixes.
+    pub fn release_prefixes(&mut self) {
+        self.regions_v4 = Vec::new();
+        self.regions_v6 = Vec::new();
+    }
+
     /// The region of a destination: its longest matching region prefix, or
     /// [`REGION_NONE`].
     pub fn region_of(&self, addr: IpAddr) -> RegionId {

@@ -132,6 +132,43 @@ pub struct LoadedPolicy {
 }
 
 impl LoadedPolicy {
+    /// The region of a destination by a plain scan of every region's prefixes: the
+    /// longest containing prefix wins. Independent of the compiled tables (so `explain`
+    /// checks them rather than repeats them) and linear in the policy's size, which is a
+    /// few milliseconds at a million prefixes.
+    pub fn region_of(&self, addr: std::net::IpAddr) -> datafence_common::RegionId {
+        let mut best: Option<(u8, u8)> = None;
+        for r in &self.regions {
+            let longest = match addr {
+                std::net::IpAddr::V4(a) => {
+                    r.v4.iter()
+                        .filter(|n| n.contains(a))
+                        .map(|n| n.prefix())
+                        .max()
+                }
+                std::net::IpAddr::V6(a) => {
+                    r.v6.iter()
+                        .filter(|n| n.contains(a))
+                        .map(|n| n.prefix())
+                        .max()
+                }
+            };
+            if let Some(len) = longest
+                && best.is_none_or(|(l, _)| len > l)
+            {
+                best = Some((len, r.id));
+            }
+        }
+        best.map_or(datafence_common::REGION_NONE.into(), |(_, id)| id.into())
+    }
+
+    /// Prefixes of each family across all regions.
+    pub fn prefix_counts(&self) -> (usize, usize) {
+        self.regions
+            .iter()
+            .fold((0, 0), |(v4, v6), r| (v4 + r.v4.len(), v6 + r.v6.len()))
+    }
+
     pub fn region_name(&self, id: u16) -> Option<&str> {
         let index = usize::from(id).checked_sub(1)?;
         self.regions.get(index).map(|r| r.name.as_str())
