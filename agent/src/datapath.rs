@@ -1097,6 +1097,20 @@ impl Datapath {
         Ok(Attached::New)
     }
 
+    /// Attaches the empty benchmark program to an interface's TC egress hook, as the
+    /// end-to-end baseline of `cargo xtask bench`: what the hook costs with nothing in it.
+    /// Needs [`LoadOptions::bench`].
+    pub fn attach_bench_empty(&mut self, interface: &str) -> Result<()> {
+        ensure_interface(interface)?;
+        let prog = program_mut::<SchedClassifier>(&mut self.ebpf, program_names::BENCH_EMPTY)?;
+        prog.attach(interface, TcAttachType::Egress)
+            .map_err(|source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+
     /// Attaches the XDP program to a gateway interface; pinned links are adopted as for
     /// [`Self::attach_tc`].
     pub fn attach_xdp(&mut self, interface: &str) -> Result<Attached> {

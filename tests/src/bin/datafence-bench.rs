@@ -1565,7 +1565,25 @@ impl Drop for Attached {
     }
 }
 
+/// What `attach` puts on the sender's uplink.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TcProgram {
+    /// datafence's TC egress program with the policy applied.
+    Datafence,
+    /// The empty program: the cost of the hook itself.
+    Empty,
+}
+
 fn attach_datafence(ns: &NetNs, compiled: Arc<CompiledPolicy>, n: usize) -> Result<Attached> {
+    attach(ns, compiled, n, TcProgram::Datafence)
+}
+
+fn attach(
+    ns: &NetNs,
+    compiled: Arc<CompiledPolicy>,
+    n: usize,
+    program: TcProgram,
+) -> Result<Attached> {
     let path = format!("/run/netns/{}", ns.name);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -1576,9 +1594,14 @@ fn attach_datafence(ns: &NetNs, compiled: Arc<CompiledPolicy>, n: usize) -> Resu
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
-            let mut dp = Datapath::load(&load_options(n, &compiled, false))?;
+            let empty = program == TcProgram::Empty;
+            let mut dp = Datapath::load(&load_options(n, &compiled, empty))?;
             dp.apply(&compiled, EventLimits::default())?;
-            dp.attach_tc("up0")?;
+            if empty {
+                dp.attach_bench_empty("up0")?;
+            } else {
+                dp.attach_tc("up0")?;
+            }
             Ok(dp)
         };
         match setup() {
@@ -1783,6 +1806,24 @@ fn e2e_size(
     };
 
     record("none", Value::Null, None, None, rows)?;
+
+    // The empty program: how much of any TC filter's cost is the hook itself. Its
+    // baseline bursts, like datafence's, run right before it is attached.
+    let mut baselines = Vec::new();
+    for d in &dests {
+        let mut b = Vec::new();
+        for _ in 0..args.e2e_reps {
+            b.push(burst(sb, d, args.e2e_seconds)?.0);
+        }
+        baselines.push(b);
+    }
+    match attach(&sb.host, compiled.clone(), n, TcProgram::Empty) {
+        Ok(attached) => {
+            record("empty-tc", Value::Null, None, Some(&baselines), rows)?;
+            drop(attached);
+        }
+        Err(e) => rows.push(json!({"size": n, "filter": "empty-tc", "error": format!("{e:#}")})),
+    }
 
     // datafence cannot be detached and re-attached cheaply: its baseline bursts run right
     // before it is attached.
@@ -2291,7 +2332,8 @@ fn run(args: &Args) -> Result<()> {
     drop(sandbox);
 
     let datapath_json: Vec<Value> = datapath_rows.iter().map(|c| c.json.clone()).collect();
-    let targets = targets(&datapath_rows);
+    let mut targets = targets(&datapath_rows);
+    targets.extend(other_targets(&datapath_rows, &e2e_rows, &agent_rows));
     let memcg_label = memcg.as_ref().map_or("unavailable", |m| m.label);
     let report = json!({
         "machine": machine,
@@ -2353,6 +2395,74 @@ fn targets(rows: &[DatapathCase]) -> Vec<Value> {
                 "value": r, "limit": limit, "pass": r.map(|r| r >= limit),
             }));
         }
+    }
+    out
+}
+
+/// The end-to-end, control-plane and footprint targets, at the largest size each
+/// phase measured.
+fn other_targets(datapath: &[DatapathCase], e2e: &[Value], agent: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    let size_of = |v: &Value| v["size"].as_u64().unwrap_or(0);
+    if let Some(largest) = e2e.iter().map(size_of).max() {
+        let label = human_size(largest as usize);
+        let pps = |filter: &str, hit: f64| {
+            e2e.iter()
+                .find(|r| {
+                    size_of(r) == largest
+                        && r["filter"] == filter
+                        && r["hit_rate"].as_f64() == Some(hit)
+                })
+                .and_then(|r| get_summary(&r["pps"]).map(|s| (s.median, r.clone())))
+        };
+        for hit in HIT_RATES {
+            let Some((df, row)) = pps("datafence", hit) else {
+                continue;
+            };
+            let share = row["vs_paired_no_filter"].as_f64();
+            out.push(json!({
+                "target": format!("e2e {label}, {:.0}% hits: datafence ≥ 0.95× no filter", hit * 100.0),
+                "value": share, "limit": 0.95, "pass": share.map(|r| r >= 0.95),
+            }));
+            for other in ["nft-set", "iptables+ipset"] {
+                if let Some((o, _)) = pps(other, hit) {
+                    let r = df / o;
+                    out.push(json!({
+                        "target": format!("e2e {label}, {:.0}% hits: datafence ahead of {other}", hit * 100.0),
+                        "value": r, "limit": 1.0, "pass": r > 1.0,
+                    }));
+                }
+            }
+        }
+    }
+    if let Some(row) = datapath
+        .iter()
+        .filter(|r| r.shape == Shape::Real)
+        .max_by_key(|r| r.size)
+    {
+        let c = &row.json["control"];
+        let total = c["parse_validate_s"]
+            .as_f64()
+            .zip(c["compile_s"].as_f64())
+            .zip(get_summary(&c["apply_s"]).map(|s| s.median));
+        if let Some(((parse, compile), apply)) = total {
+            let t = parse + compile + apply;
+            out.push(json!({
+                "target": format!("{} real-mix policy: read, compile and load < 1 s", human_size(row.size)),
+                "value": t, "limit": 1.0, "unit": "s", "pass": t < 1.0,
+            }));
+        }
+    }
+    if let Some(row) = agent
+        .iter()
+        .filter(|r| r["rss_minus_bpf_mapped_bytes"].is_u64())
+        .max_by_key(|r| size_of(r))
+    {
+        let mib = mib(row["rss_minus_bpf_mapped_bytes"].as_u64().unwrap_or(0) as f64);
+        out.push(json!({
+            "target": format!("agent at {}: RSS less mapped BPF tables < 64 MiB", human_size(size_of(row) as usize)),
+            "value": mib, "limit": 64.0, "unit": "MiB", "pass": mib < 64.0,
+        }));
     }
     out
 }
@@ -2444,10 +2554,15 @@ fn print_report(r: &Value) {
             Some(false) => "MISS",
             None => "n/a ",
         };
+        let measured = match t["unit"].as_str() {
+            Some(unit) => t["value"]
+                .as_f64()
+                .map_or_else(|| "–".into(), |v| format!("{v:.2} {unit}")),
+            None => show_ratio(t["value"].as_f64()),
+        };
         println!(
-            "  {verdict}  {}  (measured {})",
-            t["target"].as_str().unwrap_or(""),
-            show_ratio(t["value"].as_f64())
+            "  {verdict}  {}  (measured {measured})",
+            t["target"].as_str().unwrap_or("")
         );
     }
 
