@@ -69,6 +69,10 @@ pub const BENCH_ADDRS: u32 = 1 << 16;
 
 /// Distinct (interface, hook, class, region, verdict, reason) counter keys.
 pub const MAX_COUNTER_KEYS: u32 = 65_536;
+/// Places in each CPU's counter cache (`COUNTER_CACHE`), a power of two. A host sees a
+/// few dozen keys at most; each key claims the place its hash picks, and a key whose
+/// place is taken is counted in the `COUNTERS` hash instead.
+pub const COUNTER_CACHE_SLOTS: u32 = 256;
 /// Ring buffer for violation events; a power of two and a multiple of the page size.
 pub const EVENT_RING_BYTES: u32 = 1 << 20;
 
@@ -94,8 +98,10 @@ pub mod map_names {
     pub const RATE_LIMIT: &str = "RATE_LIMIT";
     pub const DIR24: &str = "DIR24";
     pub const DIR8: &str = "DIR8";
+    pub const COUNTER_CACHE: &str = "COUNTER_CACHE";
     pub const V6_LENGTHS: &str = "V6_LENGTHS";
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
+        COUNTER_CACHE,
         ACTIVE_SLOT,
         POLICY,
         REGIONS_V4,
@@ -444,7 +450,7 @@ pub struct CgroupKey {
 
 /// Key of the per-CPU counter hash.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct CounterKey {
     pub ifindex: u32,
     pub region: u16,
@@ -460,6 +466,30 @@ pub struct CounterKey {
 pub struct CounterValue {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl CounterKey {
+    /// The key's place in a CPU's counter cache: a multiplicative hash of its fields.
+    #[inline(always)]
+    pub fn cache_slot(&self) -> u32 {
+        let a = self.ifindex.wrapping_mul(0x9e37_79b1);
+        let b =
+            (u32::from(self.region) << 16 | u32::from(self.class) << 8 | u32::from(self.reason))
+                .wrapping_mul(0x85eb_ca6b);
+        let c = u32::from(self.verdict) << 2 | u32::from(self.hook);
+        ((a ^ b ^ c.wrapping_mul(0xc2b2_ae35)) >> 24) & (COUNTER_CACHE_SLOTS - 1)
+    }
+}
+
+/// One place of a CPU's counter cache. `claimed` is written after `key`, and sits first
+/// so that a reader copying the value front to back never pairs a claim with a key that
+/// is not yet written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CachedCounter {
+    pub claimed: u32,
+    pub key: CounterKey,
+    pub value: CounterValue,
 }
 
 /// Per-CPU token bucket for violation events.
@@ -505,6 +535,8 @@ const _: () = assert!(core::mem::size_of::<Policy>() == 40 + 16 * 208);
 const _: () = assert!(core::mem::size_of::<CgroupKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CachedCounter>() == 32);
+const _: () = assert!(COUNTER_CACHE_SLOTS.is_power_of_two() && COUNTER_CACHE_SLOTS <= 256);
 const _: () = assert!(core::mem::size_of::<RateLimitState>() == 16);
 const _: () = assert!(core::mem::size_of::<ViolationEvent>() == 72);
 
@@ -519,6 +551,7 @@ mod pod {
     unsafe impl aya::Pod for CgroupKey {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for CachedCounter {}
     unsafe impl aya::Pod for RateLimitState {}
     unsafe impl aya::Pod for ViolationEvent {}
     unsafe impl aya::Pod for crate::v6::V6PrefixKey {}

@@ -15,12 +15,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use datafence_common::{
-    BENCH_ADDRS, CLASS_NONE, COLD_LOOKUPS_PER_RUN, CgroupKey, ClassMask, CounterKey, CounterValue,
-    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, DIR_EXTENDED, DIR8_LANES,
-    DIR24_ENTRIES, DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6,
-    MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES,
-    MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE, RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS,
-    SLOTS, Verdict, ViolationEvent,
+    BENCH_ADDRS, CLASS_NONE, COLD_LOOKUPS_PER_RUN, COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey,
+    ClassMask, CounterKey, CounterValue, DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY,
+    DEFAULT_V6_ENTRIES, DIR_EXTENDED, DIR8_LANES, DIR24_ENTRIES, DIR24_LANES, EVENT_RING_BYTES,
+    FAMILY_V4, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES,
+    MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE,
+    RateLimitState, Reason, RegionId, SLOT_PREFIX_BITS, SLOTS, Verdict, ViolationEvent,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{FrameKind, PacketBytes, ParsedFrame, is_builtin_exempt, parse_frame},
     selector, stat,
@@ -56,6 +56,11 @@ static CGROUP_CLASSES: aya_ebpf::maps::HashMap<CgroupKey, ClassMask> =
 #[map]
 static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
     PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, 0);
+/// Each CPU's counters for the keys it sees most, in front of `COUNTERS`: an array read
+/// the verifier inlines, where the hash costs a call and a hash of the key.
+#[map]
+static COUNTER_CACHE: PerCpuArray<CachedCounter> =
+    PerCpuArray::with_max_entries(COUNTER_CACHE_SLOTS, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[map]
@@ -395,6 +400,24 @@ fn count(info: &HookInfo, j: &Judgement) {
         hook: info.hook as u8,
         _pad: [0; 2],
     };
+    if let Some(place) = COUNTER_CACHE.get_ptr_mut(key.cache_slot()) {
+        // SAFETY: per-CPU value, written only by this CPU while the program runs.
+        let place = unsafe { &mut *place };
+        if place.claimed == 0 {
+            // SAFETY: as above; volatile so the key is stored before the claim (readers
+            // trust a claimed place's key).
+            unsafe {
+                core::ptr::write_volatile(&raw mut place.key, key);
+                core::ptr::write_volatile(&raw mut place.claimed, 1);
+            }
+        }
+        if place.key == key {
+            place.value.packets += 1;
+            place.value.bytes += u64::from(info.len);
+            return;
+        }
+        // Another key holds the place: count in the hash.
+    }
     if let Some(v) = COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, written only by this CPU.
         unsafe {

@@ -21,11 +21,11 @@ use aya::{
     },
 };
 use datafence_common::{
-    CgroupKey, ClassMask, CounterKey, CounterValue, DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY,
-    DEFAULT_V6_ENTRIES, DIR8_LANES, DIR24_ENTRIES, DIR24_LANES, Hook, LpmDataV4, LpmDataV6,
-    MAX_CGROUP_ENTRIES, MAX_DIR8_GROUPS, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, MAX_V6_ENTRIES,
-    Policy, RegionId, SLOT_PREFIX_BITS, SLOTS, ViolationEvent, globals, lpm_data_v4, lpm_data_v6,
-    map_names, program_names, stat,
+    COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey, ClassMask, CounterKey, CounterValue,
+    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, DIR8_LANES, DIR24_ENTRIES,
+    DIR24_LANES, Hook, LpmDataV4, LpmDataV6, MAX_CGROUP_ENTRIES, MAX_DIR8_GROUPS,
+    MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, MAX_V6_ENTRIES, Policy, RegionId, SLOT_PREFIX_BITS,
+    SLOTS, ViolationEvent, globals, lpm_data_v4, lpm_data_v6, map_names, program_names, stat,
     v6::{V6_EMPTY_NODE, V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode},
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
@@ -134,21 +134,37 @@ pub enum DatapathError {
 }
 
 /// Counters summed over CPUs.
-fn read_counters(map: &Map) -> Result<Vec<(CounterKey, CounterValue)>> {
+/// Every counter, summed over CPUs: the keys each CPU's cache holds and the keys that
+/// overflowed into the hash. One key may be in both (its place was taken on one CPU).
+fn read_counters(hash: &Map, cache: &Map) -> Result<Vec<(CounterKey, CounterValue)>> {
+    let mut sums: std::collections::BTreeMap<CounterKey, CounterValue> = Default::default();
+    let mut add = |key: CounterKey, v: &CounterValue| {
+        let sum = sums.entry(key).or_default();
+        sum.packets += v.packets;
+        sum.bytes += v.bytes;
+    };
     let name = map_names::COUNTERS;
     let map: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
-        PerCpuHashMap::try_from(map).map_err(map_err(name))?;
-    let mut out = Vec::new();
+        PerCpuHashMap::try_from(hash).map_err(map_err(name))?;
     for item in map.iter() {
         let (key, per_cpu) = item.map_err(map_err(name))?;
-        let mut sum = CounterValue::default();
         for v in per_cpu.iter() {
-            sum.packets += v.packets;
-            sum.bytes += v.bytes;
+            add(key, v);
         }
-        out.push((key, sum));
     }
-    Ok(out)
+    let name = map_names::COUNTER_CACHE;
+    let map: PerCpuArray<&MapData, CachedCounter> =
+        PerCpuArray::try_from(cache).map_err(map_err(name))?;
+    for slot in 0..COUNTER_CACHE_SLOTS {
+        for c in map.get(&slot, 0).map_err(map_err(name))?.iter() {
+            // A place being claimed right now may show its claim before its key on a
+            // weakly ordered CPU; no real key has interface 0.
+            if c.claimed != 0 && c.key.ifindex != 0 {
+                add(c.key, &c.value);
+            }
+        }
+    }
+    Ok(sums.into_iter().collect())
 }
 
 fn read_stats(map: &Map) -> Result<Stats> {
@@ -176,7 +192,10 @@ impl PinLayout {
         let open = |name: &'static str| -> Result<MapData> {
             MapData::from_pin(self.map(name)).map_err(map_err(name))
         };
-        let counters = read_counters(&Map::PerCpuHashMap(open(map_names::COUNTERS)?))?;
+        let counters = read_counters(
+            &Map::PerCpuHashMap(open(map_names::COUNTERS)?),
+            &Map::PerCpuArray(open(map_names::COUNTER_CACHE)?),
+        )?;
         let stats = read_stats(&Map::PerCpuArray(open(map_names::STATS)?))?;
         let active = Map::Array(open(map_names::ACTIVE_SLOT)?);
         let active: Array<&MapData, u32> =
@@ -434,7 +453,8 @@ impl PinLayout {
     }
 
     /// Maps that are pinned: every map the programs use.
-    pub const MAPS: [&'static str; 17] = [
+    pub const MAPS: [&'static str; 18] = [
+        map_names::COUNTER_CACHE,
         map_names::DIR24,
         map_names::DIR8,
         map_names::V6_LENGTHS,
@@ -1201,7 +1221,10 @@ impl Datapath {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(CounterKey, CounterValue)>> {
-        read_counters(self.map(map_names::COUNTERS)?)
+        read_counters(
+            self.map(map_names::COUNTERS)?,
+            self.map(map_names::COUNTER_CACHE)?,
+        )
     }
 
     pub fn stats(&self) -> Result<Stats> {

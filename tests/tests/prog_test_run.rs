@@ -876,3 +876,68 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
     let addr = Ipv6Addr::from(base | (1u128 << 60));
     assert_eq!(dp.region_of(IpAddr::V6(addr)).unwrap(), 67 % 3 + 1);
 }
+
+/// A key whose place in the per-CPU counter cache is taken is counted in the hash, and
+/// the agent adds both up: the totals stay exact whichever path counted.
+#[test]
+fn counters_stay_exact_when_the_cache_is_full() {
+    use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+    use datafence::datapath::LoadOptions;
+    use datafence_common::{COUNTER_CACHE_SLOTS, CachedCounter, CounterKey, map_names};
+    integration_tests::require_root();
+    let pins = integration_tests::agent::test_pin_dir("counter-cache");
+    let mut dp = Datapath::load(&LoadOptions {
+        table_capacity: 4096,
+        pin_dir: Some(pins.clone()),
+        ..Default::default()
+    })
+    .expect("load");
+    dp.apply(
+        &integration_tests::policy_from_yaml(POLICY).compile(),
+        EventLimits::default(),
+    )
+    .expect("apply");
+    // Every place, on every CPU, belongs to a key no packet has: packets go to the hash.
+    let path = datafence::datapath::PinLayout::new(&pins).map(map_names::COUNTER_CACHE);
+    let data = MapData::from_pin(&path).expect("open pinned cache");
+    let mut cache: PerCpuArray<MapData, CachedCounter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("cache");
+    let cpus = aya::util::nr_cpus().expect("cpus");
+    let mut fill = |place: CachedCounter| {
+        for slot in 0..COUNTER_CACHE_SLOTS {
+            let values = PerCpuValues::try_from(vec![place; cpus]).expect("values");
+            cache.set(slot, values, 0).expect("write the cache");
+        }
+    };
+    fill(CachedCounter {
+        claimed: 1,
+        key: CounterKey {
+            ifindex: 999_999,
+            ..CounterKey::default()
+        },
+        value: Default::default(),
+    });
+    let frame = Spec::tcp(SRC4, EU4, 443).build();
+    let total = |dp: &Datapath| {
+        let counters = dp.counters().expect("counters");
+        let real: Vec<_> = counters
+            .iter()
+            .filter(|(k, _)| k.ifindex != 999_999)
+            .collect();
+        assert_eq!(real.len(), 1, "one key: {real:?}");
+        (real[0].1.packets, real[0].1.bytes)
+    };
+    let len = frame.bytes.len() as u64;
+    for round in 1..=3u64 {
+        assert_eq!(tc(&mut dp, &frame).packets, 1);
+        assert_eq!(total(&dp), (round, round * len), "counted in the hash");
+    }
+    // Free places again: the key claims one, and its total is the hash's plus the cache's.
+    fill(CachedCounter::default());
+    for round in 4..=5u64 {
+        assert_eq!(tc(&mut dp, &frame).packets, 1);
+        assert_eq!(total(&dp), (round, round * len), "cache and hash add up");
+    }
+    drop(dp);
+    let _ = datafence::datapath::PinLayout::new(&pins).remove_all();
+}
