@@ -29,7 +29,10 @@ pub fn fill(
     let capacity = groups.len() / 256;
     top.fill(0);
     let mut sorted: Vec<&(Ipv4Network, RegionId)> = prefixes.iter().collect();
-    sorted.sort_by_key(|(net, _)| net.prefix());
+    // A compiled policy comes sorted by length already.
+    if !sorted.is_sorted_by_key(|(net, _)| net.prefix()) {
+        sorted.sort_by_key(|(net, _)| net.prefix());
+    }
     let needed = count_groups(prefixes);
     if needed > capacity {
         return Err(GroupsExhausted { needed, capacity });

@@ -9,6 +9,7 @@ use datafence_common::{
     },
 };
 use ipnetwork::Ipv6Network;
+use rayon::slice::ParallelSliceMut as _;
 
 /// One slot's IPv6 table, ready to be written.
 #[derive(Clone, Debug, Default)]
@@ -169,7 +170,7 @@ pub fn build(slot: u32, prefixes: &[(Ipv6Network, RegionId)]) -> V6Table {
         .iter()
         .map(|(net, region)| (u128::from(net.network()), net.prefix(), *region))
         .collect();
-    sorted.sort_unstable();
+    sorted.par_sort_unstable();
     let mut lengths: Vec<u8> = sorted.iter().map(|p| p.1).collect();
     lengths.sort_unstable();
     lengths.dedup();

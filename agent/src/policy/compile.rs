@@ -8,6 +8,7 @@ use datafence_common::{
     ClassMask, ClassSpec, MAX_CLASSES, Policy, PortRange, REGION_NONE, RegionId, set_bit,
 };
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use rayon::slice::ParallelSliceMut as _;
 
 use super::cidr::{Prefix, lpm, sort_key, truncate};
 use super::model::{Class, LoadedPolicy, UnknownRule};
@@ -82,14 +83,16 @@ impl LoadedPolicy {
             }
         }
 
+        let (regions_v4, regions_v6) =
+            rayon::join(|| sorted_unique(regions_v4), || sorted_unique(regions_v6));
         let exempt_v4 = sorted_unique_prefixes(exempt_v4);
         let exempt_v6 = sorted_unique_prefixes(exempt_v6);
         policy.header.exempt_v4 = exempt_v4.len() as u32;
         policy.header.exempt_v6 = exempt_v6.len() as u32;
         CompiledPolicy {
             policy,
-            regions_v4: sorted_unique(regions_v4),
-            regions_v6: sorted_unique(regions_v6),
+            regions_v4,
+            regions_v6,
             exempt_v4,
             exempt_v6,
             src_v4: src_masks(src_v4),
@@ -131,8 +134,8 @@ fn class_spec(class: &Class) -> ClassSpec {
 /// Sorted as [`lpm`] needs; of two entries for one prefix the first is kept.
 /// Validation has already refused a prefix listed with two values, so which of equal
 /// entries survives does not matter, and the faster unstable sort will do.
-fn sorted_unique<P: Prefix, T>(mut entries: Vec<(P, T)>) -> Vec<(P, T)> {
-    entries.sort_unstable_by_key(|(p, _)| sort_key(p));
+fn sorted_unique<P: Prefix + Send, T: Send>(mut entries: Vec<(P, T)>) -> Vec<(P, T)> {
+    entries.par_sort_unstable_by_key(|(p, _)| sort_key(p));
     entries.dedup_by_key(|(p, _)| sort_key(p));
     entries
 }
@@ -148,7 +151,7 @@ fn sorted_unique_prefixes<P: Prefix>(mut prefixes: Vec<P>) -> Vec<P> {
 /// classes with a prefix containing the longest one (all such prefixes contain the source
 /// and are no longer than it), so each prefix gets the union of the classes listing it or
 /// any shorter prefix that covers it.
-fn src_masks<P: Prefix>(entries: Vec<(P, ClassMask)>) -> Vec<(P, ClassMask)> {
+fn src_masks<P: Prefix + Send>(entries: Vec<(P, ClassMask)>) -> Vec<(P, ClassMask)> {
     let mut exact: HashMap<(u8, u128), (P, ClassMask)> = HashMap::new();
     for (p, bit) in entries {
         exact.entry(sort_key(&p)).or_insert((p, 0)).1 |= bit;

@@ -12,6 +12,8 @@ use datafence_common::{
 };
 use indexmap::{IndexMap, IndexSet};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use rayon::iter::{IntoParallelIterator as _, ParallelIterator as _};
+use rayon::slice::ParallelSliceMut as _;
 use serde_saphyr::{MessageFormatter, Spanned};
 use sha2::{Digest, Sha256};
 
@@ -126,6 +128,77 @@ struct Validator<'a> {
     files: Vec<PathBuf>,
     errors: Vec<(Pos, PolicyError)>,
     hasher: Sha256,
+}
+
+/// Records a parsed region prefix: in its region's list, and as a claim.
+fn record_prefix(set: &mut RegionSet, region: usize, net: IpNetwork, pos: Pos) {
+    let (bits, kind) = match net {
+        IpNetwork::V4(n) => {
+            set.regions[region].v4.push(n);
+            (
+                u128::from(u32::from(n.network())),
+                256 + u16::from(n.prefix()),
+            )
+        }
+        IpNetwork::V6(n) => {
+            set.regions[region].v6.push(n);
+            (u128::from(n.network()), u16::from(n.prefix()))
+        }
+    };
+    set.claims.push(Claim {
+        hi: (bits >> 64) as u64,
+        lo: bits as u64,
+        kind,
+        region: region as u32,
+        seq: set.claims.len() as u32,
+        pos,
+    });
+}
+
+/// A region file as read, before it joins the policy.
+enum RegionFile {
+    Read {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        /// (line, column, prefix) for each line that holds one.
+        lines: Vec<(u32, u32, Result<IpNetwork, super::error::CidrProblem>)>,
+    },
+    Failed(Problem),
+}
+
+/// Reads and parses one region file: one CIDR per line; `#` starts a comment, blank lines
+/// are skipped. Needs nothing from the validator, so files are read in parallel.
+fn read_region_file(path: &Path) -> RegionFile {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(source) => {
+            let path = path.display().to_string();
+            return RegionFile::Failed(Problem::ReadRegionFile { path, source });
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        let what = format!("region file {}", path.display());
+        return RegionFile::Failed(Problem::NotUtf8(what));
+    };
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let content = line.split('#').next().unwrap_or_default();
+        let entry = content.trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let indent = &content[..content.len() - content.trim_start().len()];
+        lines.push((
+            clamp(n as u64 + 1),
+            clamp(indent.chars().count() as u64 + 1),
+            parse_cidr(entry),
+        ));
+    }
+    RegionFile::Read {
+        path: path.to_owned(),
+        bytes,
+        lines,
+    }
 }
 
 /// Regions as they are built: each prefix remembers its region and where it was written,
@@ -281,6 +354,18 @@ impl Validator<'_> {
             let (name, _) = raw.value.get_index(MAX_REGIONS).expect("length checked");
             self.error(at(name), Problem::TooManyRegions(raw.value.len()));
         }
+        // Region files hold nearly all of a large policy: read and parse them on every
+        // core, then record them in order.
+        let dir = self.dir.clone();
+        let mut read: std::collections::VecDeque<RegionFile> = raw
+            .value
+            .values()
+            .flat_map(|r| r.files.iter())
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|f| read_region_file(&dir.join(&f.value)))
+            .collect::<Vec<_>>()
+            .into();
         let mut set = RegionSet::default();
         for (index, (name, region)) in raw.value.iter().enumerate() {
             self.name("region", name);
@@ -295,7 +380,8 @@ impl Validator<'_> {
                 self.region_prefix(&mut set, index, &cidr.value, at(cidr));
             }
             for file in &region.files {
-                self.region_file(&mut set, index, file);
+                let contents = read.pop_front().expect("one read per file");
+                self.region_file(&mut set, index, file, contents);
             }
         }
         self.settle_claims(&mut set);
@@ -318,31 +404,10 @@ impl Validator<'_> {
     }
 
     fn region_prefix(&mut self, set: &mut RegionSet, region: usize, text: &str, pos: Pos) {
-        let net = match parse_cidr(text) {
-            Ok(net) => net,
-            Err(p) => return self.error(pos, p.into()),
-        };
-        let (bits, kind) = match net {
-            IpNetwork::V4(n) => {
-                set.regions[region].v4.push(n);
-                (
-                    u128::from(u32::from(n.network())),
-                    256 + u16::from(n.prefix()),
-                )
-            }
-            IpNetwork::V6(n) => {
-                set.regions[region].v6.push(n);
-                (u128::from(n.network()), u16::from(n.prefix()))
-            }
-        };
-        set.claims.push(Claim {
-            hi: (bits >> 64) as u64,
-            lo: bits as u64,
-            kind,
-            region: region as u32,
-            seq: set.claims.len() as u32,
-            pos,
-        });
+        match parse_cidr(text) {
+            Ok(net) => record_prefix(set, region, net, pos),
+            Err(p) => self.error(pos, p.into()),
+        }
     }
 
     /// Refuses a prefix claimed by two regions, naming both. A prefix written again, in
@@ -350,7 +415,8 @@ impl Validator<'_> {
     /// it was first written.
     fn settle_claims(&mut self, set: &mut RegionSet) {
         let mut claims = std::mem::take(&mut set.claims);
-        claims.sort_unstable_by_key(Claim::key);
+        // Millions of claims at GeoIP scale: sort on every core.
+        claims.par_sort_unstable_by_key(Claim::key);
         let mut repeats: Vec<u32> = Vec::new();
         for run in claims.chunk_by(|a, b| (a.hi, a.lo, a.kind) == (b.hi, b.lo, b.kind)) {
             let first = run[0];
@@ -406,36 +472,33 @@ impl Validator<'_> {
         }
     }
 
-    /// One CIDR per line; `#` starts a comment, blank lines are skipped.
-    fn region_file(&mut self, set: &mut RegionSet, region: usize, file: &Spanned<String>) {
-        let path = self.dir.join(&file.value);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(source) => {
-                let path = path.display().to_string();
-                return self.error(at(file), Problem::ReadRegionFile { path, source });
-            }
-        };
-        let Ok(text) = std::str::from_utf8(&bytes) else {
-            let what = format!("region file {}", path.display());
-            return self.error(at(file), Problem::NotUtf8(what));
+    /// Records a region file read by [`read_region_file`]: its bytes join the policy's
+    /// hash and its prefixes their region, in reading order.
+    fn region_file(
+        &mut self,
+        set: &mut RegionSet,
+        region: usize,
+        file: &Spanned<String>,
+        read: RegionFile,
+    ) {
+        let (path, bytes, lines) = match read {
+            RegionFile::Read { path, bytes, lines } => (path, bytes, lines),
+            RegionFile::Failed(problem) => return self.error(at(file), problem),
         };
         self.hasher.update(&bytes);
+        drop(bytes);
         self.files.push(path);
         let file_index = clamp(self.files.len() as u64 - 1);
-        for (n, line) in text.lines().enumerate() {
-            let content = line.split('#').next().unwrap_or_default();
-            let entry = content.trim();
-            if entry.is_empty() {
-                continue;
-            }
-            let indent = &content[..content.len() - content.trim_start().len()];
+        for (line, column, parsed) in lines {
             let pos = Pos {
                 file: file_index,
-                line: clamp(n as u64 + 1),
-                column: clamp(indent.chars().count() as u64 + 1),
+                line,
+                column,
             };
-            self.region_prefix(set, region, entry, pos);
+            match parsed {
+                Ok(net) => record_prefix(set, region, net, pos),
+                Err(p) => self.error(pos, p.into()),
+            }
         }
     }
 
