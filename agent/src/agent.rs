@@ -306,6 +306,15 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             "adopted the enforcement an earlier agent left in place"
         );
     }
+    if let Some(pins) = datapath.pins() {
+        match pins.remove_other_abi_versions() {
+            Ok(removed) if !removed.is_empty() => {
+                info!(?removed, "unpinned the maps of an earlier datapath version");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not unpin the maps of an earlier datapath version"),
+        }
+    }
     info!(
         policy = %opts.policy_path.display(),
         sha256 = %policy.sha256,

@@ -507,6 +507,33 @@ impl PinLayout {
         detached.sort();
         Ok(detached)
     }
+
+    /// Unpins the maps an agent of another datapath ABI left (`v<N>/` other than this
+    /// one's). Called once this agent's programs hold the pinned links: the old maps then
+    /// serve no program, or only ones still attached, which keep them alive until they
+    /// go. Without this an upgrade would leave the old tables in kernel memory until
+    /// `datafence detach`. Returns the directories removed.
+    pub fn remove_other_abi_versions(&self) -> std::io::Result<Vec<PathBuf>> {
+        let current = format!("v{}", datafence_common::ABI_VERSION);
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Ok(removed);
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_abi_dir = name
+                .strip_prefix('v')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !is_abi_dir || name == current {
+                continue;
+            }
+            // bpffs directories hold only pins and directories; removing the pins drops
+            // the filesystem's references, not the programs'.
+            std::fs::remove_dir_all(entry.path())?;
+            removed.push(entry.path());
+        }
+        Ok(removed)
+    }
 }
 
 /// How an attachment came about.

@@ -558,3 +558,42 @@ fn a_recreated_cgroup_keeps_its_class() {
     agent.stop();
     let _ = std::fs::remove_dir(&dir);
 }
+
+/// An agent of a newer datapath ABI takes over the pinned links and unpins the maps an
+/// older one left, so an upgrade does not leave old tables in kernel memory.
+#[test]
+fn an_upgrade_unpins_the_maps_of_the_old_datapath_version() {
+    require_root();
+    let sandbox = Sandbox::new("abi");
+    let scratch = Scratch::new("abi-upgrade");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("abi-upgrade");
+    // What an agent of ABI 1 leaves behind: a directory of pinned maps.
+    let old = pins.join("v1").join("maps");
+    std::fs::create_dir_all(&old).expect("old ABI directory");
+    let old_map = old.join("POLICY");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old_map)
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "POLICY",
+        ])
+        .status()
+        .expect("bpftool");
+    assert!(created.success(), "bpftool map create");
+    assert!(old_map.exists());
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    assert!(!pins.join("v1").exists(), "the old ABI's maps are unpinned");
+    assert!(
+        pins.join(format!("v{}", datafence_common::ABI_VERSION))
+            .join("maps")
+            .join("POLICY")
+            .exists()
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7700, 3, MARK),
+        0,
+        "enforcing"
+    );
+    drop(agent);
+}
