@@ -554,7 +554,6 @@ mod pod {
     unsafe impl aya::Pod for CachedCounter {}
     unsafe impl aya::Pod for RateLimitState {}
     unsafe impl aya::Pod for ViolationEvent {}
-    unsafe impl aya::Pod for crate::v6::V6PrefixKey {}
     unsafe impl aya::Pod for crate::v6::V6LengthNode {}
 }
 

@@ -1,4 +1,4 @@
-//! The IPv6 region table: one hash of prefixes keyed by (slot, length, masked address),
+//! The IPv6 region table: per policy slot, one hash of prefixes keyed by (length, masked address),
 //! searched by binary search over the prefix lengths the policy uses (Waldvogel et al.,
 //! "Scalable high speed IP routing lookups", SIGCOMM 1997).
 //!
@@ -23,12 +23,11 @@
 
 use crate::RegionId;
 
-/// Key of the `REGIONS_V6` hash. `hi` and `lo` are the address as two big-endian-read
-/// halves, masked to `len` bits, so the key is the same however the address was read.
-#[repr(C)]
+/// What a probe looks for: a prefix length, and the address as two big-endian-read
+/// halves masked to that length, so the key is the same however the address was read.
+/// Each slot has a table of its own, so the slot is not part of the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct V6PrefixKey {
-    pub slot: u32,
     pub len: u32,
     pub hi: u64,
     pub lo: u64,
@@ -46,7 +45,6 @@ pub struct V6LengthNode {
     pub _pad: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<V6PrefixKey>() == 24);
 const _: () = assert!(core::mem::size_of::<V6LengthNode>() == 4);
 
 /// Nodes per slot: one per possible prefix length, /0 to /128.
@@ -146,9 +144,8 @@ fn keep_leading(half: u64, bits: u32) -> u64 {
 
 /// The key of the `len`-bit prefix of an address, given as its halves.
 #[inline(always)]
-pub fn v6_key(slot: u32, len: u32, hi: u64, lo: u64) -> V6PrefixKey {
+pub fn v6_key(len: u32, hi: u64, lo: u64) -> V6PrefixKey {
     V6PrefixKey {
-        slot,
         len,
         hi: keep_leading(hi, len),
         lo: keep_leading(lo, len.saturating_sub(64)),
@@ -156,10 +153,9 @@ pub fn v6_key(slot: u32, len: u32, hi: u64, lo: u64) -> V6PrefixKey {
 }
 
 /// Longest-prefix match of `addr` in one slot. `node` reads the slot's search tree and
-/// `probe` the hash; the datapath passes map lookups, tests pass in-memory tables.
+/// `probe` the slot's hash; the datapath passes map lookups, tests pass in-memory tables.
 #[inline(always)]
 pub fn v6_search(
-    slot: u32,
     addr: &[u8; 16],
     node: impl Fn(u32) -> Option<V6LengthNode>,
     probe: impl Fn(&V6PrefixKey) -> Option<RegionId>,
@@ -174,7 +170,7 @@ pub fn v6_search(
         if n.len == V6_NO_LENGTH {
             break;
         }
-        let next = match probe(&v6_key(slot, u32::from(n.len), hi, lo)) {
+        let next = match probe(&v6_key(u32::from(n.len), hi, lo)) {
             Some(region) => {
                 best = region;
                 n.on_hit

@@ -230,7 +230,6 @@ fn region_v6(policy: &Policy, slot: u32, a: &[u8; 16]) -> RegionId {
     let base = slot << (bits & 31);
     let (seed, scan) = (policy.header.v6_seed, policy.header.v6_scan);
     v6_search(
-        slot,
         a,
         |node| V6_LENGTHS.get(slot * V6_TREE_NODES + node).copied(),
         |key| v6_table_get(key, seed, mask, scan, |i| REGIONS_V6.get(base + i).copied()),

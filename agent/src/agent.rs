@@ -270,6 +270,8 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         }
     }
     let compiled = policy.compile();
+    // Built once: it sizes the datapath and is what `apply_built` writes.
+    let v6 = crate::v6table::build(&compiled.regions_v6);
     let mut datapath = Datapath::load(&LoadOptions {
         table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
@@ -280,11 +282,10 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             .dir8_groups
             .max(crate::dir24::count_groups(&compiled.regions_v4) as u32 * 5 / 4)
             .min(datafence_common::MAX_DIR8_GROUPS),
-        // The same margin for the IPv6 table; its entries are not preallocated, so the
-        // margin costs only the hash's bucket array (8 bytes per entry).
+        // The same margin for the IPv6 table: 48 bytes per entry (24 per slot).
         v6_entries: opts
             .v6_entries
-            .max((crate::v6table::build(0, &compiled.regions_v6).entries() * 5 / 4) as u32)
+            .max((v6.entries() * 5 / 4) as u32)
             .min(datafence_common::MAX_V6_ENTRIES),
         bench: false,
     })?;
@@ -292,7 +293,8 @@ fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         .policy_in_slot(datapath.active_slot()?)?
         .header
         .generation;
-    let report = datapath.apply(&compiled, opts.events)?;
+    let report = datapath.apply_built(&compiled, &v6, opts.events)?;
+    drop(v6);
     let mut compiled = compiled;
     compiled.release_prefixes();
     release_free_memory();
@@ -594,14 +596,15 @@ impl Agent {
                 (a.interface.clone(), a.hook.clone(), up)
             })
             .collect();
+        let (prefixes_v4, prefixes_v6) = self.policy.prefix_counts();
         Ok(Snapshot {
             verdicts: self.ledger.totals().map(|(l, v)| (l.clone(), *v)).collect(),
             events_lost: stats.events_lost,
             events_suppressed: stats.events_suppressed,
             policy_sha256: self.policy.sha256.clone(),
             policy_version: self.policy.version,
-            prefixes_v4: self.policy.prefix_counts().0,
-            prefixes_v6: self.policy.prefix_counts().1,
+            prefixes_v4,
+            prefixes_v6,
             last_reload_unix: self
                 .loaded_at
                 .duration_since(SystemTime::UNIX_EPOCH)

@@ -787,13 +787,8 @@ impl Datapath {
             _ => return Err(DatapathError::MissingMap(name)),
         };
         self.table_capacity = max / SLOTS;
-        let places = 1usize << self.v6_bits;
         for slot in 0..SLOTS {
-            let s = slot as usize;
-            let v6_used = self.v6_table.as_slice()[s * places..(s + 1) * places]
-                .iter()
-                .filter(|e| e[2] != 0)
-                .count();
+            let v6_used = self.v6_slot(slot).iter().filter(|e| e[2] != 0).count();
             let c = &mut self.slot_contents[slot as usize];
             c.regions_v4 =
                 count_lpm::<LpmDataV4, RegionId>(self.ebpf.map(map_names::REGIONS_V4), slot);
@@ -843,6 +838,17 @@ impl Datapath {
     /// Writes `compiled` into the inactive slot, then makes it active in one map write.
     /// On any error the active slot is untouched, so the last good policy stays in force.
     pub fn apply(&mut self, compiled: &CompiledPolicy, events: EventLimits) -> Result<ApplyReport> {
+        self.apply_built(compiled, &v6table::build(&compiled.regions_v6), events)
+    }
+
+    /// [`Self::apply`] with the policy's IPv6 table already built (`v6table::build` of
+    /// `compiled.regions_v6`), for a caller that built it to size the datapath.
+    pub fn apply_built(
+        &mut self,
+        compiled: &CompiledPolicy,
+        v6: &V6Table,
+        events: EventLimits,
+    ) -> Result<ApplyReport> {
         let active = self.active_slot()?;
         let target = 1 - active;
         let generation = self
@@ -851,7 +857,6 @@ impl Datapath {
             .generation
             .wrapping_add(1);
         self.check_capacity(compiled)?;
-        let v6 = v6table::build(target, &compiled.regions_v6);
         if v6.entries() > self.v6_capacity() as usize {
             return Err(DatapathError::V6Full {
                 needed: v6.entries(),
@@ -861,7 +866,7 @@ impl Datapath {
         }
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
-        let placement = match self.fill_slot(target, compiled, &v6) {
+        let placement = match self.fill_slot(target, compiled, v6) {
             Ok(p) => p,
             Err(err) => {
                 // Leave nothing half-written behind; the error that matters is the first.
@@ -900,16 +905,11 @@ impl Datapath {
     }
 
     fn check_capacity(&self, c: &CompiledPolicy) -> Result<()> {
-        let checks: [(&'static str, usize, u32); 7] = [
+        // The IPv6 table is checked in `apply_built`, with its markers counted.
+        let checks: [(&'static str, usize, u32); 6] = [
             (
                 map_names::REGIONS_V4,
                 c.regions_v4.len(),
-                self.table_capacity,
-            ),
-            (
-                // Checked again with markers counted, once the table is built.
-                map_names::REGIONS_V6,
-                c.regions_v6.len(),
                 self.table_capacity,
             ),
             (
@@ -955,11 +955,20 @@ impl Datapath {
         (1u32 << self.v6_bits) / V6_LOAD_DIVISOR
     }
 
-    /// One slot's places in the IPv6 table.
-    fn v6_slot(&mut self, slot: u32) -> &mut [V6Entry] {
+    /// The range of one slot's places in the IPv6 table.
+    fn v6_range(&self, slot: u32) -> std::ops::Range<usize> {
         let places = 1usize << self.v6_bits;
         let s = slot as usize;
-        &mut self.v6_table.as_mut_slice()[s * places..(s + 1) * places]
+        s * places..(s + 1) * places
+    }
+
+    fn v6_slot(&self, slot: u32) -> &[V6Entry] {
+        &self.v6_table.as_slice()[self.v6_range(slot)]
+    }
+
+    fn v6_slot_mut(&mut self, slot: u32) -> &mut [V6Entry] {
+        let range = self.v6_range(slot);
+        &mut self.v6_table.as_mut_slice()[range]
     }
 
     fn fill_slot(
@@ -992,7 +1001,7 @@ impl Datapath {
             )?,
         }
         let placement =
-            v6table::place(self.v6_slot(slot), v6).map_err(|e| DatapathError::V6Crowded {
+            v6table::place(self.v6_slot_mut(slot), v6).map_err(|e| DatapathError::V6Crowded {
                 entries: e.entries,
                 places: e.places,
             })?;
@@ -1057,7 +1066,7 @@ impl Datapath {
             slot,
         )?;
         self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
-        self.v6_slot(slot).fill([0; 3]);
+        self.v6_slot_mut(slot).fill([0; 3]);
         clear_lpm::<LpmDataV4, u32>(
             self.map_mut(map_names::EXEMPT_V4)?,
             map_names::EXEMPT_V4,
@@ -1542,18 +1551,16 @@ impl Datapath {
                 let name = map_names::V6_LENGTHS;
                 let nodes: Array<&MapData, V6LengthNode> =
                     Array::try_from(self.map(name)?).map_err(map_err(name))?;
-                let places = 1usize << self.v6_bits;
-                let s = slot as usize;
-                let table = &self.v6_table.as_slice()[s * places..(s + 1) * places];
+                let table = self.v6_slot(slot);
+                let mask = table.len() as u32 - 1;
                 Ok(datafence_common::v6::v6_search(
-                    slot,
                     &a.octets(),
                     |i| nodes.get(&(slot * V6_TREE_NODES + i), 0).ok(),
                     |k| {
                         datafence_common::v6::v6_table_get(
                             k,
                             header.v6_seed,
-                            places as u32 - 1,
+                            mask,
                             header.v6_scan,
                             |i| table.get(i as usize).copied(),
                         )

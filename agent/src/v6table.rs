@@ -11,7 +11,7 @@ use datafence_common::{
 use ipnetwork::Ipv6Network;
 use rayon::slice::ParallelSliceMut as _;
 
-/// One slot's IPv6 table, ready to be written.
+/// An IPv6 table, ready to be placed in a slot.
 #[derive(Clone, Debug, Default)]
 pub struct V6Table {
     /// The search tree, `V6_TREE_NODES` long; the root is node 0.
@@ -63,7 +63,6 @@ pub fn place(slot: &mut [V6Entry], table: &V6Table) -> Result<Placement, TableCr
         slot.fill([0; 3]);
         let home = |e: &V6Entry| {
             let key = V6PrefixKey {
-                slot: 0,
                 len: (e[2] >> 32) as u32 - 1,
                 hi: e[0],
                 lo: e[1],
@@ -154,18 +153,17 @@ fn marker_lengths(nodes: &[V6LengthNode], len: u8) -> Vec<u8> {
     out
 }
 
-fn key(slot: u32, len: u8, bits: u128) -> V6PrefixKey {
+fn key(len: u8, bits: u128) -> V6PrefixKey {
     V6PrefixKey {
-        slot,
         len: u32::from(len),
         hi: (bits >> 64) as u64,
         lo: bits as u64,
     }
 }
 
-/// The table for one slot. `prefixes` may nest; no prefix appears twice (validation
-/// refuses a prefix claimed by two regions).
-pub fn build(slot: u32, prefixes: &[(Ipv6Network, RegionId)]) -> V6Table {
+/// The table for a set of prefixes, ready to be placed in either slot. `prefixes` may
+/// nest; no prefix appears twice (validation refuses a prefix claimed by two regions).
+pub fn build(prefixes: &[(Ipv6Network, RegionId)]) -> V6Table {
     let mut sorted: Vec<(u128, u8, RegionId)> = prefixes
         .iter()
         .map(|(net, region)| (u128::from(net.network()), net.prefix(), *region))
@@ -201,7 +199,7 @@ pub fn build(slot: u32, prefixes: &[(Ipv6Network, RegionId)]) -> V6Table {
             let last = &mut last_at_length[usize::from(len)];
             if *last != Some(bits) {
                 *last = Some(bits);
-                table.keys.push(key(slot, len, bits));
+                table.keys.push(key(len, bits));
                 table.values.push(value);
             }
         };
@@ -239,7 +237,6 @@ mod tests {
             .zip(table.values.iter().copied())
             .collect();
         let by_hash = v6_search(
-            0,
             &addr.octets(),
             |i| table.nodes.get(i as usize).copied(),
             |k| hash.get(k).copied(),
@@ -248,7 +245,6 @@ mod tests {
         let mut slot = vec![[0u64; 3]; places];
         let p = place(&mut slot, table).expect("placed");
         let by_table = v6_search(
-            0,
             &addr.octets(),
             |i| table.nodes.get(i as usize).copied(),
             |k| {
@@ -284,7 +280,7 @@ mod tests {
                 )
             })
             .collect();
-        let t = build(0, &prefixes);
+        let t = build(&prefixes);
         let mut slot = vec![[0u64; 3]; (t.entries() * 2).next_power_of_two()];
         let p = place(&mut slot, &t).expect("placed");
         assert!(p.scan <= V6_MAX_SCAN);
@@ -301,7 +297,7 @@ mod tests {
 
     #[test]
     fn empty_table_finds_nothing() {
-        let t = build(0, &[]);
+        let t = build(&[]);
         assert_eq!(t.nodes[0], V6_EMPTY_NODE);
         assert_eq!(lookup(&t, "2001:db8::1".parse().unwrap()), 0);
     }
@@ -315,7 +311,7 @@ mod tests {
             (net("2001:db8:1:2::7/128"), 4),
             (net("::/0"), 5),
         ];
-        let t = build(0, &p);
+        let t = build(&p);
         for (addr, want) in [
             ("2001:db8:1:2::7", 4),
             ("2001:db8:1:2::8", 3),
@@ -332,7 +328,7 @@ mod tests {
         // /64 leaves a marker at /48 (the root of lengths 32, 48, 64): an address that
         // shares only those 48 bits must not match anything.
         let p = vec![(net("2001:db8:1:2::/64"), 3), (net("2400::/32"), 1)];
-        let t = build(0, &p);
+        let t = build(&p);
         assert_eq!(lookup(&t, "2001:db8:1:9::".parse().unwrap()), 0);
         assert_eq!(lookup(&t, "2001:db8:1:2::1".parse().unwrap()), 3);
     }
@@ -347,7 +343,7 @@ mod tests {
                 )
             })
             .collect();
-        let t = build(0, &p);
+        let t = build(&p);
         for l in 0..=128u32 {
             let addr = if l == 128 {
                 Ipv6Addr::UNSPECIFIED
@@ -383,7 +379,7 @@ mod tests {
         ) {
             let mut seen = std::collections::HashSet::new();
             let prefixes: Vec<_> = raw.into_iter().filter(|(n, _)| seen.insert(*n)).collect();
-            let t = build(0, &prefixes);
+            let t = build(&prefixes);
             let mut candidates: Vec<Ipv6Addr> = prefixes.iter().map(|(n, _)| n.network()).collect();
             candidates.extend(probes.iter().map(|&(b, n)| Ipv6Addr::from((b << 120) | (n >> 8))));
             for addr in candidates {

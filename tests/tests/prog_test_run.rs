@@ -824,7 +824,7 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
         ..Default::default()
     })
     .expect("load");
-    let entries = datafence::v6table::build(0, &nested).entries() as u64;
+    let entries = datafence::v6table::build(&nested).entries() as u64;
     let v6_usage = |dp: &Datapath| {
         dp.map_usage()
             .into_iter()

@@ -885,7 +885,7 @@ fn load_options(n: usize, compiled: &CompiledPolicy, bench: bool) -> LoadOptions
 }
 
 fn v6_entries(compiled: &CompiledPolicy) -> u32 {
-    let needed = datafence::v6table::build(0, &compiled.regions_v6).entries() as u32;
+    let needed = datafence::v6table::build(&compiled.regions_v6).entries() as u32;
     DEFAULT_V6_ENTRIES.max(needed + 16)
 }
 
@@ -1807,16 +1807,21 @@ fn e2e_size(
 
     record("none", Value::Null, None, None, rows)?;
 
-    // The empty program: how much of any TC filter's cost is the hook itself. Its
-    // baseline bursts, like datafence's, run right before it is attached.
-    let mut baselines = Vec::new();
-    for d in &dests {
-        let mut b = Vec::new();
-        for _ in 0..args.e2e_reps {
-            b.push(burst(sb, d, args.e2e_seconds)?.0);
-        }
-        baselines.push(b);
-    }
+    // No-filter bursts per hit rate, for a filter that cannot be switched off and on
+    // cheaply: they run right before it is attached.
+    let paired_baselines = || -> Result<Vec<Vec<f64>>> {
+        dests
+            .iter()
+            .map(|d| {
+                (0..args.e2e_reps)
+                    .map(|_| Ok(burst(sb, d, args.e2e_seconds)?.0))
+                    .collect()
+            })
+            .collect()
+    };
+
+    // The empty program: how much of any TC filter's cost is the hook itself.
+    let baselines = paired_baselines()?;
     match attach(&sb.host, compiled.clone(), n, TcProgram::Empty) {
         Ok(attached) => {
             record("empty-tc", Value::Null, None, Some(&baselines), rows)?;
@@ -1825,16 +1830,7 @@ fn e2e_size(
         Err(e) => rows.push(json!({"size": n, "filter": "empty-tc", "error": format!("{e:#}")})),
     }
 
-    // datafence cannot be detached and re-attached cheaply: its baseline bursts run right
-    // before it is attached.
-    let mut baselines = Vec::new();
-    for d in &dests {
-        let mut b = Vec::new();
-        for _ in 0..args.e2e_reps {
-            b.push(burst(sb, d, args.e2e_seconds)?.0);
-        }
-        baselines.push(b);
-    }
+    let baselines = paired_baselines()?;
     match timed(|| attach_datafence(&sb.host, compiled.clone(), n)) {
         (Ok(attached), t) => {
             record(
@@ -2055,87 +2051,31 @@ fn agent_size(
 ) -> Result<Value> {
     let set = prefix_set(cat, Shape::Real, n);
     let files = write_policy(cat, &set, &format!("bench-agent-{n}"))?;
-    let run_dir = files.scratch.dir.join("run");
-    let log = files.scratch.dir.join("agent.log");
     let capacity = table_capacity(n).to_string();
     let compiled = parse_policy(&files.path, n)?.compile();
     let groups = dir8_groups(&compiled).to_string();
-    let mut cmd = command_in(&sb.host.name, &args.agent_bin);
-    cmd.arg("--runtime-dir")
-        .arg(&run_dir)
-        .arg("run")
-        .arg("--policy")
-        .arg(&files.path)
-        .args([
-            "--no-pin",
-            "--no-watch",
-            "--interface",
-            "up0",
+    let v4 = if v4_table(&compiled).0 == V4Table::Trie {
+        "trie"
+    } else {
+        "dir24"
+    };
+    let agent = BenchAgent::start(
+        sb,
+        args,
+        &files.path,
+        &files.scratch.dir,
+        &[
             "--table-capacity",
             &capacity,
             "--dir8-groups",
             &groups,
             "--v4-table",
-            if v4_table(&compiled).0 == V4Table::Trie {
-                "trie"
-            } else {
-                "dir24"
-            },
-        ])
-        .env_remove("SSH_CONNECTION")
-        .env("DATAFENCE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?);
-    let start = Instant::now();
-    let mut child = cmd.spawn().context("starting datafence run")?;
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            for _ in 0..100 {
-                if matches!(self.0.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let pid = child.id();
-    let guard = Kill(&mut child);
-    let deadline = Duration::from_secs(180).min(budget.left());
-    loop {
-        if let Ok(Some(status)) = guard.0.try_wait() {
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!(
-                "datafence run exited with {status}: {}",
-                log.chars().take(800).collect::<String>()
-            );
-        }
-        let mut status = command_in(&sb.host.name, &args.agent_bin);
-        status
-            .arg("--runtime-dir")
-            .arg(&run_dir)
-            .args(["status", "--json"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null());
-        if let Ok(out) = status.output()
-            && out.status.success()
-        {
-            break;
-        }
-        if start.elapsed() > deadline {
-            bail!(
-                "datafence run not ready after {:.0}s",
-                deadline.as_secs_f64()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let ready = start.elapsed();
+            v4,
+        ],
+        Duration::from_secs(180).min(budget.left()),
+    )?;
+    let pid = agent.child.id();
+    let ready = agent.ready;
     std::thread::sleep(Duration::from_millis(500));
     let pid_s = pid.to_string();
     let rss = |field: &str| proc_status_kib(&pid_s, field).map_or(0, |k| k * 1024);
@@ -2170,7 +2110,7 @@ fn agent_size(
         rates.push(s.processed as f64 / s.elapsed.as_secs_f64());
     }
     let busy_rss = rss("VmRSS:");
-    drop(guard);
+    drop(agent);
     Ok(json!({
         "size": n,
         "ready_s": ready.as_secs_f64(),
@@ -2205,64 +2145,121 @@ fn catalogue_reload(sb: &Sandbox, args: &Args) -> Result<Value> {
     let scratch = Scratch::new("bench-catalogue");
     std::os::unix::fs::symlink(policies.join("regions"), scratch.dir.join("regions"))?;
     let policy = scratch.write("eu-cloud.yaml", &original);
-    let run_dir = scratch.dir.join("run");
-    let log = scratch.dir.join("agent.log");
-    let mut cmd = command_in(&sb.host.name, &args.agent_bin);
-    cmd.arg("--runtime-dir")
-        .arg(&run_dir)
-        .arg("run")
-        .arg("--policy")
-        .arg(&policy)
-        .args(["--no-pin", "--no-watch", "--interface", "up0"])
-        .env_remove("SSH_CONNECTION")
-        .env("DATAFENCE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log)?);
-    let mut child = cmd.spawn().context("starting datafence run")?;
-    let result = (|| -> Result<Value> {
-        let ctl = |verb: &str| {
-            let mut c = command_in(&sb.host.name, &args.agent_bin);
-            c.arg("--runtime-dir")
-                .arg(&run_dir)
-                .arg(verb)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            c
+    let agent = BenchAgent::start(
+        sb,
+        args,
+        &policy,
+        &scratch.dir,
+        &[],
+        Duration::from_secs(60),
+    )?;
+    let compiled = parse_policy(&policy, 0)?.compile();
+    let mut times = Vec::new();
+    for round in 0..ROUNDS {
+        std::fs::write(&policy, format!("{original}\n# bench round {round}\n"))?;
+        let (status, t) = timed(|| agent.ctl("reload").status());
+        if !status?.success() {
+            bail!("datafence reload failed in round {round}");
+        }
+        times.push(t.as_secs_f64());
+    }
+    Ok(json!({
+        "policy": "policies/eu-cloud.yaml",
+        "prefixes_v4": compiled.regions_v4.len(),
+        "prefixes_v6": compiled.regions_v6.len(),
+        "reload_s": sjson(summarize(&times)),
+    }))
+}
+
+/// `datafence run` in the sandbox's host namespace on `up0`, without pinning or file
+/// watching, ready once its control socket answers; stopped when dropped.
+struct BenchAgent<'a> {
+    sb: &'a Sandbox,
+    bin: PathBuf,
+    run_dir: PathBuf,
+    child: std::process::Child,
+    /// From spawn to the first answer on the control socket.
+    ready: Duration,
+}
+
+impl<'a> BenchAgent<'a> {
+    /// Starts the agent with its runtime directory and log in `dir`.
+    fn start(
+        sb: &'a Sandbox,
+        args: &Args,
+        policy: &Path,
+        dir: &Path,
+        extra: &[&str],
+        deadline: Duration,
+    ) -> Result<Self> {
+        let log = dir.join("agent.log");
+        let run_dir = dir.join("run");
+        let mut cmd = command_in(&sb.host.name, &args.agent_bin);
+        cmd.arg("--runtime-dir")
+            .arg(&run_dir)
+            .arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .args(["--no-pin", "--no-watch", "--interface", "up0"])
+            .args(extra)
+            .env_remove("SSH_CONNECTION")
+            .env("DATAFENCE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let started = Instant::now();
+        let mut agent = Self {
+            sb,
+            bin: args.agent_bin.clone(),
+            run_dir,
+            child: cmd.spawn().context("starting datafence run")?,
+            ready: Duration::ZERO,
         };
-        let start = Instant::now();
-        while !ctl("status").status().is_ok_and(|s| s.success()) {
-            if child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(60) {
+        while !agent.ctl("status").status().is_ok_and(|s| s.success()) {
+            let exited = agent.child.try_wait()?;
+            if exited.is_some() || started.elapsed() > deadline {
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
                 bail!(
-                    "datafence run did not start: {}",
+                    "datafence run not ready ({}): {}",
+                    exited.map_or_else(
+                        || format!("after {:.0}s", deadline.as_secs_f64()),
+                        |s| format!("exited with {s}")
+                    ),
                     log.chars().take(800).collect::<String>()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let compiled = parse_policy(&policy, 0)?.compile();
-        let mut times = Vec::new();
-        for round in 0..ROUNDS {
-            std::fs::write(&policy, format!("{original}\n# bench round {round}\n"))?;
-            let (status, t) = timed(|| ctl("reload").status());
-            if !status?.success() {
-                bail!("datafence reload failed in round {round}");
+        agent.ready = started.elapsed();
+        Ok(agent)
+    }
+
+    /// A `datafence <verb>` against this agent, output discarded.
+    fn ctl(&self, verb: &str) -> Command {
+        let mut c = command_in(&self.sb.host.name, &self.bin);
+        c.arg("--runtime-dir")
+            .arg(&self.run_dir)
+            .arg(verb)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+}
+
+impl Drop for BenchAgent<'_> {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
             }
-            times.push(t.as_secs_f64());
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(json!({
-            "policy": "policies/eu-cloud.yaml",
-            "prefixes_v4": compiled.regions_v4.len(),
-            "prefixes_v6": compiled.regions_v6.len(),
-            "reload_s": sjson(summarize(&times)),
-        }))
-    })();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-    result
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 // ---------------------------------------------------------------------------------------
