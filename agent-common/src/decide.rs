@@ -1,7 +1,7 @@
 //! Classification and verdicts: pure functions over a compiled [`Policy`].
 
 use crate::{
-    CLASS_NONE, ClassMask, ClassSpec, MAX_CLASSES, MAX_MARKS_PER_CLASS, MAX_PORT_RANGES_PER_CLASS,
+    CLASS_NONE, ClassIndex, ClassMask, ClassSpec, MAX_INDEXED_MARKS, MAX_INDEXED_PORT_RANGES,
     MODE_AUDIT, Policy, REGION_NONE, Reason, RegionId, Verdict, bit_is_set, selector,
 };
 
@@ -51,96 +51,93 @@ impl Decision {
     }
 }
 
+/// Classes whose mark selector matches `mark`.
 #[inline(always)]
-fn marks_match(class: &ClassSpec, mark: u32) -> bool {
+fn mark_classes(ix: &ClassIndex, mark: u32) -> ClassMask {
+    let mut classes = 0;
     let mut i = 0;
-    // Bounded by MAX_MARKS_PER_CLASS so the verifier sees a constant trip count.
-    while i < MAX_MARKS_PER_CLASS {
-        if i >= class.n_marks as usize {
-            return false;
-        }
-        let m = class.marks[i];
-        if mark & m.mask == m.value {
-            return true;
-        }
-        i += 1;
-    }
-    false
-}
-
-#[inline(always)]
-fn ports_match(class: &ClassSpec, port: u16) -> bool {
-    let mut i = 0;
-    // Bounded by MAX_PORT_RANGES_PER_CLASS, as above.
-    while i < MAX_PORT_RANGES_PER_CLASS {
-        if i >= class.n_port_ranges as usize {
-            return false;
-        }
-        let r = class.port_ranges[i];
-        if port >= r.first && port <= r.last {
-            return true;
-        }
-        i += 1;
-    }
-    false
-}
-
-/// Whether class `id` matches: every selector the class lists must match.
-#[inline(always)]
-pub fn class_matches(class: &ClassSpec, id: usize, facts: &PacketFacts) -> bool {
-    let sel = class.selectors;
-    if sel == 0 {
-        // Validation refuses an empty `match`; an empty class must never swallow traffic.
-        return false;
-    }
-    let bit: ClassMask = 1 << id;
-    if sel & selector::CGROUP != 0 && facts.cgroup_classes & bit == 0 {
-        return false;
-    }
-    if sel & selector::MARK != 0 && !marks_match(class, facts.mark) {
-        return false;
-    }
-    if facts.ip_known {
-        if sel & selector::DSCP != 0 && class.dscp & (1u64 << (facts.dscp & 63)) == 0 {
-            return false;
-        }
-        if sel & selector::PROTOCOL != 0 && !bit_is_set(&class.protocols, facts.protocol) {
-            return false;
-        }
-        if sel & selector::SRC_CIDR != 0 && facts.src_classes & bit == 0 {
-            return false;
-        }
-    }
-    if sel & selector::DST_PORT != 0 {
-        match facts.ports {
-            PortInfo::Known => {
-                if !ports_match(class, facts.dst_port) {
-                    return false;
-                }
-            }
-            PortInfo::Absent => return false,
-            PortInfo::Unknown => {}
-        }
-    }
-    true
-}
-
-/// The first class (in policy order) that the packet matches, or [`CLASS_NONE`].
-#[inline(always)]
-pub fn classify(policy: &Policy, facts: &PacketFacts) -> u8 {
-    let n = policy.header.n_classes as usize;
-    let mut i = 0;
-    // Bounded by MAX_CLASSES so the verifier sees a constant trip count.
-    while i < MAX_CLASSES {
-        if i >= n {
+    // Bounded by MAX_INDEXED_MARKS so the verifier sees a constant trip count.
+    while i < MAX_INDEXED_MARKS {
+        if i >= ix.n_marks as usize {
             break;
         }
-        if class_matches(&policy.classes[i], i, facts) {
-            return i as u8;
+        let m = ix.marks[i];
+        if mark & m.mask == m.value {
+            classes |= m.classes;
         }
         i += 1;
     }
-    CLASS_NONE
+    classes
+}
+
+/// Classes whose destination-port selector holds `port`.
+#[inline(always)]
+fn port_classes(ix: &ClassIndex, port: u16) -> ClassMask {
+    let mut classes = 0;
+    let mut i = 0;
+    // Bounded by MAX_INDEXED_PORT_RANGES, as above.
+    while i < MAX_INDEXED_PORT_RANGES {
+        if i >= ix.n_port_ranges as usize {
+            break;
+        }
+        let r = ix.port_ranges[i];
+        if port >= r.first && port <= r.last {
+            classes |= r.classes;
+        }
+        i += 1;
+    }
+    classes
+}
+
+/// The lowest class in `classes`, or [`CLASS_NONE`]. Branch-free: the number of bits
+/// below the lowest set one, counted by halves.
+#[inline(always)]
+fn lowest_class(classes: ClassMask) -> u8 {
+    if classes == 0 {
+        return CLASS_NONE;
+    }
+    // The trailing zeros, as a mask: set bits below the lowest set one.
+    let below = classes.wrapping_sub(1) & !classes;
+    let mut n = below - ((below >> 1) & 0x5555_5555);
+    n = (n & 0x3333_3333) + ((n >> 2) & 0x3333_3333);
+    n = (n + (n >> 4)) & 0x0f0f_0f0f;
+    (n.wrapping_mul(0x0101_0101) >> 24) as u8
+}
+
+/// The first class (in policy order) whose every listed selector matches the packet, or
+/// [`CLASS_NONE`].
+///
+/// Each selector narrows the set of candidate classes with one bitmap from the policy's
+/// [`ClassIndex`]: a class survives a selector when it does not list it, or when the
+/// packet's value is among the ones it lists. The work, and the verifier's, does not grow
+/// with the number of classes. Selectors the packet cannot answer narrow nothing (fail
+/// closed): IP fields when the IP header could not be read, ports when they are unknown.
+#[inline(always)]
+pub fn classify(policy: &Policy, facts: &PacketFacts) -> u8 {
+    let ix = &policy.index;
+    let mut candidates = ix.live;
+    candidates &= !ix.using(selector::CGROUP) | facts.cgroup_classes;
+    let uses_mark = ix.using(selector::MARK);
+    if uses_mark != 0 {
+        candidates &= !uses_mark | mark_classes(ix, facts.mark);
+    }
+    if facts.ip_known {
+        candidates &= !ix.using(selector::DSCP) | ix.dscp[usize::from(facts.dscp & 63)];
+        candidates &= !ix.using(selector::PROTOCOL) | ix.protocol[usize::from(facts.protocol)];
+        candidates &= !ix.using(selector::SRC_CIDR) | facts.src_classes;
+    }
+    let uses_port = ix.using(selector::DST_PORT);
+    match facts.ports {
+        PortInfo::Known => {
+            if uses_port != 0 {
+                candidates &= !uses_port | port_classes(ix, facts.dst_port);
+            }
+        }
+        // A port selector cannot match a protocol without ports.
+        PortInfo::Absent => candidates &= !uses_port,
+        PortInfo::Unknown => {}
+    }
+    lowest_class(candidates)
 }
 
 /// Turns a would-be denial into an audit hit when the class is in audit mode.
@@ -174,7 +171,7 @@ pub fn judge(class: &ClassSpec, region: RegionId, routed: bool) -> Decision {
             Reason::RoutingHeaderDenied,
         );
     }
-    if region == REGION_NONE as RegionId || region > 255 {
+    if region == RegionId::from(REGION_NONE) || region > 255 {
         return apply_mode(
             class,
             unknown_denied,
@@ -201,7 +198,7 @@ pub fn judge_malformed(class: &ClassSpec) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MarkMatch, PortRange, set_bit};
+    use crate::{MAX_CLASSES, MarkMatch, PortRange, set_bit};
 
     fn facts() -> PacketFacts {
         PacketFacts {
@@ -229,6 +226,7 @@ mod tests {
         p.header.loaded = 1;
         p.header.n_classes = classes.len() as u32;
         p.classes[..classes.len()].copy_from_slice(classes);
+        p.build_index();
         p
     }
 
@@ -246,7 +244,25 @@ mod tests {
     fn classes_past_n_classes_are_ignored() {
         let mut p = policy(&[port_class(80, 80)]);
         p.classes[1] = port_class(443, 443);
+        p.build_index();
         assert_eq!(classify(&p, &facts()), CLASS_NONE);
+    }
+
+    #[test]
+    fn the_lowest_class_is_counted_exactly() {
+        assert_eq!(lowest_class(0), CLASS_NONE);
+        for id in 0..32 {
+            assert_eq!(lowest_class(1 << id), id as u8);
+            assert_eq!(lowest_class(u32::MAX << id), id as u8);
+        }
+    }
+
+    #[test]
+    fn the_sixteenth_class_is_reachable() {
+        let mut classes = [port_class(1, 1); MAX_CLASSES];
+        classes[MAX_CLASSES - 1] = port_class(443, 443);
+        let p = policy(&classes);
+        assert_eq!(classify(&p, &facts()), (MAX_CLASSES - 1) as u8);
     }
 
     #[test]

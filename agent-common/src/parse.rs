@@ -64,6 +64,7 @@ pub enum FrameKind {
     Malformed = 2,
 }
 
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParsedFrame {
     pub kind: FrameKind,

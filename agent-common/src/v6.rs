@@ -161,7 +161,7 @@ pub fn v6_search(
     probe: impl Fn(&V6PrefixKey) -> Option<RegionId>,
 ) -> RegionId {
     let (hi, lo) = v6_halves(addr);
-    let mut best = crate::REGION_NONE as RegionId;
+    let mut best = RegionId::from(crate::REGION_NONE);
     let mut at = 0u32;
     let mut step = 0;
     // Bounded by V6_MAX_PROBES, the depth of the deepest tree the agent builds.

@@ -1,4 +1,5 @@
 //! cgroup ids (as the datapath reports them) back to paths, for violation reports.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::HashMap,
@@ -79,43 +80,7 @@ fn relative(root: &Path, dir: &Path) -> String {
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones. Read from /proc/self/mounts.
 pub fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut cols = line.split_whitespace();
-            let (_dev, dir, fstype) = (cols.next()?, cols.next()?, cols.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .next()
-        .unwrap_or_else(|| PathBuf::from(crate::dirs::CGROUP_ROOT))
+    datafence_sandbox::cgroup2_root_or(Path::new(crate::dirs::CGROUP_ROOT))
 }
 
-/// Makes `cmd` start its process inside the cgroup whose `cgroup.procs` file is given,
-/// before it execs: the process is in the cgroup from its first instruction.
-pub fn spawn_in_cgroup(
-    cmd: &mut std::process::Command,
-    cgroup_procs: &Path,
-) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    let procs = std::ffi::CString::new(cgroup_procs.as_os_str().as_encoded_bytes())
-        .map_err(std::io::Error::other)?;
-    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
-    // functions (open, write, close) on memory prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n != 1 {
-                return Err(err);
-            }
-            Ok(())
-        });
-    }
-    Ok(())
-}
+pub use datafence_sandbox::spawn_in_cgroup;

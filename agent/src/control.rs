@@ -1,11 +1,12 @@
 //! The control socket: how `datafence status`, `reload` and `explain` (without
 //! `--policy`) talk to the running agent. One JSON request line, one JSON response line.
+#![forbid(unsafe_code)]
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::IpAddr,
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -14,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use datafence_common::CounterValue;
 
 use crate::{
+    dirs,
     explain::{Explanation, Query},
+    generations::GenerationNames,
     metrics::VerdictLabels,
 };
 
@@ -54,6 +57,13 @@ pub struct StatusReport {
     /// kernel keeps enforcing.
     #[serde(default = "yes")]
     pub agent_running: bool,
+    /// The bpffs directory of the enforcement described; none when nothing is pinned.
+    #[serde(default)]
+    pub pin_dir: Option<String>,
+    /// What a reader should know about where this came from (e.g. names that could not
+    /// be recovered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub attachments: Vec<Attachment>,
     pub policy: PolicyIdentity,
     pub counters: Vec<CounterRow>,
@@ -66,6 +76,10 @@ pub struct StatusReport {
     /// Kernel memory of each datapath map, in bytes.
     #[serde(default)]
     pub map_memory_bytes: std::collections::BTreeMap<String, u64>,
+    /// What the kernel offers, as probed by the agent at start (or by `status` itself
+    /// while no agent runs).
+    #[serde(default)]
+    pub kernel: crate::kernel::KernelFeatures,
 }
 
 fn yes() -> bool {
@@ -76,6 +90,15 @@ fn yes() -> bool {
 pub struct Attachment {
     pub interface: String,
     pub hook: String,
+    /// How the program is attached: "tcx" or "clsact" for TC egress, "xdp" for XDP;
+    /// empty in a state file written before the kinds were told apart.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// Kernel ids of other programs that run ahead of datafence's on this hook (and so
+    /// could decide for a packet before datafence judges it). Only a running agent
+    /// looks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs_ahead: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -144,6 +167,8 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("the agent sent an unreadable answer: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("the agent says: {0}")]
+    Agent(String),
 }
 
 /// Sends one request and waits for its answer.
@@ -153,7 +178,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ControlError> 
         source,
     })?;
     // Explain with --datapath loads programs; a reload can write a large policy.
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.set_read_timeout(Some(Duration::from_mins(2)))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
@@ -171,6 +196,156 @@ pub struct AgentState {
     pub classes: Vec<(u8, String)>,
     pub regions: Vec<(u16, String)>,
     pub attachments: Vec<Attachment>,
+    /// The latest policy generations' names, so a successor agent names the events it
+    /// finds in the pinned ring buffer after the policy that judged them.
+    #[serde(default)]
+    pub generations: Vec<GenerationNames>,
 }
 
 pub const STATE_FILE: &str = "state.json";
+
+/// The state an agent left in `runtime_dir`.
+pub fn read_state(runtime_dir: &Path) -> Result<AgentState, ControlError> {
+    let bytes = std::fs::read(runtime_dir.join(STATE_FILE))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Whether two paths name the same place (compared canonically when both exist).
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_owned())
+    };
+    canon(a) == canon(b)
+}
+
+/// The runtime directory of the agent that owns the enforcement pinned in `pin_dir`,
+/// from the symlink [`dirs::PINS_OWNER`] it keeps there. bpffs holds no regular files,
+/// but it holds symlinks, and a symlink outlives the agent like the pins do.
+pub fn pins_owner(pin_dir: &Path) -> Option<PathBuf> {
+    std::fs::read_link(pin_dir.join(dirs::PINS_OWNER)).ok()
+}
+
+/// Records `runtime_dir` as the owner of the pins in `pin_dir`.
+pub fn claim_pins(pin_dir: &Path, runtime_dir: &Path) -> std::io::Result<()> {
+    let link = pin_dir.join(dirs::PINS_OWNER);
+    let target = std::fs::canonicalize(runtime_dir)?;
+    match std::fs::remove_file(&link) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::os::unix::fs::symlink(target, link)
+}
+
+/// The agent a command addresses, from its `--runtime-dir` and `--pin-dir`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    /// Where the agent's control socket and state are; `None` when no agent is
+    /// addressed (a pin directory that names no owner).
+    pub runtime_dir: Option<PathBuf>,
+    /// The pins the command is about; `None`: those of the addressed agent, else the
+    /// default.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Address {
+    /// An explicit runtime directory wins. A pin directory alone addresses the agent it
+    /// names as its owner, and no agent when it names none: never the default agent,
+    /// which may be enforcing entirely different pins. With neither, the defaults.
+    pub fn resolve(runtime_dir: Option<&Path>, pin_dir: Option<&Path>) -> Self {
+        let runtime_dir = match (runtime_dir, pin_dir) {
+            (Some(r), _) => Some(r.to_owned()),
+            (None, Some(p)) => pins_owner(p),
+            (None, None) => Some(PathBuf::from(dirs::RUNTIME_DIR)),
+        };
+        Self {
+            runtime_dir,
+            pin_dir: pin_dir.map(Path::to_owned),
+        }
+    }
+
+    pub fn socket(&self) -> Option<PathBuf> {
+        self.runtime_dir
+            .as_ref()
+            .map(|r| r.join(dirs::CONTROL_SOCKET))
+    }
+
+    /// The running agent addressed, with its socket and status: one that answers on the
+    /// socket and, when a pin directory was given, enforces from that directory. `None`
+    /// when nothing answers there (no socket, or one a killed agent left).
+    pub fn live_agent(&self) -> Result<Option<(PathBuf, StatusReport)>, ControlError> {
+        let Some(socket) = self.socket() else {
+            return Ok(None);
+        };
+        let status = match call(&socket, &Request::Status) {
+            Ok(Response::Status(status)) => status,
+            Ok(Response::Error { message }) => return Err(ControlError::Agent(message)),
+            Ok(other) => return Err(ControlError::Agent(format!("unexpected answer {other:?}"))),
+            Err(ControlError::Connect { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let pins_match = match (&self.pin_dir, &status.pin_dir) {
+            (None, _) => true,
+            (Some(want), Some(has)) => same_path(want, Path::new(has)),
+            (Some(_), None) => false,
+        };
+        Ok(pins_match.then_some((socket, *status)))
+    }
+
+    /// The pin directory the command is about: the one given, else the addressed
+    /// agent's (from its state), else the default.
+    pub fn pins(&self) -> PathBuf {
+        if let Some(p) = &self.pin_dir {
+            return p.clone();
+        }
+        self.runtime_dir
+            .as_deref()
+            .and_then(|r| read_state(r).ok())
+            .and_then(|s| s.pin_dir)
+            .map_or_else(|| PathBuf::from(dirs::PIN_DIR), PathBuf::from)
+    }
+}
+
+/// The running agent that owns the pins in `pin_dir`, if any: the owner the pins name,
+/// answering on its socket and reporting this pin directory.
+pub fn live_owner(pin_dir: &Path) -> Option<PathBuf> {
+    let owner = Address {
+        runtime_dir: Some(pins_owner(pin_dir)?),
+        pin_dir: Some(pin_dir.to_owned()),
+    };
+    owner.live_agent().ok().flatten().map(|(socket, _)| socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_dir_without_an_owner_addresses_no_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Address::resolve(None, Some(dir.path()));
+        assert_eq!(a.runtime_dir, None, "never the default agent");
+        assert_eq!(a.socket(), None);
+        assert!(a.live_agent().expect("no agent is no error").is_none());
+    }
+
+    #[test]
+    fn a_pin_dir_addresses_its_owner_and_a_runtime_dir_wins() {
+        let pins = tempfile::tempdir().expect("tempdir");
+        let run = tempfile::tempdir().expect("tempdir");
+        claim_pins(pins.path(), run.path()).expect("claim");
+        // Claiming again replaces the link.
+        claim_pins(pins.path(), run.path()).expect("claim again");
+        let a = Address::resolve(None, Some(pins.path()));
+        assert!(same_path(
+            a.runtime_dir.as_deref().expect("owner"),
+            run.path()
+        ));
+        let other = Path::new("/run/other");
+        let b = Address::resolve(Some(other), Some(pins.path()));
+        assert_eq!(b.runtime_dir.as_deref(), Some(other));
+        let c = Address::resolve(None, None);
+        assert_eq!(c.runtime_dir, Some(PathBuf::from(dirs::RUNTIME_DIR)));
+    }
+}

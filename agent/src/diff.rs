@@ -1,5 +1,6 @@
 //! `datafence check --diff OLD NEW`: what a new policy would change, for review before
 //! a rollout.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,8 +1,8 @@
 //! The IPv4 DIR-24-8 region table, filled from userspace with plain memory writes into
 //! the memory-mapped BPF arrays: a million prefixes cost a few memsets, not a million
-//! syscalls, and a lookup costs one or two array reads whatever the table holds.
-
-use std::{os::fd::AsRawFd, ptr::NonNull};
+//! syscalls, and a lookup costs one or two array reads whatever the table holds. The
+//! mapping itself is `datapath::sys::MappedArray`.
+#![forbid(unsafe_code)]
 
 use datafence_common::{DIR_EXTENDED, DIR24_ENTRIES, RegionId};
 use ipnetwork::Ipv4Network;
@@ -78,58 +78,6 @@ pub fn count_groups(prefixes: &[(Ipv4Network, RegionId)]) -> usize {
     tops.sort_unstable();
     tops.dedup();
     tops.len()
-}
-
-/// A BPF array map mapped into this process, seen as a dense array of `T`.
-pub struct MappedArray<T> {
-    ptr: NonNull<T>,
-    entries: usize,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value; access goes through
-// &mut self, so no two threads write it at once from this process.
-unsafe impl<T> Send for MappedArray<T> {}
-
-impl<T: Copy> MappedArray<T> {
-    /// Maps `entries` values of `T` of an array created with BPF_F_MMAPABLE.
-    pub fn map(fd: &impl AsRawFd, entries: usize) -> std::io::Result<Self> {
-        let len = entries * size_of::<T>();
-        // SAFETY: mmap of a BPF map fd that supports it, with the map's own size; the
-        // result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<T>())
-            .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, entries })
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [T] {
-        // SAFETY: the mapping is `entries` values long and lives as long as self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.entries) }
-    }
-
-    pub fn as_slice(&self) -> &[T] {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.entries) }
-    }
-}
-
-impl<T> Drop for MappedArray<T> {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * size_of::<T>()) };
-    }
 }
 
 /// Looks an address up in one slot's tables, as the datapath does.

@@ -1,11 +1,15 @@
 //! Where datafence keeps things on a host. One place, so the unit file, the packaging and
 //! the code agree.
+#![forbid(unsafe_code)]
 
 /// Default policy file, as installed by the package.
 pub const DEFAULT_POLICY: &str = "/etc/datafence/policy.yaml";
 /// Runtime state: the control socket.
 pub const RUNTIME_DIR: &str = "/run/datafence";
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// In the pin directory: a symlink to the runtime directory of the agent that owns the
+/// pins, so commands given `--pin-dir` find that agent and its state.
+pub const PINS_OWNER: &str = "agent";
 /// bpffs directory for pinned programs, links and maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/datafence";
 /// cgroup v2 mount that policy cgroup paths are relative to.

@@ -1,6 +1,7 @@
 //! `datafence explain`: what the policy does to a packet to a given address, answered in
 //! userspace with the datapath's own decision functions, and optionally by the kernel
 //! itself through `BPF_PROG_TEST_RUN` on a crafted frame.
+#![forbid(unsafe_code)]
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -8,9 +9,11 @@ use std::{
 };
 
 use datafence_common::{
-    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, Hook, REGION_NONE, Reason, Verdict,
-    decide::{Decision, PacketFacts, PortInfo, classify, judge},
-    parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, is_builtin_exempt},
+    CLASS_NONE, ClassMask, CounterKey, FAMILY_V4, Hook, Policy, REGION_NONE, Reason, RegionId,
+    Verdict,
+    decide::{Decision, PacketFacts},
+    parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ParsedFrame, parse_frame},
+    verdict::{Lookups, judge_frame},
 };
 use serde::{Deserialize, Serialize};
 
@@ -108,19 +111,6 @@ fn cgroup_classes(compiled: &CompiledPolicy, cgroup_root: &Path, path: Option<&s
         .fold(0, |acc, (_, mask)| acc | mask)
 }
 
-fn family(addr: &IpAddr) -> u8 {
-    if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
-}
-
-fn octets16(addr: &IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match addr {
-        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => out = a.octets(),
-    }
-    out
-}
-
 /// The userspace answer: the same steps as the datapath's `judge_frame`, on the same
 /// compiled policy, with the same decision functions.
 pub fn explain(
@@ -159,6 +149,56 @@ pub fn explain(
     })
 }
 
+/// The policy's own tables for the shared verdict sequence: exemptions and source ranges
+/// from the compiled lists, regions scanned from the policy's region lists (not the
+/// compiled tables the kernel reads, so that `explain --datapath` checks those).
+struct PolicyLookups<'a> {
+    policy: &'a LoadedPolicy,
+    compiled: &'a CompiledPolicy,
+    cgroup_classes: ClassMask,
+    /// `--class`: judge as this class, skipping classification.
+    forced_class: Option<u8>,
+}
+
+fn address_of(family: u8, octets: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*octets))
+    }
+}
+
+impl Lookups for PolicyLookups<'_> {
+    fn policy(&self) -> Option<(u32, &Policy)> {
+        Some((0, &self.compiled.policy))
+    }
+
+    fn exempt(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> bool {
+        self.compiled
+            .is_exempt(address_of(frame.family, &frame.dst))
+    }
+
+    fn cgroup_classes(&self, _slot: u32) -> ClassMask {
+        self.cgroup_classes
+    }
+
+    fn src_classes(&self, _slot: u32, frame: &ParsedFrame) -> ClassMask {
+        self.compiled
+            .src_classes(address_of(frame.family, &frame.src))
+    }
+
+    fn region(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> RegionId {
+        self.policy.region_of(address_of(frame.family, &frame.dst))
+    }
+
+    fn classify(&self, policy: &Policy, facts: &PacketFacts) -> u8 {
+        self.forced_class
+            .unwrap_or_else(|| datafence_common::decide::classify(policy, facts))
+    }
+}
+
+/// Runs the shared verdict sequence on the frame `explain --datapath` would hand the
+/// kernel, parsed by the kernel's own parser.
 fn decide(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
@@ -166,46 +206,27 @@ fn decide(
     query: &Query,
     address: IpAddr,
 ) -> Result<(u8, Decision, u16), ExplainError> {
-    let dst = octets16(&address);
-    let none = REGION_NONE;
-    if is_builtin_exempt(family(&address), &dst) {
-        return Ok((CLASS_NONE, Decision::allow(Reason::ExemptBuiltin), none));
-    }
-    if compiled.is_exempt(address) {
-        return Ok((CLASS_NONE, Decision::allow(Reason::ExemptPolicy), none));
-    }
-    let class = match &query.class {
-        Some(name) => policy
-            .classes
-            .iter()
-            .find(|c| &c.name == name)
-            .map(|c| c.id)
-            .ok_or_else(|| ExplainError::UnknownClass(name.clone()))?,
-        None => {
-            let src = query.src.unwrap_or(unspecified_like(&address));
-            let facts = PacketFacts {
-                mark: query.mark,
-                cgroup_classes: cgroup_classes(compiled, cgroup_root, query.cgroup.as_deref()),
-                src_classes: compiled.src_classes(src),
-                dscp: query.dscp,
-                protocol: query.protocol,
-                dst_port: query.dst_port,
-                ports: if has_ports(query.protocol) {
-                    PortInfo::Known
-                } else {
-                    PortInfo::Absent
-                },
-                ip_known: true,
-            };
-            classify(&compiled.policy, &facts)
-        }
+    let forced_class = match &query.class {
+        Some(name) => Some(
+            policy
+                .classes
+                .iter()
+                .find(|c| &c.name == name)
+                .map(|c| c.id)
+                .ok_or_else(|| ExplainError::UnknownClass(name.clone()))?,
+        ),
+        None => None,
     };
-    if class == CLASS_NONE {
-        return Ok((CLASS_NONE, Decision::allow(Reason::Unclassified), none));
-    }
-    let region = policy.region_of(address);
-    let spec = &compiled.policy.classes[usize::from(class)];
-    Ok((class, judge(spec, region, false), region as u16))
+    let bytes = craft_frame(query, address)?;
+    let frame = parse_frame(bytes.as_slice(), 0);
+    let lookups = PolicyLookups {
+        policy,
+        compiled,
+        cgroup_classes: cgroup_classes(compiled, cgroup_root, query.cgroup.as_deref()),
+        forced_class,
+    };
+    let j = judge_frame(&frame, query.mark, &lookups);
+    Ok((j.class, j.decision, j.region as u16))
 }
 
 fn has_ports(protocol: u8) -> bool {
@@ -314,6 +335,20 @@ impl KernelOracle {
         Ok(Self { datapath })
     }
 
+    /// A copy loaded once, for asking about many policies in turn ([`Self::apply`]):
+    /// loading is the slow part, the verifier's.
+    pub fn with_capacity(options: &LoadOptions) -> Result<Self, ExplainError> {
+        Ok(Self {
+            datapath: Datapath::load(options)?,
+        })
+    }
+
+    /// Puts `compiled` in force in this copy, as a reload would.
+    pub fn apply(&mut self, compiled: &CompiledPolicy) -> Result<(), ExplainError> {
+        self.datapath.apply(compiled, EventLimits::default())?;
+        Ok(())
+    }
+
     /// The kernel's verdict on the crafted frame (`allow`, `deny` or `audit`), read back
     /// from the counter the program bumped.
     pub fn verdict(
@@ -321,25 +356,44 @@ impl KernelOracle {
         query: &Query,
         address: IpAddr,
     ) -> Result<(Verdict, Reason), ExplainError> {
+        let (key, _) = self.judge(query, address)?;
+        let verdict = Verdict::from_u8(key.verdict).unwrap_or(Verdict::Deny);
+        let reason = Reason::from_u8(key.reason).unwrap_or(Reason::MalformedDenied);
+        Ok((verdict, reason))
+    }
+
+    /// The counter the program bumped for the crafted frame (its class, region, verdict
+    /// and reason), and whether the program let the frame through.
+    pub fn judge(
+        &mut self,
+        query: &Query,
+        address: IpAddr,
+    ) -> Result<(CounterKey, bool), ExplainError> {
         let frame = craft_frame(query, address)?;
         let before = self.datapath.counters()?;
-        self.datapath.test_run(Hook::TcEgress, &frame, query.mark)?;
+        let passed = self.datapath.test_run(Hook::TcEgress, &frame, query.mark)?;
         let after = self.datapath.counters()?;
         let _ = self.datapath.drain_events()?;
-        let moved = after.into_iter().find(|(k, v)| {
+        let mut moved = after.into_iter().filter(|(k, v)| {
             before
                 .iter()
                 .find(|(bk, _)| bk == k)
                 .is_none_or(|(_, bv)| bv.packets != v.packets)
         });
-        let (key, _) = moved.ok_or(ExplainError::Disagreement {
+        let no_counter = || ExplainError::Disagreement {
             address,
             kernel: "no counter moved".to_owned(),
             userspace: String::new(),
-        })?;
-        let verdict = Verdict::from_u8(key.verdict).unwrap_or(Verdict::Deny);
-        let reason = Reason::from_u8(key.reason).unwrap_or(Reason::MalformedDenied);
-        Ok((verdict, reason))
+        };
+        let (key, _) = moved.next().ok_or_else(no_counter)?;
+        if moved.next().is_some() {
+            return Err(ExplainError::Disagreement {
+                address,
+                kernel: "more than one counter moved".to_owned(),
+                userspace: String::new(),
+            });
+        }
+        Ok((key, passed))
     }
 }
 

@@ -1,4 +1,5 @@
 //! Never lock the host out: the addresses it is managed from must stay reachable.
+#![forbid(unsafe_code)]
 
 use std::net::IpAddr;
 

@@ -1,5 +1,6 @@
 //! Violation reports: one JSON line per deny or audit verdict, with repeats of a flow
 //! folded so that a flood costs a few lines per second rather than one per packet.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::HashMap,
@@ -41,7 +42,17 @@ pub struct ViolationRecord {
     pub cgroup: String,
     pub cgroup_id: u64,
     pub packet_len: u32,
+    /// The policy that judged the packet: its SHA-256 and generation. `class` and
+    /// `region` are that policy's names.
     pub policy_sha256: String,
+    pub policy_generation: u32,
+    /// The datapath's numbers for the class and region.
+    pub class_id: u8,
+    pub region_id: u16,
+    /// Set when the generation is no longer known to the agent: `class`, `region` and
+    /// `policy_sha256` are then `unknown`, and only the numbers tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Packets this line stands for: 1 for the first packet of a flow, more for a line
     /// that folds the repeats seen since.
     pub count: u64,
@@ -53,14 +64,7 @@ pub struct ViolationRecord {
 }
 
 pub fn protocol_name(protocol: u8) -> String {
-    match protocol {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
-    }
+    datafence_common::protocols::name(protocol).map_or_else(|| protocol.to_string(), Into::into)
 }
 
 pub fn event_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
@@ -71,9 +75,12 @@ pub fn event_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-/// What makes two events "the same flow".
+/// What makes two events "the same flow". The policy generation is part of it: class
+/// and region ids mean different things in different generations, and a folded line
+/// carries the names of the generation that judged its packets.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct FlowKey {
+    generation: u32,
     ifindex: u32,
     hook: u8,
     class: u8,
@@ -91,6 +98,7 @@ pub struct FlowKey {
 impl FlowKey {
     pub fn of(ev: &ViolationEvent) -> Self {
         Self {
+            generation: ev.policy_generation,
             ifindex: ev.ifindex,
             hook: ev.hook,
             class: ev.class,
@@ -167,7 +175,7 @@ impl Folder {
         self.flows.retain(|_, f| {
             if f.repeats > 0 {
                 let mut line = f.record.clone();
-                line.time = time.to_owned();
+                time.clone_into(&mut line.time);
                 line.count = f.repeats;
                 line.bytes = f.repeat_bytes;
                 line.repeat = true;
@@ -291,6 +299,10 @@ mod tests {
             cgroup_id: ev.cgroup_id,
             packet_len: ev.packet_len,
             policy_sha256: "s".into(),
+            policy_generation: ev.policy_generation,
+            class_id: ev.class,
+            region_id: ev.region,
+            note: None,
             count: 1,
             bytes: u64::from(ev.packet_len),
             repeat: false,
@@ -347,6 +359,27 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_judged_by_two_policy_generations_is_two_flows() {
+        let mut folder = Folder::new(Duration::from_secs(10));
+        let now = Instant::now();
+        let a = event(443);
+        let b = ViolationEvent {
+            policy_generation: 2,
+            ..a
+        };
+        assert!(
+            folder
+                .observe(FlowKey::of(&a), now, || record(&a))
+                .is_some()
+        );
+        assert!(
+            folder
+                .observe(FlowKey::of(&b), now, || record(&b))
+                .is_some()
+        );
+    }
+
+    #[test]
     fn event_record_serialises_with_the_documented_fields() {
         let ev = event(443);
         let v: serde_json::Value = serde_json::to_value(record(&ev)).unwrap();
@@ -369,6 +402,9 @@ mod tests {
             "cgroup_id",
             "packet_len",
             "policy_sha256",
+            "policy_generation",
+            "class_id",
+            "region_id",
             "count",
             "bytes",
         ] {
@@ -376,18 +412,13 @@ mod tests {
         }
         assert_eq!(v["protocol"], "udp");
         assert!(v.get("repeat").is_none());
+        assert!(v.get("note").is_none());
     }
 
     #[test]
     fn event_decoding_rejects_short_records() {
         let ev = event(443);
-        // SAFETY: ViolationEvent is plain old data.
-        let bytes: &[u8] = unsafe {
-            std::slice::from_raw_parts(
-                (&ev as *const ViolationEvent).cast(),
-                size_of::<ViolationEvent>(),
-            )
-        };
+        let bytes = crate::sys::pod_bytes(&ev);
         assert_eq!(ViolationEvent::from_bytes(bytes), Some(ev));
         assert_eq!(ViolationEvent::from_bytes(&bytes[..10]), None);
     }

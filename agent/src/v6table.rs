@@ -1,5 +1,6 @@
 //! Builds the IPv6 region table: the hash entries (prefixes and their markers) and the
 //! length-search tree that `datafence_common::v6::v6_search` walks.
+#![forbid(unsafe_code)]
 
 use datafence_common::{
     REGION_NONE, RegionId,

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Scratch, agent_binary, netns::NetNs};
+use crate::{Scratch, agent_binary, netns::NetNs, patience};
 
 /// A running `datafence run`, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct RunningAgent {
@@ -20,6 +20,24 @@ pub struct RunningAgent {
     pub pin_dir: PathBuf,
     pub keep_pins: bool,
     scratch: Option<Scratch>,
+}
+
+/// Where an agent keeps its state, and what it finds in its environment.
+pub struct Launch {
+    pub pin_dir: PathBuf,
+    /// Default: a fresh directory in the agent's scratch space.
+    pub runtime_dir: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Launch {
+    pub fn pins(pin_dir: PathBuf) -> Self {
+        Self {
+            pin_dir,
+            runtime_dir: None,
+            env: Vec::new(),
+        }
+    }
 }
 
 /// A bpffs directory private to one test.
@@ -42,8 +60,15 @@ impl RunningAgent {
     /// As [`Self::start`], with a given pin directory: a restarted agent passes the one
     /// its predecessor used, to adopt its state.
     pub fn start_with_pins(ns: &NetNs, policy: &Path, extra: &[&str], pin_dir: PathBuf) -> Self {
+        Self::launch(ns, policy, extra, Launch::pins(pin_dir))
+    }
+
+    /// As [`Self::start`], with the pin and runtime directories and the environment
+    /// given.
+    pub fn launch(ns: &NetNs, policy: &Path, extra: &[&str], how: Launch) -> Self {
         let scratch = Scratch::new("agent");
-        let runtime_dir = scratch.dir.join("run");
+        let runtime_dir = how.runtime_dir.unwrap_or_else(|| scratch.dir.join("run"));
+        let pin_dir = how.pin_dir;
         let stdout_path = scratch.dir.join("stdout.log");
         let stderr_path = scratch.dir.join("stderr.log");
         let bin = agent_binary();
@@ -57,6 +82,7 @@ impl RunningAgent {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(extra)
+            .envs(how.env)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
             .stdin(Stdio::null())
@@ -72,7 +98,7 @@ impl RunningAgent {
             keep_pins: false,
             scratch: Some(scratch),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience(Duration::from_secs(30));
         loop {
             if let Some(status) = agent.child.try_wait().expect("wait") {
                 panic!(
@@ -80,7 +106,13 @@ impl RunningAgent {
                     agent.stderr()
                 );
             }
-            if agent.cli(&["status", "--json"]).status.success() {
+            // `status` also answers from the pinned state while no agent runs: wait for
+            // this agent's own answer.
+            let out = agent.cli(&["status", "--json"]);
+            if out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|s| s["agent_running"] == true)
+            {
                 break;
             }
             assert!(
@@ -117,6 +149,11 @@ impl RunningAgent {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// What the agent has written to stdout so far (its violation lines), as text.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
     /// Violation lines the agent has written so far.
     pub fn violations(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.stdout_path)
@@ -137,6 +174,31 @@ impl RunningAgent {
             .sum()
     }
 
+    /// Freezes the agent, with its events unread, and returns once every one of its
+    /// threads has stopped. `kill` alone returns before that: the kernel wakes one thread
+    /// to begin the group stop, and until it runs the others (the event reader among
+    /// them) go on.
+    pub fn freeze(&self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill with our child's pid and a valid signal.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, with a valid status pointer. WUNTRACED reports
+        // the stop once the whole thread group has stopped; the child is not reaped.
+        let waited = unsafe { libc::waitpid(pid, &raw mut status, libc::WUNTRACED) };
+        assert!(
+            waited == pid && libc::WIFSTOPPED(status),
+            "the agent did not stop: waitpid {waited}, status {status:#x}"
+        );
+    }
+
+    /// Lets a frozen agent run again.
+    pub fn thaw(&self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill with our child's pid and a valid signal.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT");
+    }
+
     /// SIGKILL, as a crash would: nothing is cleaned up, pinned state stays.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -155,7 +217,7 @@ impl RunningAgent {
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill with a valid pid and signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patience(Duration::from_secs(10));
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;

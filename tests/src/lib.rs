@@ -2,14 +2,16 @@
 //! temporary files, network-namespace sandboxes, and the agent binary.
 
 pub mod agent;
+pub mod foreign;
 pub mod frames;
+pub mod http;
 pub mod netns;
+pub mod prometheus;
 pub mod reference;
 
-use std::{
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+pub use datafence_test_support::Scratch;
+
+use std::path::{Path, PathBuf};
 
 use datafence::{
     datapath::{Datapath, EventLimits, LoadOptions},
@@ -27,37 +29,26 @@ pub fn require_root() {
     );
 }
 
-static SCRATCH_COUNTER: AtomicU32 = AtomicU32::new(0);
+/// The most instructions the verifier may process for any one program, on every kernel and
+/// with the pinned toolchain. A quarter of the kernel's hard limit (1,000,000): the work
+/// depends on the compiler and the kernel, and this leaves room for both to move and for
+/// features to land (docs/architecture.md, "Verifier budget").
+pub const VERIFIER_BUDGET: u32 = 250_000;
 
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct Scratch {
-    pub dir: PathBuf,
-}
-
-impl Scratch {
-    pub fn new(label: &str) -> Self {
-        let n = SCRATCH_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("datafence-test-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self { dir }
-    }
-
-    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).expect("create parent");
-        }
-        std::fs::write(&path, contents).expect("write scratch file");
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A deadline for something the test waits for, stretched by `DATAFENCE_TEST_SLOWDOWN`
+/// (a whole factor, default 1). `cargo xtask test` sets it in the QEMU guests of its kernel
+/// matrix, whose CPU is emulated: there an agent takes tens of seconds to load and attach,
+/// where the host needs one or two. Only waits scale; what a test measures does not.
+pub fn patience(deadline: std::time::Duration) -> std::time::Duration {
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| {
+        std::env::var("DATAFENCE_TEST_SLOWDOWN")
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .filter(|factor| *factor >= 1)
+            .unwrap_or(1)
+    });
+    deadline * factor
 }
 
 /// Parses and validates a policy given as YAML text.
@@ -134,11 +125,125 @@ pub fn detach_links_of_program(prog_id: u32) -> usize {
     detached
 }
 
-/// The id of the TC egress program attached to `interface` in `ns` (exactly one).
+/// The ids of the programs on `interface`'s TC egress hook in `ns`, whichever way they
+/// are attached: tcx links and datafence's clsact filters.
 pub fn tc_program_ids(ns: &netns::NetNs, interface: &'static str) -> Vec<u32> {
+    let mut ids = tcx_program_ids(ns, interface);
+    ids.extend(
+        datafence_clsact_filters(ns, interface)
+            .iter()
+            .filter_map(|f| f.program_id),
+    );
+    ids
+}
+
+/// The ids of the programs attached to `interface`'s tcx egress hook in `ns`.
+pub fn tcx_program_ids(ns: &netns::NetNs, interface: &'static str) -> Vec<u32> {
     ns.run(move || {
         aya::programs::SchedClassifier::query_tcx(interface, aya::programs::TcAttachType::Egress)
             .map(|(_, progs)| progs.iter().map(aya::programs::ProgramInfo::id).collect())
             .unwrap_or_default()
     })
+}
+
+/// datafence's clsact filters on `interface`'s egress hook in `ns`.
+pub fn datafence_clsact_filters(
+    ns: &netns::NetNs,
+    interface: &'static str,
+) -> Vec<datafence::clsact::EgressFilter> {
+    ns.run(move || {
+        datafence::clsact::datafence_filters_on(interface).expect("list the clsact filters")
+    })
+}
+
+/// Takes datafence's program off `interface`'s TC egress hook in `ns` the way another
+/// tool or an operator would (bpftool for a tcx link, `tc filter del` for a clsact
+/// filter); returns how many attachments were removed.
+pub fn detach_tc_from_outside(ns: &netns::NetNs, interface: &'static str) -> usize {
+    let mut removed = 0;
+    for id in tcx_program_ids(ns, interface) {
+        removed += detach_links_of_program(id);
+    }
+    for filter in datafence_clsact_filters(ns, interface) {
+        ns.exec(&[
+            "tc",
+            "filter",
+            "del",
+            "dev",
+            interface,
+            "egress",
+            "pref",
+            &filter.priority.to_string(),
+            "handle",
+            &format!("{:#x}", filter.handle),
+            "bpf",
+        ]);
+        removed += 1;
+    }
+    removed
+}
+
+/// Whether this kernel has tcx (6.6+), as the agent finds out.
+pub fn kernel_has_tcx() -> bool {
+    datafence::kernel::tcx_supported()
+}
+
+/// On a kernel without tcx (the 6.1 of the kernel matrix), what a tcx variant of a test
+/// can check: that the agent refuses `--tc-attach tcx` at once, as a usage error that
+/// names the kernel that introduced tcx, before it loads or attaches anything.
+pub fn assert_tcx_is_refused() {
+    require_root();
+    assert!(!kernel_has_tcx(), "only meaningful without tcx");
+    let sandbox = netns::Sandbox::new("ntx");
+    let scratch = Scratch::new("no-tcx");
+    let policy = scratch.write(
+        "policy.yaml",
+        "version: 1\ninterfaces:\n  egress: [up0]\nexempt: [192.0.2.2/32]\nregions: {}\ndata_classes: {}\n",
+    );
+    let out = sandbox
+        .host
+        .command(agent_binary())
+        .arg("--runtime-dir")
+        .arg(scratch.dir.join("run"))
+        .args(["run", "--tc-attach", "tcx", "--no-pin", "--policy"])
+        .arg(&policy)
+        .output()
+        .expect("run datafence");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(datafence::dirs::EXIT_USAGE),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no tcx") && stderr.contains("6.6"),
+        "{stderr}"
+    );
+    assert!(
+        tc_program_ids(&sandbox.host, "up0").is_empty(),
+        "nothing attached"
+    );
+}
+
+/// Stamps out a test for each way the agent attaches its TC egress program:
+/// `<test>::tcx` and `<test>::clsact`, each calling `<test>(kind)`. On a kernel without
+/// tcx the tcx variant checks that the agent refuses tcx instead.
+#[macro_export]
+macro_rules! for_each_tc_attach {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn tcx() {
+                if $crate::kernel_has_tcx() {
+                    super::$test("tcx");
+                } else {
+                    $crate::assert_tcx_is_refused();
+                }
+            }
+            #[test]
+            fn clsact() {
+                super::$test("clsact");
+            }
+        }
+    )*};
 }

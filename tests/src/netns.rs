@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::AsRawFd as _,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -75,17 +75,20 @@ impl NetNs {
     /// Runs `f` on a thread that has entered the namespace; sockets it creates belong
     /// to the namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
+        run_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread that has entered the named namespace.
+pub fn run_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = datafence_sandbox::netns_path(netns);
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        datafence_sandbox::enter(&file).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+        f()
+    })
+    .join()
+    .expect("namespace thread panicked")
 }
 
 impl NetNs {
@@ -98,23 +101,7 @@ impl NetNs {
 /// A command that runs in the named network namespace, and only that: unlike
 /// `ip netns exec` it keeps the caller's mounts, so /sys/fs/cgroup stays visible.
 pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    {
-        use std::os::unix::process::CommandExt as _;
-        let path = format!("/run/netns/{netns}");
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        let mut cmd = Command::new(program);
-        // SAFETY: setns is a plain syscall, safe between fork and exec; the fd was opened
-        // before the fork and stays open (the closure owns it) until exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
+    datafence_sandbox::command_in(netns, program).unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Drop for NetNs {
@@ -206,6 +193,23 @@ impl Sandbox {
         for a in [addr::EU_V6, addr::US_V6] {
             host.ip(&format!("-6 route add {a}/128 via {}", addr::WORLD_V6));
         }
+    }
+
+    /// Renames the host's uplink (a VLAN-like `up0.7`), and puts back what the kernel
+    /// drops while it is down for the rename: its neighbour and the routes through it.
+    pub fn rename_uplink(&mut self, name: &'static str) {
+        let host = &self.host;
+        host.ip(&format!("link set {} down", self.uplink));
+        host.ip(&format!("link set {} name {name}", self.uplink));
+        host.ip(&format!("link set {name} up"));
+        host.ip(&format!(
+            "neigh replace {} lladdr {WORLD_MAC} dev {name} nud permanent",
+            addr::WORLD_V4
+        ));
+        for a in [addr::EU_V4, addr::US_V4] {
+            host.ip(&format!("route replace {a}/32 via {}", addr::WORLD_V4));
+        }
+        self.uplink = name;
     }
 
     /// Removes the veth pair, as an unplugged NIC or a bond going down would.
@@ -332,7 +336,7 @@ fn set_mark(fd: i32, mark: u32) {
             fd,
             libc::SOL_SOCKET,
             libc::SO_MARK,
-            (&mark as *const u32).cast(),
+            (&raw const mark).cast(),
             std::mem::size_of::<u32>() as libc::socklen_t,
         )
     };

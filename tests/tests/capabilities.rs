@@ -19,7 +19,7 @@ use integration_tests::{
     agent::test_pin_dir,
     agent_binary,
     netns::{Sandbox, addr, command_in, udp_delivered_marked},
-    require_root,
+    patience, require_root,
 };
 
 /// Capability numbers from linux/capability.h.
@@ -51,7 +51,7 @@ const UNIT: &str = "deploy/systemd/datafence.service";
 
 fn policy(extra_allow: &str) -> String {
     format!(
-        r#"
+        r"
 version: 1
 interfaces:
   egress: [up0]
@@ -67,7 +67,7 @@ data_classes:
     match:
       marks: [{{value: 0x42}}]
     allow: [eu-west{extra_allow}]
-"#
+"
     )
 }
 
@@ -154,7 +154,7 @@ struct RestrictedAgent {
 }
 
 impl RestrictedAgent {
-    fn spawn(sandbox: &Sandbox, caps: &str, policy: &Path, label: &str) -> Self {
+    fn spawn(sandbox: &Sandbox, caps: &str, policy: &Path, label: &str, tc_attach: &str) -> Self {
         let scratch = Scratch::new(&format!("caps-{label}"));
         let runtime_dir = scratch.dir.join("run");
         let stderr_path = scratch.dir.join("stderr.log");
@@ -178,6 +178,8 @@ impl RestrictedAgent {
                 "--monitor-interval",
                 "1",
                 "--no-watch",
+                "--tc-attach",
+                tc_attach,
             ])
             // The lockout check would count the SSH client this test may run under.
             .env_remove("SSH_CONNECTION")
@@ -197,9 +199,9 @@ impl RestrictedAgent {
     }
 
     /// Starts the agent and waits until its control socket answers.
-    fn start(sandbox: &Sandbox, caps: &str, policy: &Path, label: &str) -> Self {
-        let mut agent = Self::spawn(sandbox, caps, policy, label);
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn start(sandbox: &Sandbox, caps: &str, policy: &Path, label: &str, tc_attach: &str) -> Self {
+        let mut agent = Self::spawn(sandbox, caps, policy, label, tc_attach);
+        let deadline = Instant::now() + patience(Duration::from_secs(30));
         loop {
             if let Some(status) = agent.child.try_wait().expect("wait") {
                 panic!(
@@ -244,7 +246,7 @@ impl RestrictedAgent {
     fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill with the pid of our own child and a valid signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patience(Duration::from_secs(10));
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
@@ -307,8 +309,12 @@ fn trouble(stderr: &str) -> Vec<&str> {
         .collect()
 }
 
-#[test]
-fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities() {
+integration_tests::for_each_tc_attach!(
+    the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities,
+    the_attachment_self_check_works_without_cap_sys_admin,
+);
+
+fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities(tc_attach: &str) {
     require_root();
     ensure_bpffs();
     let (mask, caps) = grantable();
@@ -316,7 +322,7 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities() {
     let scratch = Scratch::new("caps-policy");
     scratch.write("regions/eu-west.txt", "198.51.100.0/24\n");
     let policy_path = scratch.write("policy.yaml", &policy(""));
-    let mut agent = RestrictedAgent::start(&sandbox, &caps, &policy_path, "caps");
+    let mut agent = RestrictedAgent::start(&sandbox, &caps, &policy_path, "caps", tc_attach);
 
     // Exactly the granted set, in every set, as uid 0 with no_new_privs.
     let status = agent.proc_status();
@@ -379,6 +385,10 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities() {
         .expect("attachments")
         .iter()
         .map(|a| {
+            let kind = a["kind"].as_str().unwrap_or("?");
+            if a["hook"] == "tc_egress" {
+                assert_eq!(kind, tc_attach, "attached as asked: {a}");
+            }
             format!(
                 "{}/{}",
                 a["interface"].as_str().unwrap_or("?"),
@@ -437,7 +447,7 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities() {
     scratch.write("policy.yaml", &policy(""));
     // SAFETY: kill with our child's pid and a valid signal.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
     loop {
         let out = agent.cli(&["status", "--json"]);
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -484,8 +494,7 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities() {
 /// `datafence_programs_attached` report it. That check must work with the unit's
 /// capabilities too: without CAP_SYS_ADMIN the kernel refuses BPF_PROG_GET_FD_BY_ID, so
 /// the check must not depend on it.
-#[test]
-fn the_attachment_self_check_works_without_cap_sys_admin() {
+fn the_attachment_self_check_works_without_cap_sys_admin(tc_attach: &str) {
     require_root();
     ensure_bpffs();
     let (_, caps) = grantable();
@@ -493,7 +502,7 @@ fn the_attachment_self_check_works_without_cap_sys_admin() {
     let scratch = Scratch::new("caps-health");
     scratch.write("regions/eu-west.txt", "198.51.100.0/24\n");
     let policy_path = scratch.write("policy.yaml", &policy(""));
-    let agent = RestrictedAgent::start(&sandbox, &caps, &policy_path, "capshealth");
+    let agent = RestrictedAgent::start(&sandbox, &caps, &policy_path, "capshealth", tc_attach);
     // Several monitor rounds (--monitor-interval 1).
     std::thread::sleep(Duration::from_millis(3500));
     let (_, metrics) = http_get(&sandbox, "/metrics");
@@ -540,8 +549,9 @@ fn without_cap_bpf_the_agent_cannot_start() {
     let scratch = Scratch::new("caps-nobpf");
     scratch.write("regions/eu-west.txt", "198.51.100.0/24\n");
     let policy_path = scratch.write("policy.yaml", &policy(""));
-    let mut agent = RestrictedAgent::spawn(&sandbox, &without_bpf, &policy_path, "capsnobpf");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut agent =
+        RestrictedAgent::spawn(&sandbox, &without_bpf, &policy_path, "capsnobpf", "auto");
+    let deadline = Instant::now() + patience(Duration::from_secs(20));
     let status = loop {
         if let Some(status) = agent.child.try_wait().expect("wait") {
             break status;
@@ -563,7 +573,7 @@ fn without_cap_bpf_the_agent_cannot_start() {
 fn the_unit_file_grants_exactly_these_capabilities() {
     let path = workspace_root().join(UNIT);
     let text = std::fs::read_to_string(&path).expect("read the unit");
-    let mut values: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut values = std::collections::BTreeMap::<String, Vec<String>>::new();
     let mut section = String::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {

@@ -9,10 +9,11 @@ use std::{
 
 use integration_tests::{
     Scratch,
-    agent::RunningAgent,
-    detach_links_of_program,
+    agent::{RunningAgent, test_pin_dir},
+    detach_tc_from_outside,
+    foreign::{Foreign, Place, TC_ACT_OK, TC_NEXT},
     netns::{NetNs, Sandbox, addr, udp_delivered_marked},
-    require_root,
+    patience, require_root, tc_program_ids,
 };
 
 const METRICS: &str = "127.0.0.1:9477";
@@ -68,7 +69,18 @@ fn start(sandbox: &Sandbox, scratch: &Scratch, extra: &[&str]) -> RunningAgent {
     let policy = scratch.write("policy.yaml", POLICY);
     let mut args = vec!["--metrics-addr", METRICS];
     args.extend_from_slice(extra);
-    RunningAgent::start(&sandbox.host, &policy, &args)
+    let agent = RunningAgent::start(&sandbox.host, &policy, &args);
+    // The agent binds its metrics listener before it loads anything, so by the time it
+    // reports ready a scrape connects (it once came up a moment later, and the first GET
+    // of a fresh-clone CI run was refused).
+    assert!(
+        sandbox.host.run(|| {
+            let addr: SocketAddr = METRICS.parse().expect("addr");
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        }),
+        "the metrics listener is not up when the agent reports ready"
+    );
+    agent
 }
 
 #[test]
@@ -112,7 +124,7 @@ fn metrics_count_exactly_what_was_sent() {
     let bytes = series("us-east", "deny", "region_denied").replace("packets_total", "bytes_total");
     assert_eq!(
         metric(&body, &bytes),
-        Some((37 * 46 + 11 * 66) as f64),
+        Some(f64::from(37 * 46 + 11 * 66)),
         "{body}"
     );
     for name in [
@@ -147,6 +159,7 @@ fn metrics_count_exactly_what_was_sent() {
 
 #[test]
 fn a_flood_of_violations_yields_a_bounded_number_of_lines_that_add_up() {
+    const FLOOD: u64 = 100_000;
     require_root();
     let sandbox = Sandbox::new("fl");
     let scratch = Scratch::new("flood");
@@ -157,18 +170,17 @@ fn a_flood_of_violations_yields_a_bounded_number_of_lines_that_add_up() {
         &scratch,
         &["--fold-interval", "1", "--violations-file", &file_arg],
     );
-    const FLOOD: u64 = 100_000;
     let dst: SocketAddr = format!("{}:7000", addr::US_V4).parse().expect("addr");
     sandbox.host.run(move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        // SAFETY: setsockopt with a valid fd and a u32 option.
         let mark = 0x42u32;
+        // SAFETY: setsockopt with a valid fd and a u32 option.
         let rc = unsafe {
             libc::setsockopt(
                 std::os::fd::AsRawFd::as_raw_fd(&sock),
                 libc::SOL_SOCKET,
                 libc::SO_MARK,
-                (&mark as *const u32).cast(),
+                (&raw const mark).cast(),
                 4,
             )
         };
@@ -224,17 +236,11 @@ fn healthz_follows_the_attachment() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("up0 tc_egress attached"), "{body}");
 
-    let prog_ids: Vec<u32> = sandbox.host.run(|| {
-        aya::programs::SchedClassifier::query_tcx("up0", aya::programs::TcAttachType::Egress)
-            .expect("query tcx")
-            .1
-            .iter()
-            .map(|p| p.id())
-            .collect()
-    });
-    assert_eq!(prog_ids.len(), 1);
-    assert_eq!(detach_links_of_program(prog_ids[0]), 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // As another tool or an operator would: the tcx link, or the clsact filter on a
+    // kernel without tcx.
+    assert_eq!(tc_program_ids(&sandbox.host, "up0").len(), 1);
+    assert_eq!(detach_tc_from_outside(&sandbox.host, "up0"), 1);
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
     loop {
         let (status, body) = http_get(&sandbox.host, "/healthz");
         if status == 503 {
@@ -251,4 +257,181 @@ fn healthz_follows_the_attachment() {
         std::thread::sleep(Duration::from_millis(100));
     }
     agent.stop();
+}
+
+integration_tests::for_each_tc_attach!(
+    programs_after_datafence_still_see_the_packets_it_allows,
+    a_program_ahead_of_datafence_is_reported_and_unhealthy,
+);
+
+/// datafence passes what it allows on to the next program (tcx's "next", clsact's
+/// `TC_ACT_UNSPEC`) instead of ending the chain: Cilium, Calico or a site's own program
+/// after it still runs. What it drops, nothing after it sees.
+fn programs_after_datafence_still_see_the_packets_it_allows(kind: &str) {
+    const SENT: u32 = 10;
+    require_root();
+    let sandbox = Sandbox::new("af");
+    let scratch = Scratch::new("after");
+    let agent = start(&sandbox, &scratch, &["--tc-attach", kind]);
+    let place = if kind == "tcx" {
+        Place::TcxLast
+    } else {
+        Place::Clsact { priority: 100 }
+    };
+    let after = Foreign::attach(&sandbox.host, "up0", TC_NEXT, place, &test_pin_dir("after"));
+    let before = after.packets();
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::EU_V4, 7301, SENT, 0x42),
+        SENT
+    );
+    let allowed = after.packets() - before;
+    assert!(
+        allowed >= u64::from(SENT),
+        "the program after datafence saw {allowed} of {SENT} allowed packets"
+    );
+    let before = after.packets();
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7302, SENT, 0x42),
+        0
+    );
+    let denied = after.packets() - before;
+    assert!(
+        denied < u64::from(SENT),
+        "the program after datafence saw {denied} packets while {SENT} were dropped"
+    );
+    agent.stop();
+}
+
+/// A program linked ahead of datafence's decides first: one that returns "ok" lets
+/// user data out unjudged. The agent cannot stop a holder of CAP_NET_ADMIN from doing
+/// that, but it says so: in `status`, on /metrics, and as a /healthz failure.
+fn a_program_ahead_of_datafence_is_reported_and_unhealthy(kind: &str) {
+    require_root();
+    let sandbox = Sandbox::new("ah");
+    let scratch = Scratch::new("ahead");
+    let agent = start(&sandbox, &scratch, &["--tc-attach", kind]);
+    let (status, body) = http_get(&sandbox.host, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let place = if kind == "tcx" {
+        Place::TcxFirst
+    } else {
+        // At datafence's own priority, the filter added later runs first.
+        Place::Clsact {
+            priority: datafence::clsact::PRIORITY,
+        }
+    };
+    let ahead = Foreign::attach(
+        &sandbox.host,
+        "up0",
+        TC_ACT_OK,
+        place,
+        &test_pin_dir("ahead"),
+    );
+    // What it makes possible: user data to a denied region, out unjudged.
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7303, 5, 0x42),
+        5
+    );
+    assert!(ahead.packets() >= 5);
+    let status_json = agent.status_json();
+    assert_eq!(
+        status_json["attachments"][0]["programs_ahead"],
+        serde_json::json!([ahead.id()]),
+        "{status_json}"
+    );
+    let out = agent.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("programs ahead of datafence (ids {})", ahead.id())),
+        "{text}"
+    );
+    // Scrapes share a snapshot for a moment; wait for one taken after the attach.
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
+    loop {
+        let (status, body) = http_get(&sandbox.host, "/healthz");
+        if status == 503 {
+            assert!(
+                body.contains(&format!(
+                    "up0 tc_egress attached, 1 PROGRAM AHEAD (ids {})",
+                    ahead.id()
+                )),
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "healthz stayed {status}: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = http_get(&sandbox.host, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "datafence_programs_ahead{interface=\"up0\",hook=\"tc_egress\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    agent.stop();
+}
+
+/// A link an earlier agent pinned keeps its place in the chain when a new agent adopts it.
+/// If a program was linked ahead of it meanwhile (or the earlier agent appended its link
+/// last, as agents did before datafence linked itself first), the new agent takes the
+/// first place back, without a moment in which nothing judges.
+#[test]
+fn a_restart_moves_datafence_ahead_of_a_program_linked_before_it() {
+    require_root();
+    if !integration_tests::kernel_has_tcx() {
+        integration_tests::assert_tcx_is_refused();
+        return;
+    }
+    let sandbox = Sandbox::new("mv");
+    let scratch = Scratch::new("relink");
+    let pins = test_pin_dir("relink");
+    let policy = scratch.write("policy.yaml", POLICY);
+    let args = ["--tc-attach", "tcx"];
+    let first = RunningAgent::start_with_pins(&sandbox.host, &policy, &args, pins.clone());
+    let ahead = Foreign::attach(
+        &sandbox.host,
+        "up0",
+        TC_ACT_OK,
+        Place::TcxFirst,
+        &test_pin_dir("relink-foreign"),
+    );
+    // While it is ahead, it decides: user data leaves for a denied region unjudged.
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7311, 5, 0x42),
+        5
+    );
+    let (_, _first_scratch) = first.stop_leaving_enforcement();
+
+    let second = RunningAgent::start_with_pins(&sandbox.host, &policy, &args, pins);
+    let status = second.status_json();
+    assert!(
+        status["attachments"][0]["programs_ahead"].is_null(),
+        "{status}"
+    );
+    let chain = integration_tests::tcx_program_ids(&sandbox.host, "up0");
+    assert_eq!(
+        chain.len(),
+        2,
+        "datafence's link and the other program: {chain:?}"
+    );
+    assert_eq!(chain[1], ahead.id(), "{chain:?}");
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7312, 5, 0x42),
+        0
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::EU_V4, 7313, 5, 0x42),
+        5
+    );
+    assert!(
+        second
+            .stderr()
+            .contains("moved datafence's tcx link ahead of programs linked before it"),
+        "{}",
+        second.stderr()
+    );
+    second.stop();
 }

@@ -4,7 +4,7 @@
 use std::{
     net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -15,16 +15,77 @@ use std::{
 use integration_tests::{
     Scratch,
     agent::{RunningAgent, test_pin_dir},
-    agent_binary, detach_links_of_program,
+    agent_binary, datafence_clsact_filters, detach_tc_from_outside,
     netns::{Sandbox, addr, udp_delivered_marked},
-    require_root, tc_program_ids,
+    patience, require_root, tc_program_ids, tcx_program_ids,
 };
 
 const MARK: u32 = 0x42;
 
+integration_tests::for_each_tc_attach!(
+    kill_9_and_restart_20_times_without_a_leak_or_a_false_drop,
+    reload_storm_never_yields_a_verdict_neither_policy_gives,
+    a_program_detached_from_outside_is_attached_again,
+    sigterm_leaves_enforcement_in_place_and_only_detach_removes_it,
+    status_reads_the_pinned_state_while_the_agent_is_stopped,
+);
+
+/// Checks that `up0`'s egress hook holds exactly one datafence program, attached the
+/// way `tc_attach` says, and returns its id.
+fn one_program_attached_as(sandbox: &Sandbox, tc_attach: &str) -> u32 {
+    let tcx = tcx_program_ids(&sandbox.host, "up0");
+    let filters = datafence_clsact_filters(&sandbox.host, "up0");
+    match tc_attach {
+        "tcx" => {
+            assert!(
+                filters.is_empty(),
+                "no clsact filter in tcx mode: {filters:?}"
+            );
+            assert_eq!(tcx.len(), 1, "one tcx program: {tcx:?}");
+            tcx[0]
+        }
+        "clsact" => {
+            assert!(tcx.is_empty(), "no tcx program in clsact mode: {tcx:?}");
+            assert_eq!(filters.len(), 1, "one clsact filter: {filters:?}");
+            let f = &filters[0];
+            assert_eq!(
+                (f.priority, f.handle),
+                (datafence::clsact::PRIORITY, datafence::clsact::HANDLE),
+                "in datafence's place"
+            );
+            f.program_id.expect("the filter names its program")
+        }
+        other => panic!("unknown attach kind {other}"),
+    }
+}
+
+/// Removes the programs an agent pinned beside its stage arrays (`<pins>/v*/stages-*/`),
+/// leaving the arrays, maps and links: the next agent finds nothing to adopt.
+fn remove_program_pins(pins: &Path) {
+    let mut removed = 0;
+    for version in std::fs::read_dir(pins).expect("pin dir").flatten() {
+        for stages in std::fs::read_dir(version.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !stages.file_name().to_string_lossy().starts_with("stages-") {
+                continue;
+            }
+            for pin in std::fs::read_dir(stages.path()).expect("stages").flatten() {
+                if pin.file_name().to_string_lossy().starts_with("datafence_") {
+                    std::fs::remove_file(pin.path()).expect("unpin");
+                    removed += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(removed, 4, "four programs were pinned beside the stages");
+}
+
 fn policy(extra_allow: &str, exempt: &str) -> String {
     format!(
-        r#"
+        r"
 version: 1
 interfaces:
   egress: [up0]
@@ -41,7 +102,7 @@ data_classes:
     match:
       marks: [{{value: 0x42}}]
     allow: [eu-west{extra_allow}]
-"#
+"
     )
 }
 
@@ -77,6 +138,21 @@ impl Traffic {
                 .run(move || UdpSocket::bind(at).expect("bind receiver"));
             sock.set_read_timeout(Some(Duration::from_millis(100)))
                 .expect("timeout");
+            // Room for seconds of traffic: on a loaded machine the receiving thread may
+            // not run for a while, and a full socket buffer would drop datagrams the
+            // program let through, which this test would count as false drops.
+            let bytes: libc::c_int = 64 << 20;
+            // SAFETY: setsockopt with a valid fd and an int option.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const bytes).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
             let stop = stop.clone();
             threads.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 16];
@@ -106,10 +182,8 @@ impl Traffic {
             let path = format!("/run/netns/{host}");
             let ns = std::fs::File::open(&path).expect("netns");
             // SAFETY: setns on a valid netns fd affects only this thread.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0);
             let sock = UdpSocket::bind("0.0.0.0:0").expect("bind sender");
             let mark = MARK;
             // SAFETY: setsockopt with a valid fd and a u32 option.
@@ -118,7 +192,7 @@ impl Traffic {
                     sock.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_MARK,
-                    (&mark as *const u32).cast(),
+                    (&raw const mark).cast(),
                     4,
                 )
             };
@@ -163,28 +237,57 @@ impl Traffic {
     }
 }
 
-#[test]
-fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop() {
+fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop(tc_attach: &str) {
     require_root();
     let sandbox = Sandbox::new("kl");
     let scratch = Scratch::new("kill");
     let policy = write_policy(&scratch, &policy("", "192.0.2.2/32"));
     let pins = test_pin_dir("kill");
-    let mut agent = RunningAgent::start_with_pins(&sandbox.host, &policy, &[], pins.clone());
+    let args = ["--tc-attach", tc_attach];
+    let mut agent = RunningAgent::start_with_pins(&sandbox.host, &policy, &args, pins.clone());
+    let mut program = one_program_attached_as(&sandbox, tc_attach);
     let traffic = Traffic::start(&sandbox);
     for round in 0..20 {
         agent.kill9();
-        // Killed: the pinned programs keep enforcing while nothing runs.
+        // Killed: the programs keep enforcing while nothing runs (a tcx link through
+        // its pin, a clsact filter by itself).
         std::thread::sleep(Duration::from_millis(50));
-        let next = RunningAgent::start_with_pins(&sandbox.host, &policy, &[], pins.clone());
+        assert_eq!(
+            one_program_attached_as(&sandbox, tc_attach),
+            program,
+            "round {round}: the dead agent's program still attached"
+        );
+        // Every other round the programs' pins go, as if a new build came up: that agent
+        // loads its own programs and swaps them in under traffic. The other rounds, a
+        // restart of the same build adopts the programs it finds.
+        let swap = round % 2 == 1;
+        if swap {
+            remove_program_pins(&pins);
+        }
+        let next = RunningAgent::start_with_pins(&sandbox.host, &policy, &args, pins.clone());
         // The dead agent's handle must not clean up the pins the new one adopted.
         agent.keep_pins = true;
         agent = next;
-        assert_eq!(
-            tc_program_ids(&sandbox.host, "up0").len(),
-            1,
-            "round {round}: one program, never two"
-        );
+        let adopted = one_program_attached_as(&sandbox, tc_attach);
+        if swap {
+            assert_ne!(
+                adopted, program,
+                "round {round}: the new agent's program replaced the old one in place"
+            );
+        } else {
+            assert_eq!(
+                adopted, program,
+                "round {round}: a restart of the same build adopts the running program"
+            );
+            assert!(
+                agent
+                    .stderr()
+                    .contains("adopted the programs an earlier agent"),
+                "round {round}: {}",
+                agent.stderr()
+            );
+        }
+        program = adopted;
     }
     std::thread::sleep(Duration::from_millis(200));
     let (sent_eu, got_eu, sent_us, leaked) = traffic.finish();
@@ -193,6 +296,11 @@ fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop() {
     );
     assert!(sent_us > 1000, "traffic flowed throughout ({sent_us})");
     assert_eq!(leaked, 0, "packets that should have been dropped arrived");
+    assert_eq!(
+        agent.packets(&[("region", "eu-west"), ("verdict", "deny")]),
+        0,
+        "the programs denied user data to an approved region"
+    );
     assert_eq!(
         got_eu,
         sent_eu,
@@ -207,8 +315,7 @@ fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop() {
     agent.stop();
 }
 
-#[test]
-fn reload_storm_never_yields_a_verdict_neither_policy_gives() {
+fn reload_storm_never_yields_a_verdict_neither_policy_gives(tc_attach: &str) {
     require_root();
     let sandbox = Sandbox::new("st");
     let scratch = Scratch::new("storm");
@@ -216,7 +323,12 @@ fn reload_storm_never_yields_a_verdict_neither_policy_gives() {
     // B differs in reach and exemptions, but agrees on eu-west (allow) and us-east (deny).
     let b = policy(", elsewhere", "192.0.2.2/32, 10.0.0.0/8");
     let path = write_policy(&scratch, &a);
-    let agent = RunningAgent::start(&sandbox.host, &path, &["--no-watch"]);
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &path,
+        &["--no-watch", "--tc-attach", tc_attach],
+    );
+    one_program_attached_as(&sandbox, tc_attach);
     let traffic = Traffic::start(&sandbox);
     let started = Instant::now();
     for i in 0..100 {
@@ -298,18 +410,24 @@ fn bad_reloads_are_refused_and_the_old_verdicts_hold() {
     agent.stop();
 }
 
-#[test]
-fn a_program_detached_from_outside_is_attached_again() {
+fn a_program_detached_from_outside_is_attached_again(tc_attach: &str) {
     require_root();
     let sandbox = Sandbox::new("dt");
     let scratch = Scratch::new("detach");
     let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
-    let agent = RunningAgent::start(&sandbox.host, &path, &["--monitor-interval", "1"]);
-    let ids = tc_program_ids(&sandbox.host, "up0");
-    assert_eq!(ids.len(), 1);
-    assert_eq!(detach_links_of_program(ids[0]), 1);
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &path,
+        &["--monitor-interval", "1", "--tc-attach", tc_attach],
+    );
+    one_program_attached_as(&sandbox, tc_attach);
+    // Frozen, the agent cannot put the program back before the test has seen it gone;
+    // emulated, `tc` is slower than the agent's one-second monitor.
+    agent.freeze();
+    assert_eq!(detach_tc_from_outside(&sandbox.host, "up0"), 1);
     assert!(tc_program_ids(&sandbox.host, "up0").is_empty(), "detached");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    agent.thaw();
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
     while tc_program_ids(&sandbox.host, "up0").is_empty() {
         assert!(
             Instant::now() < deadline,
@@ -328,20 +446,31 @@ fn a_program_detached_from_outside_is_attached_again() {
         "{}",
         agent.stderr()
     );
+    one_program_attached_as(&sandbox, tc_attach);
     agent.stop();
 }
 
-#[test]
-fn sigterm_leaves_enforcement_in_place_and_only_detach_removes_it() {
+fn sigterm_leaves_enforcement_in_place_and_only_detach_removes_it(tc_attach: &str) {
     require_root();
     let sandbox = Sandbox::new("tm");
     let scratch = Scratch::new("term");
     let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
     let pins = test_pin_dir("term");
-    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let agent = RunningAgent::start_with_pins(
+        &sandbox.host,
+        &path,
+        &["--tc-attach", tc_attach],
+        pins.clone(),
+    );
     let runtime = agent.runtime_dir.clone();
+    let program = one_program_attached_as(&sandbox, tc_attach);
     let (status, _agent_files) = agent.stop_leaving_enforcement();
     assert!(status.success(), "{status}");
+    assert_eq!(
+        one_program_attached_as(&sandbox, tc_attach),
+        program,
+        "the stopped agent's program stays attached"
+    );
     assert_eq!(
         udp_delivered_marked(&sandbox, addr::US_V4, 7500, 5, MARK),
         0,
@@ -438,7 +567,7 @@ fn an_interface_that_goes_away_and_comes_back_is_enforced_again() {
     sandbox.disconnect();
     std::thread::sleep(Duration::from_millis(2500));
     sandbox.connect();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
     while tc_program_ids(&sandbox.host, "up0").is_empty() {
         assert!(
             Instant::now() < deadline,
@@ -465,14 +594,18 @@ fn an_interface_that_goes_away_and_comes_back_is_enforced_again() {
     agent.stop();
 }
 
-#[test]
-fn status_reads_the_pinned_state_while_the_agent_is_stopped() {
+fn status_reads_the_pinned_state_while_the_agent_is_stopped(tc_attach: &str) {
     require_root();
     let sandbox = Sandbox::new("ps");
     let scratch = Scratch::new("pinned-status");
     let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
     let pins = test_pin_dir("pinned-status");
-    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let agent = RunningAgent::start_with_pins(
+        &sandbox.host,
+        &path,
+        &["--tc-attach", tc_attach],
+        pins.clone(),
+    );
     assert_eq!(
         udp_delivered_marked(&sandbox, addr::US_V4, 7700, 7, MARK),
         0
@@ -518,6 +651,12 @@ fn status_reads_the_pinned_state_while_the_agent_is_stopped() {
         .map(|r| r["packets"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(denied, 10, "counted while running and after: {stopped}");
+    // The attachment as the kernel has it, not as the agent remembered it.
+    let attachments = stopped["attachments"].as_array().expect("attachments");
+    assert_eq!(attachments.len(), 1, "{stopped}");
+    assert_eq!(attachments[0]["interface"], "up0", "{stopped}");
+    assert_eq!(attachments[0]["hook"], "tc_egress", "{stopped}");
+    assert_eq!(attachments[0]["kind"], tc_attach, "{stopped}");
     let _ = datafence::datapath::PinLayout::new(&pins).remove_all();
 }
 
@@ -594,6 +733,103 @@ fn an_upgrade_unpins_the_maps_of_the_old_datapath_version() {
         udp_delivered_marked(&sandbox, addr::US_V4, 7700, 3, MARK),
         0,
         "enforcing"
+    );
+    drop(agent);
+}
+
+/// An upgrade to another build of the same ABI: the new agent's entry programs jump to
+/// stages of their own build, and once it holds every link the earlier build's stage
+/// arrays are unpinned (they would otherwise keep its programs in kernel memory).
+#[test]
+fn an_upgrade_unpins_the_stages_of_the_old_build() {
+    require_root();
+    let sandbox = Sandbox::new("stg");
+    let scratch = Scratch::new("stage-upgrade");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("stage-upgrade");
+    let abi = pins.join(format!("v{}", datafence_common::ABI_VERSION));
+    // What an earlier build leaves behind: its stage array, pinned under its digest.
+    let old = abi.join("stages-0123456789abcdef");
+    std::fs::create_dir_all(&old).expect("old stages directory");
+    let old_array = old.join("TC_STAGES");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old_array)
+        .args([
+            "type",
+            "prog_array",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "1",
+            "name",
+            "TC_STAGES",
+        ])
+        .status()
+        .expect("bpftool");
+    assert!(created.success(), "bpftool map create");
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    assert!(!old.exists(), "the earlier build's stages are unpinned");
+    let ours = abi.join(format!("stages-{}", datafence::datapath::object_digest()));
+    for name in ["TC_STAGES", "XDP_STAGES", "TC_JOB", "XDP_JOB"] {
+        assert!(
+            ours.join(name).exists(),
+            "{name} is pinned with this build's stages"
+        );
+    }
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7701, 3, MARK),
+        0,
+        "enforcing through this build's judge"
+    );
+    drop(agent);
+}
+
+#[test]
+fn programs_bound_to_maps_that_are_gone_are_loaded_anew_not_adopted() {
+    require_root();
+    let sandbox = Sandbox::new("rb");
+    let scratch = Scratch::new("rebound");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("rebound");
+    let kind = if integration_tests::kernel_has_tcx() {
+        "tcx"
+    } else {
+        "clsact"
+    };
+    let mut agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let first = one_program_attached_as(&sandbox, kind);
+    agent.kill9();
+    agent.keep_pins = true;
+    // A partial cleanup: the maps' pins go, the links and this build's programs stay. The
+    // programs still hold the old maps; adopting them would leave the next agent writing
+    // policies into maps nothing reads.
+    let maps = pins
+        .join(format!("v{}", datafence_common::ABI_VERSION))
+        .join("maps");
+    std::fs::remove_dir_all(&maps).expect("remove the maps' pins");
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    assert!(
+        !agent.stderr().contains("adopted the programs"),
+        "{}",
+        agent.stderr()
+    );
+    assert_ne!(
+        one_program_attached_as(&sandbox, kind),
+        first,
+        "programs loaded anew, bound to the new maps"
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7702, 3, MARK),
+        0,
+        "enforcing the policy written into the new maps"
+    );
+    assert_eq!(
+        agent.packets(&[("region", "us-east"), ("verdict", "deny")]),
+        3,
+        "counted in the new maps"
     );
     drop(agent);
 }

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use datafence::datapath::{Datapath, EventLimits};
-use datafence_common::{CLASS_NONE, Hook, REGION_NONE, Reason, Verdict, ViolationEvent};
+use datafence_common::{CLASS_NONE, Hook, REGION_NONE, Reason, Verdict, ViolationEvent, stat};
 use integration_tests::{
     datapath_with,
     frames::{self, Frame, Spec},
@@ -124,27 +124,92 @@ fn tc(dp: &mut Datapath, frame: &Frame) -> Outcome {
     run(dp, Hook::TcEgress, &frame.bytes, 0)
 }
 
-#[track_caller]
-fn assert_outcome(
-    o: &Outcome,
+const TC: Hook = Hook::TcEgress;
+const XDP: Hook = Hook::Xdp;
+
+/// What the datapath must make of a frame: whether it passes, and the counter it moves.
+#[derive(Clone, Copy, Debug)]
+struct Want {
     passed: bool,
     class: u8,
     region: u16,
     verdict: Verdict,
     reason: Reason,
-) {
+}
+
+const fn allow(class: u8, region: u16, reason: Reason) -> Want {
+    Want {
+        passed: true,
+        class,
+        region,
+        verdict: Verdict::Allow,
+        reason,
+    }
+}
+
+const fn deny(class: u8, region: u16, reason: Reason) -> Want {
+    Want {
+        passed: false,
+        class,
+        region,
+        verdict: Verdict::Deny,
+        reason,
+    }
+}
+
+/// An audit hit: a denial that passes.
+const fn audit(class: u8, region: u16) -> Want {
+    Want {
+        passed: true,
+        class,
+        region,
+        verdict: Verdict::Audit,
+        reason: Reason::RegionDenied,
+    }
+}
+
+#[track_caller]
+fn assert_outcome(o: &Outcome, want: Want) {
+    check(o, want, "");
+}
+
+#[track_caller]
+fn check(o: &Outcome, want: Want, case: &str) {
+    let Want {
+        passed,
+        class,
+        region,
+        verdict,
+        reason,
+    } = want;
     assert_eq!(
         (o.passed, o.class, o.region, o.verdict, o.reason),
-        (passed, class, region, verdict, reason)
+        (passed, class, region, verdict, reason),
+        "{case}"
     );
-    assert_eq!(o.packets, 1);
+    assert_eq!(o.packets, 1, "{case}");
     let expect_event = verdict != Verdict::Allow;
     assert_eq!(
         o.events.len(),
         usize::from(expect_event),
-        "events: {:?}",
+        "{case} events: {:?}",
         o.events
     );
+}
+
+/// Runs a table of (hook, frame, mark, outcome) cases in order and checks each; returns
+/// the outcomes, for the checks a table cannot hold (event fields).
+#[track_caller]
+fn assert_cases(dp: &mut Datapath, cases: &[(Hook, Vec<u8>, u32, Want)]) -> Vec<Outcome> {
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, (hook, frame, mark, want))| {
+            let o = run(dp, *hook, frame, *mark);
+            check(&o, *want, &format!("case {i}:"));
+            o
+        })
+        .collect()
 }
 
 #[test]
@@ -152,26 +217,12 @@ fn ipv4_allowed_denied_and_counted() {
     let mut dp = setup();
     let allowed = Spec::tcp(SRC4, EU4, 443).build();
     let o = tc(&mut dp, &allowed);
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        EU_WEST,
-        Verdict::Allow,
-        Reason::RegionAllowed,
-    );
+    assert_outcome(&o, allow(HTTPS, EU_WEST, Reason::RegionAllowed));
     assert_eq!(o.bytes, allowed.bytes.len() as u64);
 
     let denied = Spec::tcp(SRC4, US4, 443).build();
     let o = tc(&mut dp, &denied);
-    assert_outcome(
-        &o,
-        false,
-        HTTPS,
-        US_EAST,
-        Verdict::Deny,
-        Reason::RegionDenied,
-    );
+    assert_outcome(&o, deny(HTTPS, US_EAST, Reason::RegionDenied));
     let ev = o.events[0];
     assert_eq!(ev.hook, Hook::TcEgress as u8);
     assert_eq!(ev.family, 4);
@@ -188,37 +239,30 @@ fn ipv4_allowed_denied_and_counted() {
 
     // The most specific prefix wins: eu-north sits inside eu-west's /24.
     let o = tc(&mut dp, &Spec::tcp(SRC4, EU_NORTH4, 8080).build());
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        EU_NORTH,
-        Verdict::Allow,
-        Reason::RegionAllowed,
-    );
+    assert_outcome(&o, allow(HTTPS, EU_NORTH, Reason::RegionAllowed));
 }
 
 #[test]
 fn ipv6_allowed_and_denied() {
     let mut dp = setup();
-    let o = tc(&mut dp, &Spec::tcp(SRC6, EU6, 443).build());
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        EU_WEST,
-        Verdict::Allow,
-        Reason::RegionAllowed,
+    let o = assert_cases(
+        &mut dp,
+        &[
+            (
+                TC,
+                Spec::tcp(SRC6, EU6, 443).build().bytes,
+                0,
+                allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            ),
+            (
+                TC,
+                Spec::tcp(SRC6, US6, 443).build().bytes,
+                0,
+                deny(HTTPS, US_EAST, Reason::RegionDenied),
+            ),
+        ],
     );
-    let o = tc(&mut dp, &Spec::tcp(SRC6, US6, 443).build());
-    assert_outcome(
-        &o,
-        false,
-        HTTPS,
-        US_EAST,
-        Verdict::Deny,
-        Reason::RegionDenied,
-    );
+    let o = &o[1];
     assert_eq!(o.events[0].family, 6);
     assert_eq!(
         o.events[0].dst_addr,
@@ -249,14 +293,7 @@ fn vlan_and_qinq_frames_are_judged_like_untagged_ones() {
     let mut spec = Spec::tcp(SRC4, EU4, 443);
     spec.vlans = vec![1, 2, 3];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        false,
-        HTTPS,
-        REGION_NONE,
-        Verdict::Deny,
-        Reason::MalformedDenied,
-    );
+    assert_outcome(&o, deny(HTTPS, REGION_NONE, Reason::MalformedDenied));
 }
 
 #[test]
@@ -266,14 +303,7 @@ fn ipv4_options_are_skipped_to_reach_the_ports() {
         let mut spec = Spec::tcp(SRC4, US4, 443);
         spec.ipv4_options = options;
         let o = tc(&mut dp, &spec.build());
-        assert_outcome(
-            &o,
-            false,
-            HTTPS,
-            US_EAST,
-            Verdict::Deny,
-            Reason::RegionDenied,
-        );
+        assert_outcome(&o, deny(HTTPS, US_EAST, Reason::RegionDenied));
         assert_eq!(o.events[0].dst_port, 443);
     }
 }
@@ -286,30 +316,16 @@ fn ipv4_fragments_are_judged_by_destination() {
     let mut spec = Spec::udp(SRC4, US4, 53);
     spec.fragment_offset = 185;
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(&o, false, DNS, US_EAST, Verdict::Deny, Reason::RegionDenied);
+    assert_outcome(&o, deny(DNS, US_EAST, Reason::RegionDenied));
     let mut spec = Spec::udp(SRC4, EU4, 53);
     spec.fragment_offset = 185;
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        true,
-        DNS,
-        EU_WEST,
-        Verdict::Allow,
-        Reason::RegionAllowed,
-    );
+    assert_outcome(&o, allow(DNS, EU_WEST, Reason::RegionAllowed));
     // The first fragment has its ports and is classified by them.
     let mut spec = Spec::udp(SRC4, US4, 9999);
     spec.fragment_offset = 0;
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        true,
-        CLASS_NONE,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::Unclassified,
-    );
+    assert_outcome(&o, allow(CLASS_NONE, REGION_NONE, Reason::Unclassified));
 }
 
 #[test]
@@ -321,34 +337,20 @@ fn ipv6_extension_headers_are_walked() {
         (60, frames::ipv6_options_body()),
     ];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        false,
-        HTTPS,
-        US_EAST,
-        Verdict::Deny,
-        Reason::RegionDenied,
-    );
+    assert_outcome(&o, deny(HTTPS, US_EAST, Reason::RegionDenied));
 
     // Non-first fragment: ports unknown, judged by destination.
     let mut spec = Spec::udp(SRC6, US6, 53);
     spec.ipv6_ext = vec![(44, frames::ipv6_fragment(100))];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(&o, false, DNS, US_EAST, Verdict::Deny, Reason::RegionDenied);
+    assert_outcome(&o, deny(DNS, US_EAST, Reason::RegionDenied));
 
     // More extension headers than the parser walks: malformed, dropped if it could be
     // user data.
     let mut spec = Spec::tcp(SRC6, EU6, 443);
     spec.ipv6_ext = vec![(60, frames::ipv6_options_body()); 9];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        false,
-        HTTPS,
-        REGION_NONE,
-        Verdict::Deny,
-        Reason::MalformedDenied,
-    );
+    assert_outcome(&o, deny(HTTPS, REGION_NONE, Reason::MalformedDenied));
 }
 
 #[test]
@@ -359,36 +361,15 @@ fn routing_header_with_segments_left_is_an_unknown_destination() {
     let mut spec = Spec::tcp(SRC6, EU6, 443);
     spec.ipv6_ext = vec![(43, frames::ipv6_routing(1, &[final_hop]))];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::RoutingHeaderAllowed,
-    );
+    assert_outcome(&o, allow(HTTPS, REGION_NONE, Reason::RoutingHeaderAllowed));
     // The marked class denies unknown destinations.
     let o = run(&mut dp, Hook::TcEgress, &spec.build().bytes, 0x10);
-    assert_outcome(
-        &o,
-        false,
-        MARKED,
-        REGION_NONE,
-        Verdict::Deny,
-        Reason::RoutingHeaderDenied,
-    );
+    assert_outcome(&o, deny(MARKED, REGION_NONE, Reason::RoutingHeaderDenied));
     // With no segments left the destination address is final.
     let mut spec = Spec::tcp(SRC6, EU6, 443);
     spec.ipv6_ext = vec![(43, frames::ipv6_routing(0, &[final_hop]))];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        EU_WEST,
-        Verdict::Allow,
-        Reason::RegionAllowed,
-    );
+    assert_outcome(&o, allow(HTTPS, EU_WEST, Reason::RegionAllowed));
 }
 
 #[test]
@@ -448,7 +429,7 @@ fn truncated_frames_fail_closed_at_every_header_boundary() {
 
 #[test]
 fn truncated_frames_that_no_class_could_claim_pass() {
-    let policy = r#"
+    let policy = r"
 version: 1
 regions:
   eu-west:
@@ -458,28 +439,27 @@ data_classes:
     match:
       marks: [{value: 0x10}]
     allow: [eu-west]
-"#;
+";
     let (mut dp, _) = datapath_with(policy, EventLimits::default());
     let frame = Spec::tcp(SRC4, US4, 443).build();
     // IP header complete, TCP header cut after the ports.
     let cut = frame.bytes[..frame.ip_start + 20 + 6].to_vec();
-    let o = run(&mut dp, Hook::TcEgress, &cut, 0);
-    assert_outcome(
-        &o,
-        true,
-        CLASS_NONE,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::MalformedAllowed,
-    );
-    let o = run(&mut dp, Hook::TcEgress, &cut, 0x10);
-    assert_outcome(
-        &o,
-        false,
-        MARKED,
-        REGION_NONE,
-        Verdict::Deny,
-        Reason::MalformedDenied,
+    assert_cases(
+        &mut dp,
+        &[
+            (
+                TC,
+                cut.clone(),
+                0,
+                allow(CLASS_NONE, REGION_NONE, Reason::MalformedAllowed),
+            ),
+            (
+                TC,
+                cut,
+                0x10,
+                deny(MARKED, REGION_NONE, Reason::MalformedDenied),
+            ),
+        ],
     );
 }
 
@@ -501,53 +481,28 @@ impl IntoFrame for Vec<u8> {
 fn non_ip_frames_pass() {
     let mut dp = setup();
     let o = run(&mut dp, Hook::TcEgress, &frames::arp(), 0x10);
-    assert_outcome(
-        &o,
-        true,
-        CLASS_NONE,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::NotIp,
-    );
+    assert_outcome(&o, allow(CLASS_NONE, REGION_NONE, Reason::NotIp));
 }
 
 #[test]
 fn exemptions_come_before_classification() {
     let mut dp = setup();
-    for dst in ["10.1.2.3", "fd00:aaaa::5"] {
+    let exempt = |dst: &str, reason| {
         let src = if dst.contains(':') { SRC6 } else { SRC4 };
-        let o = run(
-            &mut dp,
-            Hook::TcEgress,
-            &Spec::udp(src, dst, 53).build().bytes,
-            0x10,
-        );
-        assert_outcome(
-            &o,
-            true,
-            CLASS_NONE,
-            REGION_NONE,
-            Verdict::Allow,
-            Reason::ExemptPolicy,
-        );
-    }
-    for dst in ["127.0.0.1", "169.254.1.1", "::1", "fe80::1"] {
-        let src = if dst.contains(':') { SRC6 } else { SRC4 };
-        let o = run(
-            &mut dp,
-            Hook::TcEgress,
-            &Spec::udp(src, dst, 53).build().bytes,
-            0x10,
-        );
-        assert_outcome(
-            &o,
-            true,
-            CLASS_NONE,
-            REGION_NONE,
-            Verdict::Allow,
-            Reason::ExemptBuiltin,
-        );
-    }
+        let frame = Spec::udp(src, dst, 53).build().bytes;
+        (TC, frame, 0x10, allow(CLASS_NONE, REGION_NONE, reason))
+    };
+    assert_cases(
+        &mut dp,
+        &[
+            exempt("10.1.2.3", Reason::ExemptPolicy),
+            exempt("fd00:aaaa::5", Reason::ExemptPolicy),
+            exempt("127.0.0.1", Reason::ExemptBuiltin),
+            exempt("169.254.1.1", Reason::ExemptBuiltin),
+            exempt("::1", Reason::ExemptBuiltin),
+            exempt("fe80::1", Reason::ExemptBuiltin),
+        ],
+    );
 }
 
 #[test]
@@ -555,23 +510,22 @@ fn each_selector_kind_classifies() {
     let mut dp = setup();
     // Mark, with its mask: 0x1310 & 0xff == 0x10.
     let frame = Spec::udp(SRC4, US4, 9).build();
-    let o = run(&mut dp, Hook::TcEgress, &frame.bytes, 0x1310);
-    assert_outcome(
-        &o,
-        false,
-        MARKED,
-        US_EAST,
-        Verdict::Deny,
-        Reason::RegionDenied,
-    );
-    let o = run(&mut dp, Hook::TcEgress, &frame.bytes, 0x11);
-    assert_outcome(
-        &o,
-        true,
-        CLASS_NONE,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::Unclassified,
+    assert_cases(
+        &mut dp,
+        &[
+            (
+                TC,
+                frame.bytes.clone(),
+                0x1310,
+                deny(MARKED, US_EAST, Reason::RegionDenied),
+            ),
+            (
+                TC,
+                frame.bytes,
+                0x11,
+                allow(CLASS_NONE, REGION_NONE, Reason::Unclassified),
+            ),
+        ],
     );
     // Protocol and port range: tcp/8050 is https, udp/8050 is not.
     let o = tc(&mut dp, &Spec::tcp(SRC4, US4, 8050).build());
@@ -588,7 +542,7 @@ fn each_selector_kind_classifies() {
     assert_eq!(tc(&mut dp, &spec.build()).class, CLASS_NONE);
     // Source CIDR: 192.0.2.1 is in 192.0.2.0/25, 192.0.2.200 is not.
     let o = tc(&mut dp, &Spec::udp(SRC4, US4, 53).build());
-    assert_outcome(&o, false, DNS, US_EAST, Verdict::Deny, Reason::RegionDenied);
+    assert_outcome(&o, deny(DNS, US_EAST, Reason::RegionDenied));
     let o = tc(&mut dp, &Spec::udp("192.0.2.200", US4, 53).build());
     assert_eq!((o.class, o.passed), (CLASS_NONE, true));
     let o = tc(&mut dp, &Spec::udp(SRC6, US6, 53).build());
@@ -602,28 +556,22 @@ fn each_selector_kind_classifies() {
 #[test]
 fn unknown_destinations_follow_the_class_rule() {
     let mut dp = setup();
-    let o = run(
+    assert_cases(
         &mut dp,
-        Hook::TcEgress,
-        &Spec::udp(SRC4, NOWHERE4, 9).build().bytes,
-        0x10,
-    );
-    assert_outcome(
-        &o,
-        false,
-        MARKED,
-        REGION_NONE,
-        Verdict::Deny,
-        Reason::UnknownDenied,
-    );
-    let o = tc(&mut dp, &Spec::tcp(SRC4, NOWHERE4, 443).build());
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::UnknownAllowed,
+        &[
+            (
+                TC,
+                Spec::udp(SRC4, NOWHERE4, 9).build().bytes,
+                0x10,
+                deny(MARKED, REGION_NONE, Reason::UnknownDenied),
+            ),
+            (
+                TC,
+                Spec::tcp(SRC4, NOWHERE4, 443).build().bytes,
+                0,
+                allow(HTTPS, REGION_NONE, Reason::UnknownAllowed),
+            ),
+        ],
     );
 }
 
@@ -633,71 +581,43 @@ fn audit_passes_and_reports_where_enforce_drops() {
     let mut spec = Spec::udp(SRC4, US4, 9);
     spec.dscp = 10;
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(
-        &o,
-        true,
-        DSCP_AUDIT,
-        US_EAST,
-        Verdict::Audit,
-        Reason::RegionDenied,
-    );
+    assert_outcome(&o, audit(DSCP_AUDIT, US_EAST));
     assert_eq!(o.events[0].verdict, Verdict::Audit as u8);
 
     // Policy-wide audit turns every denial into an audit hit.
     let audit_all = POLICY.replace("mode: enforce", "mode: audit");
     let (mut dp, _) = datapath_with(&audit_all, EventLimits::default());
     let o = tc(&mut dp, &Spec::tcp(SRC4, US4, 443).build());
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        US_EAST,
-        Verdict::Audit,
-        Reason::RegionDenied,
-    );
+    assert_outcome(&o, audit(HTTPS, US_EAST));
 }
 
 #[test]
 fn xdp_judges_forwarded_frames_with_the_same_logic() {
     let mut dp = setup();
-    let o = run(
+    let o = assert_cases(
         &mut dp,
-        Hook::Xdp,
-        &Spec::tcp(SRC4, US4, 443).build().bytes,
-        0,
+        &[
+            (
+                XDP,
+                Spec::tcp(SRC4, US4, 443).build().bytes,
+                0,
+                deny(HTTPS, US_EAST, Reason::RegionDenied),
+            ),
+            (
+                XDP,
+                Spec::tcp(SRC6, EU6, 443).build().bytes,
+                0,
+                allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            ),
+            (
+                XDP,
+                frames::arp(),
+                0,
+                allow(CLASS_NONE, REGION_NONE, Reason::NotIp),
+            ),
+        ],
     );
-    assert_outcome(
-        &o,
-        false,
-        HTTPS,
-        US_EAST,
-        Verdict::Deny,
-        Reason::RegionDenied,
-    );
-    assert_eq!(o.events[0].hook, Hook::Xdp as u8);
-    let o = run(
-        &mut dp,
-        Hook::Xdp,
-        &Spec::tcp(SRC6, EU6, 443).build().bytes,
-        0,
-    );
-    assert_outcome(
-        &o,
-        true,
-        HTTPS,
-        EU_WEST,
-        Verdict::Allow,
-        Reason::RegionAllowed,
-    );
-    let o = run(&mut dp, Hook::Xdp, &frames::arp(), 0);
-    assert_outcome(
-        &o,
-        true,
-        CLASS_NONE,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::NotIp,
-    );
+    assert_eq!(o[0].events[0].hook, Hook::Xdp as u8);
     // XDP runs before an skb exists, so there is no mark to match: the marked class
     // cannot claim the packet there.
     let o = run(
@@ -718,14 +638,7 @@ fn nothing_is_dropped_before_a_policy_is_loaded() {
     })
     .expect("load");
     let o = tc(&mut dp, &Spec::tcp(SRC4, US4, 443).build());
-    assert_outcome(
-        &o,
-        true,
-        CLASS_NONE,
-        REGION_NONE,
-        Verdict::Allow,
-        Reason::NoPolicy,
-    );
+    assert_outcome(&o, allow(CLASS_NONE, REGION_NONE, Reason::NoPolicy));
 }
 
 #[test]
@@ -748,8 +661,11 @@ fn events_are_rate_limited_and_the_rest_counted() {
         "{} events for 100 denials",
         events.len()
     );
-    assert_eq!(events.len() as u64 + stats.events_suppressed, 100);
-    assert_eq!(stats.events_lost, 0);
+    assert_eq!(
+        events.len() as u64 + stats.get(stat::EVENTS_SUPPRESSED),
+        100
+    );
+    assert_eq!(stats.get(stat::EVENTS_LOST), 0);
     let counted: u64 = dp
         .counters()
         .expect("counters")
@@ -883,7 +799,9 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
 fn counters_stay_exact_when_the_cache_is_full() {
     use aya::maps::{MapData, PerCpuArray, PerCpuValues};
     use datafence::datapath::LoadOptions;
-    use datafence_common::{COUNTER_CACHE_SLOTS, CachedCounter, CounterKey, map_names};
+    use datafence_common::{
+        COUNTER_CACHE_SLOTS, CachedCounter, CounterKey, CounterValue, map_names,
+    };
     integration_tests::require_root();
     let pins = integration_tests::agent::test_pin_dir("counter-cache");
     let mut dp = Datapath::load(&LoadOptions {
@@ -915,7 +833,7 @@ fn counters_stay_exact_when_the_cache_is_full() {
             ifindex: 999_999,
             ..CounterKey::default()
         },
-        value: Default::default(),
+        value: CounterValue::default(),
     });
     let frame = Spec::tcp(SRC4, EU4, 443).build();
     let total = |dp: &Datapath| {
@@ -940,4 +858,46 @@ fn counters_stay_exact_when_the_cache_is_full() {
     }
     drop(dp);
     let _ = datafence::datapath::PinLayout::new(&pins).remove_all();
+}
+
+/// The entry program's one exit outside `finish`: with its judge stage gone from the
+/// pinned array (only someone with CAP_BPF can do that), a packet passes unjudged, and
+/// the `stage_missing` statistic counts it so that the agent can say so.
+#[test]
+fn a_missing_judge_stage_passes_and_is_counted() {
+    integration_tests::require_root();
+    let pins = integration_tests::agent::test_pin_dir("stage-missing");
+    let mut dp = Datapath::load(&datafence::datapath::LoadOptions {
+        table_capacity: 4096,
+        pin_dir: Some(pins.clone()),
+        ..Default::default()
+    })
+    .expect("load datapath");
+    let policy = integration_tests::policy_from_yaml(POLICY);
+    dp.apply(&policy.compile(), EventLimits::default())
+        .expect("apply policy");
+    let denied = Spec::tcp(SRC4, US4, 443).build();
+    assert!(
+        !dp.test_run(Hook::TcEgress, &denied.bytes, 0).expect("run"),
+        "judged: dropped"
+    );
+    assert_eq!(dp.stats().expect("stats").get(stat::STAGE_MISSING), 0);
+
+    let layout = datafence::datapath::PinLayout::new(&pins);
+    let array = layout
+        .stages_dir(datafence::datapath::object_digest())
+        .join("TC_STAGES");
+    let deleted = std::process::Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(&array)
+        .args(["key", "0", "0", "0", "0"])
+        .status()
+        .expect("bpftool");
+    assert!(deleted.success(), "bpftool map delete");
+    assert!(
+        dp.test_run(Hook::TcEgress, &denied.bytes, 0).expect("run"),
+        "unjudged: passes"
+    );
+    assert_eq!(dp.stats().expect("stats").get(stat::STAGE_MISSING), 1);
+    layout.remove_all().expect("unpin");
 }

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: builds the release agent and the benchmark program
-//! (tests/src/bin/datafence-bench.rs), then runs the benchmark as root. Everything is
+//! (tests/src/bin/datafence-bench/), then runs the benchmark as root. Everything is
 //! measured in one run, side by side: the datapath under `BPF_PROG_TEST_RUN` (hot and cold),
 //! end-to-end packet rates through a veth pair against nftables and ipset, control-plane
 //! load and reload, and the agent's own footprint. The table goes to stdout, the figures to
@@ -46,6 +46,8 @@ pub(crate) struct Options {
 pub(crate) fn run(opts: Options) -> Result<()> {
     let root = util::workspace_root();
     if !opts.no_build {
+        // Two builds: in one, cargo would unify the agent's features with the bench's and
+        // the agent measured would carry the bench's object, which the shipped one does not.
         util::run(util::cargo().args([
             "build",
             "--release",
@@ -53,6 +55,10 @@ pub(crate) fn run(opts: Options) -> Result<()> {
             "datafence",
             "--bin",
             "datafence",
+        ]))?;
+        util::run(util::cargo().args([
+            "build",
+            "--release",
             "--package",
             "integration-tests",
             "--bin",

@@ -45,7 +45,7 @@ pub(crate) fn brief_seconds() -> Result<u64> {
     }
 }
 
-/// `cargo +nightly fuzz run <target>` with the corpus seeded and cargo-fuzz on PATH. A
+/// `cargo +<eBPF toolchain> fuzz run <target>` (cargo-fuzz needs a nightly; the pinned one) with the corpus seeded and cargo-fuzz on PATH. A
 /// crash leaves its input in fuzz/artifacts/<target>/ and fails the command.
 pub(crate) fn command(target: &str, seconds: Option<u64>) -> Result<Command> {
     let root = util::workspace_root();
@@ -64,15 +64,8 @@ pub(crate) fn command(target: &str, seconds: Option<u64>) -> Result<Command> {
         // The agent's build script would build the eBPF object, which the targets never
         // use, and with the fuzzer's compiler flags.
         .env("AYA_BUILD_SKIP", "1")
-        .args([
-            "+nightly",
-            "fuzz",
-            "run",
-            target,
-            "--fuzz-dir",
-            "fuzz",
-            "--",
-        ]);
+        .arg(format!("+{}", setup::ebpf_toolchain()?))
+        .args(["fuzz", "run", target, "--fuzz-dir", "fuzz", "--"]);
     if let Some(seconds) = seconds {
         cmd.arg(format!("-max_total_time={seconds}"));
     }

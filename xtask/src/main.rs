@@ -4,11 +4,14 @@ mod bench;
 mod build;
 mod demo;
 mod fuzz;
+mod matrix;
 mod package;
 mod regions;
 mod setup;
 mod test;
 mod util;
+mod verifier;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -28,11 +31,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what the build and tests need: nightly + rust-src + clippy, bpf-linker, and
-    /// the system tools (ip, nft, ipset, iptables, bpftool, curl, python3). Idempotent.
+    /// Install what the build and tests need: nightly + rust-src + clippy, bpf-linker, the
+    /// system tools (ip, nft, ipset, iptables, bpftool, curl, python3), and the kernel
+    /// matrix's QEMU, virtme-ng, virtiofsd and Debian kernels. Idempotent.
     Setup(setup::Options),
     /// Run every check in order, stopping at the first failure: rustfmt, clippy (host),
-    /// clippy (eBPF), then all tests. Needs root.
+    /// clippy (eBPF), then all tests on the host kernel and the kernel tests in QEMU guests
+    /// on Debian's 6.1 and 6.12 kernels (`--kernels`). Needs root.
     Test(test::Options),
     /// Build the release agent and print the path of the binary.
     Build(build::Options),
@@ -50,6 +55,9 @@ enum Command {
     /// Generate policies/regions/cloud/*.txt (EU/EEA, European non-EU, other, global,
     /// ambiguous) from a cloud-provider range list (CSV: cidr,provider,region,service).
     Regions(regions::Options),
+    /// Load every program and print the verifier's work on each (`insns=N`), built with the
+    /// pinned eBPF toolchain or `--toolchain nightly-YYYY-MM-DD`. Needs root.
+    Verifier(verifier::Options),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
         Command::Package(opts) => package::run(opts),
         Command::Fuzz(opts) => fuzz::run(opts),
         Command::Regions(opts) => regions::run(opts),
+        Command::Verifier(opts) => verifier::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

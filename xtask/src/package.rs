@@ -69,7 +69,7 @@ pub(crate) fn run(Options { no_build }: Options) -> Result<()> {
         .lines()
         .rev()
         .map(str::trim)
-        .find(|l| l.ends_with(".deb"))
+        .find(|l| Path::new(l).extension().is_some_and(|e| e == "deb"))
         .map(PathBuf::from)
         .with_context(|| format!("cargo-deb printed no .deb path: {stdout:?}"))?;
     let deb = if deb.is_absolute() {

@@ -23,7 +23,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::{self, Write as _},
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -187,36 +187,18 @@ impl fmt::Display for Net {
 /// Parses `ADDRESS/LENGTH` (or a bare address) and clears host bits; the flag says whether
 /// there were any.
 fn parse_net(text: &str) -> Option<(Net, bool)> {
-    let (addr, len) = match text.split_once('/') {
-        Some((addr, len)) if !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()) => {
-            (addr, Some(len.parse::<u8>().ok()?))
-        }
-        Some(_) => return None,
-        None => (text, None),
+    let cidr = datafence_common::cidr::parse(text).ok()?;
+    let network = datafence_common::cidr::Cidr {
+        addr: cidr.network(),
+        ..cidr
     };
-    let (v6, bits, width) = match addr.parse::<IpAddr>().ok()? {
-        IpAddr::V4(a) => (false, u128::from(u32::from(a)), 32u8),
-        IpAddr::V6(a) => (true, u128::from(a), 128u8),
-    };
-    let len = len.unwrap_or(width);
-    if len > width {
-        return None;
-    }
-    let host_mask = if len == 0 {
-        u128::MAX
-    } else {
-        (1u128 << (128 - u32::from(len))) - 1
-    };
-    // The address sits in the low `width` bits; shift the mask down to match.
-    let host_mask = host_mask >> (128 - u32::from(width));
-    let network = bits & !host_mask;
     Some((
         Net {
-            v6,
-            bits: network,
-            len,
+            v6: cidr.addr.is_ipv6(),
+            bits: network.bits(),
+            len: cidr.len,
         },
-        network != bits,
+        cidr.has_host_bits(),
     ))
 }
 
@@ -365,10 +347,10 @@ fn date_from_readme(csv: &Path) -> Option<String> {
 }
 
 fn region_list(table: &[(&str, &str, &str)]) -> String {
-    table
-        .iter()
-        .map(|(p, r, at)| format!("#   {p:<13} {r:<18} {at}\n"))
-        .collect()
+    table.iter().fold(String::new(), |mut list, (p, r, at)| {
+        let _ = writeln!(list, "#   {p:<13} {r:<18} {at}");
+        list
+    })
 }
 
 struct FileStats {
@@ -387,6 +369,67 @@ pub(crate) fn run(opts: Options) -> Result<()> {
         .or_else(|| date_from_readme(&csv))
         .unwrap_or_else(|| "unknown".to_owned());
 
+    let Sorted {
+        files,
+        unrecognised,
+        global_sources,
+    } = sort_prefixes(&cat);
+
+    let command = format!(
+        "cargo xtask regions --csv {} --out {}",
+        opts.csv.display(),
+        opts.out.display()
+    );
+    let mut stats = BTreeMap::new();
+    let mut stale = Vec::new();
+    for (&bucket, nets) in &files {
+        let v4 = nets.iter().filter(|n| !n.v6).count();
+        let file_stats = FileStats {
+            v4,
+            v6: nets.len() - v4,
+        };
+        let mut text = header(bucket, &cat, &file_stats, &as_of, &opts.csv, &command);
+        push_notes(&mut text, bucket, &cat, &unrecognised, &global_sources);
+        text.push('\n');
+        for net in nets {
+            let _ = writeln!(text, "{net}");
+        }
+        let path = out.join(format!("{}.txt", bucket.name()));
+        if opts.check {
+            if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                stale.push(path.display().to_string());
+            }
+        } else {
+            fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        stats.insert(bucket, file_stats);
+    }
+
+    print_summary(&csv, &cat, &stats, &unrecognised);
+    if !stale.is_empty() {
+        bail!(
+            "out of date, re-run `cargo xtask regions`: {}",
+            stale.join(", ")
+        );
+    }
+    if !opts.check {
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// The prefixes sorted into the files of their buckets, with what the notes of the
+/// non-eu and global files list.
+struct Sorted {
+    files: BTreeMap<Bucket, Vec<Net>>,
+    /// European-looking region names no list of the generator knows.
+    unrecognised: BTreeSet<(String, String)>,
+    /// Prefixes of the global file per (provider, region) row.
+    global_sources: BTreeMap<(String, String), usize>,
+}
+
+fn sort_prefixes(cat: &Catalogue) -> Sorted {
     let mut files: BTreeMap<Bucket, Vec<Net>> = Bucket::ALL.iter().map(|&b| (b, vec![])).collect();
     let mut unrecognised: BTreeSet<(String, String)> = BTreeSet::new();
     let mut global_sources: BTreeMap<(String, String), usize> = BTreeMap::new();
@@ -404,82 +447,76 @@ pub(crate) fn run(opts: Options) -> Result<()> {
             }
         }
     }
-
-    let command = format!(
-        "cargo xtask regions --csv {} --out {}",
-        opts.csv.display(),
-        opts.out.display()
-    );
-    let mut stats = BTreeMap::new();
-    let mut stale = Vec::new();
-    for (&bucket, nets) in &files {
-        let v4 = nets.iter().filter(|n| !n.v6).count();
-        let file_stats = FileStats {
-            v4,
-            v6: nets.len() - v4,
-        };
-        let mut text = header(bucket, &cat, &file_stats, &as_of, &opts.csv, &command);
-        match bucket {
-            Bucket::Eu => {
-                text.push_str("# Regions included (EU member states, plus Norway for the EEA):\n");
-                text.push_str(&region_list(EU_EEA));
-            }
-            Bucket::EuropeNonEu => {
-                text.push_str("# Regions included:\n");
-                text.push_str(&region_list(EUROPE_NON_EU));
-            }
-            Bucket::NonEu => {
-                text.push_str(
-                    "# Every regional range whose region is in neither the EU/EEA list (eu.txt) nor\n\
-                     # the European non-EU list (europe-non-eu.txt).\n",
-                );
-                if !unrecognised.is_empty() {
-                    text.push_str(
-                        "# European-looking region names the generator does not recognise; they stay\n\
-                         # here, denied to EU data, until someone adds them to a list in the generator:\n",
-                    );
-                    for (p, r) in &unrecognised {
-                        let _ = writeln!(text, "#   {p:<13} {r}");
-                    }
-                }
-            }
-            Bucket::Global => {
-                let _ = writeln!(
-                    text,
-                    "# Prefixes whose rows carry no region (or `GLOBAL`/`global`) and that no row\n\
-                     # places in a region. A regional row wins over a region-less one: {} prefixes\n\
-                     # with both kinds of row are in the file of their region instead.\n\
-                     # Prefixes by source (a prefix with rows from several counts for each):",
-                    cat.regional_and_global
-                );
-                for ((p, r), n) in &global_sources {
-                    let r = if r.is_empty() { "(no region)" } else { r };
-                    let _ = writeln!(text, "#   {p:<13} {r:<12} {n}");
-                }
-            }
-            Bucket::Ambiguous => text.push_str(
-                "# Exact prefixes that rows place in more than one of eu, europe-non-eu and\n\
-                 # non-eu. They are in none of those files (the policy validator refuses one\n\
-                 # prefix in two regions) but here, so a policy can deny them explicitly\n\
-                 # instead of letting them fall through to an enclosing prefix.\n",
-            ),
-        }
-        text.push('\n');
-        for net in nets {
-            let _ = writeln!(text, "{net}");
-        }
-        let path = out.join(format!("{}.txt", bucket.name()));
-        if opts.check {
-            if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-                stale.push(path.display().to_string());
-            }
-        } else {
-            fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-        }
-        stats.insert(bucket, file_stats);
+    Sorted {
+        files,
+        unrecognised,
+        global_sources,
     }
+}
 
+/// The notes at the head of a bucket's file, after the common header: which regions it
+/// holds and why.
+fn push_notes(
+    text: &mut String,
+    bucket: Bucket,
+    cat: &Catalogue,
+    unrecognised: &BTreeSet<(String, String)>,
+    global_sources: &BTreeMap<(String, String), usize>,
+) {
+    match bucket {
+        Bucket::Eu => {
+            text.push_str("# Regions included (EU member states, plus Norway for the EEA):\n");
+            text.push_str(&region_list(EU_EEA));
+        }
+        Bucket::EuropeNonEu => {
+            text.push_str("# Regions included:\n");
+            text.push_str(&region_list(EUROPE_NON_EU));
+        }
+        Bucket::NonEu => {
+            text.push_str(
+                "# Every regional range whose region is in neither the EU/EEA list (eu.txt) nor\n\
+                 # the European non-EU list (europe-non-eu.txt).\n",
+            );
+            if !unrecognised.is_empty() {
+                text.push_str(
+                    "# European-looking region names the generator does not recognise; they stay\n\
+                     # here, denied to EU data, until someone adds them to a list in the generator:\n",
+                );
+                for (p, r) in unrecognised {
+                    let _ = writeln!(text, "#   {p:<13} {r}");
+                }
+            }
+        }
+        Bucket::Global => {
+            let _ = writeln!(
+                text,
+                "# Prefixes whose rows carry no region (or `GLOBAL`/`global`) and that no row\n\
+                 # places in a region. A regional row wins over a region-less one: {} prefixes\n\
+                 # with both kinds of row are in the file of their region instead.\n\
+                 # Prefixes by source (a prefix with rows from several counts for each):",
+                cat.regional_and_global
+            );
+            for ((p, r), n) in global_sources {
+                let r = if r.is_empty() { "(no region)" } else { r };
+                let _ = writeln!(text, "#   {p:<13} {r:<12} {n}");
+            }
+        }
+        Bucket::Ambiguous => text.push_str(
+            "# Exact prefixes that rows place in more than one of eu, europe-non-eu and\n\
+             # non-eu. They are in none of those files (the policy validator refuses one\n\
+             # prefix in two regions) but here, so a policy can deny them explicitly\n\
+             # instead of letting them fall through to an enclosing prefix.\n",
+        ),
+    }
+}
+
+/// What was read, dropped and written, and the region names that need a look.
+fn print_summary(
+    csv: &Path,
+    cat: &Catalogue,
+    stats: &BTreeMap<Bucket, FileStats>,
+    unrecognised: &BTreeSet<(String, String)>,
+) {
     eprintln!(
         "{}: {} rows, {} distinct prefixes, {} with host bits fixed, {} dropped",
         csv.display(),
@@ -491,22 +528,12 @@ pub(crate) fn run(opts: Options) -> Result<()> {
     for line in cat.dropped.iter().take(10) {
         eprintln!("  dropped {line}");
     }
-    for (bucket, s) in &stats {
+    for (bucket, s) in stats {
         eprintln!("  {:<14} {:>6} IPv4  {:>6} IPv6", bucket.name(), s.v4, s.v6);
     }
-    for (p, r) in &unrecognised {
+    for (p, r) in unrecognised {
         eprintln!("warning: {p} region {r:?} looks European but is not mapped; placed in non-eu");
     }
-    if !stale.is_empty() {
-        bail!(
-            "out of date, re-run `cargo xtask regions`: {}",
-            stale.join(", ")
-        );
-    }
-    if !opts.check {
-        eprintln!("wrote {}", out.display());
-    }
-    Ok(())
 }
 
 fn header(

@@ -40,53 +40,63 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("python3", "python3"),
     ("promtool", "prometheus"),
+    // The server itself: tests/tests/netns_prometheus.rs scrapes the agent with it.
+    ("prometheus", "prometheus"),
 ];
 
 pub(crate) fn run(Options {}: Options) -> Result<()> {
     let start = Instant::now();
-    let nightly = ensure_nightly()?;
-    ensure_nightly_components(&nightly)?;
+    let toolchain = ebpf_toolchain()?;
+    ensure_ebpf_toolchain(&toolchain)?;
     ensure_host_components()?;
-    ensure_bpf_linker(&nightly)?;
     ensure_cargo_fuzz()?;
     ensure_system_tools()?;
+    crate::vm::ensure_installed()?;
     println!("setup: done in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn step(what: &str, outcome: impl std::fmt::Display) {
+pub(crate) fn step(what: &str, outcome: impl std::fmt::Display) {
     println!("setup: {what}: {outcome}");
 }
 
-/// Facts about the installed nightly toolchain, from `rustc +nightly -vV`.
-struct Nightly {
+/// Facts about an installed nightly toolchain, from `rustc +<toolchain> -vV`.
+pub(crate) struct Nightly {
+    /// The rustup name, e.g. `nightly-2026-10-30`.
+    pub(crate) name: String,
     sysroot: PathBuf,
     /// e.g. `1.97.0-nightly`
-    release: String,
+    pub(crate) release: String,
     /// e.g. `22.1.4`
-    llvm_version: String,
+    pub(crate) llvm_version: String,
 }
 
 impl Nightly {
-    fn query() -> Result<Self> {
+    fn query(name: &str) -> Result<Self> {
+        let plus = format!("+{name}");
         let mut version = Command::new("rustc");
-        // Without this, a new rustup would quietly install a full-profile nightly instead of
+        // Without this, rustup would quietly install a full-profile toolchain instead of
         // letting us install the minimal one below.
         version
-            .args(["+nightly", "-vV"])
+            .args([plus.as_str(), "-vV"])
             .env("RUSTUP_AUTO_INSTALL", "0");
         let version = output(&mut version)?;
-        let field = |name: &str| {
+        let field = |field: &str| {
             version
                 .lines()
-                .find_map(|line| line.strip_prefix(name))
+                .find_map(|line| line.strip_prefix(field))
                 .map(|value| value.trim().to_owned())
-                .with_context(|| format!("`rustc +nightly -vV` printed no `{name}` line"))
+                .with_context(|| format!("`rustc {plus} -vV` printed no `{field}` line"))
         };
         let release = field("release:")?;
         let llvm_version = field("LLVM version:")?;
-        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+        let sysroot = output(
+            Command::new("rustc")
+                .args([plus.as_str(), "--print", "sysroot"])
+                .env("RUSTUP_AUTO_INSTALL", "0"),
+        )?;
         Ok(Self {
+            name: name.to_owned(),
             sysroot: PathBuf::from(sysroot.trim()),
             release,
             llvm_version,
@@ -136,30 +146,63 @@ impl Nightly {
     }
 }
 
-fn ensure_nightly() -> Result<Nightly> {
-    let query = Nightly::query();
-    if let Ok(nightly) = query {
+/// The toolchain that builds the eBPF object: the `channel` of agent-ebpf/rust-toolchain.toml,
+/// unless `DATAFENCE_EBPF_TOOLCHAIN` names another (as `cargo xtask verifier --toolchain`
+/// does). agent/build.rs reads the same file the same way.
+pub(crate) fn ebpf_toolchain() -> Result<String> {
+    if let Some(name) = env::var_os("DATAFENCE_EBPF_TOOLCHAIN") {
+        return name
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("DATAFENCE_EBPF_TOOLCHAIN is not UTF-8"));
+    }
+    let path = util::workspace_root().join("agent-ebpf/rust-toolchain.toml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    pinned_channel(&text).with_context(|| {
+        format!(
+            "{}: no `channel = \"nightly-YYYY-MM-DD\"` line in [toolchain]",
+            path.display()
+        )
+    })
+}
+
+/// The `channel` value of a rust-toolchain.toml, when it names a dated nightly.
+fn pinned_channel(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .filter_map(|line| line.strip_prefix("channel"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .find(|value| {
+            value
+                .strip_prefix("nightly-")
+                .is_some_and(|date| date.len() == 10 && date.split('-').count() == 3)
+        })
+}
+
+/// Installs the pinned nightly with rust-src and clippy, its bpf-linker, and nothing else.
+pub(crate) fn ensure_ebpf_toolchain(name: &str) -> Result<Nightly> {
+    let nightly = ensure_nightly(name)?;
+    ensure_nightly_components(&nightly)?;
+    ensure_bpf_linker(&nightly)?;
+    Ok(nightly)
+}
+
+fn ensure_nightly(name: &str) -> Result<Nightly> {
+    if let Ok(nightly) = Nightly::query(name) {
         step(
-            "nightly toolchain",
+            "eBPF toolchain",
             format_args!(
-                "present (rustc {}, LLVM {})",
+                "{name} present (rustc {}, LLVM {})",
                 nightly.release, nightly.llvm_version
             ),
         );
         return Ok(nightly);
     }
-    // Install only when rustup really lacks a nightly: a query that failed for another
-    // reason (an interrupted run, a busy machine) must not upgrade the toolchain the
-    // project was tested with.
-    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
-    if installed.lines().any(|l| l.starts_with("nightly")) {
-        return query.context("the nightly toolchain is installed but `rustc +nightly -vV` failed");
-    }
-    step("nightly toolchain", "missing, installing");
+    step("eBPF toolchain", format_args!("installing {name}"));
     util::run(Command::new("rustup").args([
         "toolchain",
         "install",
-        "nightly",
+        name,
         "--profile",
         "minimal",
         "--component",
@@ -167,7 +210,7 @@ fn ensure_nightly() -> Result<Nightly> {
         "--component",
         "clippy",
     ]))?;
-    Nightly::query()
+    Nightly::query(name)
 }
 
 fn ensure_nightly_components(nightly: &Nightly) -> Result<()> {
@@ -179,7 +222,11 @@ fn ensure_nightly_components(nightly: &Nightly) -> Result<()> {
     if !sysroot.join("bin/cargo-clippy").is_file() {
         missing.push("clippy");
     }
-    ensure_components("nightly rust-src, clippy", Some("nightly"), &missing)
+    ensure_components(
+        "eBPF toolchain rust-src, clippy",
+        Some(&nightly.name),
+        &missing,
+    )
 }
 
 /// rustfmt and clippy for the toolchain running xtask, which `cargo xtask test` uses.
@@ -210,12 +257,23 @@ fn ensure_components(what: &str, toolchain: Option<&str>, missing: &[&str]) -> R
     util::run(&mut cmd)
 }
 
+/// bpf-linker's release, pinned like the toolchain so every machine links the same way.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where the bpf-linker for one eBPF toolchain lives: `<tools>/bpf-linker/<toolchain>`. One
+/// per toolchain, so `cargo xtask verifier --toolchain` can build with a candidate nightly
+/// without rebuilding the pinned one's linker. agent/build.rs looks in the same place.
+pub(crate) fn bpf_linker_root(toolchain: &str) -> Result<PathBuf> {
+    Ok(tools_dir()?.join("bpf-linker").join(toolchain))
+}
+
 /// Builds bpf-linker against the nightly's own libLLVM. A stamp records what it was built
-/// against, so it is rebuilt only when the nightly's LLVM changes or the binary is broken.
+/// against, so it is rebuilt only when that changes or the binary is broken.
 fn ensure_bpf_linker(nightly: &Nightly) -> Result<()> {
     let tools = tools_dir()?;
-    let llvm_lib_dir = tools.join("llvm").join("lib");
-    let root = tools.join("bpf-linker");
+    let root = bpf_linker_root(&nightly.name)?;
+    let llvm_prefix = root.join("llvm");
+    let llvm_lib_dir = llvm_prefix.join("lib");
     let binary = root.join("bin").join("bpf-linker");
     let stamp_path = root.join(".datafence-llvm-stamp");
 
@@ -225,7 +283,7 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<()> {
         .and_then(|n| n.to_str())
         .context("libLLVM path has no UTF-8 file name")?;
     let stamp = format!(
-        "LLVM {} ({libllvm_name}, rustc {})\n",
+        "bpf-linker {BPF_LINKER_VERSION}, LLVM {} ({libllvm_name}, rustc {})\n",
         nightly.llvm_version, nightly.release
     );
     link_libllvm(&llvm_lib_dir, &libllvm, libllvm_name)?;
@@ -235,51 +293,41 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<()> {
         Some(recorded) if recorded == stamp && works => {
             step(
                 "bpf-linker",
-                format_args!("up to date (LLVM {})", nightly.llvm_version),
-            );
-            return Ok(());
-        }
-        // A build from before stamps existed (or made by hand with the same recipe). It can only
-        // load if it was linked against this exact libLLVM file name, which pins LLVM
-        // major.minor and the nightly release, so adopt it rather than spend a minute rebuilding.
-        None if works && installed_with_feature(&root, nightly.llvm_major()?) => {
-            fs::write(&stamp_path, &stamp)
-                .with_context(|| format!("writing {}", stamp_path.display()))?;
-            step(
-                "bpf-linker",
-                format_args!("present, built against {libllvm_name}; recorded stamp"),
+                format_args!(
+                    "{BPF_LINKER_VERSION} up to date (LLVM {})",
+                    nightly.llvm_version
+                ),
             );
             return Ok(());
         }
         Some(recorded) if works => step(
             "bpf-linker",
-            format_args!("rebuilding: was built for {}", recorded.trim()),
+            format_args!("rebuilding: was built as {}", recorded.trim()),
         ),
         _ if binary.exists() => step("bpf-linker", "rebuilding: existing binary does not run"),
         _ => step(
             "bpf-linker",
             format_args!(
-                "building against LLVM {} (about a minute)",
+                "building {BPF_LINKER_VERSION} against LLVM {} (a minute or two)",
                 nightly.llvm_version
             ),
         ),
     }
 
+    fs::create_dir_all(&tools).with_context(|| format!("creating {}", tools.display()))?;
     let mut install = Command::new("cargo");
     install
-        .args([
-            "install",
-            "bpf-linker",
-            "--no-default-features",
-            "--features",
-        ])
+        .args(["install", "bpf-linker", "--locked", "--version"])
+        .arg(format!("={BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{}", nightly.llvm_major()?))
         // Same version but a different LLVM still needs a rebuild, which cargo would skip.
         .arg("--force")
         .arg("--root")
         .arg(&root)
-        .env("LLVM_PREFIX", tools.join("llvm"))
-        // Away from the workspace so its .cargo/config.toml cannot affect the install.
+        .env("LLVM_PREFIX", &llvm_prefix)
+        // Away from the workspace so its rust-toolchain.toml and .cargo/config.toml cannot
+        // affect the install.
         .current_dir(&tools);
     util::run(&mut install)?;
     if !binary_works(&binary) {
@@ -333,12 +381,6 @@ fn binary_works(binary: &Path) -> bool {
             .is_ok_and(|out| out.status.success())
 }
 
-/// Whether cargo's install record says bpf-linker was built with the `llvm-<major>` feature.
-fn installed_with_feature(root: &Path, major: &str) -> bool {
-    fs::read_to_string(root.join(".crates2.json"))
-        .is_ok_and(|record| record.contains(&format!("\"llvm-{major}\"")))
-}
-
 /// cargo-fuzz, for `cargo xtask fuzz` and the brief fuzzing in `cargo xtask test`.
 fn ensure_cargo_fuzz() -> Result<()> {
     let root = tools_dir()?.join("cargo-fuzz");
@@ -352,7 +394,14 @@ fn ensure_cargo_fuzz() -> Result<()> {
     fs::create_dir_all(&tools).with_context(|| format!("creating {}", tools.display()))?;
     util::run(
         Command::new("cargo")
-            .args(["install", "cargo-fuzz", "--locked", "--root"])
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                "=0.13.2",
+                "--root",
+            ])
             .arg(&root)
             // Away from the workspace, as for bpf-linker.
             .current_dir(&tools),
@@ -360,49 +409,34 @@ fn ensure_cargo_fuzz() -> Result<()> {
 }
 
 fn ensure_system_tools() -> Result<()> {
-    let missing: Vec<(&str, &str)> = SYSTEM_TOOLS
+    ensure_commands("system tools", SYSTEM_TOOLS)
+}
+
+/// Installs, with apt, the Debian package of each `(command, package)` whose command is not
+/// on PATH, then checks that the commands are there.
+pub(crate) fn ensure_commands(what: &str, tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<(&str, &str)> = tools
         .iter()
         .copied()
         .filter(|(command, _)| find_program(command).is_none())
         .collect();
     if missing.is_empty() {
-        step("system tools", "present");
+        step(what, "present");
         return Ok(());
     }
     let commands: Vec<&str> = missing.iter().map(|(command, _)| *command).collect();
-    let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
-    let install_line = format!(
-        "apt-get update && apt-get install -y --no-install-recommends {}",
-        packages.join(" ")
-    );
-    if util::Privileges::current()?.euid != 0 {
-        bail!(
-            "missing commands: {}; as root, run: {install_line}",
-            commands.join(", ")
-        );
-    }
-    if find_program("apt-get").is_none() {
-        bail!(
-            "missing commands: {} and no apt-get; install the packages providing them ({})",
-            commands.join(", "),
-            packages.join(", ")
-        );
-    }
+    let mut packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
+    packages.sort_unstable();
+    packages.dedup();
     step(
-        "system tools",
+        what,
         format_args!(
             "installing {} (for {})",
             packages.join(" "),
             commands.join(", ")
         ),
     );
-    util::run(Command::new("apt-get").arg("update"))?;
-    util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_install(&packages).with_context(|| format!("missing commands: {}", commands.join(", ")))?;
     let still_missing: Vec<&str> = commands
         .into_iter()
         .filter(|command| find_program(command).is_none())
@@ -417,9 +451,71 @@ fn ensure_system_tools() -> Result<()> {
     Ok(())
 }
 
+/// Installs the Debian packages that are not installed yet: for libraries and other
+/// packages that put no command on PATH.
+pub(crate) fn ensure_debian_packages(what: &str, packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| !debian_package_installed(package))
+        .collect();
+    if missing.is_empty() {
+        step(what, "present");
+        return Ok(());
+    }
+    step(what, format_args!("installing {}", missing.join(" ")));
+    apt_install(&missing)
+}
+
+fn debian_package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${db:Status-Abbrev}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"ii"))
+}
+
+/// `apt-get update && apt-get install`, or an error that says what to run.
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
+    let install_line = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        packages.join(" ")
+    );
+    if util::Privileges::current()?.euid != 0 {
+        bail!("not root; as root, run: {install_line}");
+    }
+    if find_program("apt-get").is_none() {
+        bail!(
+            "no apt-get; install the packages ({}) by other means",
+            packages.join(", ")
+        );
+    }
+    util::run(Command::new("apt-get").arg("update"))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pinned_channel_is_read_from_the_toolchain_file() {
+        let text =
+            "# a comment\n[toolchain]\nchannel = \"nightly-2026-10-30\"\nprofile = \"minimal\"\n";
+        assert_eq!(pinned_channel(text).as_deref(), Some("nightly-2026-10-30"));
+        assert_eq!(pinned_channel("channel = \"nightly\""), None, "undated");
+        assert_eq!(pinned_channel("channel = \"stable\""), None);
+    }
+
+    #[test]
+    fn the_repository_pins_a_dated_nightly() {
+        let name = ebpf_toolchain().unwrap();
+        assert!(name.starts_with("nightly-20"), "{name}");
+    }
 
     fn nightly_with_libs(test: &str, libs: &[&str]) -> Nightly {
         let sysroot = env::temp_dir().join(format!("xtask-{test}-{}", std::process::id()));
@@ -430,6 +526,7 @@ mod tests {
             fs::write(lib_dir.join(lib), "").unwrap();
         }
         Nightly {
+            name: "nightly-2026-05-20".into(),
             sysroot,
             release: "1.97.0-nightly".into(),
             llvm_version: "22.1.4".into(),

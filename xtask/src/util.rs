@@ -71,7 +71,7 @@ pub(crate) fn display(cmd: &Command) -> String {
     envs.chain(words).collect::<Vec<_>>().join(" ")
 }
 
-fn quote(word: &OsStr) -> String {
+pub(crate) fn quote(word: &OsStr) -> String {
     let word = word.to_string_lossy();
     let plain = !word.is_empty()
         && word

@@ -1,5 +1,6 @@
 //! A validated policy turned into the contents of the datapath's maps, and the userspace
 //! lookups that mirror them.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -49,6 +50,7 @@ impl LoadedPolicy {
             *slot = class_spec(class);
             policy.header.selectors_in_use |= slot.selectors;
         }
+        policy.build_index();
 
         let mut regions_v4 = Vec::new();
         let mut regions_v6 = Vec::new();

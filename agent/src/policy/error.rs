@@ -1,4 +1,5 @@
 //! Validation errors: where a mistake is, and what it is.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::io;

@@ -38,6 +38,7 @@
 //! [`load_policy`] reads and validates, reporting every mistake it can find as
 //! `FILE:LINE:COLUMN: message`; [`LoadedPolicy::compile`] produces what the datapath maps
 //! hold.
+#![forbid(unsafe_code)]
 
 mod cidr;
 mod compile;
@@ -51,6 +52,7 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
+pub use cidr::region_file_entries;
 pub use compile::CompiledPolicy;
 pub use datafence_common::DEFAULT_TABLE_CAPACITY;
 pub use error::{PolicyError, PolicyErrors};

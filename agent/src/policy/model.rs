@@ -1,4 +1,5 @@
 //! A validated policy, and the summary `datafence check` and `status` print.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
@@ -149,7 +150,7 @@ impl LoadedPolicy {
                 std::net::IpAddr::V6(a) => {
                     r.v6.iter()
                         .filter(|n| n.contains(a))
-                        .map(|n| n.prefix())
+                        .map(Ipv6Network::prefix)
                         .max()
                 }
             };

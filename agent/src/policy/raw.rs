@@ -4,6 +4,7 @@
 //! ranges, numbers with a range) are kept as written and checked in `validate`, so one
 //! pass reports every such mistake instead of stopping at the first, as a typed field
 //! would. Everything is [`Spanned`] where a later error needs to point at it.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -1,5 +1,6 @@
 //! Loading policies end to end: the contract fixture, and one test per kind of mistake,
 //! each asserting the message and where it points.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::fs;

@@ -8,13 +8,18 @@ use std::{
     process::Command,
 };
 
-use integration_tests::{Scratch, agent_binary};
+use datafence_test_support::Scratch;
 use serde_json::Value;
+
+/// The `datafence` binary cargo built for these tests.
+fn agent_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_datafence")
+}
 
 fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("tests/ sits in the workspace root")
+        .expect("agent/ sits in the workspace root")
         .join("policies")
 }
 

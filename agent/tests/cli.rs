@@ -2,9 +2,14 @@
 
 use std::process::Command;
 
-use integration_tests::{Scratch, agent_binary};
+use datafence_test_support::Scratch;
 
-const OLD: &str = r#"
+/// The `datafence` binary cargo built for these tests.
+fn agent_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_datafence")
+}
+
+const OLD: &str = r"
 version: 1
 exempt: [10.0.0.0/8]
 regions:
@@ -17,7 +22,7 @@ data_classes:
     match:
       marks: [{value: 0x10}]
     allow: [eu-west]
-"#;
+";
 
 const NEW: &str = r#"
 version: 1

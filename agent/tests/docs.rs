@@ -8,7 +8,12 @@ use std::{
     process::Command,
 };
 
-use integration_tests::{Scratch, agent_binary};
+use datafence_test_support::Scratch;
+
+/// The `datafence` binary cargo built for these tests.
+fn agent_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_datafence")
+}
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -203,7 +208,7 @@ fn every_example_policy_in_the_docs_passes_check() {
             std::fs::create_dir_all(&cgroups).expect("cgroup root");
             // Region files and cgroups the example names, made up so the example checks.
             for (n, token) in block.split(['[', ']', ',', ' ', '\n', '"']).enumerate() {
-                if token.ends_with(".txt") {
+                if Path::new(token).extension().is_some_and(|e| e == "txt") {
                     scratch.write(token, &format!("100.64.{}.0/24\n", n % 256));
                 } else if token.starts_with('/') && token.len() > 1 && !token.contains("//") {
                     std::fs::create_dir_all(cgroups.join(token.trim_start_matches('/')))

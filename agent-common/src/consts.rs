@@ -1,0 +1,101 @@
+//! Limits, capacities and the small numbered constants both sides of the ABI share:
+//! policy slots, tail-call stages, modes and selector bits.
+
+/// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
+/// agent never adopts pinned maps written by an incompatible datapath.
+pub const ABI_VERSION: u32 = 3;
+
+/// Data classes per policy. Class ids are indexes into [`Policy::classes`](crate::Policy::classes).
+pub const MAX_CLASSES: usize = 16;
+/// Class id used for traffic that matched no class.
+pub const CLASS_NONE: u8 = 0xff;
+/// Region ids run 1..=MAX_REGIONS; 0 means "in no region". The allow-set of a class is a
+/// 256-bit map indexed by region id.
+pub const MAX_REGIONS: usize = 255;
+pub const REGION_NONE: u16 = 0;
+pub const MAX_MARKS_PER_CLASS: usize = 8;
+pub const MAX_PORT_RANGES_PER_CLASS: usize = 16;
+/// How many levels of cgroup ancestry the classifier walks, root excluded. systemd
+/// hierarchies rarely exceed 6 levels; deeper sockets still match on their first
+/// `MAX_CGROUP_DEPTH` ancestors.
+pub const MAX_CGROUP_DEPTH: usize = 16;
+/// Entries in the cgroup -> classes map, shared by both policy slots.
+pub const MAX_CGROUP_ENTRIES: u32 = 4096;
+/// Entries in each source-CIDR trie (both slots together).
+pub const MAX_SRC_CIDR_ENTRIES: u32 = 65_536;
+/// Entries in each exemption trie (both slots together).
+pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
+/// Default region-table capacity per address family and per slot. The agent can raise it
+/// (`--table-capacity`); the maps hold two slots, so their max_entries is twice this.
+pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
+/// IPv4 regions live in a DIR-24-8 table: `DIR24` has one u32 per /24 and slot. An entry
+/// is a region id (0: none), or [`DIR_EXTENDED`] plus the index of a 256-entry group of
+/// u8 region ids in `DIR8`, for /24s that contain longer prefixes. A lookup costs one or
+/// two array reads whatever the number of prefixes.
+pub const DIR24_ENTRIES: u32 = 1 << 24;
+pub const DIR_EXTENDED: u32 = 1 << 31;
+/// Table entries per array value. The kernel stores array values at an 8-byte stride, so
+/// values of eight bytes keep the memory-mapped arrays dense.
+pub const DIR24_LANES: usize = 2;
+pub const DIR8_LANES: usize = 8;
+/// `DIR8` groups per slot by default: /24s that hold prefixes longer than /24. The cloud
+/// catalogue needs about 17,000; a million real-world prefixes about 250,000.
+pub const DEFAULT_DIR8_GROUPS: u32 = 32_768;
+/// Largest group count the agent accepts (256 bytes each, per slot).
+pub const MAX_DIR8_GROUPS: u32 = 1 << 22;
+/// IPv6 table entries per slot by default: prefixes and the markers the length search
+/// needs (see [`v6`](crate::v6)). The table has twice as many places, at 24 bytes each.
+/// The agent sizes the table to the policy it starts with.
+pub const DEFAULT_V6_ENTRIES: u32 = 1 << 16;
+/// Largest IPv6 entry count per slot the agent accepts.
+pub const MAX_V6_ENTRIES: u32 = 1 << 24;
+/// Lookups each cold benchmark run performs, on addresses drawn at random from a
+/// pre-filled array (`BENCH_ADDRS_*`).
+pub const COLD_LOOKUPS_PER_RUN: u32 = 16;
+/// Entries of each benchmark address array; a power of two so an index is a mask.
+pub const BENCH_ADDRS: u32 = 1 << 16;
+
+/// Distinct (interface, hook, class, region, verdict, reason) counter keys.
+pub const MAX_COUNTER_KEYS: u32 = 65_536;
+/// Places in each CPU's counter cache (`COUNTER_CACHE`), a power of two. A host sees a
+/// few dozen keys at most; each key claims the place its hash picks, and a key whose
+/// place is taken is counted in the `COUNTERS` hash instead.
+pub const COUNTER_CACHE_SLOTS: u32 = 256;
+/// Ring buffer for violation events; a power of two and a multiple of the page size.
+pub const EVENT_RING_BYTES: u32 = 1 << 20;
+
+/// The two policy slots: the datapath reads the active one while the agent writes the
+/// other, then flips [`ACTIVE_SLOT`](crate::map_names::ACTIVE_SLOT). A packet reads the slot
+/// once, so it sees one whole policy, never a mixture.
+pub const SLOTS: u32 = 2;
+
+/// Indexes into each hook's program array of tail-call stages.
+pub mod stage {
+    /// The judge: classification, region lookup, verdict, count and report.
+    pub const JUDGE: u32 = 0;
+}
+
+/// Places in each hook's program array.
+pub const STAGE_SLOTS: u32 = 1;
+
+/// What the TC programs return for a packet they let pass: `TC_ACT_UNSPEC`, which tcx
+/// reads as `TCX_NEXT` and a clsact filter walk as "ask the next filter". Programs after
+/// datafence on the same hook (Cilium, Calico, a site's own) still see the packet; a
+/// `TC_ACT_OK` would end the chain at datafence.
+pub const TC_PASS: i32 = -1;
+
+pub const MODE_ENFORCE: u8 = 0;
+pub const MODE_AUDIT: u8 = 1;
+
+/// Which selectors a class lists; a class matches when every listed selector matches.
+pub mod selector {
+    pub const CGROUP: u32 = 1 << 0;
+    pub const MARK: u32 = 1 << 1;
+    pub const DSCP: u32 = 1 << 2;
+    pub const DST_PORT: u32 = 1 << 3;
+    pub const PROTOCOL: u32 = 1 << 4;
+    pub const SRC_CIDR: u32 = 1 << 5;
+}
+
+/// Selector kinds, rounded up to a power of two so that an index is bounded by a mask.
+pub const SELECTOR_KINDS: usize = 8;

@@ -1,0 +1,99 @@
+//! The names the agent and the programs must spell alike: maps, programs, loader
+//! globals, and the IP protocols datafence knows by name.
+
+/// Names of the maps, shared so the agent looks up exactly what the programs define.
+pub mod map_names {
+    pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
+    pub const POLICY: &str = "POLICY";
+    pub const REGIONS_V4: &str = "REGIONS_V4";
+    pub const REGIONS_V6: &str = "REGIONS_V6";
+    pub const EXEMPT_V4: &str = "EXEMPT_V4";
+    pub const EXEMPT_V6: &str = "EXEMPT_V6";
+    pub const SRC_V4: &str = "SRC_V4";
+    pub const SRC_V6: &str = "SRC_V6";
+    pub const CGROUP_CLASSES: &str = "CGROUP_CLASSES";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const STATS: &str = "STATS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const RATE_LIMIT: &str = "RATE_LIMIT";
+    pub const DIR24: &str = "DIR24";
+    pub const DIR8: &str = "DIR8";
+    pub const COUNTER_CACHE: &str = "COUNTER_CACHE";
+    pub const V6_LENGTHS: &str = "V6_LENGTHS";
+    /// The tail-call stage arrays, one per hook, and the jobs the entry programs hand
+    /// their stages.
+    pub const TC_STAGES: &str = "TC_STAGES";
+    pub const XDP_STAGES: &str = "XDP_STAGES";
+    pub const TC_JOB: &str = "TC_JOB";
+    pub const XDP_JOB: &str = "XDP_JOB";
+    pub const SCRATCH: &str = "SCRATCH";
+    /// Benchmark maps; only `cargo xtask bench` fills them.
+    pub const BENCH_LPM_V4: &str = "BENCH_LPM_V4";
+    pub const BENCH_LPM_V6: &str = "BENCH_LPM_V6";
+    pub const BENCH_ADDRS_V4: &str = "BENCH_ADDRS_V4";
+    pub const BENCH_ADDRS_V6: &str = "BENCH_ADDRS_V6";
+    pub const BENCH_STAGES: &str = "BENCH_STAGES";
+    // Which maps are pinned, how they are sized per slot and which are reported is one
+    // table in the agent: `datafence::datapath::maps::MAPS`.
+}
+
+/// The IP protocols datafence knows by name: policy `protocols:` lists, `--protocol`,
+/// and the protocol of events and reports. Any other is written as its number.
+pub mod protocols {
+    /// (name, number); the first name of a number is the one printed.
+    pub const NAMES: [(&str, u8); 6] = [
+        ("icmp", 1),
+        ("tcp", 6),
+        ("udp", 17),
+        ("icmpv6", 58),
+        ("ipv6-icmp", 58),
+        ("sctp", 132),
+    ];
+
+    /// The number of a protocol name, in any case.
+    pub fn number(name: &str) -> Option<u8> {
+        NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|&(_, number)| number)
+    }
+
+    /// The name of a protocol number, if it has one.
+    pub fn name(number: u8) -> Option<&'static str> {
+        NAMES
+            .iter()
+            .find(|&&(_, n)| n == number)
+            .map(|&(name, _)| name)
+    }
+}
+
+/// Program names as they appear in the object file.
+pub mod program_names {
+    pub const TC_EGRESS: &str = "datafence_tc_egress";
+    pub const XDP_GATEWAY: &str = "datafence_xdp";
+    /// The judge stages the entry programs tail-call (see `stage`).
+    pub const TC_JUDGE: &str = "datafence_tc_judge";
+    pub const XDP_JUDGE: &str = "datafence_xdp_judge";
+    /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
+    pub const BENCH_EMPTY: &str = "bench_empty";
+    pub const BENCH_LPM_V4: &str = "bench_lpm_v4";
+    pub const BENCH_LPM_V6: &str = "bench_lpm_v6";
+    pub const BENCH_COLD_FLOOR: &str = "bench_cold_floor";
+    pub const BENCH_COLD_LPM_V4: &str = "bench_cold_lpm_v4";
+    pub const BENCH_COLD_LPM_V6: &str = "bench_cold_lpm_v6";
+    pub const BENCH_COLD_REGION_V4: &str = "bench_cold_region_v4";
+    pub const BENCH_COLD_REGION_V6: &str = "bench_cold_region_v6";
+    pub const BENCH_PARSE_POST: &str = "bench_parse_post";
+    pub const BENCH_HANDOFF: &str = "bench_handoff";
+    pub const BENCH_HANDOFF_STAGE: &str = "bench_handoff_stage";
+}
+
+/// Read-only globals the loader sets; the verifier prunes the branches they rule out.
+pub mod globals {
+    /// 1: IPv4 regions in the DIR-24-8 table; 0: in the `REGIONS_V4` LPM trie.
+    pub const V4_DIR24: &str = "V4_DIR24";
+    /// `DIR8` groups per slot.
+    pub const DIR8_GROUPS: &str = "DIR8_GROUPS";
+    /// log2 of the `REGIONS_V6` places per slot.
+    pub const V6_TABLE_BITS: &str = "V6_TABLE_BITS";
+}

@@ -1,0 +1,135 @@
+//! The one sequence of verdict steps, shared by the kernel and `explain`.
+//!
+//! [`judge_frame`] is generic over [`Lookups`], the way `parse_frame` is generic over
+//! `PacketBytes`: the eBPF judge stage gives it the kernel's maps, `explain` gives it the
+//! policy's own lists. The order of the steps, and so the answer to "which rule decided",
+//! is written here once.
+
+use crate::{
+    CLASS_NONE, ClassMask, MAX_CLASSES, Policy, REGION_NONE, Reason, RegionId,
+    decide::{Decision, PacketFacts, classify, judge, judge_malformed},
+    parse::{FrameKind, ParsedFrame, is_builtin_exempt},
+    selector,
+};
+
+/// The tables a judgement reads. `slot` is whatever [`Lookups::policy`] returned with the
+/// policy; implementations without slots ignore it.
+pub trait Lookups {
+    /// The policy in force and its slot, or `None` before one is loaded.
+    fn policy(&self) -> Option<(u32, &Policy)>;
+    /// Whether the policy's `exempt` list covers the destination.
+    fn exempt(&self, slot: u32, policy: &Policy, frame: &ParsedFrame) -> bool;
+    /// Classes whose cgroup selector names the sender's cgroup or an ancestor.
+    fn cgroup_classes(&self, slot: u32) -> ClassMask;
+    /// Classes whose source-CIDR selector holds the source address.
+    fn src_classes(&self, slot: u32, frame: &ParsedFrame) -> ClassMask;
+    /// The destination's region, or [`REGION_NONE`].
+    fn region(&self, slot: u32, policy: &Policy, frame: &ParsedFrame) -> RegionId;
+    /// The class of a packet with these facts; `explain --class` overrides it.
+    #[inline(always)]
+    fn classify(&self, policy: &Policy, facts: &PacketFacts) -> u8 {
+        classify(policy, facts)
+    }
+    /// Returns the value unchanged. The kernel's version makes the verifier forget what it
+    /// knows of it, so that the steps after a lookup with many exits are checked once.
+    #[inline(always)]
+    fn opaque(&self, value: u32) -> u32 {
+        value
+    }
+}
+
+/// The judgement of one frame, with what the counters and events need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    pub decision: Decision,
+    /// The deciding class, or [`CLASS_NONE`].
+    pub class: u8,
+    /// The destination's region when one was looked up, else [`REGION_NONE`].
+    pub region: RegionId,
+    /// The generation of the policy that judged, 0 when none was loaded.
+    pub generation: u32,
+}
+
+impl Judgement {
+    const fn allow(reason: Reason, generation: u32) -> Self {
+        Self {
+            decision: Decision::allow(reason),
+            class: CLASS_NONE,
+            region: REGION_NONE as RegionId,
+            generation,
+        }
+    }
+}
+
+/// Judges one frame against the policy in force. The steps, in order (docs/architecture.md,
+/// "The decision"): non-IP frames pass; loopback and link-local pass; with no policy
+/// loaded, everything passes; the policy's exemptions pass; the packet is classified, and
+/// unclassified traffic passes; a malformed frame a class claims is judged as malformed; a
+/// routed packet (its destination is not final) by the class's unknown rule; any other by
+/// its destination's region.
+#[inline(always)]
+pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judgement {
+    if frame.kind == FrameKind::NotIp {
+        return Judgement::allow(Reason::NotIp, 0);
+    }
+    if frame.dst_known && is_builtin_exempt(frame.family, &frame.dst) {
+        return Judgement::allow(Reason::ExemptBuiltin, 0);
+    }
+    let Some((slot, policy)) = lookups.policy() else {
+        return Judgement::allow(Reason::NoPolicy, 0);
+    };
+    let generation = policy.header.generation;
+    if policy.header.loaded == 0 {
+        return Judgement::allow(Reason::NoPolicy, generation);
+    }
+    if frame.dst_known && lookups.exempt(slot, policy, frame) {
+        return Judgement::allow(Reason::ExemptPolicy, generation);
+    }
+    let in_use = policy.header.selectors_in_use;
+    let facts = PacketFacts {
+        mark,
+        cgroup_classes: if in_use & selector::CGROUP != 0 {
+            lookups.opaque(lookups.cgroup_classes(slot))
+        } else {
+            0
+        },
+        src_classes: if in_use & selector::SRC_CIDR != 0 && frame.ip_known {
+            lookups.opaque(lookups.src_classes(slot, frame))
+        } else {
+            0
+        },
+        dscp: frame.dscp,
+        protocol: frame.protocol,
+        dst_port: frame.dst_port,
+        ports: frame.ports,
+        ip_known: frame.ip_known,
+    };
+    let class = lookups.opaque(u32::from(lookups.classify(policy, &facts))) as u8;
+    if class == CLASS_NONE {
+        let reason = if frame.kind == FrameKind::Malformed {
+            Reason::MalformedAllowed
+        } else {
+            Reason::Unclassified
+        };
+        return Judgement::allow(reason, generation);
+    }
+    // `classify` returns an index below MAX_CLASSES (a power of two) or CLASS_NONE; the
+    // mask states that bound in a form the verifier tracks.
+    let spec = &policy.classes[usize::from(class) & (MAX_CLASSES - 1)];
+    let mut j = Judgement {
+        decision: Decision::allow(Reason::Unclassified),
+        class,
+        region: RegionId::from(REGION_NONE),
+        generation,
+    };
+    if frame.kind == FrameKind::Malformed {
+        j.decision = judge_malformed(spec);
+        return j;
+    }
+    // A routed packet's destination is not final, so its region is not looked up.
+    if !frame.routed {
+        j.region = lookups.opaque(lookups.region(slot, policy, frame));
+    }
+    j.decision = judge(spec, j.region, frame.routed);
+    j
+}

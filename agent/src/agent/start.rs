@@ -1,0 +1,297 @@
+//! Starting the agent: validate the policy and the interfaces, probe the kernel, then
+//! load, adopt what an earlier agent pinned, and attach. Nothing touches the kernel
+//! until everything that can be checked has been.
+#![forbid(unsafe_code)]
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use datafence_common::Hook;
+use ipnetwork::IpNetwork;
+use tracing::{info, warn};
+
+use super::{AgentError, RunOptions, core::Agent, watch::watched_sources};
+use crate::{
+    control::{self as control, Attachment},
+    datapath::{Attached, Datapath, DatapathError, LoadOptions, PinLayout, TcKind, if_index},
+    generations::{GenerationNames, Generations},
+    kernel::KernelFeatures,
+    lockout,
+    metrics::CounterLedger,
+    policy::{self, LoadedPolicy},
+    sys::{release_free_memory, tune_allocator},
+};
+
+pub(super) fn load_policy(
+    opts: &RunOptions,
+    extra_management: &[IpNetwork],
+) -> Result<LoadedPolicy, AgentError> {
+    let policy = read_policy(opts)?;
+    if !opts.allow_lockout_risk {
+        let management: Vec<IpNetwork> = opts
+            .management
+            .iter()
+            .chain(extra_management)
+            .copied()
+            .collect();
+        if let Some(address) = lockout::uncovered(&policy.exempt, &management).first() {
+            return Err(AgentError::LockoutRisk {
+                path: opts.policy_path.display().to_string(),
+                address: *address,
+            });
+        }
+    }
+    Ok(policy)
+}
+
+fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
+    policy::load_policy(
+        &opts.policy_path,
+        &policy::LoadOptions {
+            cgroup_root: opts.cgroup_root.clone(),
+            table_capacity: opts.table_capacity,
+        },
+    )
+    .map_err(|errors| AgentError::Policy {
+        path: opts.policy_path.display().to_string(),
+        errors,
+    })
+}
+
+/// Interfaces that carry a default route, IPv4 or IPv6, from /proc.
+pub fn default_route_interfaces() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if let Ok(routes) = std::fs::read_to_string("/proc/net/route") {
+        for line in routes.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 2 && cols[1] == "00000000" && cols[7] == "00000000" {
+                out.push(cols[0].to_owned());
+            }
+        }
+    }
+    if let Ok(routes) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        for line in routes.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() == 10
+                && cols[0] == "00000000000000000000000000000000"
+                && cols[1] == "00"
+                && cols[9] != "lo"
+            {
+                out.push(cols[9].to_owned());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn egress_interfaces(opts: &RunOptions, policy: &LoadedPolicy) -> Result<Vec<String>, AgentError> {
+    let list = if !opts.interfaces.is_empty() {
+        opts.interfaces.clone()
+    } else if let Some(list) = &policy.egress_interfaces {
+        list.clone()
+    } else {
+        default_route_interfaces()
+    };
+    // `egress: []` in a policy means a gateway-only host: XDP and no TC egress hook.
+    if list.is_empty() && policy.gateway_interfaces.is_empty() {
+        return Err(AgentError::NoInterfaces);
+    }
+    Ok(list)
+}
+
+/// The interfaces and hooks the agent should be attached to now.
+pub(super) fn desired_attachments(
+    opts: &RunOptions,
+    policy: &LoadedPolicy,
+) -> Result<Vec<Attachment>, AgentError> {
+    let egress = egress_interfaces(opts, policy)?;
+    let tc = egress.into_iter().map(|interface| Attachment {
+        interface,
+        hook: Hook::TcEgress.as_str().to_owned(),
+        kind: String::new(),
+        programs_ahead: Vec::new(),
+    });
+    let xdp = policy
+        .gateway_interfaces
+        .iter()
+        .map(|interface| Attachment {
+            interface: interface.clone(),
+            hook: Hook::Xdp.as_str().to_owned(),
+            kind: String::new(),
+            programs_ahead: Vec::new(),
+        });
+    Ok(tc.chain(xdp).collect())
+}
+
+pub(super) fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached, DatapathError> {
+    if a.hook == Hook::Xdp.as_str() {
+        datapath.attach_xdp(&a.interface)
+    } else {
+        datapath.attach_tc(&a.interface)
+    }
+}
+
+/// Validates everything, then loads and attaches. Nothing touches the kernel until the
+/// policy and the interfaces have been checked. With pinning, whatever an earlier agent
+/// left in force is adopted: its maps are reused (the old policy keeps being enforced),
+/// the new policy goes into the other slot, and pinned links are switched to the new
+/// programs atomically, so a restart or upgrade has no gap.
+pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
+    tune_allocator();
+    let policy = load_policy(&opts, &[])?;
+    let attachments = desired_attachments(&opts, &policy)?;
+    for a in &attachments {
+        if if_index(&a.interface).is_none() {
+            return Err(AgentError::UnknownInterface(a.interface.clone()));
+        }
+    }
+    // Before anything is loaded: a kernel too old for the programs gets one plain
+    // message instead of a verifier log.
+    let features = KernelFeatures::probe();
+    features.require()?;
+    let tc_kind =
+        TcKind::choose(&opts.tc_attach, features.has("tcx")).map_err(AgentError::TcAttach)?;
+    info!(
+        kernel = %features.release,
+        tc_attach = tc_kind.as_str(),
+        features = ?features.features.iter().filter(|f| f.available).map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        "kernel features"
+    );
+    let compiled = policy.compile();
+    // Built once: it sizes the datapath and is what `apply_built` writes.
+    let v6 = crate::v6table::build(&compiled.regions_v6);
+    let mut datapath = Datapath::load(&LoadOptions {
+        table_capacity: opts.table_capacity,
+        pin_dir: opts.pin_dir.clone(),
+        v4_table: opts.v4_table,
+        // Room for the policy at hand and a quarter more before a restart is needed; each
+        // group costs 512 bytes of kernel memory (256 per slot).
+        dir8_groups: opts
+            .dir8_groups
+            .max(crate::dir24::count_groups(&compiled.regions_v4) as u32 * 5 / 4)
+            .min(datafence_common::MAX_DIR8_GROUPS),
+        // The same margin for the IPv6 table: 48 bytes per entry (24 per slot).
+        v6_entries: opts
+            .v6_entries
+            .max((v6.entries() * 5 / 4) as u32)
+            .min(datafence_common::MAX_V6_ENTRIES),
+        #[cfg(feature = "bench")]
+        bench: false,
+    })?;
+    datapath.set_tc_kind(tc_kind);
+    let adopted_generation = datapath
+        .policy_in_slot(datapath.active_slot()?)?
+        .header
+        .generation;
+    let report = datapath.apply_built(&compiled, &v6, opts.events)?;
+    drop(v6);
+    let mut compiled = compiled;
+    compiled.release_prefixes();
+    release_free_memory();
+    for a in &attachments {
+        let how = attach(&mut datapath, a)?;
+        info!(interface = %a.interface, hook = %a.hook, adopted = (how == Attached::Adopted), "attached");
+    }
+    if adopted_generation != 0 {
+        info!(
+            previous_generation = adopted_generation,
+            "adopted the enforcement an earlier agent left in place"
+        );
+    }
+    if let Some(pins) = datapath.pins() {
+        unpin_earlier_builds(pins);
+    }
+    info!(
+        policy = %opts.policy_path.display(),
+        sha256 = %policy.sha256,
+        generation = report.generation,
+        regions_v4 = report.regions_v4,
+        regions_v6 = report.regions_v6,
+        "policy in force"
+    );
+    let mut ledger = CounterLedger::default();
+    // Counters the kernel kept from an earlier agent carry on from where they were.
+    let kernel = datapath.counters()?;
+    super::core::credit(&mut ledger, &kernel, &policy);
+    let sources = Arc::new(Mutex::new(watched_sources(&policy)));
+    let mut generations = Generations::default();
+    if let Some(pins) = datapath.pins() {
+        // Events of the generation this agent adopted may still be in the pinned ring
+        // buffer: name them from the state of the agent that wrote it.
+        for g in earlier_generations(&pins.root, &opts.runtime_dir, adopted_generation) {
+            generations.push(g);
+        }
+    }
+    generations.push(GenerationNames::of(report.generation, &policy));
+    Ok(Agent {
+        opts,
+        datapath,
+        policy,
+        compiled,
+        generation: report.generation,
+        loaded_at: SystemTime::now(),
+        attachments,
+        ledger,
+        counters: Arc::default(),
+        missing: std::collections::BTreeSet::new(),
+        stop: Arc::default(),
+        recent: std::collections::VecDeque::new(),
+        sources,
+        kernel: features,
+        generations: Arc::new(generations),
+    })
+}
+
+/// Unpins what an earlier datapath version or build left beside the pins just adopted:
+/// maps of another ABI version and judge stages of another build. A failure is logged;
+/// it costs kernel memory, not enforcement.
+fn unpin_earlier_builds(pins: &PinLayout) {
+    match pins.remove_other_abi_versions() {
+        Ok(removed) if !removed.is_empty() => {
+            info!(?removed, "unpinned the maps of an earlier datapath version");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not unpin the maps of an earlier datapath version"),
+    }
+    match pins.remove_other_stages(crate::datapath::object_digest()) {
+        Ok(removed) if !removed.is_empty() => {
+            info!(?removed, "unpinned the stages of an earlier build");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not unpin the stages of an earlier build"),
+    }
+}
+
+/// The generations an earlier agent on the same pins recorded, up to the one it left in
+/// force. Read from the state its pin directory names (or else from this agent's
+/// runtime directory), and only when that state is about the same pins.
+fn earlier_generations(pin_dir: &Path, runtime_dir: &Path, adopted: u32) -> Vec<GenerationNames> {
+    if adopted == 0 {
+        return Vec::new();
+    }
+    let candidates = control::pins_owner(pin_dir)
+        .into_iter()
+        .chain([runtime_dir.to_owned()]);
+    for dir in candidates {
+        let Ok(state) = control::read_state(&dir) else {
+            continue;
+        };
+        if state
+            .pin_dir
+            .as_deref()
+            .is_some_and(|p| control::same_path(Path::new(p), pin_dir))
+        {
+            return state
+                .generations
+                .into_iter()
+                .filter(|g| g.generation <= adopted)
+                .collect();
+        }
+    }
+    Vec::new()
+}

@@ -1,0 +1,134 @@
+//! `datafence run`: the agent itself, from its command-line options.
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+use datafence::{
+    agent::{self, RunOptions},
+    datapath::EventLimits,
+    dirs,
+};
+
+use super::{Cli, TableArgs};
+
+#[derive(Args, Debug)]
+pub(crate) struct RunArgs {
+    /// The policy file.
+    #[arg(long, default_value = dirs::DEFAULT_POLICY)]
+    pub(crate) policy: PathBuf,
+    /// TC egress interface; repeat for several. Overrides the policy's egress list.
+    #[arg(long = "interface", value_name = "IF")]
+    pub(crate) interfaces: Vec<String>,
+    /// Serve Prometheus metrics and /healthz on this address, e.g. 127.0.0.1:9477.
+    #[arg(long)]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Also append violation lines to this file (rotated by size).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) violations_file: Option<PathBuf>,
+    /// Rotate the violations file when it reaches this many bytes.
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    pub(crate) violations_file_max_bytes: u64,
+    /// Rotated violations files to keep (PATH.1 ... PATH.N).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub(crate) violations_file_keep: u32,
+    /// Seconds within which repeats of a flow are folded into one violation line.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub(crate) fold_interval: u64,
+    /// bpffs directory where programs' links and maps are pinned, so enforcement
+    /// continues while the agent is stopped, restarted or upgraded.
+    #[arg(long, default_value = dirs::PIN_DIR)]
+    pub(crate) pin_dir: PathBuf,
+    /// Pin nothing: enforcement ends when the agent exits (for trials only).
+    #[arg(long)]
+    pub(crate) no_pin: bool,
+    /// How the TC egress program is attached: tcx (a BPF link, Linux 6.6+), clsact (a
+    /// cls_bpf filter at priority 1, handle 0xdf, on the clsact qdisc), or auto: tcx
+    /// where the kernel has it, else clsact. Both outlive the agent.
+    #[arg(long, env = "DATAFENCE_TC_ATTACH", value_parser = ["auto", "tcx", "clsact"], default_value = "auto")]
+    pub(crate) tc_attach: String,
+    /// A network this host is managed from; the policy must exempt it. Repeatable.
+    /// The client address in SSH_CONNECTION counts too.
+    #[arg(long = "management-cidr", value_name = "CIDR")]
+    pub(crate) management_cidrs: Vec<ipnetwork::IpNetwork>,
+    /// Accept a policy that does not exempt the management addresses.
+    #[arg(long)]
+    pub(crate) allow_lockout_risk: bool,
+    /// Do not reload when the policy file or a region file changes.
+    #[arg(long)]
+    pub(crate) no_watch: bool,
+    /// IPv4 region table: dir24 (constant-time DIR-24-8, 128 MiB plus groups) or trie
+    /// (the kernel LPM trie: smaller for small policies, slower as they grow).
+    #[arg(long, value_parser = ["dir24", "trie"], default_value = "dir24")]
+    pub(crate) v4_table: String,
+    /// DIR-24-8 groups per slot: /24s that hold prefixes longer than /24 (256 bytes
+    /// each, twice for the two slots). At least 1.25 times what the policy at start needs.
+    #[arg(long, default_value_t = datafence_common::DEFAULT_DIR8_GROUPS, value_name = "N")]
+    pub(crate) dir8_groups: u32,
+    /// IPv6 table entries per slot: the policy's IPv6 prefixes plus the markers its
+    /// length search needs (usually under one per prefix). At least 1.25 times what the
+    /// policy at start needs.
+    #[arg(long, default_value_t = datafence_common::DEFAULT_V6_ENTRIES, value_name = "N")]
+    pub(crate) v6_entries: u32,
+    /// Seconds between checks that every program is still attached (and repairs).
+    #[arg(long, default_value_t = 2, value_name = "SECONDS")]
+    pub(crate) monitor_interval: u64,
+    /// Violation events per second per CPU that the kernel reports; the rest are counted
+    /// as suppressed.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) events_per_second: u32,
+    /// Violation events a CPU may report in a burst above the rate.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) events_burst: u32,
+    #[command(flatten)]
+    pub(crate) tables: TableArgs,
+}
+
+/// Runs the agent until it is told to stop.
+pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let opts = RunOptions {
+        policy_path: args.policy.clone(),
+        interfaces: args.interfaces.clone(),
+        runtime_dir: cli
+            .runtime_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(dirs::RUNTIME_DIR)),
+        table_capacity: args.tables.table_capacity,
+        events: EventLimits {
+            per_second: args.events_per_second,
+            burst: args.events_burst,
+        },
+        cgroup_root: cli.cgroup_root.clone(),
+        metrics_addr: args.metrics_addr,
+        reports: agent::ReportOptions {
+            fold_interval: std::time::Duration::from_secs(args.fold_interval.max(1)),
+            file: args.violations_file.clone(),
+            file_max_bytes: args.violations_file_max_bytes,
+            file_keep: args.violations_file_keep,
+        },
+        pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
+        management: args
+            .management_cidrs
+            .iter()
+            .copied()
+            .chain(datafence::lockout::ssh_client())
+            .collect(),
+        allow_lockout_risk: args.allow_lockout_risk,
+        watch: !args.no_watch,
+        monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
+        v4_table: if args.v4_table == "trie" {
+            datafence::datapath::V4Table::Trie
+        } else {
+            datafence::datapath::V4Table::Dir24
+        },
+        dir8_groups: args.dir8_groups,
+        v6_entries: args.v6_entries,
+        tc_attach: args.tc_attach.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(agent::run(opts))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,96 @@
+//! What can go wrong between the agent and the kernel.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use aya::{
+    maps::MapError,
+    programs::{ProgramError, tc::TcError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} is full: the policy needs {needed} entries, it holds {capacity}")]
+    MapFull {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {interface}: adding the clsact qdisc: {source}")]
+    Clsact {
+        interface: String,
+        #[source]
+        source: TcError,
+    },
+    #[error("interface {0} does not exist")]
+    UnknownInterface(String),
+    #[error("map {map}: mapping it into memory: {source}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the IPv4 table needs {needed} groups for /24s that hold longer prefixes; it has {capacity} (raise --dir8-groups, up to {max})"
+    )]
+    Dir8Full {
+        needed: usize,
+        capacity: usize,
+        max: u32,
+    },
+    #[error(
+        "the IPv6 table needs {needed} entries (prefixes and search markers); it has {capacity} (raise --v6-entries, up to {max})"
+    )]
+    V6Full {
+        needed: usize,
+        capacity: u32,
+        max: u32,
+    },
+    #[error(
+        "the IPv6 table could not place its {entries} entries in {places} places within the scan limit (raise --v6-entries)"
+    )]
+    V6Crowded { entries: usize, places: usize },
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("interface {interface}: the link cannot be pinned: {source}")]
+    Link {
+        interface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+}

@@ -1,0 +1,300 @@
+//! The kernel side as the agent sees it: loading the eBPF object, writing a compiled
+//! policy into the inactive slot and switching to it, attaching to interfaces, reading
+//! counters and events, and running crafted frames through `BPF_PROG_TEST_RUN`.
+//!
+//! - [`maps`]: the one table of the object's maps (name, kind, pinning, per-slot sizing)
+//!   that loading, pinning, capacity checks, usage, slot clearing and metrics read;
+//! - [`load`]: loading the object and its stages, adopting pinned maps' sizes;
+//! - [`pins`]: where pins live in bpffs, and what they hold while no agent runs;
+//! - [`reuse`]: a restart adopts the programs an earlier agent of the same build left;
+//! - [`slots`]: the two-slot switch: writing, checking and clearing a slot;
+//! - [`attach`]: TC (tcx or clsact) and XDP attachment, adopted or new;
+//! - [`readout`]: counters, statistics, events, memory and `BPF_PROG_TEST_RUN`;
+//! - [`bench`]: the benchmark programs `cargo xtask bench` loads (the `bench` feature);
+//! - [`sys`]: the raw system calls aya does not offer (all of this module's `unsafe`).
+
+mod attach;
+#[cfg(feature = "bench")]
+mod bench;
+mod error;
+mod load;
+pub mod maps;
+mod pins;
+mod readout;
+mod reuse;
+mod slots;
+#[allow(
+    unsafe_code,
+    reason = "the datapath's unsafe calls live here and only here"
+)]
+mod sys;
+
+use std::{path::PathBuf, time::Duration};
+
+use aya::{Ebpf, maps::MapError, programs::ProgramError};
+use datafence_common::{DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, stat};
+
+pub use attach::TcKind;
+#[cfg(feature = "bench")]
+pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
+pub use error::DatapathError;
+pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
+pub use slots::{lpm_key_v4, lpm_key_v6};
+pub(crate) use sys::tcx_egress_program_ids;
+pub use sys::{if_index, if_name};
+
+use datafence_common::v6::V6Entry;
+
+/// The eBPF object built by agent/build.rs.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datafence-ebpf"));
+
+/// The bench's object, built by agent/build.rs from the same source with the benchmark
+/// programs and maps added; [`LoadOptions::bench`] loads it instead of [`EBPF_OBJECT`].
+#[cfg(feature = "bench")]
+pub static EBPF_BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datafence-ebpf-bench"));
+
+/// The rustup toolchain that built [`EBPF_OBJECT`] (agent-ebpf/rust-toolchain.toml, unless
+/// overridden for `cargo xtask verifier --toolchain`).
+pub const EBPF_BUILT_WITH: &str = env!("DATAFENCE_EBPF_BUILT_WITH");
+
+/// The object's SHA-256, shortened: names the pin directory of its stage arrays.
+pub fn object_digest() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| {
+        use sha2::Digest as _;
+        hex::encode(&sha2::Sha256::digest(EBPF_OBJECT)[..8])
+    })
+}
+
+/// How long the agent waits after switching slots before it may rewrite the old one.
+/// A packet reads the active slot once and finishes within microseconds; this leaves a
+/// wide margin so no packet can still be walking a slot that is being cleared.
+pub const SLOT_GRACE: Duration = Duration::from_millis(20);
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Region prefixes per address family and per slot.
+    pub table_capacity: u32,
+    /// bpffs directory where maps and links are pinned so that enforcement outlives the
+    /// agent; `None` for a private datapath (tests, `explain --datapath`) that vanishes
+    /// with the process.
+    pub pin_dir: Option<PathBuf>,
+    /// How IPv4 regions are looked up.
+    pub v4_table: V4Table,
+    /// DIR-24-8 groups per slot for /24s holding longer prefixes.
+    pub dir8_groups: u32,
+    /// IPv6 table entries per slot: prefixes and search markers.
+    pub v6_entries: u32,
+    /// Load the bench's object ([`EBPF_BENCH_OBJECT`]) and its benchmark programs as well
+    /// (`cargo xtask bench`); only for a private datapath (no `pin_dir`).
+    #[cfg(feature = "bench")]
+    pub bench: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            table_capacity: DEFAULT_TABLE_CAPACITY,
+            pin_dir: None,
+            v4_table: V4Table::Dir24,
+            dir8_groups: DEFAULT_DIR8_GROUPS,
+            v6_entries: DEFAULT_V6_ENTRIES,
+            #[cfg(feature = "bench")]
+            bench: false,
+        }
+    }
+}
+
+/// The IPv4 region table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Table {
+    /// DIR-24-8: constant-time lookups; 128 MiB of table (both slots) plus 256 bytes per
+    /// group and slot.
+    Dir24,
+    /// The kernel LPM trie: small for small policies, slower as they grow.
+    Trie,
+}
+
+/// How an attachment came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link.
+    New,
+    /// A pinned link, or the clsact filter in datafence's place, from an earlier run now
+    /// runs this agent's program: swapped atomically, so enforcement never paused.
+    Adopted,
+}
+
+/// Violation-event rate limit, per CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct EventLimits {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        Self {
+            per_second: 1000,
+            burst: 1000,
+        }
+    }
+}
+
+/// What a policy switch wrote.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    pub slot: u32,
+    pub generation: u32,
+    pub regions_v4: usize,
+    pub regions_v6: usize,
+}
+
+/// The kernel statistics, summed over CPUs: each by its index in [`stat::ALL`], which
+/// names it. A statistic added there is read, exported and documented without a field of
+/// its own anywhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub all: [u64; stat::COUNT as usize],
+}
+
+impl Stats {
+    /// One statistic (`stat::EVENTS_LOST`, ...).
+    pub fn get(&self, index: u32) -> u64 {
+        self.all[index as usize]
+    }
+}
+
+impl Stats {
+    /// Each statistic with its name and help text.
+    pub fn iter(&self) -> impl Iterator<Item = (stat::Stat, u64)> + '_ {
+        stat::ALL.iter().map(|s| (*s, self.all[s.index as usize]))
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// The programs an earlier agent of this build left loaded, adopted instead of the
+    /// object's (which then stay unloaded); `None` when this agent loaded its own.
+    reused: Option<reuse::Reused>,
+    table_capacity: u32,
+    pins: Option<PinLayout>,
+    v4_table: V4Table,
+    /// The DIR-24-8 arrays, mapped: all slots' top-level entries, and all slots' groups.
+    dir24: Option<(sys::MappedArray<u32>, sys::MappedArray<u8>)>,
+    dir8_groups: u32,
+    /// log2 of the `REGIONS_V6` places per slot; the slot holds half as many entries.
+    v6_bits: u32,
+    /// `REGIONS_V6`, mapped: all slots' places.
+    v6_table: sys::MappedArray<V6Entry>,
+    /// What each slot holds, for map-pressure metrics without walking million-entry maps.
+    slot_contents: [maps::SlotContents; 2],
+    /// How TC egress programs are attached.
+    tc_kind: TcKind,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn program_err(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { program, source }
+}
+
+impl Datapath {
+    /// The TC entry program: adopted, or this agent's own.
+    fn tc_entry(&self) -> Result<&aya::programs::SchedClassifier> {
+        match self.reused.as_ref().and_then(|r| r.tc.as_ref()) {
+            Some(tc) => Ok(tc),
+            None => program_ref(&self.ebpf, datafence_common::program_names::TC_EGRESS),
+        }
+    }
+
+    fn tc_entry_mut(&mut self) -> Result<&mut aya::programs::SchedClassifier> {
+        match self.reused.as_mut().and_then(|r| r.tc.as_mut()) {
+            Some(tc) => Ok(tc),
+            None => program_mut(&mut self.ebpf, datafence_common::program_names::TC_EGRESS),
+        }
+    }
+
+    /// The XDP entry program: adopted, or this agent's own.
+    fn xdp_entry(&self) -> Result<&aya::programs::Xdp> {
+        match &self.reused {
+            Some(reused) => Ok(&reused.xdp),
+            None => program_ref(&self.ebpf, datafence_common::program_names::XDP_GATEWAY),
+        }
+    }
+
+    fn xdp_entry_mut(&mut self) -> Result<&mut aya::programs::Xdp> {
+        match &mut self.reused {
+            Some(reused) => Ok(&mut reused.xdp),
+            None => program_mut(&mut self.ebpf, datafence_common::program_names::XDP_GATEWAY),
+        }
+    }
+
+    /// The kernel's view of one of the four programs, by its name in the object.
+    fn program_info(&self, name: &'static str) -> Option<aya::programs::ProgramInfo> {
+        self.reused
+            .as_ref()
+            .and_then(|reused| reused.info(name))
+            .or_else(|| self.ebpf.program(name)?.info().ok())
+    }
+
+    /// Whether this agent adopted the programs of an earlier agent of the same build.
+    pub fn adopted_programs(&self) -> bool {
+        self.reused.is_some()
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    prog.try_into().map_err(program_err(name))
+}
+
+fn program_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a T>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    prog.try_into().map_err(program_err(name))
+}
+
+/// Runs `frame` through a program `repeat` times with `BPF_PROG_TEST_RUN`: its return
+/// value and the kernel's mean duration.
+fn test_run_program<P>(
+    prog: &P,
+    name: &'static str,
+    frame: &[u8],
+    ctx_in: Option<&[u8]>,
+    repeat: u32,
+) -> Result<(u32, Duration)>
+where
+    P: for<'a> aya::programs::TestRun<
+            Opts<'a> = aya::programs::TestRunOptions<'a>,
+            Result = aya::TestRunResult,
+        >,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(aya::programs::TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in,
+            repeat,
+            ..Default::default()
+        })
+        .map_err(program_err(name))?;
+    Ok((r.return_value, r.duration))
+}

@@ -1,0 +1,188 @@
+//! What the datapath tells: counters, statistics, events, kernel memory, verifier
+//! figures, and frames run through the programs with `BPF_PROG_TEST_RUN`.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use datafence_common::{
+    COUNTER_CACHE_SLOTS, CachedCounter, CounterKey, CounterValue, Hook, ViolationEvent, map_names,
+    program_names, stat,
+};
+
+use super::{Datapath, DatapathError, Result, Stats, map_err, test_run_program};
+
+/// Every counter, summed over CPUs: the keys each CPU's cache holds and the keys that
+/// overflowed into the hash. One key may be in both (its place was taken on one CPU).
+pub(super) fn read_counters(hash: &Map, cache: &Map) -> Result<Vec<(CounterKey, CounterValue)>> {
+    let mut sums = std::collections::BTreeMap::<CounterKey, CounterValue>::new();
+    let mut add = |key: CounterKey, v: &CounterValue| {
+        let sum = sums.entry(key).or_default();
+        sum.packets += v.packets;
+        sum.bytes += v.bytes;
+    };
+    let name = map_names::COUNTERS;
+    let map: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
+        PerCpuHashMap::try_from(hash).map_err(map_err(name))?;
+    for item in &map {
+        let (key, per_cpu) = item.map_err(map_err(name))?;
+        for v in per_cpu.iter() {
+            add(key, v);
+        }
+    }
+    let name = map_names::COUNTER_CACHE;
+    let map: PerCpuArray<&MapData, CachedCounter> =
+        PerCpuArray::try_from(cache).map_err(map_err(name))?;
+    for slot in 0..COUNTER_CACHE_SLOTS {
+        for c in map.get(&slot, 0).map_err(map_err(name))?.iter() {
+            // A place being claimed right now may show its claim before its key on a
+            // weakly ordered CPU; no real key has interface 0.
+            if c.claimed != 0 && c.key.ifindex != 0 {
+                add(c.key, &c.value);
+            }
+        }
+    }
+    Ok(sums.into_iter().collect())
+}
+
+pub(super) fn read_stats(map: &Map) -> Result<Stats> {
+    let name = map_names::STATS;
+    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let mut all = [0; stat::COUNT as usize];
+    for s in &stat::ALL {
+        all[s.index as usize] = map.get(&s.index, 0).map_err(map_err(name))?.iter().sum();
+    }
+    Ok(Stats { all })
+}
+
+impl Datapath {
+    /// Runs one frame through a program with `BPF_PROG_TEST_RUN`; returns whether the
+    /// program let it pass.
+    pub fn test_run(&self, hook: Hook, frame: &[u8], mark: u32) -> Result<bool> {
+        self.test_run_repeat(hook, frame, mark, 1)
+            .map(|(pass, _)| pass)
+    }
+
+    /// Like [`Self::test_run`], `repeat` times in the kernel; also returns the mean
+    /// duration the kernel measured.
+    pub fn test_run_repeat(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        mark: u32,
+        repeat: u32,
+    ) -> Result<(bool, Duration)> {
+        // The kernel accepts a partial __sk_buff; `len` and `pkt_type` must be zero and
+        // `mark` is the third u32.
+        let mut skb_ctx = [0u8; 12];
+        skb_ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        match hook {
+            Hook::TcEgress => {
+                let name = program_names::TC_EGRESS;
+                let (ret, took) =
+                    test_run_program(self.tc_entry()?, name, frame, Some(&skb_ctx), repeat)?;
+                // TC_PASS is TC_ACT_UNSPEC (-1); the kernel hands back the raw u32.
+                Ok((ret.cast_signed() == datafence_common::TC_PASS, took))
+            }
+            Hook::Xdp => {
+                const XDP_PASS: u32 = 2;
+                let name = program_names::XDP_GATEWAY;
+                let (ret, took) = test_run_program(self.xdp_entry()?, name, frame, None, repeat)?;
+                Ok((ret == XDP_PASS, took))
+            }
+        }
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(CounterKey, CounterValue)>> {
+        read_counters(
+            self.map(map_names::COUNTERS)?,
+            self.map(map_names::COUNTER_CACHE)?,
+        )
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        read_stats(self.map(map_names::STATS)?)
+    }
+
+    /// Reads every event waiting on the ring buffer, without blocking.
+    pub fn drain_events(&mut self) -> Result<Vec<ViolationEvent>> {
+        let name = map_names::EVENTS;
+        let mut ring = RingBuf::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = ViolationEvent::from_bytes(&item) {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hands the ring buffer to an asynchronous reader.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let name = map_names::EVENTS;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        RingBuf::try_from(map).map_err(map_err(name))
+    }
+
+    /// Kernel memory of each map, from the map's own accounting (`memlock` in
+    /// /proc/self/fdinfo), which counts what tries and hash maps allocate as they fill.
+    pub fn map_memory(&self) -> Vec<(String, u64)> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut out = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            let (Map::Array(data)
+            | Map::PerCpuArray(data)
+            | Map::HashMap(data)
+            | Map::PerCpuHashMap(data)
+            | Map::LpmTrie(data)
+            | Map::RingBuf(data)) = map
+            else {
+                continue;
+            };
+            let fd = data.fd().as_fd().as_raw_fd();
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            let memlock = info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            out.push((name.to_owned(), memlock));
+        }
+        out.sort();
+        out
+    }
+
+    /// Instructions the verifier processed for each program: the complexity figures that
+    /// performance work tracks.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        #[cfg(feature = "bench")]
+        let bench = super::BenchProgram::ALL.map(super::BenchProgram::program_name);
+        #[cfg(not(feature = "bench"))]
+        let bench: [&'static str; 0] = [];
+        [
+            program_names::TC_EGRESS,
+            program_names::TC_JUDGE,
+            program_names::XDP_GATEWAY,
+            program_names::XDP_JUDGE,
+        ]
+        .into_iter()
+        .chain(
+            bench
+                .into_iter()
+                .filter(|name| self.ebpf.program(name).is_some_and(|p| p.fd().is_ok())),
+        )
+        .map(|name| {
+            let count = self
+                .program_info(name)
+                .and_then(|i| i.verified_instruction_count());
+            (name, count)
+        })
+        .collect()
+    }
+}

@@ -1,0 +1,419 @@
+//! The two-slot switch: a policy is written into the inactive slot, checked against
+//! each map's per-slot capacity first, then made active in one map write; the old slot
+//! is cleared before it is written again.
+
+#![forbid(unsafe_code)]
+
+use std::net::IpAddr;
+
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use datafence_common::{
+    CgroupKey, ClassMask, DIR24_ENTRIES, LpmDataV4, LpmDataV6, MAX_DIR8_GROUPS, MAX_V6_ENTRIES,
+    Policy, RegionId, SLOT_PREFIX_BITS, SLOTS, lpm_data_v4, lpm_data_v6, map_names,
+    v6::{V6_EMPTY_NODE, V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode},
+};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+use super::{
+    ApplyReport, Datapath, DatapathError, EventLimits, Result, SLOT_GRACE, map_err,
+    maps::{self, Kind, PerSlot, SlotContents, Slots},
+};
+use crate::{
+    dir24,
+    policy::CompiledPolicy,
+    v6table::{self, V6Table},
+};
+
+impl Datapath {
+    /// The slot the programs read now.
+    pub fn active_slot(&self) -> Result<u32> {
+        let name = map_names::ACTIVE_SLOT;
+        let arr: Array<&MapData, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        Ok(arr.get(&0, 0).map_err(map_err(name))? & 1)
+    }
+
+    /// The policy header and classes in a slot.
+    pub fn policy_in_slot(&self, slot: u32) -> Result<Policy> {
+        let name = map_names::POLICY;
+        let arr: Array<&MapData, Policy> =
+            Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        arr.get(&slot, 0).map_err(map_err(name))
+    }
+
+    /// Writes `compiled` into the inactive slot, then makes it active in one map write.
+    /// On any error the active slot is untouched, so the last good policy stays in force.
+    pub fn apply(&mut self, compiled: &CompiledPolicy, events: EventLimits) -> Result<ApplyReport> {
+        self.apply_built(compiled, &v6table::build(&compiled.regions_v6), events)
+    }
+
+    /// [`Self::apply`] with the policy's IPv6 table already built (`v6table::build` of
+    /// `compiled.regions_v6`), for a caller that built it to size the datapath.
+    pub fn apply_built(
+        &mut self,
+        compiled: &CompiledPolicy,
+        v6: &V6Table,
+        events: EventLimits,
+    ) -> Result<ApplyReport> {
+        let active = self.active_slot()?;
+        let target = 1 - active;
+        let generation = self
+            .policy_in_slot(active)?
+            .header
+            .generation
+            .wrapping_add(1);
+        self.check_capacity(compiled)?;
+        if v6.entries() > self.v6_capacity() as usize {
+            return Err(DatapathError::V6Full {
+                needed: v6.entries(),
+                capacity: self.v6_capacity(),
+                max: MAX_V6_ENTRIES,
+            });
+        }
+        self.clear_slot(target)?;
+        self.slot_contents[target as usize] = SlotContents::default();
+        let placement = match self.fill_slot(target, compiled, v6) {
+            Ok(p) => p,
+            Err(err) => {
+                // Leave nothing half-written behind; the error that matters is the first.
+                let _ = self.clear_slot(target);
+                return Err(err);
+            }
+        };
+        let groups = self.slot_contents[target as usize].get(map_names::DIR8);
+        let mut contents = SlotContents::of(compiled);
+        contents.set(map_names::DIR8, groups);
+        contents.set(map_names::REGIONS_V6, v6.entries());
+        self.slot_contents[target as usize] = contents;
+        let mut policy = compiled.policy;
+        policy.header.loaded = 1;
+        policy.header.generation = generation;
+        policy.header.events_per_sec = events.per_second;
+        policy.header.events_burst = events.burst;
+        policy.header.v6_seed = placement.seed;
+        policy.header.v6_scan = placement.scan;
+        let name = map_names::POLICY;
+        let mut arr: Array<&mut MapData, Policy> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        arr.set(target, policy, 0).map_err(map_err(name))?;
+        let name = map_names::ACTIVE_SLOT;
+        let mut arr: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        arr.set(0, target, 0).map_err(map_err(name))?;
+        std::thread::sleep(SLOT_GRACE);
+        Ok(ApplyReport {
+            slot: target,
+            generation,
+            regions_v4: compiled.regions_v4.len(),
+            regions_v6: compiled.regions_v6.len(),
+        })
+    }
+
+    /// Entries one slot of a map may hold.
+    fn per_slot(&self, p: PerSlot) -> u32 {
+        match p {
+            PerSlot::TableCapacity => self.table_capacity,
+            PerSlot::V6Entries => self.v6_capacity(),
+            PerSlot::Dir8Groups => self.dir8_groups,
+            PerSlot::Share { total } => total,
+        }
+    }
+
+    /// Checks that the policy fits each keyed map's share of a slot. The IPv6 table is
+    /// checked in `apply_built`, with its markers counted; the DIR-8 groups as the
+    /// table is filled.
+    fn check_capacity(&self, c: &CompiledPolicy) -> Result<()> {
+        for m in maps::MAPS {
+            if let Slots::Keyed { per_slot, compiled } = m.slots {
+                let (needed, capacity) = (compiled(c), self.per_slot(per_slot));
+                if needed > capacity as usize {
+                    return Err(DatapathError::MapFull {
+                        map: m.name,
+                        needed,
+                        capacity,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// (map, entries, capacity) for the policy maps, both slots together.
+    pub fn map_usage(&self) -> Vec<(String, u64, u64)> {
+        let [a, b] = &self.slot_contents;
+        maps::MAPS
+            .iter()
+            .filter_map(|m| {
+                let per_slot = match m.slots {
+                    Slots::Keyed { per_slot, .. } | Slots::RangedUsage(per_slot) => per_slot,
+                    Slots::Shared | Slots::Ranged => return None,
+                };
+                let used = (a.get(m.name) + b.get(m.name)) as u64;
+                let capacity = u64::from(SLOTS * self.per_slot(per_slot));
+                Some((m.name.to_owned(), used, capacity))
+            })
+            .collect()
+    }
+
+    /// IPv6 entries a slot can hold.
+    fn v6_capacity(&self) -> u32 {
+        (1u32 << self.v6_bits) / V6_LOAD_DIVISOR
+    }
+
+    /// The range of one slot's places in the IPv6 table.
+    fn v6_range(&self, slot: u32) -> std::ops::Range<usize> {
+        let places = 1usize << self.v6_bits;
+        let s = slot as usize;
+        s * places..(s + 1) * places
+    }
+
+    pub(super) fn v6_slot(&self, slot: u32) -> &[V6Entry] {
+        &self.v6_table.as_slice()[self.v6_range(slot)]
+    }
+
+    fn v6_slot_mut(&mut self, slot: u32) -> &mut [V6Entry] {
+        let range = self.v6_range(slot);
+        &mut self.v6_table.as_mut_slice()[range]
+    }
+
+    fn fill_slot(
+        &mut self,
+        slot: u32,
+        c: &CompiledPolicy,
+        v6: &V6Table,
+    ) -> Result<v6table::Placement> {
+        match &mut self.dir24 {
+            Some((top, groups)) => {
+                let top_slot = DIR24_ENTRIES as usize;
+                let group_slot = self.dir8_groups as usize * 256;
+                let s = slot as usize;
+                let top = &mut top.as_mut_slice()[s * top_slot..(s + 1) * top_slot];
+                let groups = &mut groups.as_mut_slice()[s * group_slot..(s + 1) * group_slot];
+                let used = dir24::fill(top, groups, &c.regions_v4).map_err(|e| {
+                    DatapathError::Dir8Full {
+                        needed: e.needed,
+                        capacity: e.capacity,
+                        max: MAX_DIR8_GROUPS,
+                    }
+                })?;
+                self.slot_contents[s].set(map_names::DIR8, used);
+            }
+            None => insert_v4(
+                self.map_mut(map_names::REGIONS_V4)?,
+                map_names::REGIONS_V4,
+                slot,
+                &c.regions_v4,
+            )?,
+        }
+        let placement =
+            v6table::place(self.v6_slot_mut(slot), v6).map_err(|e| DatapathError::V6Crowded {
+                entries: e.entries,
+                places: e.places,
+            })?;
+        self.write_v6_nodes(slot, &v6.nodes)?;
+        let exempt_v4: Vec<(Ipv4Network, u32)> = c.exempt_v4.iter().map(|n| (*n, 1)).collect();
+        let exempt_v6: Vec<(Ipv6Network, u32)> = c.exempt_v6.iter().map(|n| (*n, 1)).collect();
+        insert_v4(
+            self.map_mut(map_names::EXEMPT_V4)?,
+            map_names::EXEMPT_V4,
+            slot,
+            &exempt_v4,
+        )?;
+        insert_v6(
+            self.map_mut(map_names::EXEMPT_V6)?,
+            map_names::EXEMPT_V6,
+            slot,
+            &exempt_v6,
+        )?;
+        insert_v4(
+            self.map_mut(map_names::SRC_V4)?,
+            map_names::SRC_V4,
+            slot,
+            &c.src_v4,
+        )?;
+        insert_v6(
+            self.map_mut(map_names::SRC_V6)?,
+            map_names::SRC_V6,
+            slot,
+            &c.src_v6,
+        )?;
+        let name = map_names::CGROUP_CLASSES;
+        let mut cg: BpfHashMap<&mut MapData, CgroupKey, ClassMask> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (cgroup_id, mask) in &c.cgroups {
+            let key = CgroupKey {
+                cgroup_id: *cgroup_id,
+                slot,
+                _pad: 0,
+            };
+            cg.insert(key, mask, 0).map_err(map_err(name))?;
+        }
+        Ok(placement)
+    }
+
+    /// Writes a slot's IPv6 search tree.
+    fn write_v6_nodes(&mut self, slot: u32, nodes: &[V6LengthNode]) -> Result<()> {
+        let name = map_names::V6_LENGTHS;
+        let mut arr: Array<&mut MapData, V6LengthNode> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (i, node) in nodes.iter().enumerate() {
+            arr.set(slot * V6_TREE_NODES + i as u32, node, 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry a slot owns from the shared tables. The ranged arrays the slot
+    /// writer rewrites whole (DIR-24-8, the policy) need nothing; the IPv6 table's places
+    /// and search tree are emptied.
+    fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
+        self.v6_slot_mut(slot).fill([0; 3]);
+        for m in maps::MAPS
+            .iter()
+            .filter(|m| matches!(m.slots, Slots::Keyed { .. }))
+        {
+            let map = self.map_mut(m.name)?;
+            match m.kind {
+                Kind::LpmV4 => clear_lpm::<LpmDataV4>(map, m.name, slot)?,
+                Kind::LpmV6 => clear_lpm::<LpmDataV6>(map, m.name, slot)?,
+                Kind::SlotHash => clear_cgroups(map, m.name, slot)?,
+                _ => unreachable!("a keyed map is keyed by slot: {}", m.name),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Looks up the region the datapath's tables give an address, in the active slot.
+pub fn lpm_key_v4(slot: u32, addr: std::net::Ipv4Addr, prefix: u8) -> Key<LpmDataV4> {
+    Key::new(
+        SLOT_PREFIX_BITS + u32::from(prefix),
+        lpm_data_v4(slot, addr.octets()),
+    )
+}
+
+pub fn lpm_key_v6(slot: u32, addr: std::net::Ipv6Addr, prefix: u8) -> Key<LpmDataV6> {
+    Key::new(
+        SLOT_PREFIX_BITS + u32::from(prefix),
+        lpm_data_v6(slot, addr.octets()),
+    )
+}
+
+impl Datapath {
+    /// The region the kernel's table gives `addr` in the active slot.
+    pub fn region_of(&self, addr: IpAddr) -> Result<RegionId> {
+        let slot = self.active_slot()?;
+        let found = match addr {
+            IpAddr::V4(a) if self.dir24.is_some() => {
+                let Some((top, groups)) = &self.dir24 else {
+                    unreachable!()
+                };
+                let (ts, gs) = (DIR24_ENTRIES as usize, self.dir8_groups as usize * 256);
+                let s = slot as usize;
+                Ok(dir24::lookup(
+                    &top.as_slice()[s * ts..(s + 1) * ts],
+                    &groups.as_slice()[s * gs..(s + 1) * gs],
+                    a,
+                ))
+            }
+            IpAddr::V4(a) => {
+                let name = map_names::REGIONS_V4;
+                let t: LpmTrie<&MapData, LpmDataV4, RegionId> =
+                    LpmTrie::try_from(self.map(name)?).map_err(map_err(name))?;
+                t.get(&lpm_key_v4(slot, a, 32), 0)
+            }
+            IpAddr::V6(a) => {
+                let header = self.policy_in_slot(slot)?.header;
+                let name = map_names::V6_LENGTHS;
+                let nodes: Array<&MapData, V6LengthNode> =
+                    Array::try_from(self.map(name)?).map_err(map_err(name))?;
+                let table = self.v6_slot(slot);
+                let mask = table.len() as u32 - 1;
+                Ok(datafence_common::v6::v6_search(
+                    &a.octets(),
+                    |i| nodes.get(&(slot * V6_TREE_NODES + i), 0).ok(),
+                    |k| {
+                        datafence_common::v6::v6_table_get(
+                            k,
+                            header.v6_seed,
+                            mask,
+                            header.v6_scan,
+                            |i| table.get(i as usize).copied(),
+                        )
+                    },
+                ))
+            }
+        };
+        match found {
+            Ok(r) => Ok(r),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(source) => Err(DatapathError::Map {
+                map: "REGIONS",
+                source,
+            }),
+        }
+    }
+}
+
+fn insert_v4<V: aya::Pod>(
+    map: &mut Map,
+    name: &'static str,
+    slot: u32,
+    entries: &[(Ipv4Network, V)],
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, LpmDataV4, V> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (net, value) in entries {
+        trie.insert(&lpm_key_v4(slot, net.network(), net.prefix()), value, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn insert_v6<V: aya::Pod>(
+    map: &mut Map,
+    name: &'static str,
+    slot: u32,
+    entries: &[(Ipv6Network, V)],
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, LpmDataV6, V> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (net, value) in entries {
+        trie.insert(&lpm_key_v6(slot, net.network(), net.prefix()), value, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Removes a slot's entries from an LPM map (every value is a `u32`).
+fn clear_lpm<K>(map: &mut Map, name: &'static str, slot: u32) -> Result<()>
+where
+    K: aya::Pod + AsRef<[u8]>,
+{
+    let mut trie: LpmTrie<&mut MapData, K, u32> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let slot_bytes = slot.to_be_bytes();
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|k| k.data().as_ref()[..4] == slot_bytes)
+        .collect();
+    for key in stale {
+        trie.remove(&key).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Removes a slot's entries from the cgroup map.
+fn clear_cgroups(map: &mut Map, name: &'static str, slot: u32) -> Result<()> {
+    let mut cg: BpfHashMap<&mut MapData, CgroupKey, ClassMask> =
+        BpfHashMap::try_from(map).map_err(map_err(name))?;
+    let stale: Vec<CgroupKey> = cg
+        .keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|k| k.slot == slot)
+        .collect();
+    for key in stale {
+        cg.remove(&key).map_err(map_err(name))?;
+    }
+    Ok(())
+}

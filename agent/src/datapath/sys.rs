@@ -1,0 +1,181 @@
+//! The raw system calls aya does not offer: mounting bpffs, detaching a pinned link,
+//! querying the tcx hook, interface names, and mapping BPF arrays into memory. All of
+//! the datapath's `unsafe` is here.
+
+use std::{os::fd::AsRawFd, path::Path, ptr::NonNull};
+
+/// Mounts a bpf filesystem at `target` (mode 0700).
+pub(super) fn mount_bpffs(target: &str) -> std::io::Result<()> {
+    let cstr = |s: &str| std::ffi::CString::new(s).map_err(std::io::Error::other);
+    let (source, target, fstype, opts) = (
+        cstr("bpf")?,
+        cstr(target)?,
+        cstr("bpf")?,
+        cstr("mode=0700")?,
+    );
+    // SAFETY: plain mount(2) with valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens the pinned link and detaches it with `BPF_LINK_DETACH`: the program is off its
+/// hook when this returns. (aya keeps a link's fd private, hence the bare syscalls.)
+pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let cpath =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // bpf_attr.obj_get: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut get = [0u64; 2];
+    get[0] = cpath.as_ptr() as u64;
+    // SAFETY: bpf(2) with a correctly laid out attr pointing at `cpath`, alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), 16) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut detach = [0u32; 4];
+    detach[0] = fd as u32;
+    // SAFETY: bpf(2) with an attr holding only the link fd opened above.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_mut_ptr(), 16) };
+    let result = if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd as i32) };
+    result
+}
+
+/// The interface's index, or `None` when no such interface exists.
+pub fn if_index(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The interface's name, for labelling counters and events by ifindex.
+pub fn if_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Ids of the programs attached to an interface's tcx egress hook.
+///
+/// A bare `BPF_PROG_QUERY`: aya's `query_tcx` also opens each program by id, which needs
+/// CAP_SYS_ADMIN, and the agent runs without it.
+pub(crate) fn tcx_egress_program_ids(ifindex: u32) -> std::io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_EGRESS: u32 = 47;
+    /// `bpf_attr.query`, as in include/uapi/linux/bpf.h.
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_EGRESS,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..QueryAttr::default()
+    };
+    // SAFETY: bpf(2) with a correctly laid out attr whose pointer fields point at `ids`,
+    // which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &raw mut attr,
+            size_of::<QueryAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = (attr.prog_cnt as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
+}
+
+/// A BPF array map mapped into this process, seen as a dense array of `T`.
+pub(crate) struct MappedArray<T> {
+    ptr: NonNull<T>,
+    entries: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; access goes through
+// &mut self, so no two threads write it at once from this process.
+unsafe impl<T> Send for MappedArray<T> {}
+
+impl<T: Copy> MappedArray<T> {
+    /// Maps `entries` values of `T` of an array created with BPF_F_MMAPABLE.
+    pub(crate) fn map(fd: &impl AsRawFd, entries: usize) -> std::io::Result<Self> {
+        let len = entries * size_of::<T>();
+        // SAFETY: mmap of a BPF map fd that supports it, with the map's own size; the
+        // result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<T>())
+            .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, entries })
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: the mapping is `entries` values long and lives as long as self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.entries) }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[T] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.entries) }
+    }
+}
+
+impl<T> Drop for MappedArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * size_of::<T>()) };
+    }
+}

@@ -1,0 +1,400 @@
+//! From the file as written to a [`LoadedPolicy`], collecting every mistake on the way.
+//!
+//! The validator reads the policy file's own fields here; [`regions`] reads the regions
+//! and their files, and [`selectors`] the values of class selectors.
+#![forbid(unsafe_code)]
+
+mod regions;
+mod selectors;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use datafence_common::{
+    MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, SLOTS,
+};
+use indexmap::{IndexMap, IndexSet};
+use ipnetwork::IpNetwork;
+use serde_saphyr::{MessageFormatter, Spanned};
+use sha2::{Digest, Sha256};
+
+use self::selectors::protocol;
+use super::LoadOptions;
+use super::cidr::parse_cidr;
+use super::error::{PolicyError, PolicyErrors, Problem};
+use super::model::{Class, LoadedPolicy, Mode, Region, UnknownRule};
+use super::raw::{RawClass, RawMatch, RawPolicy};
+
+/// A position in one of the files a policy is read from. Files are numbered so the
+/// origin of each of possibly millions of region prefixes costs a few bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    file: u32,
+    line: u32,
+    column: u32,
+}
+
+const POLICY_FILE: u32 = 0;
+
+/// Lines and columns past u32 are clamped; no policy file comes near.
+fn clamp(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn at<T>(s: &Spanned<T>) -> Pos {
+    Pos {
+        file: POLICY_FILE,
+        line: clamp(s.referenced.line()),
+        column: clamp(s.referenced.column()),
+    }
+}
+
+/// Reads the policy file as text; [`parse`] does the rest.
+pub(super) fn read(path: &Path) -> Result<String, PolicyErrors> {
+    let whole_file = |problem: Problem| {
+        PolicyErrors(vec![PolicyError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            message: problem.to_string(),
+        }])
+    };
+    let bytes = fs::read(path).map_err(|e| whole_file(Problem::ReadPolicy(e)))?;
+    String::from_utf8(bytes).map_err(|_| whole_file(Problem::NotUtf8("the policy file".to_owned())))
+}
+
+/// Parses and validates policy `text` as if read from `path`, whose directory region files
+/// are relative to.
+pub(super) fn parse(
+    text: &str,
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<LoadedPolicy, PolicyErrors> {
+    let raw: RawPolicy = serde_saphyr::from_str(text).map_err(|e| {
+        let location = e.location();
+        let message = serde_saphyr::UserMessageFormatter.format_message(e.without_snippet());
+        PolicyErrors(vec![PolicyError {
+            file: path.to_owned(),
+            line: location.map_or(0, |l| l.line()),
+            column: location.map_or(0, |l| l.column()),
+            message: Problem::Yaml(message.into_owned()).to_string(),
+        }])
+    })?;
+
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    let mut v = Validator {
+        opts,
+        dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+        files: vec![path.to_owned()],
+        errors: Vec::new(),
+        hasher,
+    };
+    let policy = v.policy(path, &raw);
+    if v.errors.is_empty() {
+        return Ok(policy);
+    }
+    // Checks run in an order convenient for validation, not for reading: report by
+    // position, the policy file first, then region files in the order they were named.
+    v.errors
+        .sort_by_key(|(pos, _)| (pos.file, pos.line, pos.column));
+    Err(PolicyErrors(v.errors.into_iter().map(|(_, e)| e).collect()))
+}
+
+struct Validator<'a> {
+    opts: &'a LoadOptions,
+    /// Region files are relative to the policy file's directory.
+    dir: PathBuf,
+    /// Indexed by [`Pos::file`].
+    files: Vec<PathBuf>,
+    errors: Vec<(Pos, PolicyError)>,
+    hasher: Sha256,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, pos: Pos, problem: Problem) {
+        let error = PolicyError {
+            file: self.files[pos.file as usize].clone(),
+            line: u64::from(pos.line),
+            column: u64::from(pos.column),
+            message: problem.to_string(),
+        };
+        self.errors.push((pos, error));
+    }
+
+    fn describe(&self, pos: Pos) -> String {
+        format!(
+            "{}:{}:{}",
+            self.files[pos.file as usize].display(),
+            pos.line,
+            pos.column
+        )
+    }
+
+    fn policy(&mut self, path: &Path, raw: &RawPolicy) -> LoadedPolicy {
+        if raw.version.value.0 != 1 {
+            self.error(at(&raw.version), Problem::Version(raw.version.value.0));
+        }
+        let mode = self.mode(raw.mode.as_ref()).unwrap_or_default();
+        let (egress_interfaces, gateway_interfaces) = match &raw.interfaces {
+            Some(i) => (
+                i.egress.as_ref().map(|e| self.interfaces(e)),
+                self.interfaces(&i.gateway),
+            ),
+            None => (None, Vec::new()),
+        };
+        let exempt = self.exempt(raw.exempt.as_ref());
+        let regions = self.regions(&raw.regions);
+        let classes = self.classes(&raw.data_classes, mode, &regions);
+        let hasher = std::mem::take(&mut self.hasher);
+        LoadedPolicy {
+            path: path.to_owned(),
+            sha256: hex::encode(hasher.finalize()),
+            sources: self.files.clone(),
+            version: 1,
+            mode,
+            egress_interfaces,
+            gateway_interfaces,
+            exempt,
+            regions,
+            classes,
+        }
+    }
+
+    fn mode(&mut self, raw: Option<&Spanned<String>>) -> Option<Mode> {
+        let raw = raw?;
+        match raw.value.as_str() {
+            "enforce" => Some(Mode::Enforce),
+            "audit" => Some(Mode::Audit),
+            other => {
+                self.error(at(raw), Problem::Mode(other.to_owned()));
+                None
+            }
+        }
+    }
+
+    fn unknown_rule(&mut self, raw: Option<&Spanned<String>>) -> UnknownRule {
+        let Some(raw) = raw else {
+            return UnknownRule::Deny;
+        };
+        match raw.value.as_str() {
+            "deny" => UnknownRule::Deny,
+            "allow" => UnknownRule::Allow,
+            other => {
+                self.error(at(raw), Problem::Unknown(other.to_owned()));
+                UnknownRule::Deny
+            }
+        }
+    }
+
+    fn name(&mut self, kind: &'static str, raw: &Spanned<String>) {
+        let ok = !raw.value.is_empty()
+            && raw
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            let name = raw.value.clone();
+            self.error(at(raw), Problem::Name { kind, name });
+        }
+    }
+
+    fn interfaces(&mut self, raw: &[Spanned<String>]) -> Vec<String> {
+        let mut names = IndexSet::new();
+        for name in raw {
+            // IFNAMSIZ is 16 with the terminating NUL; the kernel refuses `/`, `:` and
+            // whitespace in names.
+            let ok = !name.value.is_empty()
+                && name.value.len() < 16
+                && name.value != "."
+                && name.value != ".."
+                && !name
+                    .value
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace());
+            if ok {
+                names.insert(name.value.clone());
+            } else {
+                self.error(at(name), Problem::Interface(name.value.clone()));
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    fn exempt(&mut self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<IpNetwork> {
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        let mut nets = IndexSet::new();
+        for entry in &raw.value {
+            match parse_cidr(&entry.value) {
+                Ok(net) => {
+                    nets.insert(net);
+                }
+                Err(p) => self.error(at(entry), p.into()),
+            }
+        }
+        let limit = MAX_EXEMPT_ENTRIES / SLOTS;
+        let v4 = nets.iter().filter(|n| n.is_ipv4()).count();
+        for (family, count) in [("IPv4", v4), ("IPv6", nets.len() - v4)] {
+            if count > limit as usize {
+                self.error(
+                    at(raw),
+                    Problem::ExemptFull {
+                        family,
+                        count,
+                        limit,
+                    },
+                );
+            }
+        }
+        nets.into_iter().collect()
+    }
+}
+
+impl Validator<'_> {
+    fn classes(
+        &mut self,
+        raw: &Spanned<IndexMap<Spanned<String>, RawClass>>,
+        policy_mode: Mode,
+        regions: &[Region],
+    ) -> Vec<Class> {
+        if raw.value.len() > MAX_CLASSES {
+            let (name, _) = raw.value.get_index(MAX_CLASSES).expect("length checked");
+            self.error(at(name), Problem::TooManyClasses(raw.value.len()));
+        }
+        let region_ids: HashMap<&str, u8> =
+            regions.iter().map(|r| (r.name.as_str(), r.id)).collect();
+        let classes: Vec<Class> = raw
+            .value
+            .iter()
+            .enumerate()
+            .map(|(index, (name, class))| {
+                self.class(index, name, class, policy_mode, &region_ids, regions)
+            })
+            .collect();
+
+        let cgroups: HashSet<u64> = classes
+            .iter()
+            .flat_map(|c| c.cgroups.iter().map(|&(_, id)| id))
+            .collect();
+        let limit = MAX_CGROUP_ENTRIES / SLOTS;
+        if cgroups.len() > limit as usize {
+            let count = cgroups.len();
+            self.error(at(raw), Problem::CgroupTableFull { count, limit });
+        }
+        let src: HashSet<IpNetwork> = classes
+            .iter()
+            .flat_map(|c| c.src_cidrs.iter().copied())
+            .collect();
+        let limit = MAX_SRC_CIDR_ENTRIES / SLOTS;
+        let v4 = src.iter().filter(|n| n.is_ipv4()).count();
+        for (family, count) in [("IPv4", v4), ("IPv6", src.len() - v4)] {
+            if count > limit as usize {
+                self.error(
+                    at(raw),
+                    Problem::SrcCidrFull {
+                        family,
+                        count,
+                        limit,
+                    },
+                );
+            }
+        }
+        classes
+    }
+
+    fn class(
+        &mut self,
+        index: usize,
+        name: &Spanned<String>,
+        raw: &RawClass,
+        policy_mode: Mode,
+        region_ids: &HashMap<&str, u8>,
+        regions: &[Region],
+    ) -> Class {
+        self.name("data class", name);
+        let mode = self.mode(raw.mode.as_ref()).unwrap_or(policy_mode);
+        let unknown = self.unknown_rule(raw.unknown.as_ref());
+        let mut allow = IndexSet::new();
+        for region in &raw.allow {
+            if let Some(&id) = region_ids.get(region.value.as_str()) {
+                allow.insert(id);
+            } else {
+                let defined = if regions.is_empty() {
+                    "no regions are defined".to_owned()
+                } else {
+                    let names: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+                    format!("defined: {}", names.join(", "))
+                };
+                let name = region.value.clone();
+                self.error(at(region), Problem::UndefinedRegion { name, defined });
+            }
+        }
+        let m: &RawMatch = &raw.selectors.value;
+        let any_selector = m.cgroups.is_some()
+            || m.marks.is_some()
+            || m.dscp.is_some()
+            || m.protocols.is_some()
+            || m.dst_ports.is_some()
+            || m.src_cidrs.is_some();
+        if !any_selector {
+            self.error(at(&raw.selectors), Problem::EmptyMatch);
+        }
+        Class {
+            name: name.value.clone(),
+            id: u8::try_from(index).unwrap_or(u8::MAX),
+            mode,
+            unknown,
+            allow: allow.into_iter().collect(),
+            cgroups: self.selector("cgroups", m.cgroups.as_ref(), |v, items| {
+                let mut out = IndexMap::new();
+                for item in &items.value {
+                    if let Some((path, id)) = v.cgroup(item) {
+                        out.insert(path, id);
+                    }
+                }
+                out.into_iter().collect()
+            }),
+            marks: self.selector("marks", m.marks.as_ref(), Self::marks),
+            dscp: self.selector("dscp", m.dscp.as_ref(), |v, items| {
+                let mut out = BTreeSet::new();
+                for item in &items.value {
+                    match u8::try_from(item.value.0) {
+                        Ok(d) if d < 64 => {
+                            out.insert(d);
+                        }
+                        _ => v.error(at(item), Problem::Dscp(item.value.0)),
+                    }
+                }
+                out.into_iter().collect()
+            }),
+            protocols: self.selector("protocols", m.protocols.as_ref(), |v, items| {
+                let mut out = BTreeSet::new();
+                for item in &items.value {
+                    match protocol(&item.value) {
+                        Ok(p) => {
+                            out.insert(p);
+                        }
+                        Err(problem) => v.error(at(item), problem),
+                    }
+                }
+                out.into_iter().collect()
+            }),
+            port_ranges: self.selector("dst_ports", m.dst_ports.as_ref(), Self::ports),
+            src_cidrs: self.selector("src_cidrs", m.src_cidrs.as_ref(), |v, items| {
+                let mut out = IndexSet::new();
+                for item in &items.value {
+                    match parse_cidr(&item.value) {
+                        Ok(net) => {
+                            out.insert(net);
+                        }
+                        Err(p) => v.error(at(item), p.into()),
+                    }
+                }
+                out.into_iter().collect()
+            }),
+        }
+    }
+}

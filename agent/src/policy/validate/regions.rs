@@ -1,0 +1,268 @@
+//! Regions: their prefixes, written in the policy or in region files, and the rule that
+//! a prefix belongs to one region only.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use datafence_common::MAX_REGIONS;
+use indexmap::IndexMap;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use rayon::iter::{IntoParallelIterator as _, ParallelIterator as _};
+use rayon::slice::ParallelSliceMut as _;
+use serde_saphyr::Spanned;
+use sha2::Digest;
+
+use super::{Pos, Validator, at, clamp};
+use crate::policy::{cidr::parse_cidr, error::Problem, model::Region, raw::RawRegion};
+
+/// One region prefix as read. Claims are sorted once all are read, which finds a prefix
+/// written twice in far less memory than a hash of millions of prefixes.
+#[derive(Clone, Copy)]
+struct Claim {
+    /// The address bits, split so the claim needs 8-byte alignment, not 16.
+    hi: u64,
+    lo: u64,
+    /// The prefix length, plus 256 for IPv4 so the families never collide.
+    kind: u16,
+    region: u32,
+    /// Reading order, so the first claim of a prefix is known.
+    seq: u32,
+    pos: Pos,
+}
+
+impl Claim {
+    fn key(&self) -> (u64, u64, u16, u32) {
+        (self.hi, self.lo, self.kind, self.seq)
+    }
+}
+
+/// Records a parsed region prefix: in its region's list, and as a claim.
+fn record_prefix(set: &mut RegionSet, region: usize, net: IpNetwork, pos: Pos) {
+    let (bits, kind) = match net {
+        IpNetwork::V4(n) => {
+            set.regions[region].v4.push(n);
+            (
+                u128::from(u32::from(n.network())),
+                256 + u16::from(n.prefix()),
+            )
+        }
+        IpNetwork::V6(n) => {
+            set.regions[region].v6.push(n);
+            (u128::from(n.network()), u16::from(n.prefix()))
+        }
+    };
+    set.claims.push(Claim {
+        hi: (bits >> 64) as u64,
+        lo: bits as u64,
+        kind,
+        region: region as u32,
+        seq: set.claims.len() as u32,
+        pos,
+    });
+}
+
+/// A region file as read, before it joins the policy.
+pub(super) enum RegionFile {
+    Read {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        /// (line, column, prefix) for each line that holds one.
+        lines: Vec<(
+            u32,
+            u32,
+            Result<IpNetwork, crate::policy::error::CidrProblem>,
+        )>,
+    },
+    Failed(Problem),
+}
+
+/// Reads and parses one region file: one CIDR per line; `#` starts a comment, blank lines
+/// are skipped. Needs nothing from the validator, so files are read in parallel.
+pub(super) fn read_region_file(path: &Path) -> RegionFile {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(source) => {
+            let path = path.display().to_string();
+            return RegionFile::Failed(Problem::ReadRegionFile { path, source });
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        let what = format!("region file {}", path.display());
+        return RegionFile::Failed(Problem::NotUtf8(what));
+    };
+    let lines = crate::policy::cidr::region_file_entries(text)
+        .map(|(line, column, entry)| (clamp(line as u64), clamp(column as u64), parse_cidr(entry)))
+        .collect();
+    RegionFile::Read {
+        path: path.to_owned(),
+        bytes,
+        lines,
+    }
+}
+
+/// Regions as they are built: each prefix remembers its region and where it was written,
+/// so a prefix claimed by a second region can name both.
+#[derive(Default)]
+pub(super) struct RegionSet {
+    regions: Vec<Region>,
+    claims: Vec<Claim>,
+}
+
+impl Validator<'_> {
+    pub(super) fn regions(
+        &mut self,
+        raw: &Spanned<IndexMap<Spanned<String>, RawRegion>>,
+    ) -> Vec<Region> {
+        if raw.value.len() > MAX_REGIONS {
+            let (name, _) = raw.value.get_index(MAX_REGIONS).expect("length checked");
+            self.error(at(name), Problem::TooManyRegions(raw.value.len()));
+        }
+        // Region files hold nearly all of a large policy: read and parse them on every
+        // core, then record them in order.
+        let dir = self.dir.clone();
+        let mut read: std::collections::VecDeque<RegionFile> = raw
+            .value
+            .values()
+            .flat_map(|r| r.files.iter())
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|f| read_region_file(&dir.join(&f.value)))
+            .collect::<Vec<_>>()
+            .into();
+        let mut set = RegionSet::default();
+        for (index, (name, region)) in raw.value.iter().enumerate() {
+            self.name("region", name);
+            set.regions.push(Region {
+                name: name.value.clone(),
+                // Past MAX_REGIONS the policy is refused anyway; the id only has to exist.
+                id: u8::try_from(index + 1).unwrap_or(u8::MAX),
+                v4: Vec::new(),
+                v6: Vec::new(),
+            });
+            for cidr in &region.cidrs {
+                self.region_prefix(&mut set, index, &cidr.value, at(cidr));
+            }
+            for file in &region.files {
+                let contents = read.pop_front().expect("one read per file");
+                self.region_file(&mut set, index, file, contents);
+            }
+        }
+        self.settle_claims(&mut set);
+        let capacity = self.opts.table_capacity;
+        let v4: usize = set.regions.iter().map(|r| r.v4.len()).sum();
+        let v6: usize = set.regions.iter().map(|r| r.v6.len()).sum();
+        for (family, count) in [("IPv4", v4), ("IPv6", v6)] {
+            if count > capacity as usize {
+                self.error(
+                    at(raw),
+                    Problem::RegionTableFull {
+                        family,
+                        count,
+                        capacity,
+                    },
+                );
+            }
+        }
+        set.regions
+    }
+
+    fn region_prefix(&mut self, set: &mut RegionSet, region: usize, text: &str, pos: Pos) {
+        match parse_cidr(text) {
+            Ok(net) => record_prefix(set, region, net, pos),
+            Err(p) => self.error(pos, p.into()),
+        }
+    }
+
+    /// Refuses a prefix claimed by two regions, naming both. A prefix written again, in
+    /// the same region (harmless repetition) or another (an error), is kept only where
+    /// it was first written.
+    fn settle_claims(&mut self, set: &mut RegionSet) {
+        let mut claims = std::mem::take(&mut set.claims);
+        // Millions of claims at GeoIP scale: sort on every core.
+        claims.par_sort_unstable_by_key(Claim::key);
+        let mut repeats: Vec<u32> = Vec::new();
+        for run in claims.chunk_by(|a, b| (a.hi, a.lo, a.kind) == (b.hi, b.lo, b.kind)) {
+            let first = run[0];
+            for later in &run[1..] {
+                repeats.push(later.seq);
+                if later.region == first.region {
+                    continue;
+                }
+                let bits = (u128::from(first.hi) << 64) | u128::from(first.lo);
+                let prefix = if first.kind >= 256 {
+                    format!(
+                        "{}/{}",
+                        std::net::Ipv4Addr::from(bits as u32),
+                        first.kind - 256
+                    )
+                } else {
+                    format!("{}/{}", std::net::Ipv6Addr::from(bits), first.kind)
+                };
+                let problem = Problem::DuplicatePrefix {
+                    prefix,
+                    first: set.regions[first.region as usize].name.clone(),
+                    second: set.regions[later.region as usize].name.clone(),
+                    first_at: self.describe(first.pos),
+                };
+                self.error(later.pos, problem);
+            }
+        }
+        if repeats.is_empty() {
+            return;
+        }
+        // Rare: rebuild the regions' lists in reading order without the repeats.
+        repeats.sort_unstable();
+        claims.sort_unstable_by_key(|c| c.seq);
+        for r in &mut set.regions {
+            r.v4.clear();
+            r.v6.clear();
+        }
+        for c in claims
+            .iter()
+            .filter(|c| repeats.binary_search(&c.seq).is_err())
+        {
+            let region = &mut set.regions[c.region as usize];
+            let bits = (u128::from(c.hi) << 64) | u128::from(c.lo);
+            if c.kind >= 256 {
+                let addr = std::net::Ipv4Addr::from(bits as u32);
+                region
+                    .v4
+                    .extend(Ipv4Network::new(addr, (c.kind - 256) as u8));
+            } else {
+                let addr = std::net::Ipv6Addr::from(bits);
+                region.v6.extend(Ipv6Network::new(addr, c.kind as u8));
+            }
+        }
+    }
+
+    /// Records a region file read by [`read_region_file`]: its bytes join the policy's
+    /// hash and its prefixes their region, in reading order.
+    fn region_file(
+        &mut self,
+        set: &mut RegionSet,
+        region: usize,
+        file: &Spanned<String>,
+        read: RegionFile,
+    ) {
+        let (path, bytes, lines) = match read {
+            RegionFile::Read { path, bytes, lines } => (path, bytes, lines),
+            RegionFile::Failed(problem) => return self.error(at(file), problem),
+        };
+        self.hasher.update(&bytes);
+        drop(bytes);
+        self.files.push(path);
+        let file_index = clamp(self.files.len() as u64 - 1);
+        for (line, column, parsed) in lines {
+            let pos = Pos {
+                file: file_index,
+                line,
+                column,
+            };
+            match parsed {
+                Ok(net) => record_prefix(set, region, net, pos),
+                Err(p) => self.error(pos, p.into()),
+            }
+        }
+    }
+}
