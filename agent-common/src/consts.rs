@@ -86,16 +86,3 @@ pub const TC_PASS: i32 = -1;
 
 pub const MODE_ENFORCE: u8 = 0;
 pub const MODE_AUDIT: u8 = 1;
-
-/// Which selectors a class lists; a class matches when every listed selector matches.
-pub mod selector {
-    pub const CGROUP: u32 = 1 << 0;
-    pub const MARK: u32 = 1 << 1;
-    pub const DSCP: u32 = 1 << 2;
-    pub const DST_PORT: u32 = 1 << 3;
-    pub const PROTOCOL: u32 = 1 << 4;
-    pub const SRC_CIDR: u32 = 1 << 5;
-}
-
-/// Selector kinds, rounded up to a power of two so that an index is bounded by a mask.
-pub const SELECTOR_KINDS: usize = 8;

@@ -3,7 +3,6 @@
 
 use crate::{
     COUNTER_CACHE_SLOTS, MAX_CLASSES, MAX_MARKS_PER_CLASS, MAX_PORT_RANGES_PER_CLASS, MODE_ENFORCE,
-    SELECTOR_KINDS,
 };
 
 #[repr(C)]
@@ -20,6 +19,19 @@ pub struct PortRange {
     pub first: u16,
     pub last: u16,
 }
+
+/// Which selectors a class lists; a class matches when every listed selector matches.
+pub mod selector {
+    pub const CGROUP: u32 = 1 << 0;
+    pub const MARK: u32 = 1 << 1;
+    pub const DSCP: u32 = 1 << 2;
+    pub const DST_PORT: u32 = 1 << 3;
+    pub const PROTOCOL: u32 = 1 << 4;
+    pub const SRC_CIDR: u32 = 1 << 5;
+}
+
+/// Selector kinds, rounded up to a power of two so that an index is bounded by a mask.
+pub const SELECTOR_KINDS: usize = 8;
 
 /// A compiled data class. All bitmaps are little-endian word arrays: bit `n` lives in word
 /// `n / 64`, position `n % 64`.

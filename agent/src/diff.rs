@@ -143,16 +143,7 @@ pub fn diff(old: &LoadedPolicy, new: &LoadedPolicy) -> PolicyDiff {
                 .then(|| (o.unknown.as_str().into(), c.unknown.as_str().into())),
             mode: (o.mode != c.mode).then(|| (o.mode.as_str().into(), c.mode.as_str().into())),
             position: (o.id != c.id).then_some((usize::from(o.id), usize::from(c.id))),
-            selectors_changed: o
-                .cgroups
-                .iter()
-                .map(|(p, _)| p)
-                .ne(c.cgroups.iter().map(|(p, _)| p))
-                || o.marks != c.marks
-                || o.dscp != c.dscp
-                || o.protocols != c.protocols
-                || o.port_ranges != c.port_ranges
-                || o.src_cidrs != c.src_cidrs,
+            selectors_changed: !o.selectors.same_as_written(&c.selectors),
         };
         let unchanged = change.may_now_reach.is_empty()
             && change.may_no_longer_reach.is_empty()

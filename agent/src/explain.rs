@@ -22,18 +22,51 @@ use crate::{
     policy::{CompiledPolicy, LoadedPolicy},
 };
 
-/// The traffic to explain, beyond its destination.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// The traffic to explain, beyond its destination: the packet's selectors, as
+/// `datafence explain` takes them on its command line and the control socket carries them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
 pub struct Query {
-    /// Judge as this class, skipping classification.
+    /// Judge the traffic as this data class, skipping classification.
+    #[arg(long, conflicts_with_all = ["mark", "cgroup", "dscp"])]
     pub class: Option<String>,
+    /// The packet's mark (SO_MARK / fwmark), decimal or 0x-hex.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
     pub mark: u32,
-    /// cgroup v2 path (as in the policy) of the sending process.
+    /// The sending process's cgroup v2 path (as in the policy), e.g.
+    /// /system.slice/user-api.service.
+    #[arg(long)]
     pub cgroup: Option<String>,
+    /// The packet's DSCP (0-63).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=63))]
     pub dscp: u8,
+    /// Transport protocol: tcp, udp, sctp, icmp or a number.
+    #[arg(long = "proto", default_value = "tcp", value_parser = parse_protocol)]
     pub protocol: u8,
+    /// Destination port.
+    #[arg(long = "dport", default_value_t = 443)]
     pub dst_port: u16,
+    /// Source address (for src_cidrs selectors); default unspecified.
+    #[arg(long)]
     pub src: Option<IpAddr>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A protocol name from the one table in `datafence_common::protocols`, in any case, or
+/// a number.
+fn parse_protocol(s: &str) -> Result<u8, String> {
+    match datafence_common::protocols::number(s) {
+        Some(number) => Ok(number),
+        None => s
+            .parse()
+            .map_err(|_| format!("{s:?}: expected tcp, udp, sctp, icmp, icmpv6 or 0-255")),
+    }
 }
 
 impl Query {

@@ -157,6 +157,7 @@ fn region_of(policy: &LoadedPolicy, dst: IpAddr) -> Option<&Region> {
 }
 
 fn matches(class: &Class, packet: &Packet, src: IpAddr) -> bool {
+    let class = &class.selectors;
     let has_ports = matches!(packet.protocol, 6 | 17 | 132);
     // (listed, matched) per selector; an empty list is a selector the class does not use.
     let selectors = [

@@ -271,7 +271,7 @@ impl Agent {
         let mut changed = Vec::new();
         let mut policy = self.policy.clone();
         for class in &mut policy.classes {
-            for (path, id) in &mut class.cgroups {
+            for (path, id) in &mut class.selectors.cgroups {
                 let dir = root.join(path.trim_start_matches('/'));
                 if let Ok(meta) = std::fs::metadata(&dir)
                     && meta.ino() != *id

@@ -122,26 +122,6 @@ fn print_summary(p: &LoadedPolicy) {
             reach,
             c.unknown.as_str()
         );
-        let sel = &c.selectors;
-        let mut parts = Vec::new();
-        if !sel.cgroups.is_empty() {
-            parts.push(format!("cgroups {}", sel.cgroups.join(" ")));
-        }
-        if !sel.marks.is_empty() {
-            parts.push(format!("marks {}", sel.marks.join(" ")));
-        }
-        if !sel.dscp.is_empty() {
-            parts.push(format!("dscp {:?}", sel.dscp));
-        }
-        if !sel.protocols.is_empty() {
-            parts.push(format!("protocols {:?}", sel.protocols));
-        }
-        if !sel.dst_ports.is_empty() {
-            parts.push(format!("dst_ports {}", sel.dst_ports.join(" ")));
-        }
-        if !sel.src_cidrs.is_empty() {
-            parts.push(format!("src_cidrs {}", sel.src_cidrs.join(" ")));
-        }
-        println!("      match: {}", parts.join("; "));
+        println!("      match: {}", c.selectors);
     }
 }

@@ -33,48 +33,10 @@ pub(crate) struct ExplainArgs {
     /// attached) and fail if the kernel's verdict differs from userspace's.
     #[arg(long)]
     pub(crate) datapath: bool,
-    /// Judge the traffic as this data class, skipping classification.
-    #[arg(long, conflicts_with_all = ["mark", "cgroup", "dscp"])]
-    pub(crate) class: Option<String>,
-    /// The packet's mark (SO_MARK / fwmark), decimal or 0x-hex.
-    #[arg(long, value_parser = parse_u32)]
-    pub(crate) mark: Option<u32>,
-    /// The sending process's cgroup v2 path, e.g. /system.slice/user-api.service.
-    #[arg(long)]
-    pub(crate) cgroup: Option<String>,
-    /// The packet's DSCP (0-63).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=63))]
-    pub(crate) dscp: Option<u8>,
-    /// Transport protocol: tcp, udp, sctp, icmp or a number.
-    #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
-    pub(crate) proto: u8,
-    /// Destination port.
-    #[arg(long, default_value_t = 443)]
-    pub(crate) dport: u16,
-    /// Source address (for src_cidrs selectors); default unspecified.
-    #[arg(long)]
-    pub(crate) src: Option<IpAddr>,
+    #[command(flatten)]
+    pub(crate) query: Query,
     #[command(flatten)]
     pub(crate) tables: TableArgs,
-}
-
-fn parse_u32(s: &str) -> Result<u32, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    parsed.map_err(|e| format!("{s:?}: {e}"))
-}
-
-/// A protocol name from the one table in `datafence_common::protocols`, in any case, or
-/// a number.
-fn parse_protocol(s: &str) -> Result<u8, String> {
-    match datafence_common::protocols::number(s) {
-        Some(number) => Ok(number),
-        None => s
-            .parse()
-            .map_err(|_| format!("{s:?}: expected tcp, udp, sctp, icmp, icmpv6 or 0-255")),
-    }
 }
 
 /// This process's cgroup v2 path.
@@ -127,21 +89,14 @@ pub(crate) fn print_explanations(list: &[Explanation], json: bool) -> anyhow::Re
 }
 
 pub(crate) fn explain_cmd(cli: &Cli, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let mut query = Query::new();
-    query.class.clone_from(&args.class);
-    query.mark = args.mark.unwrap_or(0);
-    query.dscp = args.dscp.unwrap_or(0);
-    query.protocol = args.proto;
-    query.dst_port = args.dport;
-    query.src = args.src;
-    query.cgroup.clone_from(&args.cgroup);
-    if args.datapath && args.class.is_some() {
+    let mut query = args.query.clone();
+    if args.datapath && query.class.is_some() {
         eprintln!("error: {}", explain::ExplainError::ClassWithDatapath);
         return Ok(usage_error());
     }
     if args.datapath {
         let own = own_cgroup();
-        match &args.cgroup {
+        match &args.query.cgroup {
             Some(wanted)
                 if own.as_deref() != Some(wanted.as_str())
                     && std::env::var_os(IN_CGROUP_ENV).is_none() =>

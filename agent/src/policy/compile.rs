@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use datafence_common::{
-    ClassMask, ClassSpec, MAX_CLASSES, Policy, PortRange, REGION_NONE, RegionId, set_bit,
-};
+use datafence_common::{ClassMask, ClassSpec, MAX_CLASSES, Policy, REGION_NONE, RegionId, set_bit};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rayon::slice::ParallelSliceMut as _;
 
@@ -74,13 +72,13 @@ impl LoadedPolicy {
         let mut cgroups: BTreeMap<u64, ClassMask> = BTreeMap::new();
         for class in classes {
             let bit = class_bit(class.id);
-            for net in &class.src_cidrs {
+            for net in &class.selectors.src_cidrs {
                 match *net {
                     IpNetwork::V4(n) => src_v4.push((n, bit)),
                     IpNetwork::V6(n) => src_v6.push((n, bit)),
                 }
             }
-            for &(_, id) in &class.cgroups {
+            for &(_, id) in &class.selectors.cgroups {
                 *cgroups.entry(id).or_default() |= bit;
             }
         }
@@ -110,26 +108,12 @@ fn class_bit(id: u8) -> ClassMask {
 
 fn class_spec(class: &Class) -> ClassSpec {
     let mut spec = ClassSpec::EMPTY;
-    spec.selectors = class.selectors();
     spec.mode = class.mode.as_u8();
     spec.unknown_denied = u8::from(class.unknown == UnknownRule::Deny);
     for &id in &class.allow {
         set_bit(&mut spec.allowed_regions, id);
     }
-    for &d in &class.dscp {
-        spec.dscp |= u64::checked_shl(1, u32::from(d)).unwrap_or(0);
-    }
-    for &p in &class.protocols {
-        set_bit(&mut spec.protocols, p);
-    }
-    for (slot, mark) in spec.marks.iter_mut().zip(&class.marks) {
-        *slot = *mark;
-        spec.n_marks += 1;
-    }
-    for (slot, &(first, last)) in spec.port_ranges.iter_mut().zip(&class.port_ranges) {
-        *slot = PortRange { first, last };
-        spec.n_port_ranges += 1;
-    }
+    class.selectors.fill_spec(&mut spec);
     spec
 }
 
@@ -213,11 +197,11 @@ impl CompiledPolicy {
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    use datafence_common::{MODE_AUDIT, MODE_ENFORCE, MarkMatch, bit_is_set, selector};
+    use datafence_common::{MODE_AUDIT, MODE_ENFORCE, MarkMatch, PortRange, bit_is_set, selector};
     use proptest::prelude::*;
 
     use super::*;
-    use crate::policy::model::{Mode, Region};
+    use crate::policy::model::{Mode, Region, Selectors};
 
     fn class(id: u8) -> Class {
         Class {
@@ -226,12 +210,7 @@ mod tests {
             mode: Mode::Enforce,
             unknown: UnknownRule::Deny,
             allow: Vec::new(),
-            cgroups: Vec::new(),
-            marks: Vec::new(),
-            dscp: Vec::new(),
-            protocols: Vec::new(),
-            port_ranges: Vec::new(),
-            src_cidrs: Vec::new(),
+            selectors: Selectors::default(),
         }
     }
 
@@ -276,15 +255,15 @@ mod tests {
         c.mode = Mode::Audit;
         c.unknown = UnknownRule::Allow;
         c.allow = vec![1, 3];
-        c.dscp = vec![0, 10, 63];
-        c.protocols = vec![6, 132];
-        c.marks = vec![MarkMatch {
+        c.selectors.dscp = vec![0, 10, 63];
+        c.selectors.protocols = vec![6, 132];
+        c.selectors.marks = vec![MarkMatch {
             value: 0x10,
             mask: 0xff,
         }];
-        c.port_ranges = vec![(443, 443), (9000, 9100)];
+        c.selectors.port_ranges = vec![(443, 443), (9000, 9100)];
         let mut d = class(1);
-        d.cgroups = vec![("/a".into(), 42)];
+        d.selectors.cgroups = vec![("/a".into(), 42)];
         let compiled = policy(Vec::new(), vec![c, d]).compile();
         let header = compiled.policy.header;
         assert_eq!((header.loaded, header.n_classes), (1, 2));
@@ -338,9 +317,9 @@ mod tests {
     #[test]
     fn cgroup_masks_combine_classes() {
         let mut a = class(0);
-        a.cgroups = vec![("/x".into(), 7), ("/y".into(), 9)];
+        a.selectors.cgroups = vec![("/x".into(), 7), ("/y".into(), 9)];
         let mut b = class(1);
-        b.cgroups = vec![("/x".into(), 7)];
+        b.selectors.cgroups = vec![("/x".into(), 7)];
         let compiled = policy(Vec::new(), vec![a, b]).compile();
         assert_eq!(compiled.cgroups, vec![(7, 0b11), (9, 0b01)]);
     }
@@ -380,11 +359,11 @@ mod tests {
     #[test]
     fn src_masks_include_every_covering_class() {
         let mut a = class(0);
-        a.src_cidrs = nets(&["10.0.0.0/8"]);
+        a.selectors.src_cidrs = nets(&["10.0.0.0/8"]);
         let mut b = class(1);
-        b.src_cidrs = nets(&["10.1.0.0/16", "2001:db8::/32"]);
+        b.selectors.src_cidrs = nets(&["10.1.0.0/16", "2001:db8::/32"]);
         let mut c = class(2);
-        c.src_cidrs = nets(&["10.1.2.0/24", "10.0.0.0/8"]);
+        c.selectors.src_cidrs = nets(&["10.1.2.0/24", "10.0.0.0/8"]);
         let compiled = policy(Vec::new(), vec![a, b, c]).compile();
         let mask_of = |s: &str| {
             let n: Ipv4Network = s.parse().unwrap();
@@ -418,7 +397,7 @@ mod tests {
     fn brute_force_src(p: &LoadedPolicy, addr: IpAddr) -> ClassMask {
         p.classes
             .iter()
-            .filter(|c| c.src_cidrs.iter().any(|n| n.contains(addr)))
+            .filter(|c| c.selectors.src_cidrs.iter().any(|n| n.contains(addr)))
             .fold(0, |acc, c| acc | 1 << c.id)
     }
 
@@ -497,7 +476,11 @@ mod tests {
             let classes = lists
                 .into_iter()
                 .enumerate()
-                .map(|(i, src)| Class { src_cidrs: src, ..class(i as u8) })
+                .map(|(i, src)| {
+                    let mut c = class(i as u8);
+                    c.selectors.src_cidrs = src;
+                    c
+                })
                 .collect();
             let p = policy(Vec::new(), classes);
             let compiled = p.compile();

@@ -102,8 +102,8 @@ pub(super) enum Problem {
     #[error("region `{name}` is not defined ({defined})")]
     UndefinedRegion { name: String, defined: String },
     #[error(
-        "`match` lists no selectors; list at least one of cgroups, marks, dscp, protocols, \
-         dst_ports, src_cidrs"
+        "`match` lists no selectors; list at least one of {}",
+        crate::policy::Selectors::keys().join(", ")
     )]
     EmptyMatch,
     #[error("`{0}` is empty; list at least one value or remove the selector")]

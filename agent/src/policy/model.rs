@@ -1,9 +1,10 @@
 //! A validated policy, and the summary `datafence check` and `status` print.
 #![forbid(unsafe_code)]
 
+use std::fmt;
 use std::path::PathBuf;
 
-use datafence_common::{MODE_AUDIT, MODE_ENFORCE, MarkMatch};
+use datafence_common::{ClassSpec, MODE_AUDIT, MODE_ENFORCE, MarkMatch, PortRange, set_bit};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::Serialize;
 
@@ -78,6 +79,17 @@ pub struct Class {
     pub unknown: UnknownRule,
     /// Ids of the regions this class may reach, in the order listed, without duplicates.
     pub allow: Vec<u8>,
+    pub selectors: Selectors,
+}
+
+/// Which traffic is a class's, resolved. An empty list is a selector the class does not
+/// use (validation refuses a listed-but-empty one).
+///
+/// Everything that shows, compares or compiles selectors goes through
+/// [`Selectors::listed`] and [`Selectors::fill_spec`]: the summary, `check`, the diff and
+/// the "lists no selectors" message follow from the fields here.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Selectors {
     /// Each cgroup as written (trailing `/` removed) and its id (the directory's inode
     /// number), which is what the datapath sees for a socket's cgroup and its ancestors.
     pub cgroups: Vec<(String, u64)>,
@@ -91,21 +103,154 @@ pub struct Class {
     pub src_cidrs: Vec<IpNetwork>,
 }
 
-impl Class {
-    /// The datapath's `selector::*` bits for the selectors this class lists.
-    pub fn selectors(&self) -> u32 {
+/// One selector as people read it: its policy key, its datapath bit and its values as
+/// written. Cgroups show their paths, not their ids, so a service restarted under a new
+/// cgroup id is the same selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: &'static str,
+    pub bit: u32,
+    pub values: Vec<Written>,
+}
+
+/// A selector value as written. Numbers stay numbers in JSON (`"dscp": [10]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Written {
+    Number(u32),
+    Text(String),
+}
+
+impl fmt::Display for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl Selectors {
+    /// Every selector, listed or not, in the order the policy reference gives them.
+    pub fn listed(&self) -> [Listed; 6] {
         use datafence_common::selector;
+        let text = |v: String| Written::Text(v);
+        let number = |v: u8| Written::Number(u32::from(v));
+        let entry = |key, bit, values| Listed { key, bit, values };
         [
-            (!self.cgroups.is_empty(), selector::CGROUP),
-            (!self.marks.is_empty(), selector::MARK),
-            (!self.dscp.is_empty(), selector::DSCP),
-            (!self.port_ranges.is_empty(), selector::DST_PORT),
-            (!self.protocols.is_empty(), selector::PROTOCOL),
-            (!self.src_cidrs.is_empty(), selector::SRC_CIDR),
+            entry(
+                "cgroups",
+                selector::CGROUP,
+                self.cgroups.iter().map(|(p, _)| text(p.clone())).collect(),
+            ),
+            entry(
+                "marks",
+                selector::MARK,
+                self.marks
+                    .iter()
+                    .map(|m| text(format!("{:#x}/{:#x}", m.value, m.mask)))
+                    .collect(),
+            ),
+            entry(
+                "dscp",
+                selector::DSCP,
+                self.dscp.iter().copied().map(number).collect(),
+            ),
+            entry(
+                "protocols",
+                selector::PROTOCOL,
+                self.protocols.iter().copied().map(number).collect(),
+            ),
+            entry(
+                "dst_ports",
+                selector::DST_PORT,
+                self.port_ranges
+                    .iter()
+                    .map(|&(first, last)| {
+                        text(if first == last {
+                            first.to_string()
+                        } else {
+                            format!("{first}-{last}")
+                        })
+                    })
+                    .collect(),
+            ),
+            entry(
+                "src_cidrs",
+                selector::SRC_CIDR,
+                self.src_cidrs.iter().map(|n| text(n.to_string())).collect(),
+            ),
         ]
-        .into_iter()
-        .filter(|(used, _)| *used)
-        .fold(0, |acc, (_, bit)| acc | bit)
+    }
+
+    /// The policy keys of every selector, for messages.
+    pub fn keys() -> Vec<&'static str> {
+        Self::default().listed().map(|l| l.key).to_vec()
+    }
+
+    /// The datapath's `selector::*` bits for the selectors this class lists.
+    pub fn bits(&self) -> u32 {
+        self.listed()
+            .iter()
+            .filter(|l| !l.values.is_empty())
+            .fold(0, |acc, l| acc | l.bit)
+    }
+
+    /// Whether two classes select the same traffic as written (cgroups by path).
+    pub fn same_as_written(&self, other: &Self) -> bool {
+        self.listed() == other.listed()
+    }
+
+    /// Writes the selectors into a compiled class. Cgroups and source CIDRs are shared
+    /// tables, which the compiler builds across classes.
+    pub fn fill_spec(&self, spec: &mut ClassSpec) {
+        spec.selectors = self.bits();
+        for &d in &self.dscp {
+            spec.dscp |= u64::checked_shl(1, u32::from(d)).unwrap_or(0);
+        }
+        for &p in &self.protocols {
+            set_bit(&mut spec.protocols, p);
+        }
+        for (slot, mark) in spec.marks.iter_mut().zip(&self.marks) {
+            *slot = *mark;
+            spec.n_marks += 1;
+        }
+        for (slot, &(first, last)) in spec.port_ranges.iter_mut().zip(&self.port_ranges) {
+            *slot = PortRange { first, last };
+            spec.n_port_ranges += 1;
+        }
+    }
+}
+
+/// `cgroups /a /b; dscp 10; dst_ports 443 9000-9100`: the listed selectors.
+impl fmt::Display for Selectors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for listed in self.listed().iter().filter(|l| !l.values.is_empty()) {
+            if !first {
+                f.write_str("; ")?;
+            }
+            first = false;
+            f.write_str(listed.key)?;
+            for value in &listed.values {
+                write!(f, " {value}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The listed selectors as an object of key to values; a contract of `--json` output.
+impl Serialize for Selectors {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let listed = self.listed();
+        let used: Vec<&Listed> = listed.iter().filter(|l| !l.values.is_empty()).collect();
+        let mut map = serializer.serialize_map(Some(used.len()))?;
+        for l in used {
+            map.serialize_entry(l.key, &l.values)?;
+        }
+        map.end()
     }
 }
 
@@ -215,28 +360,7 @@ impl LoadedPolicy {
                         .filter_map(|&id| self.region_name(u16::from(id)))
                         .map(str::to_owned)
                         .collect(),
-                    selectors: SelectorSummary {
-                        cgroups: c.cgroups.iter().map(|(p, _)| p.clone()).collect(),
-                        marks: c
-                            .marks
-                            .iter()
-                            .map(|m| format!("{:#x}/{:#x}", m.value, m.mask))
-                            .collect(),
-                        dscp: c.dscp.clone(),
-                        protocols: c.protocols.clone(),
-                        dst_ports: c
-                            .port_ranges
-                            .iter()
-                            .map(|&(first, last)| {
-                                if first == last {
-                                    first.to_string()
-                                } else {
-                                    format!("{first}-{last}")
-                                }
-                            })
-                            .collect(),
-                        src_cidrs: c.src_cidrs.iter().map(ToString::to_string).collect(),
-                    },
+                    selectors: c.selectors.clone(),
                 })
                 .collect(),
         }
@@ -279,24 +403,5 @@ pub struct ClassSummary {
     pub unknown: UnknownRule,
     /// Region names.
     pub allow: Vec<String>,
-    pub selectors: SelectorSummary,
-}
-
-/// The selectors a class lists; empty lists are unused selectors and are left out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SelectorSummary {
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub cgroups: Vec<String>,
-    /// `VALUE/MASK` in hex.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub marks: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub dscp: Vec<u8>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub protocols: Vec<u8>,
-    /// `N` or `N-M`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub dst_ports: Vec<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub src_cidrs: Vec<String>,
+    pub selectors: Selectors,
 }

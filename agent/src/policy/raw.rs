@@ -13,6 +13,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use serde_saphyr::Spanned;
 
+pub(super) use super::validate::RawMatch;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
@@ -56,33 +58,6 @@ pub(super) struct RawClass {
     pub unknown: Option<Spanned<String>>,
     #[serde(default)]
     pub mode: Option<Spanned<String>>,
-}
-
-/// A selector that is absent is `None`; one that is present but empty is `Some([])`, a
-/// mistake that validation reports.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawMatch {
-    #[serde(default)]
-    pub cgroups: Option<Spanned<Vec<Spanned<String>>>>,
-    #[serde(default)]
-    pub marks: Option<Spanned<Vec<Spanned<RawMark>>>>,
-    #[serde(default)]
-    pub dscp: Option<Spanned<Vec<Spanned<Int>>>>,
-    #[serde(default)]
-    pub protocols: Option<Spanned<Vec<Spanned<IntOrStr>>>>,
-    #[serde(default)]
-    pub dst_ports: Option<Spanned<Vec<Spanned<IntOrStr>>>>,
-    #[serde(default)]
-    pub src_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawMark {
-    pub value: Int,
-    #[serde(default)]
-    pub mask: Option<Int>,
 }
 
 /// An integer of any size, range-checked in `validate`. A visitor of its own so a value

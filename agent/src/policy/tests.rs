@@ -129,23 +129,26 @@ fn full_fixture_loads_as_documented() {
     let cg = env.dir.path().join("cgroup/system.slice/user-api.service");
     let ino = fs::metadata(cg).unwrap().ino();
     assert_eq!(
-        user.cgroups,
+        user.selectors.cgroups,
         vec![("/system.slice/user-api.service".to_owned(), ino)]
     );
     assert_eq!(
-        user.marks,
+        user.selectors.marks,
         vec![datafence_common::MarkMatch {
             value: 0x10,
             mask: 0xff
         }]
     );
-    assert_eq!(user.dscp, vec![10]);
-    assert_eq!(user.protocols, vec![6, 17]);
+    assert_eq!(user.selectors.dscp, vec![10]);
+    assert_eq!(user.selectors.protocols, vec![6, 17]);
     assert_eq!(
-        user.port_ranges,
+        user.selectors.port_ranges,
         vec![(443, 443), (5432, 5432), (9000, 9100)]
     );
-    assert_eq!(user.src_cidrs, vec!["192.0.2.0/25".parse().unwrap()]);
+    assert_eq!(
+        user.selectors.src_cidrs,
+        vec!["192.0.2.0/25".parse().unwrap()]
+    );
 
     let telemetry = &p.classes[1];
     assert_eq!(telemetry.mode, Mode::Enforce, "inherits the policy mode");
@@ -466,7 +469,7 @@ fn too_many_port_ranges_after_merging() {
         ]
     );
     let p = Env::new().load(&yaml(&ok.join(", "))).unwrap();
-    assert_eq!(p.classes[0].port_ranges, vec![(0, 169)]);
+    assert_eq!(p.classes[0].selectors.port_ranges, vec![(0, 169)]);
 }
 
 #[test]
@@ -520,7 +523,7 @@ fn mark_mask_defaults_to_all_bits() {
         ))
         .unwrap();
     assert_eq!(
-        p.classes[0].marks,
+        p.classes[0].selectors.marks,
         vec![datafence_common::MarkMatch {
             value: 0x10,
             mask: u32::MAX
@@ -571,7 +574,7 @@ fn cgroup_ids_are_directory_inodes() {
     let other = ino("system.slice/other.service");
     let slice = ino("system.slice");
     assert_eq!(
-        p.classes[0].cgroups,
+        p.classes[0].selectors.cgroups,
         vec![
             ("/system.slice/other.service".to_owned(), other),
             ("/system.slice".to_owned(), slice)

@@ -7,7 +7,9 @@
 mod regions;
 mod selectors;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+pub(super) use selectors::RawMatch;
+
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -19,12 +21,11 @@ use ipnetwork::IpNetwork;
 use serde_saphyr::{MessageFormatter, Spanned};
 use sha2::{Digest, Sha256};
 
-use self::selectors::protocol;
 use super::LoadOptions;
 use super::cidr::parse_cidr;
 use super::error::{PolicyError, PolicyErrors, Problem};
 use super::model::{Class, LoadedPolicy, Mode, Region, UnknownRule};
-use super::raw::{RawClass, RawMatch, RawPolicy};
+use super::raw::{RawClass, RawPolicy};
 
 /// A position in one of the files a policy is read from. Files are numbered so the
 /// origin of each of possibly millions of region prefixes costs a few bytes.
@@ -277,7 +278,7 @@ impl Validator<'_> {
 
         let cgroups: HashSet<u64> = classes
             .iter()
-            .flat_map(|c| c.cgroups.iter().map(|&(_, id)| id))
+            .flat_map(|c| c.selectors.cgroups.iter().map(|&(_, id)| id))
             .collect();
         let limit = MAX_CGROUP_ENTRIES / SLOTS;
         if cgroups.len() > limit as usize {
@@ -286,7 +287,7 @@ impl Validator<'_> {
         }
         let src: HashSet<IpNetwork> = classes
             .iter()
-            .flat_map(|c| c.src_cidrs.iter().copied())
+            .flat_map(|c| c.selectors.src_cidrs.iter().copied())
             .collect();
         let limit = MAX_SRC_CIDR_ENTRIES / SLOTS;
         let v4 = src.iter().filter(|n| n.is_ipv4()).count();
@@ -332,69 +333,13 @@ impl Validator<'_> {
                 self.error(at(region), Problem::UndefinedRegion { name, defined });
             }
         }
-        let m: &RawMatch = &raw.selectors.value;
-        let any_selector = m.cgroups.is_some()
-            || m.marks.is_some()
-            || m.dscp.is_some()
-            || m.protocols.is_some()
-            || m.dst_ports.is_some()
-            || m.src_cidrs.is_some();
-        if !any_selector {
-            self.error(at(&raw.selectors), Problem::EmptyMatch);
-        }
         Class {
             name: name.value.clone(),
             id: u8::try_from(index).unwrap_or(u8::MAX),
             mode,
             unknown,
             allow: allow.into_iter().collect(),
-            cgroups: self.selector("cgroups", m.cgroups.as_ref(), |v, items| {
-                let mut out = IndexMap::new();
-                for item in &items.value {
-                    if let Some((path, id)) = v.cgroup(item) {
-                        out.insert(path, id);
-                    }
-                }
-                out.into_iter().collect()
-            }),
-            marks: self.selector("marks", m.marks.as_ref(), Self::marks),
-            dscp: self.selector("dscp", m.dscp.as_ref(), |v, items| {
-                let mut out = BTreeSet::new();
-                for item in &items.value {
-                    match u8::try_from(item.value.0) {
-                        Ok(d) if d < 64 => {
-                            out.insert(d);
-                        }
-                        _ => v.error(at(item), Problem::Dscp(item.value.0)),
-                    }
-                }
-                out.into_iter().collect()
-            }),
-            protocols: self.selector("protocols", m.protocols.as_ref(), |v, items| {
-                let mut out = BTreeSet::new();
-                for item in &items.value {
-                    match protocol(&item.value) {
-                        Ok(p) => {
-                            out.insert(p);
-                        }
-                        Err(problem) => v.error(at(item), problem),
-                    }
-                }
-                out.into_iter().collect()
-            }),
-            port_ranges: self.selector("dst_ports", m.dst_ports.as_ref(), Self::ports),
-            src_cidrs: self.selector("src_cidrs", m.src_cidrs.as_ref(), |v, items| {
-                let mut out = IndexSet::new();
-                for item in &items.value {
-                    match parse_cidr(&item.value) {
-                        Ok(net) => {
-                            out.insert(net);
-                        }
-                        Err(p) => v.error(at(item), p.into()),
-                    }
-                }
-                out.into_iter().collect()
-            }),
+            selectors: self.selectors(&raw.selectors),
         }
     }
 }

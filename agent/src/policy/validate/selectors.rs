@@ -1,5 +1,6 @@
-//! Class selectors: cgroups, marks, ports and protocols as written, checked and
-//! turned into what the datapath matches.
+//! Class selectors: the `match` block as written, checked and turned into
+//! [`Selectors`]. A new selector is a field of [`RawMatch`], its check here, a field of
+//! [`Selectors`] and its match in the datapath.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -7,21 +8,122 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use std::collections::BTreeSet;
+
 use datafence_common::{MAX_MARKS_PER_CLASS, MAX_PORT_RANGES_PER_CLASS, MarkMatch};
-use indexmap::IndexSet;
+use indexmap::{IndexMap, IndexSet};
+use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{Validator, at};
 use crate::policy::{
+    cidr::parse_cidr,
     error::Problem,
-    raw::{Int, IntOrStr, RawMark},
+    model::Selectors,
+    raw::{Int, IntOrStr},
 };
 
+/// A selector that is absent is `None`; one that is present but empty is `Some([])`, a
+/// mistake that validation reports.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(in crate::policy) struct RawMatch {
+    #[serde(default)]
+    pub cgroups: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub marks: Option<Spanned<Vec<Spanned<RawMark>>>>,
+    #[serde(default)]
+    pub dscp: Option<Spanned<Vec<Spanned<Int>>>>,
+    #[serde(default)]
+    pub protocols: Option<Spanned<Vec<Spanned<IntOrStr>>>>,
+    #[serde(default)]
+    pub dst_ports: Option<Spanned<Vec<Spanned<IntOrStr>>>>,
+    #[serde(default)]
+    pub src_cidrs: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+impl RawMatch {
+    fn lists_any(&self) -> bool {
+        self.cgroups.is_some()
+            || self.marks.is_some()
+            || self.dscp.is_some()
+            || self.protocols.is_some()
+            || self.dst_ports.is_some()
+            || self.src_cidrs.is_some()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(in crate::policy) struct RawMark {
+    pub value: Int,
+    #[serde(default)]
+    pub mask: Option<Int>,
+}
+
 impl Validator<'_> {
+    /// Every selector of a class's `match` block; errors are collected, and a selector
+    /// with errors keeps its valid values so later checks still run.
+    pub(super) fn selectors(&mut self, raw: &Spanned<RawMatch>) -> Selectors {
+        let m = &raw.value;
+        if !m.lists_any() {
+            self.error(at(raw), Problem::EmptyMatch);
+        }
+        Selectors {
+            cgroups: self.selector("cgroups", m.cgroups.as_ref(), |v, items| {
+                let mut out = IndexMap::new();
+                for item in &items.value {
+                    if let Some((path, id)) = v.cgroup(item) {
+                        out.insert(path, id);
+                    }
+                }
+                out.into_iter().collect()
+            }),
+            marks: self.selector("marks", m.marks.as_ref(), Self::marks),
+            dscp: self.selector("dscp", m.dscp.as_ref(), |v, items| {
+                let mut out = BTreeSet::new();
+                for item in &items.value {
+                    match u8::try_from(item.value.0) {
+                        Ok(d) if d < 64 => {
+                            out.insert(d);
+                        }
+                        _ => v.error(at(item), Problem::Dscp(item.value.0)),
+                    }
+                }
+                out.into_iter().collect()
+            }),
+            protocols: self.selector("protocols", m.protocols.as_ref(), |v, items| {
+                let mut out = BTreeSet::new();
+                for item in &items.value {
+                    match protocol(&item.value) {
+                        Ok(p) => {
+                            out.insert(p);
+                        }
+                        Err(problem) => v.error(at(item), problem),
+                    }
+                }
+                out.into_iter().collect()
+            }),
+            port_ranges: self.selector("dst_ports", m.dst_ports.as_ref(), Self::ports),
+            src_cidrs: self.selector("src_cidrs", m.src_cidrs.as_ref(), |v, items| {
+                let mut out = IndexSet::new();
+                for item in &items.value {
+                    match parse_cidr(&item.value) {
+                        Ok(net) => {
+                            out.insert(net);
+                        }
+                        Err(p) => v.error(at(item), p.into()),
+                    }
+                }
+                out.into_iter().collect()
+            }),
+        }
+    }
+
     /// Runs `check` on a listed selector; an absent one yields an empty list, and so does
     /// an empty one, after reporting it: a selector listed with no values could never
     /// match, which is never what was meant.
-    pub(super) fn selector<T, R>(
+    fn selector<T, R>(
         &mut self,
         key: &'static str,
         raw: Option<&Spanned<Vec<T>>>,
@@ -37,7 +139,7 @@ impl Validator<'_> {
         check(self, raw)
     }
 
-    pub(super) fn cgroup(&mut self, raw: &Spanned<String>) -> Option<(String, u64)> {
+    fn cgroup(&mut self, raw: &Spanned<String>) -> Option<(String, u64)> {
         match resolve_cgroup(&self.opts.cgroup_root, &raw.value) {
             Ok(found) => Some(found),
             Err(problem) => {
@@ -47,7 +149,7 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn marks(&mut self, raw: &Spanned<Vec<Spanned<RawMark>>>) -> Vec<MarkMatch> {
+    fn marks(&mut self, raw: &Spanned<Vec<Spanned<RawMark>>>) -> Vec<MarkMatch> {
         let mut out = IndexSet::new();
         for item in &raw.value {
             let RawMark { value, mask } = item.value;
@@ -75,7 +177,7 @@ impl Validator<'_> {
             .collect()
     }
 
-    pub(super) fn ports(&mut self, raw: &Spanned<Vec<Spanned<IntOrStr>>>) -> Vec<(u16, u16)> {
+    fn ports(&mut self, raw: &Spanned<Vec<Spanned<IntOrStr>>>) -> Vec<(u16, u16)> {
         let mut ranges = Vec::new();
         for item in &raw.value {
             match port_range(&item.value) {
@@ -91,7 +193,7 @@ impl Validator<'_> {
     }
 }
 
-pub(super) fn protocol(raw: &IntOrStr) -> Result<u8, Problem> {
+fn protocol(raw: &IntOrStr) -> Result<u8, Problem> {
     match raw {
         IntOrStr::Int(n) => u8::try_from(*n).map_err(|_| Problem::ProtocolNumber(*n)),
         IntOrStr::Str(s) => {
@@ -101,7 +203,7 @@ pub(super) fn protocol(raw: &IntOrStr) -> Result<u8, Problem> {
 }
 
 /// `443`, `"443"` or `"9000-9100"`.
-pub(super) fn port_range(raw: &IntOrStr) -> Result<(u16, u16), Problem> {
+fn port_range(raw: &IntOrStr) -> Result<(u16, u16), Problem> {
     let text = match raw {
         IntOrStr::Int(n) => {
             let port = u16::try_from(*n).map_err(|_| Problem::PortOutOfRange(*n))?;
@@ -133,7 +235,7 @@ pub(super) fn port_range(raw: &IntOrStr) -> Result<(u16, u16), Problem> {
 
 /// Sorts inclusive ranges and merges those that overlap or touch, so the datapath's
 /// bounded loop sees as few as possible.
-pub(super) fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
     ranges.sort_unstable();
     let mut out: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
     for (first, last) in ranges {
@@ -150,7 +252,7 @@ pub(super) fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
 /// The cgroup's path as written (without a trailing `/`) and its id. cgroup2 ids are the
 /// inode numbers of the cgroup directories, which is what `bpf_skb_cgroup_id` and
 /// `bpf_skb_ancestor_cgroup_id` report.
-pub(super) fn resolve_cgroup(root: &Path, written: &str) -> Result<(String, u64), Problem> {
+fn resolve_cgroup(root: &Path, written: &str) -> Result<(String, u64), Problem> {
     let Some(relative) = written.strip_prefix('/') else {
         return Err(Problem::CgroupRelative(written.to_owned()));
     };
