@@ -18,6 +18,45 @@ use datafence::{
     policy::{self, LoadedPolicy},
 };
 
+/// A policy with one class, `user-data`, selected by mark 0x42 and allowed to reach
+/// `eu-west` (the sandbox's EU addresses) only; `us-east` holds the US ones. Egress on
+/// the sandbox uplink `up0`.
+pub const MARKED_CLASS_POLICY: &str = r#"
+version: 1
+interfaces:
+  egress: [up0]
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
+  us-east:
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
+data_classes:
+  user-data:
+    match:
+      marks: [{value: 0x42}]
+    allow: [eu-west]
+"#;
+
+/// `datafence detach` of the pins in `pins`, run in `ns` with `runtime` as the runtime
+/// directory, as an operator removes what a stopped agent left enforcing. Asserts that
+/// it succeeded and returns what it printed.
+pub fn detach_pins(ns: &netns::NetNs, runtime: &Path, pins: &Path) -> String {
+    let out = ns
+        .command(agent_binary())
+        .arg("--runtime-dir")
+        .arg(runtime)
+        .args(["detach", "--pin-dir"])
+        .arg(pins)
+        .output()
+        .expect("detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Every test here needs CAP_BPF and CAP_NET_ADMIN; say so plainly instead of failing on
 /// an EPERM deep inside a test.
 pub fn require_root() {

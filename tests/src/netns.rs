@@ -329,7 +329,8 @@ pub fn tcp_connects(sandbox: &Sandbox, dst: &str, port: u16) -> bool {
     ok
 }
 
-fn set_mark(fd: i32, mark: u32) {
+/// Sets `SO_MARK` on a socket, as a service marking its user data would.
+pub fn set_mark(fd: i32, mark: u32) {
     // SAFETY: setsockopt with a valid fd and a correctly sized u32 option.
     let rc = unsafe {
         libc::setsockopt(

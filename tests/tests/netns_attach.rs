@@ -7,7 +7,7 @@ use std::time::Duration;
 use integration_tests::{
     Scratch,
     agent::{RunningAgent, test_pin_dir},
-    agent_binary, datafence_clsact_filters,
+    datafence_clsact_filters, detach_pins,
     netns::{Sandbox, addr, udp_delivered_marked},
     require_root, tc_program_ids, tcx_program_ids,
 };
@@ -97,20 +97,7 @@ fn an_interface_with_a_clsact_qdisc_and_another_filter_is_shared_not_taken() {
     enforced(&sandbox, 7800);
     let runtime = agent.runtime_dir.clone();
     let (_, _files) = agent.stop_leaving_enforcement();
-    let out = sandbox
-        .host
-        .command(agent_binary())
-        .arg("--runtime-dir")
-        .arg(&runtime)
-        .args(["detach", "--pin-dir"])
-        .arg(&pins)
-        .output()
-        .expect("detach");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    detach_pins(&sandbox.host, &runtime, &pins);
     assert!(
         datafence_clsact_filters(&sandbox.host, "up0").is_empty(),
         "datafence's filter removed"

@@ -241,18 +241,7 @@ fn flood(sandbox: &Sandbox, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u6
     std::thread::spawn(move || {
         integration_tests::netns::run_in(&ns, move || {
             let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-            let mark = MARK;
-            // SAFETY: setsockopt with a valid fd and a u32 option.
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&sock),
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&raw const mark).cast(),
-                    4,
-                )
-            };
-            assert_eq!(rc, 0);
+            integration_tests::netns::set_mark(std::os::fd::AsRawFd::as_raw_fd(&sock), MARK);
             // About as fast as the host's reporter labels them (20 a millisecond); a
             // hundredth of that where everything is ten times slower (the emulated
             // guests, whose reporter labels under a thousand a second).

@@ -18,21 +18,7 @@ use integration_tests::{
 
 const METRICS: &str = "127.0.0.1:9477";
 
-const POLICY: &str = r#"
-version: 1
-interfaces:
-  egress: [up0]
-regions:
-  eu-west:
-    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
-  us-east:
-    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
-data_classes:
-  user-data:
-    match:
-      marks: [{value: 0x42}]
-    allow: [eu-west]
-"#;
+const POLICY: &str = integration_tests::MARKED_CLASS_POLICY;
 
 /// GET over plain HTTP/1.0 from inside the namespace; returns (status, body).
 fn http_get(ns: &NetNs, path: &'static str) -> (u16, String) {
@@ -173,18 +159,7 @@ fn a_flood_of_violations_yields_a_bounded_number_of_lines_that_add_up() {
     let dst: SocketAddr = format!("{}:7000", addr::US_V4).parse().expect("addr");
     sandbox.host.run(move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        let mark = 0x42u32;
-        // SAFETY: setsockopt with a valid fd and a u32 option.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&sock),
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&raw const mark).cast(),
-                4,
-            )
-        };
-        assert_eq!(rc, 0);
+        integration_tests::netns::set_mark(std::os::fd::AsRawFd::as_raw_fd(&sock), 0x42);
         for _ in 0..FLOOD {
             let _ = sock.send_to(b"flood", dst);
         }

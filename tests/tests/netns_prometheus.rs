@@ -25,21 +25,7 @@ const RULES: &str = "deploy/prometheus/datafence-rules.yaml";
 const DASHBOARD: &str = "deploy/grafana/datafence.json";
 const MARK: u32 = 0x42;
 
-const POLICY: &str = r#"
-version: 1
-interfaces:
-  egress: [up0]
-regions:
-  eu-west:
-    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
-  us-east:
-    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
-data_classes:
-  user-data:
-    match:
-      marks: [{value: 0x42}]
-    allow: [eu-west]
-"#;
+const POLICY: &str = integration_tests::MARKED_CLASS_POLICY;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -15,7 +15,7 @@ use std::{
 use integration_tests::{
     Scratch,
     agent::{RunningAgent, test_pin_dir},
-    agent_binary, datafence_clsact_filters, detach_tc_from_outside,
+    agent_binary, datafence_clsact_filters, detach_pins, detach_tc_from_outside,
     netns::{Sandbox, addr, udp_delivered_marked},
     patience, require_root, tc_program_ids, tcx_program_ids,
 };
@@ -185,18 +185,7 @@ impl Traffic {
             let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0);
             let sock = UdpSocket::bind("0.0.0.0:0").expect("bind sender");
-            let mark = MARK;
-            // SAFETY: setsockopt with a valid fd and a u32 option.
-            let rc = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&raw const mark).cast(),
-                    4,
-                )
-            };
-            assert_eq!(rc, 0);
+            integration_tests::netns::set_mark(std::os::fd::AsRawFd::as_raw_fd(&sock), MARK);
             let eu: SocketAddr = format!("{}:7300", addr::EU_V4).parse().expect("addr");
             let us: SocketAddr = format!("{}:7300", addr::US_V4).parse().expect("addr");
             while !stop2.load(Ordering::Relaxed) {
@@ -480,21 +469,8 @@ fn sigterm_leaves_enforcement_in_place_and_only_detach_removes_it(tc_attach: &st
         udp_delivered_marked(&sandbox, addr::EU_V4, 7500, 5, MARK),
         5
     );
-    let out = sandbox
-        .host
-        .command(agent_binary())
-        .arg("--runtime-dir")
-        .arg(&runtime)
-        .args(["detach", "--pin-dir"])
-        .arg(&pins)
-        .output()
-        .expect("detach");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("tc_egress-up0"));
+    let printed = detach_pins(&sandbox.host, &runtime, &pins);
+    assert!(printed.contains("tc_egress-up0"), "{printed}");
     assert!(tc_program_ids(&sandbox.host, "up0").is_empty());
     assert_eq!(
         udp_delivered_marked(&sandbox, addr::US_V4, 7500, 5, MARK),
