@@ -30,9 +30,12 @@ pub struct PacketFacts {
     pub protocol: u8,
     pub dst_port: u16,
     pub ports: PortInfo,
-    /// False when the IP header itself could not be read: DSCP, protocol and source are
-    /// then unknown, and selectors on them are assumed to match (fail closed).
+    /// False when the IP header itself could not be read: DSCP and source are then
+    /// unknown, and selectors on them are assumed to match (fail closed).
     pub ip_known: bool,
+    /// False when the transport protocol is unknown although the IP header was read (an
+    /// IPv6 non-first fragment): a protocol selector is then assumed to match.
+    pub protocol_known: bool,
 }
 
 /// A verdict and the reason it was reached.
@@ -123,8 +126,10 @@ pub fn classify(policy: &Policy, facts: &PacketFacts) -> u8 {
     }
     if facts.ip_known {
         candidates &= !ix.using(selector::DSCP) | ix.dscp[usize::from(facts.dscp & 63)];
-        candidates &= !ix.using(selector::PROTOCOL) | ix.protocol[usize::from(facts.protocol)];
         candidates &= !ix.using(selector::SRC_CIDR) | facts.src_classes;
+    }
+    if facts.ip_known && facts.protocol_known {
+        candidates &= !ix.using(selector::PROTOCOL) | ix.protocol[usize::from(facts.protocol)];
     }
     let uses_port = ix.using(selector::DST_PORT);
     match facts.ports {
@@ -210,6 +215,7 @@ mod tests {
             dst_port: 443,
             ports: PortInfo::Known,
             ip_known: true,
+            protocol_known: true,
         }
     }
 
@@ -306,6 +312,24 @@ mod tests {
         assert_eq!(classify(&p, &f), CLASS_NONE);
         f.ip_known = false;
         assert_eq!(classify(&p, &f), 0);
+    }
+
+    #[test]
+    fn an_unknown_protocol_fails_closed_and_nothing_else() {
+        let mut c = ClassSpec::EMPTY;
+        c.selectors = selector::PROTOCOL;
+        let mut d = ClassSpec::EMPTY;
+        d.selectors = selector::DSCP;
+        d.dscp = 1 << 46;
+        let p = policy(&[d, c]);
+        let mut f = facts();
+        assert_eq!(classify(&p, &f), CLASS_NONE);
+        f.protocol_known = false;
+        assert_eq!(
+            classify(&p, &f),
+            1,
+            "the protocol class matches; DSCP is still read"
+        );
     }
 
     #[test]

@@ -24,6 +24,37 @@ impl PacketBytes for [u8] {
     }
 }
 
+/// A packet's bytes up to the end of its IP packet. Bytes past the IP length (Ethernet
+/// padding, or a trailer a sender appends) are never headers to the kernel's own stack,
+/// so they are never read as headers here either.
+struct IpBounded<'a, P: ?Sized> {
+    pkt: &'a P,
+    end: usize,
+}
+
+impl<P: PacketBytes + ?Sized> PacketBytes for IpBounded<'_, P> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        match offset.checked_add(core::mem::size_of::<T>()) {
+            Some(end) if end <= self.end => self.pkt.load(offset),
+            _ => None,
+        }
+    }
+}
+
+/// Where `length` bytes from `start` end, for the length an IP header declares (IPv4's
+/// total length from its header, IPv6's payload length after its fixed header). A length
+/// of 0 is how the kernel marks a BIG TCP (GSO) packet over 64 KiB, whose length is the
+/// skb's: it counts as 64 KiB, past any header the program can see, so the frame's end
+/// bounds the reads.
+///
+/// Arithmetic rather than a branch: the verifier would walk the rest of the parser once
+/// for each side of one.
+#[inline(always)]
+fn ip_end(start: usize, length: u16) -> usize {
+    start + usize::from(length.wrapping_sub(1)) + 1
+}
+
 pub const ETH_HLEN: usize = 14;
 const ETH_TYPE_OFFSET: usize = 12;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -70,8 +101,11 @@ pub struct ParsedFrame {
     pub kind: FrameKind,
     /// [`FAMILY_V4`], [`FAMILY_V6`], or 0 when the ethertype was unreadable.
     pub family: u8,
-    /// Source, DSCP and protocol were read.
+    /// Source and DSCP were read.
     pub ip_known: bool,
+    /// The transport protocol was read. Not for an IPv6 non-first fragment: the kernel
+    /// ignores its fragment header's next-header field, so a sender can put anything there.
+    pub protocol_known: bool,
     /// The destination address was read.
     pub dst_known: bool,
     /// An IPv6 routing header with segments left: more destinations follow.
@@ -91,6 +125,7 @@ impl ParsedFrame {
         kind: FrameKind::Malformed,
         family: 0,
         ip_known: false,
+        protocol_known: false,
         dst_known: false,
         routed: false,
         protocol: 0,
@@ -190,6 +225,14 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     out.src[..4].copy_from_slice(&h[12..16]);
     out.dst[..4].copy_from_slice(&h[16..20]);
     out.dst_known = true;
+    let total = be16([h[2], h[3]]);
+    if total != 0 && usize::from(total) < ihl {
+        return false;
+    }
+    let pkt = IpBounded {
+        pkt,
+        end: ip_end(l3, total),
+    };
     // Options: the whole header must be present.
     if pkt.load::<u8>(l3 + ihl - 1).is_none() {
         return false;
@@ -197,8 +240,9 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     out.dscp = h[1] >> 2;
     out.protocol = h[9];
     out.ip_known = true;
+    out.protocol_known = true;
     let first_fragment = be16([h[6], h[7]]) & IPV4_FRAG_OFFSET_MASK == 0;
-    parse_ports(pkt, l3 + ihl, first_fragment, out)
+    parse_ports(&pkt, l3 + ihl, first_fragment, out)
 }
 
 #[inline(always)]
@@ -219,9 +263,13 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     out.dst = dst;
     out.dst_known = true;
     out.dscp = (((h[0] & 0x0f) << 4) | (h[1] >> 4)) >> 2;
+    let payload = be16([h[4], h[5]]);
+    let pkt = IpBounded {
+        pkt,
+        end: ip_end(l3 + IPV6_HLEN, payload),
+    };
     let mut next = h[6];
     let mut off = l3 + IPV6_HLEN;
-    let mut first_fragment = true;
     let mut i = 0;
     // Bounded by MAX_IPV6_EXT_HDRS: one iteration per extension header.
     while i < MAX_IPV6_EXT_HDRS {
@@ -248,7 +296,11 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
                     return false;
                 };
                 if be16([e[2], e[3]]) >> 3 != 0 {
-                    first_fragment = false;
+                    // The payload of a non-first fragment is the middle of the datagram,
+                    // not more headers, and its next-header field is not trusted.
+                    out.ip_known = true;
+                    out.ports = PortInfo::Unknown;
+                    return true;
                 }
                 next = e[0];
                 off += 8;
@@ -271,7 +323,8 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     }
     out.protocol = next;
     out.ip_known = true;
-    parse_ports(pkt, off, first_fragment, out)
+    out.protocol_known = true;
+    parse_ports(&pkt, off, true, out)
 }
 
 /// Parses a frame that starts with an Ethernet header. `offloaded_vlan_tags` is 1 when

@@ -103,6 +103,7 @@ pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> J
         dst_port: frame.dst_port,
         ports: frame.ports,
         ip_known: frame.ip_known,
+        protocol_known: frame.protocol_known,
     };
     let class = lookups.opaque(u32::from(lookups.classify(policy, &facts))) as u8;
     if class == CLASS_NONE {

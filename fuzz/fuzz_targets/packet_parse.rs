@@ -4,7 +4,8 @@
 //! Besides "no panic", checks what the datapath relies on: a frame is `Ip` only with its
 //! family, addresses and IP fields read; ports are `Known` only for TCP, UDP and SCTP; a
 //! frame is `NotIp` exactly when its (VLAN-unwrapped) ethertype is neither IP nor VLAN;
-//! and fields the parser could not read only ever make classification match more.
+//! bytes past the IP length never change what is parsed; and fields the parser could not
+//! read only ever make classification match more.
 
 #![no_main]
 
@@ -118,6 +119,13 @@ fn check_frame(data: &[u8], offloaded: usize, f: &ParsedFrame) {
     if f.ip_known {
         assert!(f.dst_known, "{f:?}");
     }
+    if f.protocol_known {
+        assert!(f.ip_known, "{f:?}");
+    } else if f.kind == FrameKind::Ip {
+        // Only an IPv6 non-first fragment is whole yet of unknown protocol, and then its
+        // ports are unknown too.
+        assert_eq!((f.family, f.ports), (FAMILY_V6, PortInfo::Unknown), "{f:?}");
+    }
     if f.dst_known {
         assert!(f.family == FAMILY_V4 || f.family == FAMILY_V6, "{f:?}");
         // The addresses are the bytes at the L3 offset the reference walk found.
@@ -175,6 +183,7 @@ fn check_decision(data: &[u8], f: &ParsedFrame) {
         dst_port: f.dst_port,
         ports: f.ports,
         ip_known: f.ip_known,
+        protocol_known: f.protocol_known,
     };
     let class = classify(p, &facts);
     assert!(
@@ -197,7 +206,17 @@ fn check_decision(data: &[u8], f: &ParsedFrame) {
             ..facts
         },
     );
-    assert!(unknown_ip <= class && unknown_ports <= class, "{facts:?}");
+    let unknown_protocol = classify(
+        p,
+        &PacketFacts {
+            protocol_known: false,
+            ..facts
+        },
+    );
+    assert!(
+        unknown_ip <= class && unknown_ports <= class && unknown_protocol <= class,
+        "{facts:?}"
+    );
     if class == CLASS_NONE {
         return;
     }
@@ -239,11 +258,42 @@ fn check_decision(data: &[u8], f: &ParsedFrame) {
     assert_eq!(d.verdict == Verdict::Audit, audit);
 }
 
+/// Where the IP packet ends by its own length field, found independently of the parser:
+/// `None` when the length is unreadable, 0 (a BIG TCP packet, bounded by the frame), or
+/// shorter than the IPv4 header it belongs to (malformed whatever follows).
+fn reference_ip_end(data: &[u8], offloaded: usize) -> Option<usize> {
+    let (ethertype, l3) = reference_ethertype(data, offloaded)?;
+    match ethertype {
+        ETH_P_IP => {
+            let total = usize::from(be16(data, l3 + 2)?);
+            let header = usize::from(*data.get(l3)? & 0x0f) * 4;
+            (total >= header.max(20)).then_some(l3 + total)
+        }
+        ETH_P_IPV6 => {
+            let payload = usize::from(be16(data, l3 + 4)?);
+            (payload > 0).then_some(l3 + 40 + payload)
+        }
+        _ => None,
+    }
+}
+
+/// Bytes past the IP length are never headers: cutting them off changes nothing.
+fn check_trailer_ignored(data: &[u8], offloaded: usize, f: &ParsedFrame) {
+    let Some(end) = reference_ip_end(data, offloaded) else {
+        return;
+    };
+    if end < data.len() {
+        assert_eq!(&parse_frame(&data[..end], offloaded), f, "trailer of {}", data.len() - end);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let untagged = parse_frame(data, 0);
     let offloaded = parse_frame(data, 1);
     check_frame(data, 0, &untagged);
     check_frame(data, 1, &offloaded);
+    check_trailer_ignored(data, 0, &untagged);
+    check_trailer_ignored(data, 1, &offloaded);
     // One offloaded tag only changes frames that carry tags of their own.
     if !matches!(be16(data, 12), Some(t) if is_vlan(t)) {
         assert_eq!(untagged, offloaded);

@@ -339,11 +339,13 @@ fn ipv6_extension_headers_are_walked() {
     let o = tc(&mut dp, &spec.build());
     assert_outcome(&o, deny(HTTPS, US_EAST, Reason::RegionDenied));
 
-    // Non-first fragment: ports unknown, judged by destination.
+    // Non-first fragment: protocol and ports unknown (its next-header field is not
+    // trusted), so the first class whose other selectors match takes it, and the
+    // destination decides.
     let mut spec = Spec::udp(SRC6, US6, 53);
     spec.ipv6_ext = vec![(44, frames::ipv6_fragment(100))];
     let o = tc(&mut dp, &spec.build());
-    assert_outcome(&o, deny(DNS, US_EAST, Reason::RegionDenied));
+    assert_outcome(&o, deny(HTTPS, US_EAST, Reason::RegionDenied));
 
     // More extension headers than the parser walks: malformed, dropped if it could be
     // user data.
@@ -351,6 +353,67 @@ fn ipv6_extension_headers_are_walked() {
     spec.ipv6_ext = vec![(60, frames::ipv6_options_body()); 9];
     let o = tc(&mut dp, &spec.build());
     assert_outcome(&o, deny(HTTPS, REGION_NONE, Reason::MalformedDenied));
+}
+
+/// Sets the length an IP header declares: IPv4's total length, IPv6's payload length.
+fn declare_ip_length(frame: &mut Frame, length: u16) {
+    let at = frame.ip_start
+        + if frame.bytes[frame.ip_start] >> 4 == 4 {
+            2
+        } else {
+            4
+        };
+    frame.bytes[at..at + 2].copy_from_slice(&length.to_be_bytes());
+}
+
+#[test]
+fn an_ipv6_non_first_fragment_is_not_read_past_its_fragment_header() {
+    let mut dp = setup();
+    // The fragment header claims ICMPv6, which no class lists and which has no ports.
+    // Linux ignores that field on a non-first fragment, and so does the parser: the
+    // protocol and ports are unknown, and the https class (tcp, 443) is assumed to match.
+    let cases = [
+        (US6, deny(HTTPS, US_EAST, Reason::RegionDenied)),
+        (EU6, allow(HTTPS, EU_WEST, Reason::RegionAllowed)),
+    ];
+    for (dst, want) in cases {
+        let mut spec = Spec::udp(SRC6, dst, 9999);
+        spec.protocol = 58;
+        spec.payload = vec![0xab; 700];
+        spec.ipv6_ext = vec![(44, frames::ipv6_fragment(100))];
+        check(&tc(&mut dp, &spec.build()), want, dst);
+    }
+}
+
+#[test]
+fn bytes_past_the_ip_length_are_never_read_as_headers() {
+    let mut dp = setup();
+    // A UDP header to an unclassified port sits past the declared IP length, where the
+    // receiver ignores it. Read as the transport header it would make the packet
+    // unclassified; unread, the ports are unknown and the class that could own the
+    // packet decides: fail closed.
+    let mut v4 = Spec::udp(SRC4, US4, 9999).build();
+    declare_ip_length(&mut v4, 20);
+    // An IPv6 first fragment that ends exactly after its fragment header.
+    let mut spec = Spec::udp(SRC6, US6, 9999);
+    spec.ipv6_ext = vec![(44, frames::ipv6_fragment(0))];
+    let mut v6 = spec.build();
+    declare_ip_length(&mut v6, 8);
+    for (name, frame) in [("ipv4", &v4), ("ipv6", &v6)] {
+        check(
+            &tc(&mut dp, frame),
+            deny(DNS, REGION_NONE, Reason::MalformedDenied),
+            name,
+        );
+    }
+    // Ethernet padding after a short packet is not part of it, and changes nothing.
+    let mut spec = Spec::udp(SRC4, US4, 53);
+    spec.payload.clear();
+    let mut padded = spec.build();
+    padded.bytes.resize(60, 0);
+    let o = tc(&mut dp, &padded);
+    assert_outcome(&o, deny(DNS, US_EAST, Reason::RegionDenied));
+    assert_eq!(o.events[0].dst_port, 53);
 }
 
 #[test]

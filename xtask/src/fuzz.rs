@@ -168,7 +168,10 @@ fn ethernet(ethertype: u16, vlans: &[u16], l3: &[u8]) -> Vec<u8> {
 
 fn ipv4(protocol: u8, options: usize, fragment_offset: u16, l4: &[u8]) -> Vec<u8> {
     let ihl = 5 + options / 4;
-    let mut h = vec![0x40 | ihl as u8, 10 << 2, 0, 0, 0, 0];
+    let total = (ihl * 4 + l4.len()) as u16;
+    let mut h = vec![0x40 | ihl as u8, 10 << 2];
+    h.extend(total.to_be_bytes());
+    h.extend([0, 0]);
     h.extend(fragment_offset.to_be_bytes());
     h.extend([64, protocol, 0, 0, 192, 0, 2, 1, 198, 51, 100, 7]);
     h.extend(vec![1; options]);
@@ -177,7 +180,10 @@ fn ipv4(protocol: u8, options: usize, fragment_offset: u16, l4: &[u8]) -> Vec<u8
 }
 
 fn ipv6(next: u8, ext: &[u8], l4: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0, 0, 0, next, 64];
+    let payload = (ext.len() + l4.len()) as u16;
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend(payload.to_be_bytes());
+    h.extend([next, 64]);
     h.extend([0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     h.extend([0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     h.extend(ext);
@@ -202,7 +208,21 @@ fn frames() -> Vec<(String, Vec<u8>)> {
     ext.extend([44, 2, 0, 1, 0, 0, 0, 0]);
     ext.extend([0; 16]);
     ext.extend([6, 0, 0, 1, 0, 0, 0, 1]);
+    // A UDP header past the declared IP length (header only), and a first IPv6 fragment
+    // that ends at its fragment header with UDP after it.
+    let mut v4_trailer = ipv4(17, 0, 0, &udp);
+    v4_trailer[2..4].copy_from_slice(&20u16.to_be_bytes());
+    let mut v6_trailer = ipv6(44, &[17, 0, 0, 1, 0, 0, 0, 1], &udp);
+    v6_trailer[4..6].copy_from_slice(&8u16.to_be_bytes());
+    // A non-first IPv6 fragment whose header claims ICMPv6.
+    let v6_later_fragment = ipv6(44, &[58, 0, 0x03, 0x20, 0, 0, 0, 1], &[0xab; 64]);
     let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("v4-trailer", ethernet(0x0800, &[], &v4_trailer)),
+        ("v6-trailer", ethernet(0x86dd, &[], &v6_trailer)),
+        (
+            "v6-later-fragment",
+            ethernet(0x86dd, &[], &v6_later_fragment),
+        ),
         ("v4-tcp", ethernet(0x0800, &[], &ipv4(6, 0, 0, &tcp))),
         (
             "v4-udp-options",
