@@ -96,9 +96,10 @@ contract! {
         MalformedDenied = 10 => "malformed_denied",
         /// The IP header could not be parsed, but no data class could match: passes.
         MalformedAllowed = 11 => "malformed_allowed",
-        /// An IPv6 routing header with segments left: the packet travels on to
-        /// destinations the header names, so it is judged as an unknown destination, and
-        /// allowed only if the class's `unknown` rule allows.
+        /// An IPv6 routing header with segments left: the destination is only the next
+        /// hop and the packet travels on to destinations the header names, so it is
+        /// allowed only if the class may reach the hop's region and its `unknown` rule
+        /// allows. Exemptions do not apply to the hop.
         RoutingHeaderAllowed = 12 => "routing_header_allowed",
         RoutingHeaderDenied = 13 => "routing_header_denied",
     }

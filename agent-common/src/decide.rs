@@ -164,28 +164,40 @@ fn apply_mode(class: &ClassSpec, denied: bool, allow: Reason, deny: Reason) -> D
 
 /// The verdict for a classified, well-formed packet whose destination is in `region`
 /// ([`REGION_NONE`] when in none). `routed` is set for IPv6 packets whose routing header
-/// still has segments left: they are judged as an unknown destination.
+/// still has segments left: the destination is only the next hop, and the segments after
+/// it are unknown destinations, so both the hop's region and the `unknown` rule must
+/// allow it.
 #[inline(always)]
 pub fn judge(class: &ClassSpec, region: RegionId, routed: bool) -> Decision {
     let unknown_denied = class.unknown_denied != 0;
+    let in_no_region = region == RegionId::from(REGION_NONE) || region > 255;
+    let hop_denied = if in_no_region {
+        unknown_denied
+    } else {
+        !bit_is_set(&class.allowed_regions, region as u8)
+    };
     if routed {
         return apply_mode(
             class,
-            unknown_denied,
+            hop_denied || unknown_denied,
             Reason::RoutingHeaderAllowed,
             Reason::RoutingHeaderDenied,
         );
     }
-    if region == RegionId::from(REGION_NONE) || region > 255 {
+    if in_no_region {
         return apply_mode(
             class,
-            unknown_denied,
+            hop_denied,
             Reason::UnknownAllowed,
             Reason::UnknownDenied,
         );
     }
-    let allowed = bit_is_set(&class.allowed_regions, region as u8);
-    apply_mode(class, !allowed, Reason::RegionAllowed, Reason::RegionDenied)
+    apply_mode(
+        class,
+        hop_denied,
+        Reason::RegionAllowed,
+        Reason::RegionDenied,
+    )
 }
 
 /// The verdict for a packet whose headers could not all be read, once it has been
@@ -368,6 +380,17 @@ mod tests {
         c.unknown_denied = 1;
         assert_eq!(judge(&c, 0, false).reason, Reason::UnknownDenied);
         assert_eq!(judge(&c, 3, true).reason, Reason::RoutingHeaderDenied);
+        c.unknown_denied = 0;
+        assert_eq!(
+            judge(&c, 3, true),
+            Decision::allow(Reason::RoutingHeaderAllowed)
+        );
+        assert_eq!(
+            judge(&c, 4, true).reason,
+            Reason::RoutingHeaderDenied,
+            "a denied next hop is denied whatever the unknown rule"
+        );
+        c.unknown_denied = 1;
         c.mode = MODE_AUDIT;
         assert_eq!(judge(&c, 4, false).verdict, Verdict::Audit);
         assert_eq!(judge(&c, 3, false).verdict, Verdict::Allow);

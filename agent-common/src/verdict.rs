@@ -65,14 +65,18 @@ impl Judgement {
 /// "The decision"): non-IP frames pass; loopback and link-local pass; with no policy
 /// loaded, everything passes; the policy's exemptions pass; the packet is classified, and
 /// unclassified traffic passes; a malformed frame a class claims is judged as malformed; a
-/// routed packet (its destination is not final) by the class's unknown rule; any other by
-/// its destination's region.
+/// routed packet (its destination is only the next hop) by that hop's region and the
+/// class's unknown rule, with no exemption for the hop; any other by its destination's
+/// region.
 #[inline(always)]
 pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judgement {
     if frame.kind == FrameKind::NotIp {
         return Judgement::allow(Reason::NotIp, 0);
     }
-    if frame.dst_known && is_builtin_exempt(frame.family, &frame.dst) {
+    // A routed packet's destination is only its next hop: an exemption for that hop is
+    // not one for the packet, which travels on.
+    let final_dst_known = frame.dst_known && !frame.routed;
+    if final_dst_known && is_builtin_exempt(frame.family, &frame.dst) {
         return Judgement::allow(Reason::ExemptBuiltin, 0);
     }
     let Some((slot, policy)) = lookups.policy() else {
@@ -82,7 +86,7 @@ pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> J
     if policy.header.loaded == 0 {
         return Judgement::allow(Reason::NoPolicy, generation);
     }
-    if frame.dst_known && lookups.exempt(slot, policy, frame) {
+    if final_dst_known && lookups.exempt(slot, policy, frame) {
         return Judgement::allow(Reason::ExemptPolicy, generation);
     }
     let in_use = policy.header.selectors_in_use;
@@ -127,10 +131,7 @@ pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> J
         j.decision = judge_malformed(spec);
         return j;
     }
-    // A routed packet's destination is not final, so its region is not looked up.
-    if !frame.routed {
-        j.region = lookups.opaque(lookups.region(slot, policy, frame));
-    }
+    j.region = lookups.opaque(lookups.region(slot, policy, frame));
     j.decision = judge(spec, j.region, frame.routed);
     j
 }

@@ -417,17 +417,55 @@ fn bytes_past_the_ip_length_are_never_read_as_headers() {
 }
 
 #[test]
-fn routing_header_with_segments_left_is_an_unknown_destination() {
+fn routing_header_with_segments_left_is_judged_by_its_next_hop_and_the_unknown_rule() {
     let mut dp = setup();
     let final_hop: Ipv6Addr = US6.parse().unwrap();
-    // https allows unknown destinations, so a routed packet passes, under its own reason.
-    let mut spec = Spec::tcp(SRC6, EU6, 443);
-    spec.ipv6_ext = vec![(43, frames::ipv6_routing(1, &[final_hop]))];
-    let o = tc(&mut dp, &spec.build());
-    assert_outcome(&o, allow(HTTPS, REGION_NONE, Reason::RoutingHeaderAllowed));
-    // The marked class denies unknown destinations.
-    let o = run(&mut dp, Hook::TcEgress, &spec.build().bytes, 0x10);
-    assert_outcome(&o, deny(MARKED, REGION_NONE, Reason::RoutingHeaderDenied));
+    let routed_to = |dst: &str| {
+        let mut spec = Spec::tcp(SRC6, dst, 443);
+        spec.ipv6_ext = vec![(43, frames::ipv6_routing(1, &[final_hop]))];
+        spec.build()
+    };
+    let cases = [
+        // https may reach eu-west and allows unknown destinations: the hop is allowed and
+        // the segments after it are unknown, so it passes under its own reason.
+        (
+            routed_to(EU6),
+            0,
+            allow(HTTPS, EU_WEST, Reason::RoutingHeaderAllowed),
+            "allowed hop, unknown: allow",
+        ),
+        // The marked class denies unknown destinations.
+        (
+            routed_to(EU6),
+            0x10,
+            deny(MARKED, EU_WEST, Reason::RoutingHeaderDenied),
+            "allowed hop, unknown: deny",
+        ),
+        // A next hop in a denied region is denied, whatever the unknown rule says.
+        (
+            routed_to(US6),
+            0,
+            deny(HTTPS, US_EAST, Reason::RoutingHeaderDenied),
+            "denied hop",
+        ),
+        // An exempt next hop (the policy's exempt list, or link-local) is not an exempt
+        // packet: the packet travels on.
+        (
+            routed_to("fd00:aaaa::1"),
+            0x10,
+            deny(MARKED, REGION_NONE, Reason::RoutingHeaderDenied),
+            "policy-exempt hop",
+        ),
+        (
+            routed_to("fe80::1"),
+            0x10,
+            deny(MARKED, REGION_NONE, Reason::RoutingHeaderDenied),
+            "link-local hop",
+        ),
+    ];
+    for (frame, mark, want, case) in cases {
+        check(&run(&mut dp, TC, &frame.bytes, mark), want, case);
+    }
     // With no segments left the destination address is final.
     let mut spec = Spec::tcp(SRC6, EU6, 443);
     spec.ipv6_ext = vec![(43, frames::ipv6_routing(0, &[final_hop]))];
