@@ -226,6 +226,20 @@ pub fn udp_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> u32
 
 /// As [`udp_delivered`], with `SO_MARK` set on the sending socket.
 pub fn udp_delivered_marked(sandbox: &Sandbox, dst: &str, port: u16, count: u32, mark: u32) -> u32 {
+    udp_delivered_sized(sandbox, dst, port, count, mark, 4)
+}
+
+/// As [`udp_delivered_marked`], with datagrams of `size` bytes: past the link's MTU
+/// (1500 on the sandbox veths) the kernel sends each as IP fragments, and the receiver
+/// counts only datagrams it could reassemble whole.
+pub fn udp_delivered_sized(
+    sandbox: &Sandbox,
+    dst: &str,
+    port: u16,
+    count: u32,
+    mark: u32,
+    size: usize,
+) -> u32 {
     udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
         sandbox.host.run(move || {
             let unspecified: SocketAddr = if dst_addr.is_ipv4() {
@@ -238,8 +252,10 @@ pub fn udp_delivered_marked(sandbox: &Sandbox, dst: &str, port: u16, count: u32,
                 set_mark(sock.as_raw_fd(), mark);
             }
             for i in 0..count {
+                let mut datagram = i.to_be_bytes().to_vec();
+                datagram.resize(size.max(4), 0x5a);
                 // A denied datagram may fail at send time: that is the point.
-                let _ = sock.send_to(&i.to_be_bytes(), dst_addr);
+                let _ = sock.send_to(&datagram, dst_addr);
             }
         });
     })

@@ -3,7 +3,7 @@
 
 use datafence::datapath::{Datapath, EventLimits, LoadOptions};
 use integration_tests::{
-    netns::{Sandbox, addr, tcp_connects, udp_delivered},
+    netns::{Sandbox, addr, tcp_connects, udp_delivered, udp_delivered_sized},
     policy_from_yaml, require_root,
 };
 
@@ -65,3 +65,61 @@ fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
     // Detached: traffic to the unapproved region flows again.
     assert_eq!(udp_delivered(&sandbox, addr::US_V4, 5353, 5), 5);
 }
+
+/// User data sent as IP fragments (a 3,000-byte datagram on a 1,500-byte MTU): the kernel
+/// fragments it before TC egress, so every fragment is judged on its own.
+#[test]
+fn fragmented_datagrams_are_judged_whole_over_v4_and_v6() {
+    require_root();
+    let sandbox = Sandbox::new("fr");
+    let compiled = policy_from_yaml(MARKED_POLICY).compile();
+    let dp = sandbox.host.run(move || {
+        let mut dp = Datapath::load(&LoadOptions {
+            table_capacity: 1024,
+            ..Default::default()
+        })
+        .expect("load");
+        dp.apply(&compiled, EventLimits::default()).expect("apply");
+        dp.attach_tc("up0").expect("attach");
+        dp
+    });
+    const SIZE: usize = 3000;
+    for (dst, mark, expected, case) in [
+        (addr::EU_V4, MARK, 10, "user data to the allowed region"),
+        (addr::US_V4, MARK, 0, "user data to a denied region"),
+        (addr::US_V4, 0, 10, "other traffic to that region"),
+        (addr::EU_V6, MARK, 10, "user data to the allowed region"),
+        (addr::US_V6, MARK, 0, "user data to a denied region"),
+        (addr::US_V6, 0, 10, "other traffic to that region"),
+    ] {
+        let got = udp_delivered_sized(&sandbox, dst, 7600, 10, mark, SIZE);
+        assert_eq!(got, expected, "{case}: {dst}, mark {mark:#x}");
+    }
+    // Each allowed user-data datagram went out as three fragments (1,480 + 1,480 + 48
+    // bytes over IPv4, 1,448 + 1,448 + 112 over IPv6), each judged and counted as the
+    // class's.
+    let allowed_user_data: u64 = dp
+        .counters()
+        .expect("counters")
+        .iter()
+        .filter(|(k, _)| k.class == 0 && k.verdict == datafence_common::Verdict::Allow as u8)
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(allowed_user_data, 2 * 10 * 3);
+}
+
+const MARK: u32 = 0x42;
+
+const MARKED_POLICY: &str = r#"
+version: 1
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
+  us-east:
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
+data_classes:
+  user-data:
+    match:
+      marks: [{value: 0x42}]
+    allow: [eu-west]
+"#;
