@@ -6,7 +6,8 @@
 //! is written here once.
 
 use crate::{
-    CLASS_NONE, ClassMask, MAX_CLASSES, Policy, REGION_NONE, Reason, RegionId,
+    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, MAX_CLASSES, Policy, REGION_NONE, Reason,
+    RegionId,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{FrameKind, ParsedFrame, is_builtin_exempt},
     selector,
@@ -59,6 +60,23 @@ impl Judgement {
             generation,
         }
     }
+}
+
+/// The NAT64 well-known prefix, `64:ff9b::/96` (RFC 6052): a translator sends a packet
+/// to one of its addresses on to the IPv4 address in the last four bytes.
+pub const NAT64_PREFIX: [u8; 12] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// The frame as its destination's judge sees it: an IPv6 frame to a NAT64 address
+/// becomes one to the embedded IPv4 address; any other frame is itself.
+#[inline(always)]
+pub fn nat64_target(frame: &ParsedFrame) -> ParsedFrame {
+    let mut target = *frame;
+    if frame.family == FAMILY_V6 && frame.dst[..12] == NAT64_PREFIX {
+        target.family = FAMILY_V4;
+        target.dst = [0; 16];
+        target.dst[..4].copy_from_slice(&frame.dst[12..]);
+    }
+    target
 }
 
 /// Judges one frame against the policy in force. The steps, in order (docs/architecture.md,
@@ -131,7 +149,10 @@ pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> J
         j.decision = judge_malformed(spec);
         return j;
     }
-    j.region = lookups.opaque(lookups.region(slot, policy, frame));
+    // The region is where the packet ends up: for a NAT64 address, the IPv4 host the
+    // translator sends it on to. (Exemptions are not translated: an IPv4 exemption does
+    // not reach through a translator, which fails closed.)
+    j.region = lookups.opaque(lookups.region(slot, policy, &nat64_target(frame)));
     j.decision = judge(spec, j.region, frame.routed);
     j
 }

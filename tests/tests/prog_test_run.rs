@@ -417,6 +417,34 @@ fn bytes_past_the_ip_length_are_never_read_as_headers() {
 }
 
 #[test]
+fn a_nat64_address_is_judged_by_the_ipv4_address_it_embeds() {
+    let mut dp = setup();
+    // 64:ff9b::/96 (RFC 6052): the translator sends these on to the IPv4 address in the
+    // last four bytes, which is where the region lies. As an IPv6 address it is in no
+    // region, and https allows unknown destinations.
+    let cases = [
+        (
+            "64:ff9b::cb00:710a",
+            deny(HTTPS, US_EAST, Reason::RegionDenied),
+            "203.0.113.10 inside",
+        ),
+        (
+            "64:ff9b::c633:640a",
+            allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            "198.51.100.10 inside",
+        ),
+        (
+            "64:ff9b:1::cb00:710a",
+            allow(HTTPS, REGION_NONE, Reason::UnknownAllowed),
+            "outside the well-known prefix",
+        ),
+    ];
+    for (dst, want, case) in cases {
+        check(&tc(&mut dp, &Spec::tcp(SRC6, dst, 443).build()), want, case);
+    }
+}
+
+#[test]
 fn routing_header_with_segments_left_is_judged_by_its_next_hop_and_the_unknown_rule() {
     let mut dp = setup();
     let final_hop: Ipv6Addr = US6.parse().unwrap();
