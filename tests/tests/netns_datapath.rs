@@ -83,7 +83,6 @@ fn fragmented_datagrams_are_judged_whole_over_v4_and_v6() {
         dp.attach_tc("up0").expect("attach");
         dp
     });
-    const SIZE: usize = 3000;
     for (dst, mark, expected, case) in [
         (addr::EU_V4, MARK, 10, "user data to the allowed region"),
         (addr::US_V4, MARK, 0, "user data to a denied region"),
@@ -109,6 +108,8 @@ fn fragmented_datagrams_are_judged_whole_over_v4_and_v6() {
 }
 
 const MARK: u32 = 0x42;
+/// Twice the sandbox veths' MTU, and then some: three fragments.
+const SIZE: usize = 3000;
 
 const MARKED_POLICY: &str = r#"
 version: 1
