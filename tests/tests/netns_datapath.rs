@@ -3,6 +3,7 @@
 
 use datafence::datapath::{Datapath, EventLimits, LoadOptions};
 use integration_tests::{
+    MARKED_CLASS_POLICY,
     netns::{Sandbox, addr, tcp_connects, udp_delivered, udp_delivered_sized},
     policy_from_yaml, require_root,
 };
@@ -22,12 +23,10 @@ data_classes:
     unknown: allow
 "#;
 
-#[test]
-fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
-    require_root();
-    let sandbox = Sandbox::new("dp");
-    let compiled = policy_from_yaml(POLICY).compile();
-    let dp = sandbox.host.run(move || {
+/// The policy applied to a datapath of its own, attached to the sandbox's uplink.
+fn attached(sandbox: &Sandbox, yaml: &str) -> Datapath {
+    let compiled = policy_from_yaml(yaml).compile();
+    sandbox.host.run(move || {
         let mut dp = Datapath::load(&LoadOptions {
             table_capacity: 1024,
             ..Default::default()
@@ -36,7 +35,14 @@ fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
         dp.apply(&compiled, EventLimits::default()).expect("apply");
         dp.attach_tc("up0").expect("attach");
         dp
-    });
+    })
+}
+
+#[test]
+fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
+    require_root();
+    let sandbox = Sandbox::new("dp");
+    let dp = attached(&sandbox, POLICY);
 
     for (dst, expected) in [
         (addr::EU_V4, 20),
@@ -72,17 +78,7 @@ fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
 fn fragmented_datagrams_are_judged_whole_over_v4_and_v6() {
     require_root();
     let sandbox = Sandbox::new("fr");
-    let compiled = policy_from_yaml(MARKED_POLICY).compile();
-    let dp = sandbox.host.run(move || {
-        let mut dp = Datapath::load(&LoadOptions {
-            table_capacity: 1024,
-            ..Default::default()
-        })
-        .expect("load");
-        dp.apply(&compiled, EventLimits::default()).expect("apply");
-        dp.attach_tc("up0").expect("attach");
-        dp
-    });
+    let dp = attached(&sandbox, MARKED_CLASS_POLICY);
     for (dst, mark, expected, case) in [
         (addr::EU_V4, MARK, 10, "user data to the allowed region"),
         (addr::US_V4, MARK, 0, "user data to a denied region"),
@@ -110,17 +106,3 @@ fn fragmented_datagrams_are_judged_whole_over_v4_and_v6() {
 const MARK: u32 = 0x42;
 /// Twice the sandbox veths' MTU, and then some: three fragments.
 const SIZE: usize = 3000;
-
-const MARKED_POLICY: &str = r#"
-version: 1
-regions:
-  eu-west:
-    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
-  us-east:
-    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
-data_classes:
-  user-data:
-    match:
-      marks: [{value: 0x42}]
-    allow: [eu-west]
-"#;
