@@ -73,10 +73,21 @@ pub const SLOTS: u32 = 2;
 pub mod stage {
     /// The judge: classification, region lookup, verdict, count and report.
     pub const JUDGE: u32 = 0;
+    /// The parser for interfaces whose frames start at the IP header (see
+    /// [`L3_LINKS`](crate::map_names::L3_LINKS)); it posts the job and jumps to the judge.
+    pub const L3_PARSE: u32 = 1;
 }
 
 /// Places in each hook's program array.
-pub const STAGE_SLOTS: u32 = 1;
+pub const STAGE_SLOTS: u32 = 2;
+
+/// First fragments whose judgement is kept for their datagram's later fragments, as in
+/// Cilium's fragment map. Linux keeps an incomplete datagram for 30 s at most
+/// (`ipfrag_time`); past this many in flight, the oldest entries go first.
+pub const MAX_TRACKED_FRAGMENTS: u32 = 8192;
+
+/// Interfaces without a link-layer header that one host can hold in `L3_LINKS`.
+pub const MAX_L3_LINKS: u32 = 4096;
 
 /// What the TC programs return for a packet they let pass: `TC_ACT_UNSPEC`, which tcx
 /// reads as `TCX_NEXT` and a clsact filter walk as "ask the next filter". Programs after

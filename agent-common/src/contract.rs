@@ -102,6 +102,13 @@ contract! {
         /// allows. Exemptions do not apply to the hop.
         RoutingHeaderAllowed = 12 => "routing_header_allowed",
         RoutingHeaderDenied = 13 => "routing_header_denied",
+        /// A later fragment of a datagram whose first fragment was not seen here (sent
+        /// before the agent started, through another interface, or pushed out of the
+        /// fragment table). Its ports and protocol are unknown, so any class that could
+        /// claim it does, and it is denied (or audited) when that class may not reach the
+        /// destination. A later fragment whose first was seen takes the first's verdict
+        /// and reason instead.
+        FragmentUnseen = 14 => "fragment_unseen",
     }
 }
 
@@ -133,7 +140,7 @@ mod contract_tests {
         check(Verdict::ALL, |v| v as u8, Verdict::from_u8, Verdict::as_str);
         check(Hook::ALL, |h| h as u8, Hook::from_u8, Hook::as_str);
         assert_eq!(Reason::from_u8(0), None, "0 is no reason");
-        assert_eq!(REASON_COUNT, 14);
+        assert_eq!(REASON_COUNT, 15);
         let names = [
             "events_lost",
             "events_suppressed",

@@ -283,6 +283,21 @@ pub struct CgroupKey {
     pub _pad: u32,
 }
 
+/// The datagram a fragment belongs to, as the kernel reassembles it: IPv4 by source,
+/// destination, identification and protocol; IPv6 by source, destination and
+/// identification (a later fragment's next-header field is not trusted, and Linux does not
+/// key by it). Key of `FRAGMENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Key of the per-CPU counter hash.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]

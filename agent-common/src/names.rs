@@ -27,6 +27,10 @@ pub mod map_names {
     pub const TC_JOB: &str = "TC_JOB";
     pub const XDP_JOB: &str = "XDP_JOB";
     pub const SCRATCH: &str = "SCRATCH";
+    /// First fragments' judgements, for the later fragments of their datagrams.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// The interfaces whose frames start at the IP header, by ifindex.
+    pub const L3_LINKS: &str = "L3_LINKS";
     /// Benchmark maps; only `cargo xtask bench` fills them.
     pub const BENCH_LPM_V4: &str = "BENCH_LPM_V4";
     pub const BENCH_LPM_V6: &str = "BENCH_LPM_V6";
@@ -74,6 +78,9 @@ pub mod program_names {
     /// The judge stages the entry programs tail-call (see `stage`).
     pub const TC_JUDGE: &str = "datafence_tc_judge";
     pub const XDP_JUDGE: &str = "datafence_xdp_judge";
+    /// The parse stages for interfaces without a link-layer header.
+    pub const TC_L3: &str = "datafence_tc_l3";
+    pub const XDP_L3: &str = "datafence_xdp_l3";
     /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
     pub const BENCH_EMPTY: &str = "bench_empty";
     pub const BENCH_LPM_V4: &str = "bench_lpm_v4";

@@ -81,6 +81,20 @@ const IPPROTO_MH: u8 = 135;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV6_MORE_FRAGMENTS: u8 = 1;
+
+/// Where a packet sits in its datagram: [`ParsedFrame::fragment`]. Numbers rather than an
+/// enum so that the parser can compute them without branches: on older kernels, each
+/// value a branch wrote would be a path of its own through the rest of the parser.
+pub mod fragment {
+    /// Not a fragment (an IPv6 atomic fragment, offset 0 with no more to come, included).
+    pub const WHOLE: u8 = 0;
+    /// Offset 0 with more to come: it carries the transport header.
+    pub const FIRST: u8 = 1;
+    /// Any later fragment: the middle or the end of the datagram, no headers.
+    pub const LATER: u8 = 2;
+}
 
 /// What the parser made of a frame.
 #[repr(u8)]
@@ -113,8 +127,12 @@ pub struct ParsedFrame {
     pub protocol: u8,
     pub dscp: u8,
     pub ports: PortInfo,
+    /// [`fragment::WHOLE`], [`fragment::FIRST`] or [`fragment::LATER`].
+    pub fragment: u8,
     pub src_port: u16,
     pub dst_port: u16,
+    /// The fragment identification (IPv4's 16 bits, IPv6's 32); 0 when not a fragment.
+    pub fragment_id: u32,
     /// IPv4 addresses sit in the first four bytes.
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -131,8 +149,10 @@ impl ParsedFrame {
         protocol: 0,
         dscp: 0,
         ports: PortInfo::Unknown,
+        fragment: fragment::WHOLE,
         src_port: 0,
         dst_port: 0,
+        fragment_id: 0,
         src: [0; 16],
         dst: [0; 16],
     };
@@ -241,8 +261,14 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     out.protocol = h[9];
     out.ip_known = true;
     out.protocol_known = true;
-    let first_fragment = be16([h[6], h[7]]) & IPV4_FRAG_OFFSET_MASK == 0;
-    parse_ports(&pkt, l3 + ihl, first_fragment, out)
+    let flags_offset = be16([h[6], h[7]]);
+    // Without branches (see `fragment`): `later` is 1 for any non-zero offset, and
+    // `more` counts only at offset 0.
+    let later = ((flags_offset & IPV4_FRAG_OFFSET_MASK) + IPV4_FRAG_OFFSET_MASK) >> 13;
+    let more = (flags_offset & IPV4_MORE_FRAGMENTS) >> 13;
+    out.fragment = ((later << 1) | (more & (later ^ 1))) as u8;
+    out.fragment_id = u32::from(be16([h[4], h[5]]));
+    parse_ports(&pkt, l3 + ihl, later == 0, out)
 }
 
 #[inline(always)]
@@ -270,6 +296,18 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     };
     let mut next = h[6];
     let mut off = l3 + IPV6_HLEN;
+    // A fragment header straight after the IPv6 header, where Linux puts it when no
+    // other extension header comes first, names a first fragment's datagram (`fragment`).
+    // Deeper in, the walk below still stops at a later fragment, but a first fragment is
+    // taken for a whole packet, so its later ones fail closed as unseen: recording it
+    // there would make each header of the walk a path of its own for older verifiers.
+    if next == IPPROTO_FRAGMENT {
+        let Some(e) = pkt.load::<[u8; 8]>(off) else {
+            return false;
+        };
+        out.fragment_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+        out.fragment = e[3] & IPV6_MORE_FRAGMENTS;
+    }
     let mut i = 0;
     // Bounded by MAX_IPV6_EXT_HDRS: one iteration per extension header.
     while i < MAX_IPV6_EXT_HDRS {
@@ -298,6 +336,8 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
                 if be16([e[2], e[3]]) >> 3 != 0 {
                     // The payload of a non-first fragment is the middle of the datagram,
                     // not more headers, and its next-header field is not trusted.
+                    out.fragment_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                    out.fragment = fragment::LATER;
                     out.ip_known = true;
                     out.ports = PortInfo::Unknown;
                     return true;
@@ -332,10 +372,35 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
 /// [`MAX_VLAN_DEPTH`].
 #[inline(always)]
 pub fn parse_frame<P: PacketBytes + ?Sized>(pkt: &P, offloaded_vlan_tags: usize) -> ParsedFrame {
-    let mut out = ParsedFrame::UNREAD;
     let Some((ethertype, l3)) = parse_ethernet(pkt, offloaded_vlan_tags) else {
-        return out;
+        return ParsedFrame::UNREAD;
     };
+    parse_network(pkt, ethertype, l3)
+}
+
+/// Parses a packet that starts at its IP header, as frames do on devices without a
+/// link-layer header: tun, WireGuard, ipip, sit, GRE, PPP. The version field says the
+/// family, as it does for whoever receives the packet at the other end; anything else is
+/// not IP.
+#[inline(always)]
+pub fn parse_ip_packet<P: PacketBytes + ?Sized>(pkt: &P) -> ParsedFrame {
+    // Two bytes, not one: LLVM turns a one-byte bounds check into `data >= data_end`,
+    // which the verifier cannot use. Every IP header is longer.
+    let Some([first, _]) = pkt.load::<[u8; 2]>(0) else {
+        return ParsedFrame::UNREAD;
+    };
+    let ethertype = match first >> 4 {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        _ => 0,
+    };
+    parse_network(pkt, ethertype, 0)
+}
+
+/// Parses the network header at `l3` and what follows it.
+#[inline(always)]
+fn parse_network<P: PacketBytes + ?Sized>(pkt: &P, ethertype: u16, l3: usize) -> ParsedFrame {
+    let mut out = ParsedFrame::UNREAD;
     let complete = match ethertype {
         ETH_P_IP => parse_ipv4(pkt, l3, &mut out),
         ETH_P_IPV6 => parse_ipv6(pkt, l3, &mut out),
@@ -364,5 +429,67 @@ pub fn is_builtin_exempt(family: u8, dst: &[u8; 16]) -> bool {
             loopback || link_local
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp_v4(dst: [u8; 4], port: u16) -> [u8; 28] {
+        let mut p = [0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[9] = IPPROTO_UDP;
+        p[16..20].copy_from_slice(&dst);
+        p[22..24].copy_from_slice(&port.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn a_packet_without_a_link_layer_header_is_read_from_its_ip_header() {
+        let f = parse_ip_packet(&udp_v4([203, 0, 113, 10], 5432)[..]);
+        assert_eq!(f.kind, FrameKind::Ip);
+        assert_eq!((f.family, f.dst_v4()), (FAMILY_V4, [203, 0, 113, 10]));
+        assert_eq!(
+            (f.protocol, f.ports, f.dst_port),
+            (IPPROTO_UDP, PortInfo::Known, 5432)
+        );
+
+        let mut v6 = [0u8; 48];
+        v6[0] = 0x60;
+        v6[4..6].copy_from_slice(&8u16.to_be_bytes());
+        v6[6] = IPPROTO_UDP;
+        v6[24] = 0x20;
+        v6[42..44].copy_from_slice(&53u16.to_be_bytes());
+        let f = parse_ip_packet(&v6[..]);
+        assert_eq!(
+            (f.kind, f.family, f.dst[0]),
+            (FrameKind::Ip, FAMILY_V6, 0x20)
+        );
+        assert_eq!((f.ports, f.dst_port), (PortInfo::Known, 53));
+    }
+
+    #[test]
+    fn an_ip_packet_read_as_ethernet_is_not_ip_and_its_own_framing_fixes_that() {
+        // What a tun device's packet looked like to the Ethernet parser: its ethertype
+        // bytes are the middle of the IPv4 header, so it passed as "not IP".
+        let packet = udp_v4([203, 0, 113, 10], 5432);
+        assert_eq!(parse_frame(&packet[..], 0).kind, FrameKind::NotIp);
+        assert_eq!(parse_ip_packet(&packet[..]).kind, FrameKind::Ip);
+    }
+
+    #[test]
+    fn other_versions_are_not_ip_and_a_cut_header_is_malformed() {
+        let mut packet = udp_v4([203, 0, 113, 10], 5432);
+        packet[0] = 0x55;
+        assert_eq!(parse_ip_packet(&packet[..]).kind, FrameKind::NotIp);
+        assert_eq!(parse_ip_packet(&[0x45u8][..]).kind, FrameKind::Malformed);
+        assert_eq!(parse_ip_packet(&packet[..0]).kind, FrameKind::Malformed);
+        // An IPv4 version with the header cut short: malformed, not passed as non-IP.
+        assert_eq!(
+            parse_ip_packet(&[0x45u8, 0, 0, 28][..]).kind,
+            FrameKind::Malformed
+        );
     }
 }

@@ -6,10 +6,10 @@
 //! is written here once.
 
 use crate::{
-    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, MAX_CLASSES, Policy, REGION_NONE, Reason,
-    RegionId,
+    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, MAX_CLASSES, Policy, REGION_NONE,
+    Reason, RegionId, Verdict,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
-    parse::{FrameKind, ParsedFrame, is_builtin_exempt},
+    parse::{FrameKind, ParsedFrame, fragment, is_builtin_exempt},
     selector,
 };
 
@@ -31,6 +31,15 @@ pub trait Lookups {
     fn classify(&self, policy: &Policy, facts: &PacketFacts) -> u8 {
         classify(policy, facts)
     }
+    /// The judgement of the first fragment of the datagram `key` names, if it was seen.
+    /// `explain` judges whole packets, so it has none.
+    #[inline(always)]
+    fn first_fragment(&self, _key: &FragmentKey) -> Option<Judgement> {
+        None
+    }
+    /// Keeps a first fragment's judgement for the later fragments of its datagram.
+    #[inline(always)]
+    fn record_first_fragment(&self, _key: &FragmentKey, _judgement: &Judgement) {}
     /// Returns the value unchanged. The kernel's version makes the verifier forget what it
     /// knows of it, so that the steps after a lookup with many exits are checked once.
     #[inline(always)]
@@ -79,15 +88,42 @@ pub fn nat64_target(frame: &ParsedFrame) -> ParsedFrame {
     target
 }
 
+/// The datagram a fragment belongs to.
+#[inline(always)]
+pub fn fragment_key(frame: &ParsedFrame) -> FragmentKey {
+    FragmentKey {
+        src: frame.src,
+        dst: frame.dst,
+        id: frame.fragment_id,
+        family: frame.family,
+        protocol: if frame.family == FAMILY_V4 {
+            frame.protocol
+        } else {
+            0
+        },
+        _pad: [0; 2],
+    }
+}
+
 /// Judges one frame against the policy in force. The steps, in order (docs/architecture.md,
 /// "The decision"): non-IP frames pass; loopback and link-local pass; with no policy
-/// loaded, everything passes; the policy's exemptions pass; the packet is classified, and
-/// unclassified traffic passes; a malformed frame a class claims is judged as malformed; a
-/// routed packet (its destination is only the next hop) by that hop's region and the
-/// class's unknown rule, with no exemption for the hop; any other by its destination's
-/// region.
+/// loaded, everything passes; the policy's exemptions pass; a later fragment takes the
+/// verdict of its datagram's first fragment; the packet is classified, and unclassified
+/// traffic passes; a malformed frame a class claims is judged as malformed; a routed
+/// packet (its destination is only the next hop) by that hop's region and the class's
+/// unknown rule, with no exemption for the hop; any other by its destination's region.
+/// A first fragment's judgement is kept for the later ones.
 #[inline(always)]
 pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judgement {
+    let j = judge_packet(frame, mark, lookups);
+    if frame.fragment == fragment::FIRST {
+        lookups.record_first_fragment(&fragment_key(frame), &j);
+    }
+    j
+}
+
+#[inline(always)]
+fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judgement {
     if frame.kind == FrameKind::NotIp {
         return Judgement::allow(Reason::NotIp, 0);
     }
@@ -106,6 +142,13 @@ pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> J
     }
     if final_dst_known && lookups.exempt(slot, policy, frame) {
         return Judgement::allow(Reason::ExemptPolicy, generation);
+    }
+    // Tested through `opaque`: the test below, after classification, would otherwise
+    // split every path in between in two for the verifier.
+    if lookups.opaque(u32::from(frame.fragment)) == u32::from(fragment::LATER)
+        && let Some(first) = lookups.first_fragment(&fragment_key(frame))
+    {
+        return first;
     }
     let in_use = policy.header.selectors_in_use;
     let facts = PacketFacts {
@@ -154,5 +197,8 @@ pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> J
     // not reach through a translator, which fails closed.)
     j.region = lookups.opaque(lookups.region(slot, policy, &nat64_target(frame)));
     j.decision = judge(spec, j.region, frame.routed);
+    if frame.fragment == fragment::LATER && j.decision.verdict != Verdict::Allow {
+        j.decision.reason = Reason::FragmentUnseen;
+    }
     j
 }

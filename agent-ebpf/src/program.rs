@@ -9,6 +9,11 @@
 //! depths, options, extension headers, truncation at each header) never multiply the paths
 //! through classification and lookup, whatever compiler built the object.
 
+#![expect(
+    clippy::redundant_closure,
+    reason = "the parsers are passed in closures, not as functions: a function item's `Fn::call` shim is not always inlined, and on Linux 6.1 the verifier then walks the parser as a subprogram per call site (313k instructions against 122k, over 1M in the bench object, 2026-12-02)"
+)]
+
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -18,17 +23,21 @@ use aya_ebpf::{
         generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
     macros::{classifier, map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{TcContext, XdpContext},
 };
 use datafence_common::{
     COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey, ClassMask, CounterKey, CounterValue,
     DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, DIR_EXTENDED, DIR8_LANES,
-    DIR24_ENTRIES, DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, Hook, LpmDataV4, LpmDataV6,
-    MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES,
-    MAX_SRC_CIDR_ENTRIES, Policy, REGION_NONE, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS,
-    STAGE_SLOTS, TC_PASS, Verdict, ViolationEvent,
-    parse::{PacketBytes, ParsedFrame, parse_frame},
+    DIR24_ENTRIES, DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook, LpmDataV4,
+    LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS,
+    MAX_EXEMPT_ENTRIES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES, MAX_TRACKED_FRAGMENTS, Policy,
+    REGION_NONE, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
+    ViolationEvent,
+    parse::{PacketBytes, ParsedFrame, parse_frame, parse_ip_packet},
     stage, stat,
     v6::{V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode, v6_search, v6_table_get},
     verdict::{Judgement, Lookups, judge_frame},
@@ -58,8 +67,8 @@ static SRC_V4: LpmTrie<LpmDataV4, ClassMask> = LpmTrie::with_max_entries(MAX_SRC
 #[map]
 static SRC_V6: LpmTrie<LpmDataV6, ClassMask> = LpmTrie::with_max_entries(MAX_SRC_CIDR_ENTRIES, 0);
 #[map]
-static CGROUP_CLASSES: aya_ebpf::maps::HashMap<CgroupKey, ClassMask> =
-    aya_ebpf::maps::HashMap::with_max_entries(MAX_CGROUP_ENTRIES, 0);
+static CGROUP_CLASSES: HashMap<CgroupKey, ClassMask> =
+    HashMap::with_max_entries(MAX_CGROUP_ENTRIES, 0);
 #[map]
 static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
     PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, 0);
@@ -132,12 +141,32 @@ struct Job {
 static TC_JOB: PerCpuArray<Job> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static XDP_JOB: PerCpuArray<Job> = PerCpuArray::with_max_entries(1, 0);
-/// The judge stage of each hook, at index [`stage::JUDGE`]; the agent fills them before
+/// The stages of each hook: the judge at [`stage::JUDGE`] and the parser for interfaces
+/// without a link-layer header at [`stage::L3_PARSE`]. The agent fills them before
 /// attaching anything, and pins them so that they outlive it.
 #[map]
 static TC_STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_SLOTS, 0);
 #[map]
 static XDP_STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_SLOTS, 0);
+
+/// The judgement of each recently seen first fragment, for the later fragments of its
+/// datagram (Linux's reassembly and Cilium's fragment tracking key alike). Pinned with
+/// the stages: the value is this build's `Judgement`.
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, Judgement> =
+    LruHashMap::with_max_entries(MAX_TRACKED_FRAGMENTS, 0);
+
+/// The interfaces whose frames start at the IP header (tun, WireGuard, ipip, sit, GRE,
+/// PPP), by ifindex. The agent writes an interface's entry before it attaches there, from
+/// the link type the kernel reports; every other interface's frames start with Ethernet.
+#[map]
+static L3_LINKS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_L3_LINKS, 0);
+
+#[inline(always)]
+fn is_l3_link(ifindex: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { L3_LINKS.get(ifindex) }.is_some()
+}
 
 /// Writes the job for this CPU; false only if the per-CPU slot is missing, which index 0
 /// of a per-CPU array never is.
@@ -354,6 +383,20 @@ impl<C: Fn(u32) -> ClassMask> Lookups for KernelLookups<C> {
     }
 
     #[inline(always)]
+    fn first_fragment(&self, key: &FragmentKey) -> Option<Judgement> {
+        // SAFETY: the value is copied out at once; a concurrent update of the same entry
+        // can at worst give a judgement of another datagram's first fragment.
+        unsafe { FRAGMENTS.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn record_first_fragment(&self, key: &FragmentKey, judgement: &Judgement) {
+        // A full table evicts its oldest entry; the later fragments of that datagram are
+        // then judged as unseen, which fails closed.
+        let _ = FRAGMENTS.insert(key, judgement, 0);
+    }
+
+    #[inline(always)]
     fn opaque(&self, value: u32) -> u32 {
         forget(value)
     }
@@ -531,9 +574,17 @@ fn make_headers_linear(ctx: &TcContext) {
 /// program is attached (it fills the array before attaching, and the array is pinned): the
 /// packet passes, counted as `stage_missing`, which the agent reports as unhealthy. Failing
 /// closed here would drop every packet of the host, management traffic included.
+///
+/// Frames on an interface without a link-layer header go to their own parse stage first:
+/// a stage of its own keeps the verifier's work on this one as it was.
 #[classifier]
 pub fn datafence_tc_egress(ctx: TcContext) -> i32 {
-    if post_tc_job(&ctx) {
+    // SAFETY: a read of an __sk_buff field the verifier allows for TC programs.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if is_l3_link(ifindex) {
+        // SAFETY: as below.
+        unsafe { TC_STAGES.tail_call(&ctx, stage::L3_PARSE) };
+    } else if post_tc_job(&ctx, |bytes, vlan_tags| parse_frame(bytes, vlan_tags)) {
         // SAFETY: the context is the program's own; the index is a constant below the
         // array's size.
         unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
@@ -542,8 +593,20 @@ pub fn datafence_tc_egress(ctx: TcContext) -> i32 {
     TC_PASS
 }
 
+/// TC parse stage for interfaces without a link-layer header: the frame starts at the IP
+/// header.
+#[classifier]
+pub fn datafence_tc_l3(ctx: TcContext) -> i32 {
+    if post_tc_job(&ctx, |bytes, _| parse_ip_packet(bytes)) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
+    }
+    bump_stat(stat::STAGE_MISSING);
+    TC_PASS
+}
+
 #[inline(always)]
-fn post_tc_job(ctx: &TcContext) -> bool {
+fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFrame) -> bool {
     let skb = ctx.skb.skb;
     // SAFETY: reads of __sk_buff fields the verifier allows for TC programs.
     let (mark, ifindex, vlan_present) =
@@ -557,7 +620,7 @@ fn post_tc_job(ctx: &TcContext) -> bool {
         clippy::bool_to_int_with_if,
         reason = "`usize::from` makes LLVM emit different code for this program (30% fewer instructions in datafence_tc_egress, 2026-12-01); that wants `cargo xtask verifier`, not a lint fix"
     )]
-    let frame = parse_frame(&bytes, if vlan_present != 0 { 1 } else { 0 });
+    let frame = parse(&bytes, if vlan_present != 0 { 1 } else { 0 });
     post_job(
         &TC_JOB,
         Job {
@@ -606,7 +669,23 @@ fn tc_judge(ctx: &TcContext) -> bool {
 /// XDP entry, as for TC: parse, post, jump; without a judge stage the frame passes.
 #[xdp]
 pub fn datafence_xdp(ctx: XdpContext) -> u32 {
-    if post_xdp_job(&ctx) {
+    // SAFETY: a read of an xdp_md field.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    if is_l3_link(ifindex) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { XDP_STAGES.tail_call(&ctx, stage::L3_PARSE) };
+    } else if post_xdp_job(&ctx, |bytes| parse_frame(bytes, 0)) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
+    }
+    bump_stat(stat::STAGE_MISSING);
+    xdp_action::XDP_PASS
+}
+
+/// XDP parse stage for interfaces without a link-layer header, as for TC.
+#[xdp]
+pub fn datafence_xdp_l3(ctx: XdpContext) -> u32 {
+    if post_xdp_job(&ctx, |bytes| parse_ip_packet(bytes)) {
         // SAFETY: as in `datafence_tc_egress`.
         unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
     }
@@ -615,12 +694,12 @@ pub fn datafence_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn post_xdp_job(ctx: &XdpContext) -> bool {
+fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -> bool {
     let bytes = DirectBytes {
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
-    let frame = parse_frame(&bytes, 0);
+    let frame = parse(&bytes);
     post_job(
         &XDP_JOB,
         Job {

@@ -119,6 +119,19 @@ pub fn interfaces() -> io::Result<Vec<(u32, String)>> {
         .collect())
 }
 
+/// The link type (`ARPHRD_*`) of the interface with index `ifindex` in this network
+/// namespace; None when there is no such interface. Asked of the kernel rather than read
+/// from /sys, which shows the namespace it was mounted in.
+pub fn link_type(ifindex: u32) -> io::Result<Option<u16>> {
+    let links = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+    Ok(links.into_iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewLink(link) if link.header.index == ifindex => {
+            Some(u16::from(link.header.link_layer_type))
+        }
+        _ => None,
+    }))
+}
+
 /// The BPF filters on an interface's clsact egress hook; none when it has no clsact
 /// qdisc.
 pub fn egress_filters(ifindex: u32, interface: &str) -> io::Result<Vec<EgressFilter>> {

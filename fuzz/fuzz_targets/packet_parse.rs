@@ -4,8 +4,10 @@
 //! Besides "no panic", checks what the datapath relies on: a frame is `Ip` only with its
 //! family, addresses and IP fields read; ports are `Known` only for TCP, UDP and SCTP; a
 //! frame is `NotIp` exactly when its (VLAN-unwrapped) ethertype is neither IP nor VLAN;
-//! bytes past the IP length never change what is parsed; and fields the parser could not
-//! read only ever make classification match more.
+//! bytes past the IP length never change what is parsed; the same bytes read as a packet
+//! without a link-layer header (tun, WireGuard, ipip) parse exactly as they do behind an
+//! Ethernet header of the family their version field names; and fields the parser could
+//! not read only ever make classification match more.
 
 #![no_main]
 
@@ -17,7 +19,7 @@ use datafence::policy::{CompiledPolicy, LoadOptions, parse_policy_str};
 use datafence_common::decide::{PacketFacts, PortInfo, judge_malformed};
 use datafence_common::parse::{
     ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FrameKind, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_VLAN_DEPTH, ParsedFrame, parse_frame,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_VLAN_DEPTH, ParsedFrame, parse_frame, parse_ip_packet,
 };
 use datafence_common::{
     CLASS_NONE, FAMILY_V4, FAMILY_V6, MODE_AUDIT, REGION_NONE, Reason, RegionId, Verdict, classify,
@@ -287,7 +289,32 @@ fn check_trailer_ignored(data: &[u8], offloaded: usize, f: &ParsedFrame) {
     }
 }
 
+/// A packet without a link-layer header parses as it would behind an Ethernet header whose
+/// ethertype is the family its version field names; any other version is not IP.
+fn check_ip_packet(data: &[u8]) -> ParsedFrame {
+    let f = parse_ip_packet(data);
+    let ethertype = match data.first().map(|b| b >> 4) {
+        _ if data.len() < 2 => {
+            assert_eq!(f.kind, FrameKind::Malformed, "{f:?}");
+            return f;
+        }
+        Some(4) => ETH_P_IP,
+        Some(6) => ETH_P_IPV6,
+        _ => {
+            assert_eq!(f.kind, FrameKind::NotIp, "{f:?}");
+            return f;
+        }
+    };
+    let mut framed = vec![0u8; ETH_HLEN];
+    framed[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    framed.extend_from_slice(data);
+    assert_eq!(parse_frame(framed.as_slice(), 0), f, "as Ethernet {ethertype:#06x}");
+    f
+}
+
 fuzz_target!(|data: &[u8]| {
+    let l3 = check_ip_packet(data);
+    check_decision(data, &l3);
     let untagged = parse_frame(data, 0);
     let offloaded = parse_frame(data, 1);
     check_frame(data, 0, &untagged);

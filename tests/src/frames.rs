@@ -36,6 +36,10 @@ pub struct Spec {
     pub ipv4_options: Vec<u8>,
     /// IPv4 fragment offset in 8-byte units (non-zero means a non-first fragment).
     pub fragment_offset: u16,
+    /// IPv4's more-fragments flag: with offset 0, a first fragment.
+    pub more_fragments: bool,
+    /// IPv4's identification, which names the datagram a fragment belongs to.
+    pub ipv4_id: u16,
     /// IPv6 extension headers, in order: (next-header number, body after the 2 common
     /// bytes). Routing and fragment headers are built with [`ipv6_routing`] and
     /// [`ipv6_fragment`].
@@ -56,6 +60,8 @@ impl Spec {
             dscp: 0,
             ipv4_options: Vec::new(),
             fragment_offset: 0,
+            more_fragments: false,
+            ipv4_id: 0x1234,
             ipv6_ext: Vec::new(),
             payload: vec![0xab; 32],
         }
@@ -142,8 +148,9 @@ impl Spec {
         b.push(0x40 | ihl as u8);
         b.push(self.dscp << 2);
         b.extend_from_slice(&total.to_be_bytes());
-        b.extend_from_slice(&[0x12, 0x34]);
-        b.extend_from_slice(&(self.fragment_offset & 0x1fff).to_be_bytes());
+        b.extend_from_slice(&self.ipv4_id.to_be_bytes());
+        let more = if self.more_fragments { 0x2000 } else { 0 };
+        b.extend_from_slice(&((self.fragment_offset & 0x1fff) | more).to_be_bytes());
         b.push(64);
         b.push(self.protocol);
         b.extend_from_slice(&[0, 0]);
@@ -208,10 +215,18 @@ pub fn ipv6_routing(segments_left: u8, segments: &[Ipv6Addr]) -> Vec<u8> {
     body
 }
 
-/// Body of an IPv6 fragment header with `offset` in 8-byte units.
+/// Body of an IPv6 fragment header with `offset` in 8-byte units, no more fragments to
+/// come, and identification 0.
 pub fn ipv6_fragment(offset: u16) -> Vec<u8> {
+    ipv6_fragment_of(offset, false, 0)
+}
+
+/// Body of an IPv6 fragment header: `offset` in 8-byte units, the more-fragments flag and
+/// the identification that names the datagram.
+pub fn ipv6_fragment_of(offset: u16, more: bool, id: u32) -> Vec<u8> {
     let mut body = vec![0u8; 6];
-    body[0..2].copy_from_slice(&(offset << 3).to_be_bytes());
+    body[0..2].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    body[2..6].copy_from_slice(&id.to_be_bytes());
     body
 }
 

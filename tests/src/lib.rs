@@ -8,6 +8,7 @@ pub mod http;
 pub mod netns;
 pub mod prometheus;
 pub mod reference;
+pub mod tun;
 
 pub use datafence_test_support::Scratch;
 

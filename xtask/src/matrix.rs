@@ -477,9 +477,11 @@ fn guest_script(
          # virtme-ng mounts cgroup2 and a writable /tmp and /run, but not bpffs.\n\
          mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n\
          # Modules in the cloud kernels; loaded up front so a missing one shows here.\n\
-         for module in veth sch_ingress cls_bpf; do\n\
+         for module in veth sch_ingress cls_bpf tun; do\n\
          \x20   modprobe \"$module\" || echo \"datafence-matrix: note: modprobe $module failed\"\n\
-         done\n",
+         done\n\
+         # virtme-ng's /dev has no tun node; the tun device tests open it.\n\
+         [ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }\n",
     );
     let _ = writeln!(script, "export DATAFENCE_TEST_SLOWDOWN={GUEST_SLOWDOWN}");
     for (variable, value, why) in GUEST_ENV {

@@ -64,6 +64,7 @@ impl Datapath {
     /// filter outside datafence's place), once the new one enforces.
     pub fn attach_tc(&mut self, interface: &str) -> Result<Attached> {
         ensure_interface(interface)?;
+        self.record_framing(interface)?;
         let how = match self.tc_kind {
             TcKind::Tcx => self.attach_tcx(interface)?,
             TcKind::Clsact => self.attach_clsact(interface)?,
@@ -299,6 +300,7 @@ impl Datapath {
     /// [`Self::attach_tc`].
     pub fn attach_xdp(&mut self, interface: &str) -> Result<Attached> {
         ensure_interface(interface)?;
+        self.record_framing(interface)?;
         let pin = self.pins.as_ref().map(|p| p.link(Hook::Xdp, interface));
         let prog = self.xdp_entry_mut()?;
         if let Some(path) = &pin

@@ -47,6 +47,8 @@ pub enum DatapathError {
         #[source]
         source: TcError,
     },
+    #[error("interface {interface}: {detail}")]
+    LinkType { interface: String, detail: String },
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
     #[error("map {map}: mapping it into memory: {source}")]

@@ -24,22 +24,36 @@ use super::{
     sys,
 };
 
-/// The judge stage of each hook's program array.
-const STAGES: [(&str, &str); 2] = [
-    (map_names::TC_STAGES, program_names::TC_JUDGE),
-    (map_names::XDP_STAGES, program_names::XDP_JUDGE),
+/// The stages of each hook's program array: (array, index, program).
+const STAGES: [(&str, u32, &str); 4] = [
+    (map_names::TC_STAGES, stage::JUDGE, program_names::TC_JUDGE),
+    (map_names::TC_STAGES, stage::L3_PARSE, program_names::TC_L3),
+    (
+        map_names::XDP_STAGES,
+        stage::JUDGE,
+        program_names::XDP_JUDGE,
+    ),
+    (
+        map_names::XDP_STAGES,
+        stage::L3_PARSE,
+        program_names::XDP_L3,
+    ),
 ];
 
-/// Loads the judge stages and puts each in its hook's array, before any entry program
-/// can be attached: an entry program whose stage is missing passes packets unjudged.
+/// Loads the stages and puts each in its hook's array, before any entry program can be
+/// attached: an entry program whose stage is missing passes packets unjudged.
 fn load_stages(ebpf: &mut Ebpf) -> Result<()> {
-    program_mut::<SchedClassifier>(ebpf, program_names::TC_JUDGE)?
-        .load()
-        .map_err(program_err(program_names::TC_JUDGE))?;
-    program_mut::<Xdp>(ebpf, program_names::XDP_JUDGE)?
-        .load()
-        .map_err(program_err(program_names::XDP_JUDGE))?;
-    for (array, program) in STAGES {
+    for program in [program_names::TC_JUDGE, program_names::TC_L3] {
+        program_mut::<SchedClassifier>(ebpf, program)?
+            .load()
+            .map_err(program_err(program))?;
+    }
+    for program in [program_names::XDP_JUDGE, program_names::XDP_L3] {
+        program_mut::<Xdp>(ebpf, program)?
+            .load()
+            .map_err(program_err(program))?;
+    }
+    for (array, index, program) in STAGES {
         let fd = ebpf
             .program(program)
             .ok_or(DatapathError::MissingProgram(program))?
@@ -50,7 +64,7 @@ fn load_stages(ebpf: &mut Ebpf) -> Result<()> {
                 program,
                 source: ProgramError::IOError(source),
             })?;
-        set_stage(ebpf, array, stage::JUDGE, &fd)?;
+        set_stage(ebpf, array, index, &fd)?;
     }
     Ok(())
 }

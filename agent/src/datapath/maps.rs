@@ -19,6 +19,9 @@ pub enum Kind {
     /// A hash keyed by slot (`CgroupKey`).
     SlotHash,
     PerCpuHash,
+    /// A hash keyed by something other than the slot (`L3_LINKS` by ifindex,
+    /// `FRAGMENTS` by datagram).
+    Hash,
     /// An LPM trie whose keys start with the slot (`LpmDataV4`).
     LpmV4,
     /// An LPM trie whose keys start with the slot (`LpmDataV6`).
@@ -108,7 +111,9 @@ const fn share(total: u32) -> PerSlot {
 /// Every map in the object (the bench's maps only in the bench's object, built with the
 /// `bench` feature). Usage is reported in this order.
 pub const MAPS: &[MapSpec] = &{
-    use Kind::{Array, LpmV4, LpmV6, PerCpuArray, PerCpuHash, ProgramArray, RingBuf, SlotHash};
+    use Kind::{
+        Array, Hash, LpmV4, LpmV6, PerCpuArray, PerCpuHash, ProgramArray, RingBuf, SlotHash,
+    };
     use Pin::{Maps, No, Stages};
     use Slots::{Ranged, RangedUsage, Shared};
     [
@@ -159,10 +164,12 @@ pub const MAPS: &[MapSpec] = &{
         spec(n::STATS, PerCpuArray, Maps, Shared),
         spec(n::EVENTS, RingBuf, Maps, Shared),
         spec(n::RATE_LIMIT, PerCpuArray, Maps, Shared),
+        spec(n::L3_LINKS, Hash, Maps, Shared),
         spec(n::TC_STAGES, ProgramArray, Stages, Shared),
         spec(n::XDP_STAGES, ProgramArray, Stages, Shared),
         spec(n::TC_JOB, PerCpuArray, Stages, Shared),
         spec(n::XDP_JOB, PerCpuArray, Stages, Shared),
+        spec(n::FRAGMENTS, Hash, Stages, Shared),
         spec(n::SCRATCH, PerCpuArray, No, Shared),
         #[cfg(feature = "bench")]
         spec(n::BENCH_LPM_V4, LpmV4, No, Shared),

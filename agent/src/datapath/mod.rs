@@ -9,6 +9,7 @@
 //! - [`reuse`]: a restart adopts the programs an earlier agent of the same build left;
 //! - [`slots`]: the two-slot switch: writing, checking and clearing a slot;
 //! - [`attach`]: TC (tcx or clsact) and XDP attachment, adopted or new;
+//! - [`framing`]: whether an interface's frames start with Ethernet or at the IP header;
 //! - [`readout`]: counters, statistics, events, memory and `BPF_PROG_TEST_RUN`;
 //! - [`bench`]: the benchmark programs `cargo xtask bench` loads (the `bench` feature);
 //! - [`sys`]: the raw system calls aya does not offer (all of this module's `unsafe`).
@@ -17,6 +18,7 @@ mod attach;
 #[cfg(feature = "bench")]
 mod bench;
 mod error;
+mod framing;
 mod load;
 pub mod maps;
 mod pins;
@@ -38,6 +40,7 @@ pub use attach::TcKind;
 #[cfg(feature = "bench")]
 pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
+pub use framing::Framing;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
 pub(crate) use sys::tcx_egress_program_ids;

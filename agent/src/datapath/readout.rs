@@ -167,8 +167,10 @@ impl Datapath {
         let bench: [&'static str; 0] = [];
         [
             program_names::TC_EGRESS,
+            program_names::TC_L3,
             program_names::TC_JUDGE,
             program_names::XDP_GATEWAY,
+            program_names::XDP_L3,
             program_names::XDP_JUDGE,
         ]
         .into_iter()

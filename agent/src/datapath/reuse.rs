@@ -23,11 +23,13 @@ use super::{
 };
 
 /// The programs pinned beside a build's stage arrays, under their own names.
-const PINNED: [&str; 4] = [
+const PINNED: [&str; 6] = [
     program_names::TC_EGRESS,
     program_names::TC_JUDGE,
+    program_names::TC_L3,
     program_names::XDP_GATEWAY,
     program_names::XDP_JUDGE,
+    program_names::XDP_L3,
 ];
 
 /// One build's programs, as an earlier agent loaded and pinned them.
@@ -36,36 +38,36 @@ pub(super) struct Reused {
     /// of another program (a chain holds a program once, so the move needs a second).
     pub(super) tc: Option<SchedClassifier>,
     pub(super) tc_judge: SchedClassifier,
+    pub(super) tc_l3: SchedClassifier,
     pub(super) xdp: Xdp,
     pub(super) xdp_judge: Xdp,
+    pub(super) xdp_l3: Xdp,
 }
 
 impl Reused {
-    /// This build's pinned programs, if all four are there and use exactly the maps
+    /// This build's pinned programs, if all six are there and use exactly the maps
     /// pinned for this agent now. A program bound to maps that have since been removed
     /// (a partial `detach`, a hand-deleted directory) would judge by a policy nobody
     /// writes any more: such programs are not adopted, and the object is loaded anew.
     pub(super) fn open(layout: &PinLayout, digest: &str) -> Option<Self> {
         let stages = layout.stages_dir(digest);
+        let tc = |name| SchedClassifier::from_pin(stages.join(name)).ok();
+        let xdp = |name| Xdp::from_pin(stages.join(name), XdpAttachType::Interface).ok();
         let reused = Self {
-            tc: Some(SchedClassifier::from_pin(stages.join(program_names::TC_EGRESS)).ok()?),
-            tc_judge: SchedClassifier::from_pin(stages.join(program_names::TC_JUDGE)).ok()?,
-            xdp: Xdp::from_pin(
-                stages.join(program_names::XDP_GATEWAY),
-                XdpAttachType::Interface,
-            )
-            .ok()?,
-            xdp_judge: Xdp::from_pin(
-                stages.join(program_names::XDP_JUDGE),
-                XdpAttachType::Interface,
-            )
-            .ok()?,
+            tc: Some(tc(program_names::TC_EGRESS)?),
+            tc_judge: tc(program_names::TC_JUDGE)?,
+            tc_l3: tc(program_names::TC_L3)?,
+            xdp: xdp(program_names::XDP_GATEWAY)?,
+            xdp_judge: xdp(program_names::XDP_JUDGE)?,
+            xdp_l3: xdp(program_names::XDP_L3)?,
         };
         let infos = [
             reused.tc.as_ref()?.info(),
             reused.tc_judge.info(),
+            reused.tc_l3.info(),
             reused.xdp.info(),
             reused.xdp_judge.info(),
+            reused.xdp_l3.info(),
         ];
         let bound = infos
             .into_iter()
@@ -78,8 +80,10 @@ impl Reused {
         match name {
             program_names::TC_EGRESS => self.tc.as_ref()?.info().ok(),
             program_names::TC_JUDGE => self.tc_judge.info().ok(),
+            program_names::TC_L3 => self.tc_l3.info().ok(),
             program_names::XDP_GATEWAY => self.xdp.info().ok(),
             program_names::XDP_JUDGE => self.xdp_judge.info().ok(),
+            program_names::XDP_L3 => self.xdp_l3.info().ok(),
             _ => None,
         }
     }
@@ -133,19 +137,38 @@ pub(super) fn pin_programs(ebpf: &mut aya::Ebpf, layout: &PinLayout, digest: &st
     Ok(())
 }
 
-/// Puts adopted judges in their stage arrays again: they are there already (the arrays
-/// are pinned with them), and setting them is cheap insurance that the adopted entry
-/// programs find them.
+/// Puts adopted stages in their arrays again: they are there already (the arrays are
+/// pinned with them), and setting them is cheap insurance that the adopted entry programs
+/// find them.
 pub(super) fn refill_stages(ebpf: &mut aya::Ebpf, reused: &Reused) -> Result<()> {
-    let tc_judge = reused
-        .tc_judge
-        .fd()
-        .map_err(program_err(program_names::TC_JUDGE))?;
-    let xdp_judge = reused
-        .xdp_judge
-        .fd()
-        .map_err(program_err(program_names::XDP_JUDGE))?;
-    set_stage(ebpf, map_names::TC_STAGES, stage::JUDGE, tc_judge)?;
-    set_stage(ebpf, map_names::XDP_STAGES, stage::JUDGE, xdp_judge)?;
+    let stages = [
+        (
+            map_names::TC_STAGES,
+            stage::JUDGE,
+            program_names::TC_JUDGE,
+            reused.tc_judge.fd(),
+        ),
+        (
+            map_names::TC_STAGES,
+            stage::L3_PARSE,
+            program_names::TC_L3,
+            reused.tc_l3.fd(),
+        ),
+        (
+            map_names::XDP_STAGES,
+            stage::JUDGE,
+            program_names::XDP_JUDGE,
+            reused.xdp_judge.fd(),
+        ),
+        (
+            map_names::XDP_STAGES,
+            stage::L3_PARSE,
+            program_names::XDP_L3,
+            reused.xdp_l3.fd(),
+        ),
+    ];
+    for (array, index, program, fd) in stages {
+        set_stage(ebpf, array, index, fd.map_err(program_err(program))?)?;
+    }
     Ok(())
 }
