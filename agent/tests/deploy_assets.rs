@@ -13,7 +13,7 @@ use std::{
 
 use datafence::metrics::{AgentCounts, Format, Snapshot, VerdictLabels, render};
 use datafence_common::CounterValue;
-use datafence_test_support::promtool;
+use datafence_test_support::{grafana::dashboard_queries, promtool};
 use serde::Deserialize;
 
 const RULES: &str = "deploy/prometheus/datafence-rules.yaml";
@@ -429,27 +429,6 @@ fn rules_query_exported_metrics_and_cover_the_required_alerts() {
     );
 }
 
-/// Every `expr` in the dashboard (panel targets, annotations) and every query variable's
-/// definition.
-fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, v) in map {
-                if let (Some(s), true) = (v.as_str(), key == "expr" || key == "definition") {
-                    out.push(s.to_owned());
-                }
-                dashboard_queries(v, out);
-            }
-        }
-        serde_json::Value::Array(items) => {
-            for v in items {
-                dashboard_queries(v, out);
-            }
-        }
-        _ => {}
-    }
-}
-
 #[test]
 fn dashboard_is_importable_and_queries_exported_metrics() {
     let exported = Exported::from_agent();
@@ -513,8 +492,7 @@ fn dashboard_is_importable_and_queries_exported_metrics() {
         }
     }
 
-    let mut queries = Vec::new();
-    dashboard_queries(&dash, &mut queries);
+    let queries = dashboard_queries(&dash);
     let mut errors = Vec::new();
     for q in &queries {
         for e in check_expr(q, &exported) {

@@ -1,8 +1,9 @@
-//! What datafence's tests share whether or not they need root: scratch directories and
-//! promtool's checks. The tests that need no root (agent/tests) and the kernel tests
+//! What datafence's tests share whether or not they need root: scratch directories,
+//! promtool's checks and the dashboard's queries. The tests that need no root (agent/tests) and the kernel tests
 //! (tests/, the integration-tests crate) both use it; it depends on nothing of datafence,
 //! so the former build without the bench's eBPF object.
 
+pub mod grafana;
 pub mod promtool;
 
 use std::{

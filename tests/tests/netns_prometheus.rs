@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use datafence_test_support::grafana::dashboard_queries;
 use integration_tests::{
     Scratch,
     agent::RunningAgent,
@@ -49,23 +50,6 @@ struct Rule {
     alert: Option<String>,
     record: Option<String>,
     expr: String,
-}
-
-/// The dashboard's queries: panel and annotation `expr`s, and query variables'
-/// `definition`s (Grafana's `label_values(...)`).
-fn dashboard_queries(value: &serde_json::Value, out: &mut Vec<String>) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, v) in map {
-                if let (Some(s), true) = (v.as_str(), key == "expr" || key == "definition") {
-                    out.push(s.to_owned());
-                }
-                dashboard_queries(v, out);
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|v| dashboard_queries(v, out)),
-        _ => {}
-    }
 }
 
 /// Replaces Grafana's variables with what Grafana would send: "All" for the multi-value
@@ -224,8 +208,7 @@ fn a_real_prometheus_scrapes_the_agent_and_every_rule_and_panel_evaluates() {
         &std::fs::read_to_string(root.join(DASHBOARD)).expect("read dashboard"),
     )
     .expect("dashboard JSON");
-    let mut panel_queries = Vec::new();
-    dashboard_queries(&dashboard, &mut panel_queries);
+    let panel_queries = dashboard_queries(&dashboard);
     assert!(panel_queries.len() > 10, "{panel_queries:?}");
     let mut errors = Vec::new();
     let mut names = BTreeSet::new();
