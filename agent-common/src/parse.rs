@@ -131,7 +131,8 @@ pub struct ParsedFrame {
     pub fragment: u8,
     pub src_port: u16,
     pub dst_port: u16,
-    /// The fragment identification (IPv4's 16 bits, IPv6's 32); 0 when not a fragment.
+    /// The fragment identification (IPv4's 16 bits, IPv6's 32). Read from every IPv4
+    /// header, fragment or not; meaningful only when `fragment` is not `WHOLE`.
     pub fragment_id: u32,
     /// IPv4 addresses sit in the first four bytes.
     pub src: [u8; 16],
