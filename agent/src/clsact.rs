@@ -19,7 +19,6 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -67,7 +66,7 @@ impl EgressFilter {
 }
 
 /// Sends one dump request and collects every message of the answer.
-fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+pub(crate) fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -99,37 +98,6 @@ fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
             offset += len.next_multiple_of(4);
         }
     }
-}
-
-/// Every interface in this network namespace, as (index, name).
-pub fn interfaces() -> io::Result<Vec<(u32, String)>> {
-    let links = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
-    Ok(links
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(link) => {
-                let name = link.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n.clone()),
-                    _ => None,
-                })?;
-                Some((link.header.index, name))
-            }
-            _ => None,
-        })
-        .collect())
-}
-
-/// The link type (`ARPHRD_*`) of the interface with index `ifindex` in this network
-/// namespace; None when there is no such interface. Asked of the kernel rather than read
-/// from /sys, which shows the namespace it was mounted in.
-pub fn link_type(ifindex: u32) -> io::Result<Option<u16>> {
-    let links = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
-    Ok(links.into_iter().find_map(|m| match m {
-        RouteNetlinkMessage::NewLink(link) if link.header.index == ifindex => {
-            Some(u16::from(link.header.link_layer_type))
-        }
-        _ => None,
-    }))
 }
 
 /// The BPF filters on an interface's clsact egress hook; none when it has no clsact
@@ -202,9 +170,9 @@ pub fn datafence_filters_on(interface: &str) -> io::Result<Vec<EgressFilter>> {
 /// The filters datafence attached on every interface of this network namespace.
 pub fn datafence_filters() -> io::Result<Vec<EgressFilter>> {
     let mut all = Vec::new();
-    for (index, name) in interfaces()? {
+    for link in crate::links::all()? {
         all.extend(
-            egress_filters(index, &name)?
+            egress_filters(link.index, &link.name)?
                 .into_iter()
                 .filter(EgressFilter::is_datafence),
         );

@@ -41,10 +41,11 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
             policy,
             diff,
             json,
+            host,
             tables,
         } => match (policy, diff) {
             (_, Some(pair)) => cli::check::check_diff(cli, &pair[0], &pair[1], *json, tables),
-            (Some(policy), None) => cli::check::check(cli, policy, *json, tables),
+            (Some(policy), None) => cli::check::check(cli, policy, *json, *host, tables),
             (None, None) => unreachable!("clap requires a policy or --diff"),
         },
         Command::Detach { pin_dir, force } => cli::detach::detach(cli, pin_dir.as_deref(), *force),

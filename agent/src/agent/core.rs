@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use super::{
     AgentError, RunOptions, rfc3339,
-    start::{attach, desired_attachments, load_policy},
+    start::{Desired, attach, desired_attachments, load_policy, warn_unjudgeable},
     watch::watched_sources,
 };
 use crate::{
@@ -40,6 +40,10 @@ pub(super) struct Agent {
     pub(super) counters: Arc<AgentCounters>,
     /// Interfaces found missing, so their absence is logged once, not every check.
     pub(super) missing: std::collections::BTreeSet<String>,
+    /// Interfaces left unattached for their link type, so each is logged once.
+    pub(super) unjudgeable: std::collections::BTreeSet<String>,
+    /// Connected subnets of attached interfaces that a class would deny, as last logged.
+    pub(super) local_networks: crate::local_networks::LocalNetworks,
     /// Told when a `detach` request means the agent should exit.
     pub(super) stop: Arc<tokio::sync::Notify>,
     /// The latest violation lines, for `datafence status`.
@@ -95,21 +99,34 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = watched_sources(&self.policy);
         self.write_state();
+        self.check_local_networks();
         Ok(())
     }
 
     /// Verifies every attachment against the kernel and repairs what is missing: a
     /// program someone detached is attached again, an interface that came back gets its
-    /// program, and new default-route interfaces are picked up. A missing interface is
-    /// logged once.
+    /// program, and, unless a list names the interfaces, new interfaces are attached. A
+    /// missing interface is logged once.
     pub(super) fn ensure_attached(&mut self) {
-        let desired = match desired_attachments(&self.opts, &self.policy) {
+        let Desired {
+            attachments: desired,
+            unjudgeable,
+        } = match desired_attachments(&self.opts, &self.policy) {
             Ok(d) => d,
             Err(e) => {
                 warn!(error = %e, "cannot work out which interfaces to attach to");
                 return;
             }
         };
+        let now: std::collections::BTreeSet<String> =
+            unjudgeable.iter().map(|l| l.name.clone()).collect();
+        for link in unjudgeable
+            .iter()
+            .filter(|l| !self.unjudgeable.contains(&l.name))
+        {
+            warn_unjudgeable(link);
+        }
+        self.unjudgeable = now;
         for a in &desired {
             if if_index(&a.interface).is_none() {
                 if self.missing.insert(a.interface.clone()) {
@@ -121,9 +138,16 @@ impl Agent {
             if !returned && self.datapath.is_attached(&a.interface, &a.hook) {
                 continue;
             }
+            let known = self
+                .attachments
+                .iter()
+                .any(|b| b.interface == a.interface && b.hook == a.hook);
             match attach(&mut self.datapath, a) {
                 Ok(_) if returned => {
                     info!(interface = %a.interface, hook = %a.hook, "interface is back; attached");
+                }
+                Ok(_) if !known => {
+                    info!(interface = %a.interface, hook = %a.hook, "new interface; attached");
                 }
                 Ok(_) => {
                     self.counters
@@ -137,6 +161,35 @@ impl Agent {
             }
         }
         self.attachments = desired;
+        self.check_local_networks();
+    }
+
+    /// Logs each connected subnet of an attached interface that a class would deny:
+    /// on a bridge or veth toward local containers that is a false drop waiting to
+    /// happen. Logged once per subnet, and again after a policy change.
+    pub(super) fn check_local_networks(&mut self) {
+        let interfaces: Vec<String> = self
+            .attachments
+            .iter()
+            .filter(|a| a.hook == Hook::TcEgress.as_str())
+            .map(|a| a.interface.clone())
+            .collect();
+        let subnets = match crate::local_networks::connected_subnets_of(&interfaces) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot list the connected subnets of the attached interfaces");
+                return;
+            }
+        };
+        for d in self.local_networks.update(&self.policy, subnets) {
+            warn!(
+                interface = %d.interface,
+                subnet = %d.subnet,
+                region = d.region.as_deref().unwrap_or("(none)"),
+                classes = ?d.classes,
+                "a connected subnet of an attached interface is one these classes may not reach: their traffic to it is dropped (reported, in audit mode); if it is local, exempt the subnet or exclude the interface"
+            );
+        }
     }
 
     /// Removes all enforcement: every pinned link (the programs detach) and every

@@ -41,7 +41,6 @@ use crate::{
 };
 
 use self::core::Agent;
-pub use self::start::default_route_interfaces;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -104,9 +103,11 @@ pub enum AgentError {
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
     #[error(
-        "nothing to attach: the policy names no egress or gateway interface and no interface carries a default route; name one with --interface"
+        "nothing to attach: the policy's `interfaces.egress` is empty and it names no gateway interface"
     )]
     NoInterfaces,
+    #[error("cannot list the network interfaces: {0}")]
+    ListInterfaces(std::io::Error),
     #[error(
         "policy {path} would lock this host out: its exempt list does not cover the management address {address}; add it to `exempt`, or pass --allow-lockout-risk if you are sure"
     )]
@@ -200,6 +201,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         monitor_interval,
         live.clone(),
     ));
+    // A new interface is attached as soon as the kernel announces it, before it can have
+    // the addresses and routes that would let it carry traffic; the monitor's periodic
+    // check stays as the backstop.
+    let on_link_change = {
+        let state = shared.clone();
+        move || lock(&state).ensure_attached()
+    };
+    if let Err(e) = crate::links::watch(on_link_change) {
+        warn!(error = %e, "cannot watch for new interfaces; they are attached at the periodic check only");
+    }
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
     let _watcher = if watch {
         Some(watch::watch_policy(

@@ -16,9 +16,12 @@ use tracing::{info, warn};
 use super::{AgentError, RunOptions, core::Agent, watch::watched_sources};
 use crate::{
     control::{self as control, Attachment},
-    datapath::{Attached, Datapath, DatapathError, LoadOptions, PinLayout, TcKind, if_index},
+    datapath::{
+        Attached, Datapath, DatapathError, Framing, LoadOptions, PinLayout, TcKind, if_index,
+    },
     generations::{GenerationNames, Generations},
     kernel::KernelFeatures,
+    links::Link,
     lockout,
     metrics::CounterLedger,
     policy::{self, LoadedPolicy},
@@ -61,55 +64,30 @@ fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
     })
 }
 
-/// Interfaces that carry a default route, IPv4 or IPv6, from /proc.
-pub fn default_route_interfaces() -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    if let Ok(routes) = std::fs::read_to_string("/proc/net/route") {
-        for line in routes.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 2 && cols[1] == "00000000" && cols[7] == "00000000" {
-                out.push(cols[0].to_owned());
-            }
-        }
-    }
-    if let Ok(routes) = std::fs::read_to_string("/proc/net/ipv6_route") {
-        for line in routes.lines() {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() == 10
-                && cols[0] == "00000000000000000000000000000000"
-                && cols[1] == "00"
-                && cols[9] != "lo"
-            {
-                out.push(cols[9].to_owned());
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-fn egress_interfaces(opts: &RunOptions, policy: &LoadedPolicy) -> Result<Vec<String>, AgentError> {
-    let list = if !opts.interfaces.is_empty() {
-        opts.interfaces.clone()
-    } else if let Some(list) = &policy.egress_interfaces {
-        list.clone()
-    } else {
-        default_route_interfaces()
-    };
-    // `egress: []` in a policy means a gateway-only host: XDP and no TC egress hook.
-    if list.is_empty() && policy.gateway_interfaces.is_empty() {
-        return Err(AgentError::NoInterfaces);
-    }
-    Ok(list)
+/// What the agent should be attached to now, and the interfaces it leaves unjudged
+/// because their frames are neither Ethernet nor IP (found only when every interface is
+/// attached; a named interface of such a type is an error at attach).
+pub(super) struct Desired {
+    pub(super) attachments: Vec<Attachment>,
+    pub(super) unjudgeable: Vec<crate::links::Link>,
 }
 
 /// The interfaces and hooks the agent should be attached to now.
 pub(super) fn desired_attachments(
     opts: &RunOptions,
     policy: &LoadedPolicy,
-) -> Result<Vec<Attachment>, AgentError> {
-    let egress = egress_interfaces(opts, policy)?;
+) -> Result<Desired, AgentError> {
+    let (egress, unjudgeable) = if !opts.interfaces.is_empty() {
+        (opts.interfaces.clone(), Vec::new())
+    } else if let Some(list) = &policy.egress_interfaces {
+        // `egress: []` in a policy means a gateway-only host: XDP and no TC egress hook.
+        if list.is_empty() && policy.gateway_interfaces.is_empty() {
+            return Err(AgentError::NoInterfaces);
+        }
+        (list.clone(), Vec::new())
+    } else {
+        crate::links::every_interface(policy).map_err(AgentError::ListInterfaces)?
+    };
     let tc = egress.into_iter().map(|interface| Attachment {
         interface,
         hook: Hook::TcEgress.as_str().to_owned(),
@@ -125,7 +103,19 @@ pub(super) fn desired_attachments(
             kind: String::new(),
             programs_ahead: Vec::new(),
         });
-    Ok(tc.chain(xdp).collect())
+    Ok(Desired {
+        attachments: tc.chain(xdp).collect(),
+        unjudgeable,
+    })
+}
+
+/// Logs an interface left unjudged, once per interface for as long as it stays.
+pub(super) fn warn_unjudgeable(link: &Link) {
+    warn!(
+        interface = %link.name,
+        link_type = link.link_type,
+        "not attached: frames of this link type have neither an Ethernet header nor the IP header first, so datafence cannot judge them; traffic through this interface is not judged"
+    );
 }
 
 pub(super) fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached, DatapathError> {
@@ -144,11 +134,20 @@ pub(super) fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached
 pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     tune_allocator();
     let policy = load_policy(&opts, &[])?;
-    let attachments = desired_attachments(&opts, &policy)?;
+    let Desired {
+        attachments,
+        unjudgeable,
+    } = desired_attachments(&opts, &policy)?;
+    for link in &unjudgeable {
+        warn_unjudgeable(link);
+    }
     for a in &attachments {
         if if_index(&a.interface).is_none() {
             return Err(AgentError::UnknownInterface(a.interface.clone()));
         }
+        // A named interface whose frames datafence cannot parse is refused before
+        // anything is loaded, not at attach.
+        Framing::of_interface(&a.interface)?;
     }
     // Before anything is loaded: a kernel too old for the programs gets one plain
     // message instead of a verifier log.
@@ -228,7 +227,7 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         }
     }
     generations.push(GenerationNames::of(report.generation, &policy));
-    Ok(Agent {
+    let mut agent = Agent {
         opts,
         datapath,
         policy,
@@ -239,12 +238,16 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         ledger,
         counters: Arc::default(),
         missing: std::collections::BTreeSet::new(),
+        unjudgeable: unjudgeable.into_iter().map(|l| l.name).collect(),
+        local_networks: crate::local_networks::LocalNetworks::default(),
         stop: Arc::default(),
         recent: std::collections::VecDeque::new(),
         sources,
         kernel: features,
         generations: Arc::new(generations),
-    })
+    };
+    agent.check_local_networks();
+    Ok(agent)
 }
 
 /// Unpins what an earlier datapath version or build left beside the pins just adopted:

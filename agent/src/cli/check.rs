@@ -4,7 +4,8 @@
 
 use std::{path::Path, process::ExitCode};
 
-use datafence::policy::LoadedPolicy;
+use anyhow::Context as _;
+use datafence::{local_networks::DeniedSubnet, policy::LoadedPolicy};
 
 use super::{Cli, TableArgs, load, usage_error};
 
@@ -12,15 +13,26 @@ pub(crate) fn check(
     cli: &Cli,
     path: &Path,
     json: bool,
+    host: bool,
     tables: &TableArgs,
 ) -> anyhow::Result<ExitCode> {
     match load(path, &cli.cgroup_root, tables) {
         Ok(p) => {
+            let local = host
+                .then(|| datafence::local_networks::on_this_host(&p))
+                .transpose()
+                .context("reading this host's interfaces and addresses")?;
             if json {
-                let out = serde_json::json!({"valid": true, "summary": p.summary()});
+                let mut out = serde_json::json!({"valid": true, "summary": p.summary()});
+                if let Some(local) = &local {
+                    out["denied_local_networks"] = serde_json::to_value(local)?;
+                }
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_summary(&p);
+                if let Some(local) = &local {
+                    print_local_networks(local);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -79,16 +91,41 @@ pub(crate) fn check_diff(
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_local_networks(denied: &[DeniedSubnet]) {
+    if denied.is_empty() {
+        println!(
+            "local networks: no connected subnet of an attached interface is denied to a class"
+        );
+        return;
+    }
+    println!(
+        "local networks denied to a class (a false drop if the subnet is local: exempt it or exclude the interface):"
+    );
+    let width = denied.iter().map(|d| d.interface.len()).max().unwrap_or(0);
+    for d in denied {
+        println!(
+            "  {:width$}  {}  region {}  denied to {}",
+            d.interface,
+            d.subnet,
+            d.region.as_deref().unwrap_or("(none)"),
+            d.classes.join(", ")
+        );
+    }
+}
+
 fn print_summary(p: &LoadedPolicy) {
     let s = p.summary();
     println!("{}: valid", s.path);
     println!("  sha256   {}", s.sha256);
     println!("  mode     {}", s.mode.as_str());
     let egress = s.interfaces.egress.as_ref().map_or_else(
-        || "every interface with a default route".to_owned(),
+        || "every interface but loopback".to_owned(),
         |l| l.join(", "),
     );
     println!("  egress   {egress}");
+    if !s.interfaces.exclude.is_empty() {
+        println!("  exclude  {}", s.interfaces.exclude.join(", "));
+    }
     if !s.interfaces.gateway.is_empty() {
         println!("  gateway  {}", s.interfaces.gateway.join(", "));
     }

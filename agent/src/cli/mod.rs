@@ -70,6 +70,11 @@ pub(crate) enum Command {
         /// Machine-readable output: {"valid": bool, "summary"|"errors": ...}, or the diff.
         #[arg(long)]
         json: bool,
+        /// Also look at this host's interfaces (in this network namespace): list each
+        /// connected subnet of an interface the policy attaches to that a class would
+        /// deny. On a bridge or veth toward local containers that is a false drop.
+        #[arg(long, conflicts_with = "diff")]
+        host: bool,
         #[command(flatten)]
         tables: TableArgs,
     },
@@ -84,7 +89,8 @@ pub(crate) enum Command {
     /// Run the agent: validate the policy, load the eBPF programs, attach them, enforce.
     ///
     /// Attaches TC egress to the policy's egress interfaces (or --interface, or every
-    /// interface with a default route) and XDP to its gateway interfaces. Reloads the
+    /// interface but loopback and the excluded, including interfaces created later) and
+    /// XDP to its gateway interfaces. Reloads the
     /// policy on SIGHUP or `datafence reload`; a bad policy is refused and the one in
     /// force stays. Violations are written to stdout as JSON lines. Runs until SIGTERM
     /// or SIGINT.

@@ -41,7 +41,7 @@ impl Framing {
     pub fn of_interface(interface: &str) -> Result<Self> {
         let unknown = || DatapathError::UnknownInterface(interface.to_owned());
         let index = if_index(interface).ok_or_else(unknown)?;
-        let link_type = crate::clsact::link_type(index)
+        let link_type = crate::links::link_type(index)
             .map_err(|e| DatapathError::LinkType {
                 interface: interface.to_owned(),
                 detail: format!("asking the kernel for its link type: {e}"),

@@ -239,6 +239,7 @@ mod tests {
             mode: Mode::Enforce,
             egress_interfaces: None,
             gateway_interfaces: Vec::new(),
+            excluded_interfaces: Vec::new(),
             exempt: Vec::new(),
             regions,
             classes,

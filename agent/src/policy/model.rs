@@ -267,9 +267,13 @@ pub struct LoadedPolicy {
     pub version: u32,
     /// The policy-wide mode; classes may override it (see [`Class::mode`]).
     pub mode: Mode,
-    /// `None`: every interface that carries a default route.
+    /// `None`: every interface in the namespace but loopback and those matching
+    /// [`Self::excluded_interfaces`], including interfaces created later.
     pub egress_interfaces: Option<Vec<String>>,
     pub gateway_interfaces: Vec<String>,
+    /// Glob patterns of interfaces left alone when every interface is attached. They do
+    /// not apply to an `egress` list, which names its interfaces.
+    pub excluded_interfaces: Vec<String>,
     /// Destinations always allowed, without duplicates. Loopback and link-local are
     /// exempt in the datapath itself and need not be listed.
     pub exempt: Vec<IpNetwork>,
@@ -278,6 +282,15 @@ pub struct LoadedPolicy {
 }
 
 impl LoadedPolicy {
+    /// Whether `interface` matches one of the policy's `interfaces.exclude` patterns.
+    pub fn excludes_interface(&self, interface: &str) -> bool {
+        // The patterns were checked by validation; one that still fails to build matches
+        // nothing, so the interface stays attached.
+        self.excluded_interfaces
+            .iter()
+            .any(|p| globset::Glob::new(p).is_ok_and(|g| g.compile_matcher().is_match(interface)))
+    }
+
     /// The region of a destination by a plain scan of every region's prefixes: the
     /// longest containing prefix wins. Independent of the compiled tables (so `explain`
     /// checks them rather than repeats them) and linear in the policy's size, which is a
@@ -334,6 +347,7 @@ impl LoadedPolicy {
             interfaces: InterfacesSummary {
                 egress: self.egress_interfaces.clone(),
                 gateway: self.gateway_interfaces.clone(),
+                exclude: self.excluded_interfaces.clone(),
             },
             exempt: self.exempt.iter().map(ToString::to_string).collect(),
             regions: self
@@ -382,9 +396,10 @@ pub struct Summary {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InterfacesSummary {
-    /// `null`: every interface that carries a default route.
+    /// `null`: every interface but loopback and the excluded ones.
     pub egress: Option<Vec<String>>,
     pub gateway: Vec<String>,
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

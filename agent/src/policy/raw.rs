@@ -36,6 +36,8 @@ pub(super) struct RawInterfaces {
     pub egress: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub gateway: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub exclude: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -571,3 +571,24 @@ fn every_mistake_is_reported_at_once() {
     assert!(errors[2].starts_with("policy.yaml:10:13: region `nowhere` is not defined"));
     assert!(errors[3].starts_with("r.txt:1:1: invalid CIDR `bogus`"));
 }
+
+#[test]
+fn exclusion_patterns_are_globs_checked_where_they_are_written() {
+    let p = Env::new().load(
+        "version: 1\ninterfaces:\n  exclude: [\"veth*\", \"cali?????\", \"veth*\"]\nregions: {}\ndata_classes: {}\n",
+    )
+    .expect("valid policy");
+    assert_eq!(p.excluded_interfaces, ["veth*", "cali?????"]);
+    assert!(p.excludes_interface("veth1a2b") && p.excludes_interface("cali12345"));
+    assert!(!p.excludes_interface("eth0") && !p.excludes_interface("cali1"));
+    assert_eq!(
+        errors(
+            "version: 1\ninterfaces:\n  exclude: [\"veth[\", \"\", \"a/*\"]\nregions: {}\ndata_classes: {}\n"
+        ),
+        [
+            "policy.yaml:3:13: invalid interface pattern `veth[`: unclosed character class; missing ']'",
+            "policy.yaml:3:22: invalid interface pattern ``: a pattern cannot be empty",
+            "policy.yaml:3:26: invalid interface pattern `a/*`: interface names never contain `/`",
+        ]
+    );
+}

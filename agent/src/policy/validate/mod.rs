@@ -138,12 +138,13 @@ impl Validator<'_> {
             self.error(at(&raw.version), Problem::Version(raw.version.value.0));
         }
         let mode = self.mode(raw.mode.as_ref()).unwrap_or_default();
-        let (egress_interfaces, gateway_interfaces) = match &raw.interfaces {
+        let (egress_interfaces, gateway_interfaces, excluded_interfaces) = match &raw.interfaces {
             Some(i) => (
                 i.egress.as_ref().map(|e| self.interfaces(e)),
                 self.interfaces(&i.gateway),
+                self.interface_patterns(&i.exclude),
             ),
-            None => (None, Vec::new()),
+            None => (None, Vec::new(), Vec::new()),
         };
         let exempt = self.exempt(raw.exempt.as_ref());
         let regions = self.regions(&raw.regions);
@@ -157,6 +158,7 @@ impl Validator<'_> {
             mode,
             egress_interfaces,
             gateway_interfaces,
+            excluded_interfaces,
             exempt,
             regions,
             classes,
@@ -221,6 +223,36 @@ impl Validator<'_> {
             }
         }
         names.into_iter().collect()
+    }
+
+    /// Glob patterns (`veth*`, `cali?????`) for interfaces left alone when every
+    /// interface is attached.
+    fn interface_patterns(&mut self, raw: &[Spanned<String>]) -> Vec<String> {
+        let mut patterns = IndexSet::new();
+        for pattern in raw {
+            let problem = if pattern.value.is_empty() {
+                Some("a pattern cannot be empty".to_owned())
+            } else if pattern.value.contains('/') {
+                Some("interface names never contain `/`".to_owned())
+            } else {
+                globset::Glob::new(&pattern.value)
+                    .err()
+                    .map(|e| e.kind().to_string())
+            };
+            match problem {
+                None => {
+                    patterns.insert(pattern.value.clone());
+                }
+                Some(detail) => self.error(
+                    at(pattern),
+                    Problem::InterfacePattern {
+                        pattern: pattern.value.clone(),
+                        detail,
+                    },
+                ),
+            }
+        }
+        patterns.into_iter().collect()
     }
 
     fn exempt(&mut self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<IpNetwork> {
