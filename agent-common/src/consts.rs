@@ -3,8 +3,10 @@
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
+/// NAT64 prefixes (RFC 6052, `/96`) a policy may declare, beside the well-known one.
+pub const MAX_NAT64_PREFIXES: usize = 4;
 /// Data classes per policy. Class ids are indexes into [`Policy::classes`](crate::Policy::classes).
 pub const MAX_CLASSES: usize = 16;
 /// Class id used for traffic that matched no class.

@@ -164,9 +164,9 @@ fn apply_mode(class: &ClassSpec, denied: bool, allow: Reason, deny: Reason) -> D
 
 /// The verdict for a classified, well-formed packet whose destination is in `region`
 /// ([`REGION_NONE`] when in none). `routed` is set for IPv6 packets whose routing header
-/// still has segments left: the destination is only the next hop, and the segments after
-/// it are unknown destinations, so both the hop's region and the `unknown` rule must
-/// allow it.
+/// still has segments left: the destination is only the next hop. The segments after it
+/// are not looked up, so the packet passes only if the hop's region allows it and the
+/// class is denied no destination at all; any segment could be one it is denied.
 #[inline(always)]
 pub fn judge(class: &ClassSpec, region: RegionId, routed: bool) -> Decision {
     let unknown_denied = class.unknown_denied != 0;
@@ -179,7 +179,7 @@ pub fn judge(class: &ClassSpec, region: RegionId, routed: bool) -> Decision {
     if routed {
         return apply_mode(
             class,
-            hop_denied || unknown_denied,
+            hop_denied || class.some_destination_denied != 0,
             Reason::RoutingHeaderAllowed,
             Reason::RoutingHeaderDenied,
         );
@@ -379,11 +379,19 @@ mod tests {
         assert_eq!(judge(&c, 0, false), Decision::allow(Reason::UnknownAllowed));
         c.unknown_denied = 1;
         assert_eq!(judge(&c, 0, false).reason, Reason::UnknownDenied);
+        c.some_destination_denied = 1;
         assert_eq!(judge(&c, 3, true).reason, Reason::RoutingHeaderDenied);
         c.unknown_denied = 0;
         assert_eq!(
+            judge(&c, 3, true).reason,
+            Reason::RoutingHeaderDenied,
+            "unknown: allow, but a region is denied: a later segment could be in it"
+        );
+        c.some_destination_denied = 0;
+        assert_eq!(
             judge(&c, 3, true),
-            Decision::allow(Reason::RoutingHeaderAllowed)
+            Decision::allow(Reason::RoutingHeaderAllowed),
+            "denied nowhere"
         );
         assert_eq!(
             judge(&c, 4, true).reason,

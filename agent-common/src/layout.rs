@@ -2,7 +2,8 @@
 //! and values, and violation events. Any layout change here is an ABI change.
 
 use crate::{
-    COUNTER_CACHE_SLOTS, MAX_CLASSES, MAX_MARKS_PER_CLASS, MAX_PORT_RANGES_PER_CLASS, MODE_ENFORCE,
+    COUNTER_CACHE_SLOTS, MAX_CLASSES, MAX_MARKS_PER_CLASS, MAX_NAT64_PREFIXES,
+    MAX_PORT_RANGES_PER_CLASS, MODE_ENFORCE,
 };
 
 #[repr(C)]
@@ -45,6 +46,12 @@ pub struct ClassSpec {
     pub unknown_denied: u8,
     pub n_marks: u8,
     pub n_port_ranges: u8,
+    /// 1 when some destination is denied to this class: a region it may not reach, or
+    /// destinations in no region under `unknown: deny`. A packet whose IPv6 routing header
+    /// still has segments to visit is then denied, since the datapath does not look the
+    /// segments up (see [`judge`](crate::decide::judge)).
+    pub some_destination_denied: u8,
+    pub _pad: [u8; 7],
     /// Region ids this class may reach.
     pub allowed_regions: [u64; 4],
     /// DSCP values (0..=63).
@@ -62,6 +69,8 @@ impl ClassSpec {
         unknown_denied: 0,
         n_marks: 0,
         n_port_ranges: 0,
+        some_destination_denied: 0,
+        _pad: [0; 7],
         allowed_regions: [0; 4],
         dscp: 0,
         protocols: [0; 4],
@@ -99,6 +108,12 @@ pub struct PolicyHeader {
     /// Seed of the slot's IPv6 table hash, and how many entries a lookup scans at most.
     pub v6_seed: u32,
     pub v6_scan: u32,
+    /// The NAT64 `/96` prefixes the policy declares (beside the well-known one), each as
+    /// its first 12 bytes read as three native-endian words, as the datapath compares
+    /// them; the first `n_nat64` are in use.
+    pub n_nat64: u32,
+    pub nat64: [[u32; 3]; MAX_NAT64_PREFIXES],
+    pub _pad: u32,
 }
 
 /// A mark selector entry of the [`ClassIndex`]: the classes whose mark list holds it.
@@ -194,6 +209,9 @@ impl Policy {
             exempt_v6: 0,
             v6_seed: 0,
             v6_scan: 0,
+            n_nat64: 0,
+            nat64: [[0; 3]; MAX_NAT64_PREFIXES],
+            _pad: 0,
         },
         classes: [ClassSpec::EMPTY; MAX_CLASSES],
         index: ClassIndex::EMPTY,
@@ -379,10 +397,10 @@ pub struct ViolationEvent {
 // The layouts are read by both sides; any change here is an ABI change.
 const _: () = assert!(core::mem::size_of::<MarkMatch>() == 8);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 4);
-const _: () = assert!(core::mem::size_of::<ClassSpec>() == 208);
-const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<ClassSpec>() == 216);
+const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 96);
 const _: () = assert!(core::mem::size_of::<ClassIndex>() == 4912);
-const _: () = assert!(core::mem::size_of::<Policy>() == 40 + 16 * 208 + 4912);
+const _: () = assert!(core::mem::size_of::<Policy>() == 96 + 16 * 216 + 4912);
 const _: () = assert!(core::mem::size_of::<CgroupKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);

@@ -6,8 +6,8 @@
 //! is written here once.
 
 use crate::{
-    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, MAX_CLASSES, Policy, REGION_NONE,
-    Reason, RegionId, Verdict,
+    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, MAX_CLASSES, MAX_NAT64_PREFIXES,
+    Policy, PolicyHeader, REGION_NONE, Reason, RegionId, Verdict,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{FrameKind, ParsedFrame, fragment, is_builtin_exempt},
     selector,
@@ -75,12 +75,44 @@ impl Judgement {
 /// to one of its addresses on to the IPv4 address in the last four bytes.
 pub const NAT64_PREFIX: [u8; 12] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
 
-/// The frame as its destination's judge sees it: an IPv6 frame to a NAT64 address
-/// becomes one to the embedded IPv4 address; any other frame is itself.
+/// The first 12 bytes of an IPv6 address as the three words NAT64 prefixes are compared
+/// in ([`PolicyHeader::nat64`]).
 #[inline(always)]
-pub fn nat64_target(frame: &ParsedFrame) -> ParsedFrame {
+pub fn nat64_words(address: &[u8; 16]) -> [u32; 3] {
+    let word =
+        |i: usize| u32::from_ne_bytes([address[i], address[i + 1], address[i + 2], address[i + 3]]);
+    [word(0), word(4), word(8)]
+}
+
+/// Whether an IPv6 destination lies in the well-known NAT64 prefix or one the policy
+/// declares. Computed without a branch per prefix: each would be a path of its own for
+/// the verifier.
+#[inline(always)]
+pub fn is_nat64(dst: &[u8; 16], header: &PolicyHeader) -> bool {
+    let words = nat64_words(dst);
+    let well_known = nat64_words(&{
+        let mut a = [0u8; 16];
+        a[..12].copy_from_slice(&NAT64_PREFIX);
+        a
+    });
+    let differs = |p: &[u32; 3]| (words[0] ^ p[0]) | (words[1] ^ p[1]) | (words[2] ^ p[2]);
+    let mut hit = u32::from(differs(&well_known) == 0);
+    let mut i = 0;
+    while i < MAX_NAT64_PREFIXES {
+        let in_use = u32::from((i as u32) < header.n_nat64);
+        hit |= in_use & u32::from(differs(&header.nat64[i]) == 0);
+        i += 1;
+    }
+    hit != 0
+}
+
+/// The frame as its destination's judge sees it: an IPv6 frame to a NAT64 address
+/// ([`is_nat64`], passed in as `nat64`) becomes one to the embedded IPv4 address; any
+/// other frame is itself.
+#[inline(always)]
+pub fn nat64_target(frame: &ParsedFrame, nat64: bool) -> ParsedFrame {
     let mut target = *frame;
-    if frame.family == FAMILY_V6 && frame.dst[..12] == NAT64_PREFIX {
+    if frame.family == FAMILY_V6 && nat64 {
         target.family = FAMILY_V4;
         target.dst = [0; 16];
         target.dst[..4].copy_from_slice(&frame.dst[12..]);
@@ -192,10 +224,13 @@ fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judg
         j.decision = judge_malformed(spec);
         return j;
     }
-    // The region is where the packet ends up: for a NAT64 address, the IPv4 host the
-    // translator sends it on to. (Exemptions are not translated: an IPv4 exemption does
+    // The region is where the packet ends up: for a NAT64 address (the well-known prefix
+    // or one the policy declares), the IPv4 host the translator sends it on to. (Exemptions are not translated: an IPv4 exemption does
     // not reach through a translator, which fails closed.)
-    j.region = lookups.opaque(lookups.region(slot, policy, &nat64_target(frame)));
+    // Through `opaque`: the prefix comparisons' branches end here instead of each
+    // splitting the region lookup after them.
+    let nat64 = lookups.opaque(u32::from(is_nat64(&frame.dst, &policy.header))) != 0;
+    j.region = lookups.opaque(lookups.region(slot, policy, &nat64_target(frame, nat64)));
     j.decision = judge(spec, j.region, frame.routed);
     if frame.fragment == fragment::LATER && j.decision.verdict != Verdict::Allow {
         j.decision.reason = Reason::FragmentUnseen;

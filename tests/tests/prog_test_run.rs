@@ -14,6 +14,7 @@ const POLICY: &str = r#"
 version: 1
 mode: enforce
 exempt: [10.0.0.0/8, "fd00:aaaa::/32"]
+nat64: ["2001:db8:64::/96"]
 regions:
   eu-west:
     cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
@@ -46,12 +47,19 @@ data_classes:
       dst_ports: [53]
     allow: [eu-west]
     unknown: deny
+  open:
+    match:
+      protocols: [tcp]
+      dst_ports: [9999]
+    allow: [eu-west, eu-north, us-east]
+    unknown: allow
 "#;
 
 const MARKED: u8 = 0;
 const HTTPS: u8 = 1;
 const DSCP_AUDIT: u8 = 2;
 const DNS: u8 = 3;
+const OPEN: u8 = 4;
 const EU_WEST: u16 = 1;
 const EU_NORTH: u16 = 2;
 const US_EAST: u16 = 3;
@@ -536,6 +544,22 @@ fn a_nat64_address_is_judged_by_the_ipv4_address_it_embeds() {
             allow(HTTPS, EU_WEST, Reason::RegionAllowed),
             "198.51.100.10 inside",
         ),
+        // A prefix the policy declares, as a site's own translator uses.
+        (
+            "2001:db8:64::cb00:710a",
+            deny(HTTPS, US_EAST, Reason::RegionDenied),
+            "203.0.113.10 inside a declared prefix",
+        ),
+        (
+            "2001:db8:64::c633:640a",
+            allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            "198.51.100.10 inside a declared prefix",
+        ),
+        (
+            "2001:db8:65::cb00:710a",
+            allow(HTTPS, REGION_NONE, Reason::UnknownAllowed),
+            "beside the declared prefix",
+        ),
         (
             "64:ff9b:1::cb00:710a",
             allow(HTTPS, REGION_NONE, Reason::UnknownAllowed),
@@ -548,22 +572,31 @@ fn a_nat64_address_is_judged_by_the_ipv4_address_it_embeds() {
 }
 
 #[test]
-fn routing_header_with_segments_left_is_judged_by_its_next_hop_and_the_unknown_rule() {
+fn routing_header_with_segments_left_passes_only_an_allowed_hop_of_a_class_denied_nowhere() {
     let mut dp = setup();
     let final_hop: Ipv6Addr = US6.parse().unwrap();
-    let routed_to = |dst: &str| {
-        let mut spec = Spec::tcp(SRC6, dst, 443);
+    let routed_to_port = |dst: &str, port: u16| {
+        let mut spec = Spec::tcp(SRC6, dst, port);
         spec.ipv6_ext = vec![(43, frames::ipv6_routing(1, &[final_hop]))];
         spec.build()
     };
+    let routed_to = |dst: &str| routed_to_port(dst, 443);
     let cases = [
-        // https may reach eu-west and allows unknown destinations: the hop is allowed and
-        // the segments after it are unknown, so it passes under its own reason.
+        // https may reach eu-west and allows unknown destinations, but not us-east: a
+        // later segment could be there (the last one is), so an allowed hop is not enough.
+        // This passed before, with the hop's region and the unknown rule: a leak.
         (
             routed_to(EU6),
             0,
-            allow(HTTPS, EU_WEST, Reason::RoutingHeaderAllowed),
-            "allowed hop, unknown: allow",
+            deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied),
+            "allowed hop, unknown: allow, a region denied",
+        ),
+        // A class denied no destination at all: any segment is allowed.
+        (
+            routed_to_port(EU6, 9999),
+            0,
+            allow(OPEN, EU_WEST, Reason::RoutingHeaderAllowed),
+            "a class denied nowhere",
         ),
         // The marked class denies unknown destinations.
         (

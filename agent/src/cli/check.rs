@@ -137,6 +137,9 @@ fn print_summary(p: &LoadedPolicy) {
             s.exempt.join(", ")
         }
     );
+    if !s.nat64.is_empty() {
+        println!("  nat64    64:ff9b::/96 (always), {}", s.nat64.join(", "));
+    }
     println!("regions:");
     let width = s.regions.iter().map(|r| r.name.len()).max().unwrap_or(0);
     for r in &s.regions {

@@ -44,8 +44,12 @@ impl LoadedPolicy {
         let mut policy = Policy::EMPTY;
         policy.header.loaded = 1;
         policy.header.n_classes = classes.len() as u32;
+        for (slot, prefix) in policy.header.nat64.iter_mut().zip(&self.nat64_prefixes) {
+            *slot = datafence_common::verdict::nat64_words(&prefix.network().octets());
+            policy.header.n_nat64 += 1;
+        }
         for (slot, class) in policy.classes.iter_mut().zip(classes) {
-            *slot = class_spec(class);
+            *slot = class_spec(class, self.regions.len());
             policy.header.selectors_in_use |= slot.selectors;
         }
         policy.build_index();
@@ -106,10 +110,14 @@ fn class_bit(id: u8) -> ClassMask {
     ClassMask::checked_shl(1, u32::from(id)).unwrap_or(0)
 }
 
-fn class_spec(class: &Class) -> ClassSpec {
+/// `regions`: how many regions the policy defines (their ids run from 1).
+fn class_spec(class: &Class, regions: usize) -> ClassSpec {
     let mut spec = ClassSpec::EMPTY;
     spec.mode = class.mode.as_u8();
     spec.unknown_denied = u8::from(class.unknown == UnknownRule::Deny);
+    // `allow` holds each region id once, so fewer ids than regions leaves one out.
+    spec.some_destination_denied =
+        u8::from(class.unknown == UnknownRule::Deny || class.allow.len() < regions);
     for &id in &class.allow {
         set_bit(&mut spec.allowed_regions, id);
     }
@@ -241,6 +249,7 @@ mod tests {
             gateway_interfaces: Vec::new(),
             excluded_interfaces: Vec::new(),
             exempt: Vec::new(),
+            nat64_prefixes: Vec::new(),
             regions,
             classes,
         }
@@ -248,6 +257,25 @@ mod tests {
 
     fn nets(list: &[&str]) -> Vec<IpNetwork> {
         list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_class_is_denied_some_destination_unless_it_may_reach_every_region_and_unknown() {
+        let regions = || (1..=3).map(|id| region(id, &[])).collect::<Vec<_>>();
+        for (allow, unknown, expected) in [
+            (vec![1, 3], UnknownRule::Allow, 1),
+            (vec![1, 2, 3], UnknownRule::Deny, 1),
+            (vec![3, 1, 2], UnknownRule::Allow, 0),
+        ] {
+            let mut c = class(0);
+            c.allow = allow.clone();
+            c.unknown = unknown;
+            let spec = policy(regions(), vec![c]).compile().policy.classes[0];
+            assert_eq!(
+                spec.some_destination_denied, expected,
+                "{allow:?} {unknown:?}"
+            );
+        }
     }
 
     #[test]

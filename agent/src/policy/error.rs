@@ -85,6 +85,8 @@ pub(super) enum Problem {
     Name { kind: &'static str, name: String },
     #[error("invalid interface name `{0}`: expected 1 to 15 bytes without `/`, `:` or whitespace")]
     Interface(String),
+    #[error("invalid NAT64 prefix `{prefix}`: {detail}")]
+    Nat64 { prefix: String, detail: String },
     #[error("invalid interface pattern `{pattern}`: {detail}")]
     InterfacePattern { pattern: String, detail: String },
     #[error(transparent)]

@@ -277,6 +277,9 @@ pub struct LoadedPolicy {
     /// Destinations always allowed, without duplicates. Loopback and link-local are
     /// exempt in the datapath itself and need not be listed.
     pub exempt: Vec<IpNetwork>,
+    /// NAT64 `/96` prefixes besides the well-known `64:ff9b::/96`: a destination in one
+    /// is judged by the IPv4 address in its last four bytes.
+    pub nat64_prefixes: Vec<ipnetwork::Ipv6Network>,
     pub regions: Vec<Region>,
     pub classes: Vec<Class>,
 }
@@ -350,6 +353,11 @@ impl LoadedPolicy {
                 exclude: self.excluded_interfaces.clone(),
             },
             exempt: self.exempt.iter().map(ToString::to_string).collect(),
+            nat64: self
+                .nat64_prefixes
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             regions: self
                 .regions
                 .iter()
@@ -390,6 +398,8 @@ pub struct Summary {
     pub mode: Mode,
     pub interfaces: InterfacesSummary,
     pub exempt: Vec<String>,
+    /// Declared NAT64 prefixes (the well-known one is always in force).
+    pub nat64: Vec<String>,
     pub regions: Vec<RegionSummary>,
     pub classes: Vec<ClassSummary>,
 }

@@ -25,6 +25,8 @@ pub(super) struct RawPolicy {
     pub interfaces: Option<RawInterfaces>,
     #[serde(default)]
     pub exempt: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub nat64: Vec<Spanned<String>>,
     pub regions: Spanned<IndexMap<Spanned<String>, RawRegion>>,
     pub data_classes: Spanned<IndexMap<Spanned<String>, RawClass>>,
 }

@@ -221,7 +221,7 @@ fn unknown_key_at_top_level() {
         errors("version: 1\nregions: {}\ndata_classes: {}\nexmept: []\n"),
         [
             "policy.yaml:4:1: unknown field `exmept`, expected one of version, mode, interfaces, \
-          exempt, regions, data_classes"
+          exempt, nat64, regions, data_classes"
         ]
     );
 }
@@ -589,6 +589,40 @@ fn exclusion_patterns_are_globs_checked_where_they_are_written() {
             "policy.yaml:3:13: invalid interface pattern `veth[`: unclosed character class; missing ']'",
             "policy.yaml:3:22: invalid interface pattern ``: a pattern cannot be empty",
             "policy.yaml:3:26: invalid interface pattern `a/*`: interface names never contain `/`",
+        ]
+    );
+}
+
+#[test]
+fn nat64_prefixes_are_ipv6_slash_96_and_at_most_four() {
+    let p = Env::new()
+        .load(
+            "version: 1\nnat64: [\"2001:db8:64::/96\", \"64:ff9b:1::/96\", \"2001:db8:64::/96\"]\nregions: {}\ndata_classes: {}\n",
+        )
+        .expect("valid policy");
+    let listed: Vec<String> = p.nat64_prefixes.iter().map(ToString::to_string).collect();
+    assert_eq!(listed, ["2001:db8:64::/96", "64:ff9b:1::/96"]);
+    let compiled = p.compile();
+    assert_eq!(compiled.policy.header.n_nat64, 2);
+    assert_eq!(
+        compiled.policy.header.nat64[0],
+        datafence_common::verdict::nat64_words(
+            &"2001:db8:64::"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        )
+    );
+    assert_eq!(
+        errors(
+            "version: 1\nnat64: [\"2001:db8:64::/64\", 192.0.2.0/24, \"bogus\", \"2001:db8:1::/96\", \"2001:db8:2::/96\", \"2001:db8:3::/96\", \"2001:db8:4::/96\", \"2001:db8:5::/96\"]\nregions: {}\ndata_classes: {}\n"
+        ),
+        [
+            "policy.yaml:2:9: invalid NAT64 prefix `2001:db8:64::/64`: only /96 prefixes are supported, which put the IPv4 address in the last four bytes",
+            "policy.yaml:2:29: invalid NAT64 prefix `192.0.2.0/24`: a NAT64 prefix is an IPv6 prefix",
+            "policy.yaml:2:43: invalid NAT64 prefix `bogus`: invalid CIDR `bogus`: expected \
+             ADDRESS/LENGTH such as 192.0.2.0/24 or 2001:db8::/32",
+            "policy.yaml:2:128: invalid NAT64 prefix `2001:db8:5::/96`: at most 4 NAT64 prefixes besides 64:ff9b::/96",
         ]
     );
 }

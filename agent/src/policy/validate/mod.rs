@@ -14,7 +14,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use datafence_common::{
-    MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, SLOTS,
+    MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_EXEMPT_ENTRIES, MAX_NAT64_PREFIXES, MAX_SRC_CIDR_ENTRIES,
+    SLOTS,
 };
 use indexmap::{IndexMap, IndexSet};
 use ipnetwork::IpNetwork;
@@ -147,6 +148,7 @@ impl Validator<'_> {
             None => (None, Vec::new(), Vec::new()),
         };
         let exempt = self.exempt(raw.exempt.as_ref());
+        let nat64_prefixes = self.nat64(&raw.nat64);
         let regions = self.regions(&raw.regions);
         let classes = self.classes(&raw.data_classes, mode, &regions);
         let hasher = std::mem::take(&mut self.hasher);
@@ -160,6 +162,7 @@ impl Validator<'_> {
             gateway_interfaces,
             excluded_interfaces,
             exempt,
+            nat64_prefixes,
             regions,
             classes,
         }
@@ -253,6 +256,41 @@ impl Validator<'_> {
             }
         }
         patterns.into_iter().collect()
+    }
+
+    /// NAT64 prefixes besides the well-known `64:ff9b::/96`: `/96` only, the length
+    /// that keeps the IPv4 address in the last four bytes (RFC 6052, section 2.2).
+    fn nat64(&mut self, raw: &[Spanned<String>]) -> Vec<ipnetwork::Ipv6Network> {
+        let mut prefixes = IndexSet::new();
+        for entry in raw {
+            let problem = match parse_cidr(&entry.value) {
+                Ok(IpNetwork::V6(net)) if net.prefix() == 96 => {
+                    if prefixes.len() == MAX_NAT64_PREFIXES && !prefixes.contains(&net) {
+                        Some(format!(
+                            "at most {MAX_NAT64_PREFIXES} NAT64 prefixes besides 64:ff9b::/96"
+                        ))
+                    } else {
+                        prefixes.insert(net);
+                        None
+                    }
+                }
+                Ok(IpNetwork::V6(_)) => Some(
+                    "only /96 prefixes are supported, which put the IPv4 address in the last four bytes".to_owned(),
+                ),
+                Ok(IpNetwork::V4(_)) => Some("a NAT64 prefix is an IPv6 prefix".to_owned()),
+                Err(p) => Some(p.to_string()),
+            };
+            if let Some(detail) = problem {
+                self.error(
+                    at(entry),
+                    Problem::Nat64 {
+                        prefix: entry.value.clone(),
+                        detail,
+                    },
+                );
+            }
+        }
+        prefixes.into_iter().collect()
     }
 
     fn exempt(&mut self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<IpNetwork> {
