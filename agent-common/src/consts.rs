@@ -78,10 +78,15 @@ pub mod stage {
     /// The parser for interfaces whose frames start at the IP header (see
     /// [`L3_LINKS`](crate::map_names::L3_LINKS)); it posts the job and jumps to the judge.
     pub const L3_PARSE: u32 = 1;
+    /// The walk of IPv4 options, for the source routes among them
+    /// ([`read_ipv4_options`](crate::parse::read_ipv4_options)); the parse stages jump
+    /// here instead of to the judge when a header has options, and it jumps on to the
+    /// judge.
+    pub const IPV4_OPTIONS: u32 = 2;
 }
 
 /// Places in each hook's program array.
-pub const STAGE_SLOTS: u32 = 2;
+pub const STAGE_SLOTS: u32 = 3;
 
 /// First fragments whose judgement is kept for their datagram's later fragments, as in
 /// Cilium's fragment map. Linux keeps an incomplete datagram for 30 s at most

@@ -81,6 +81,9 @@ pub mod program_names {
     /// The parse stages for interfaces without a link-layer header.
     pub const TC_L3: &str = "datafence_tc_l3";
     pub const XDP_L3: &str = "datafence_xdp_l3";
+    /// The stages that walk IPv4 options (see `stage::IPV4_OPTIONS`).
+    pub const TC_IPV4_OPTIONS: &str = "datafence_tc_options";
+    pub const XDP_IPV4_OPTIONS: &str = "datafence_xdp_options";
     /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
     pub const BENCH_EMPTY: &str = "bench_empty";
     pub const BENCH_LPM_V4: &str = "bench_lpm_v4";

@@ -79,6 +79,11 @@ const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_MH: u8 = 135;
 
 const IPV4_MIN_HLEN: usize = 20;
+/// IPv4 options fill at most 40 bytes, so no more than 40 of them (each a byte or more).
+const IPV4_MAX_OPTIONS: usize = 40;
+const IPV4_MAX_HLEN: usize = 60;
+const IPOPT_LSRR: u8 = 131;
+const IPOPT_SSRR: u8 = 137;
 const IPV6_HLEN: usize = 40;
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
@@ -122,15 +127,22 @@ pub struct ParsedFrame {
     pub protocol_known: bool,
     /// The destination address was read.
     pub dst_known: bool,
-    /// An IPv6 routing header with segments left: more destinations follow.
+    /// More destinations follow the one in the header: an IPv6 routing header with
+    /// segments left, or an IPv4 loose or strict source route with addresses left.
     pub routed: bool,
     pub protocol: u8,
     pub dscp: u8,
     pub ports: PortInfo,
     /// [`fragment::WHOLE`], [`fragment::FIRST`] or [`fragment::LATER`].
     pub fragment: u8,
+    /// Where an IPv4 header's options start in the frame, and how many bytes they take
+    /// (0 without options): for [`read_ipv4_options`].
+    pub ipv4_options_at: u8,
+    pub ipv4_options_len: u8,
     pub src_port: u16,
     pub dst_port: u16,
+    /// Where the IP packet ends in the frame, by the length its header declares.
+    pub ip_end: u32,
     /// The fragment identification (IPv4's 16 bits, IPv6's 32). Read from every IPv4
     /// header, fragment or not; meaningful only when `fragment` is not `WHOLE`.
     pub fragment_id: u32,
@@ -151,8 +163,11 @@ impl ParsedFrame {
         dscp: 0,
         ports: PortInfo::Unknown,
         fragment: fragment::WHOLE,
+        ipv4_options_at: 0,
+        ipv4_options_len: 0,
         src_port: 0,
         dst_port: 0,
+        ip_end: 0,
         fragment_id: 0,
         src: [0; 16],
         dst: [0; 16],
@@ -254,6 +269,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
         pkt,
         end: ip_end(l3, total),
     };
+    out.ip_end = pkt.end as u32;
     // Options: the whole header must be present.
     if pkt.load::<u8>(l3 + ihl - 1).is_none() {
         return false;
@@ -269,7 +285,116 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     let more = (flags_offset & IPV4_MORE_FRAGMENTS) >> 13;
     out.fragment = ((later << 1) | (more & (later ^ 1))) as u8;
     out.fragment_id = u32::from(be16([h[4], h[5]]));
+    // Walked apart (`read_ipv4_options`): the offset fits, since the parser never looks
+    // further in than two VLAN tags.
+    out.ipv4_options_at = (l3 + IPV4_MIN_HLEN) as u8;
+    out.ipv4_options_len = (ihl - IPV4_MIN_HLEN) as u8;
     parse_ports(&pkt, l3 + ihl, later == 0, out)
+}
+
+/// Looks for a source route in the IPv4 options the parser found (`routed`), after
+/// [`parse_frame_headers`] or [`parse_ip_packet_headers`]. Options the kernel refuses
+/// make the frame malformed. Apart from the header parse so that the eBPF programs can
+/// run it in a stage of its own, for frames that have options: a loop over up to 40
+/// options inside the parser would multiply its paths for the verifier.
+#[inline(always)]
+pub fn read_ipv4_options<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFrame) {
+    if frame.ipv4_options_len == 0 {
+        return;
+    }
+    let pkt = IpBounded {
+        pkt,
+        end: frame.ip_end as usize,
+    };
+    let start = usize::from(frame.ipv4_options_at);
+    if let Some(routed) =
+        ipv4_source_routed(&pkt, start, start + usize::from(frame.ipv4_options_len))
+    {
+        frame.routed = routed;
+    } else {
+        frame.kind = FrameKind::Malformed;
+        frame.ports = PortInfo::Unknown;
+    }
+}
+
+/// Whether the IPv4 options between `start` and `end` hold a loose or strict source route
+/// with addresses left (RFC 791): the destination in the header is then only the next
+/// hop, and whoever receives the packet sends it on to the next address. `None` for
+/// options the kernel refuses (a length below 2, or past the header), and when the bytes
+/// to read are not there, which includes an option at the very end of a packet with less
+/// than two bytes of payload.
+///
+/// Walked the way the kernel's `ip_options_compile` walks them, so that padding (NOPs
+/// before the route, the route after another option) cannot hide a route.
+///
+/// Without branches in the loop but those that leave it (see `fragment`): a branch per
+/// option kind would give the verifier a path per mix of kinds, over a million
+/// instructions for 40 options inside the parser.
+#[inline(always)]
+fn ipv4_source_routed<P: PacketBytes + ?Sized>(pkt: &P, start: usize, end: usize) -> Option<bool> {
+    let mut routed = 0;
+    let mut refused = 0;
+    let mut off = start;
+    let mut i = 0;
+    // Bounded by IPV4_MAX_OPTIONS: each option takes at least one byte.
+    while i < IPV4_MAX_OPTIONS && off < end {
+        // Three bytes for every option, one-byte ones too: LLVM turns a one-byte read's
+        // bounds check into one the verifier cannot use.
+        let [kind, length, pointer] = pkt.load::<[u8; 3]>(off)?;
+        let (kind, length, pointer) =
+            (usize::from(kind), usize::from(length), usize::from(pointer));
+        // End-of-options (0) and NOP (1) are one byte; every other kind has a length.
+        let has_length = bit((opaque(kind >> 1) + 0xff) >> 8);
+        // Masked so that the verifier sees the walk advance by at most 256 bytes.
+        let step = has_length * (length.wrapping_sub(1) & 0xff) + 1;
+        let next = off + step;
+        // The kernel refuses a length below 2, and an option that runs past the header.
+        let past_the_header = sign(end.wrapping_sub(next));
+        refused |= has_length & (is_zero(length >> 1) | past_the_header);
+        let source_route =
+            is_zero(kind ^ usize::from(IPOPT_LSRR)) | is_zero(kind ^ usize::from(IPOPT_SSRR));
+        // The pointer (1-based, from the option's start) names the next address; past
+        // the last one, the route is done and the header's destination is final.
+        let addresses_left = 1 ^ sign(length.wrapping_sub(pointer));
+        routed |= source_route & addresses_left;
+        // End-of-options ends the walk: past the header.
+        off = next + is_zero(kind) * IPV4_MAX_HLEN;
+        i += 1;
+    }
+    if refused != 0 {
+        return None;
+    }
+    Some(routed != 0)
+}
+
+// Without branches, for `ipv4_source_routed`. Each value goes through `opaque` before it
+// is tested: an optimiser that knows a value's range (a byte, a 0 or 1) turns a shift that
+// tests a sign or a zero back into a comparison, which is a branch in BPF, and each would
+// split the verifier's walk of the options loop in two, every option again.
+
+/// 1 when `value` is 0, else 0, for values below 2^63.
+#[inline(always)]
+fn is_zero(value: usize) -> usize {
+    sign(opaque(value).wrapping_sub(1))
+}
+
+/// 1 when `value`, read as signed, is negative.
+#[inline(always)]
+fn sign(value: usize) -> usize {
+    bit(opaque(value) >> (usize::BITS - 1))
+}
+
+/// The lowest bit of `value`, as a number the optimiser cannot read as a truth value. The
+/// verifier still knows it is 0 or 1: `opaque` goes through an eight-byte stack slot,
+/// which every kernel's verifier tracks.
+#[inline(always)]
+fn bit(value: usize) -> usize {
+    opaque(value & 1)
+}
+
+#[inline(always)]
+fn opaque(value: usize) -> usize {
+    core::hint::black_box(value)
 }
 
 #[inline(always)]
@@ -295,6 +420,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
         pkt,
         end: ip_end(l3 + IPV6_HLEN, payload),
     };
+    out.ip_end = pkt.end as u32;
     let mut next = h[6];
     let mut off = l3 + IPV6_HLEN;
     // A fragment header straight after the IPv6 header, where Linux puts it when no
@@ -373,18 +499,36 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
 /// [`MAX_VLAN_DEPTH`].
 #[inline(always)]
 pub fn parse_frame<P: PacketBytes + ?Sized>(pkt: &P, offloaded_vlan_tags: usize) -> ParsedFrame {
+    let mut frame = parse_frame_headers(pkt, offloaded_vlan_tags);
+    read_ipv4_options(pkt, &mut frame);
+    frame
+}
+
+/// Parses a packet that starts at its IP header, as frames do on devices without a
+/// link-layer header: tun, WireGuard, ipip, sit, GRE, PPP.
+#[inline(always)]
+pub fn parse_ip_packet<P: PacketBytes + ?Sized>(pkt: &P) -> ParsedFrame {
+    let mut frame = parse_ip_packet_headers(pkt);
+    read_ipv4_options(pkt, &mut frame);
+    frame
+}
+
+/// [`parse_frame`] but for the IPv4 options, which [`read_ipv4_options`] reads.
+#[inline(always)]
+pub fn parse_frame_headers<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    offloaded_vlan_tags: usize,
+) -> ParsedFrame {
     let Some((ethertype, l3)) = parse_ethernet(pkt, offloaded_vlan_tags) else {
         return ParsedFrame::UNREAD;
     };
     parse_network(pkt, ethertype, l3)
 }
 
-/// Parses a packet that starts at its IP header, as frames do on devices without a
-/// link-layer header: tun, WireGuard, ipip, sit, GRE, PPP. The version field says the
-/// family, as it does for whoever receives the packet at the other end; anything else is
-/// not IP.
+/// [`parse_ip_packet`] but for the IPv4 options. The version field says the family, as it
+/// does for whoever receives the packet at the other end; anything else is not IP.
 #[inline(always)]
-pub fn parse_ip_packet<P: PacketBytes + ?Sized>(pkt: &P) -> ParsedFrame {
+pub fn parse_ip_packet_headers<P: PacketBytes + ?Sized>(pkt: &P) -> ParsedFrame {
     // Two bytes, not one: LLVM turns a one-byte bounds check into `data >= data_end`,
     // which the verifier cannot use. Every IP header is longer.
     let Some([first, _]) = pkt.load::<[u8; 2]>(0) else {
@@ -435,6 +579,12 @@ pub fn is_builtin_exempt(family: u8, dst: &[u8; 16]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    const IPOPT_END: u8 = 0;
+    const IPOPT_NOOP: u8 = 1;
+
     use super::*;
 
     fn udp_v4(dst: [u8; 4], port: u16) -> [u8; 28] {
@@ -478,6 +628,73 @@ mod tests {
         let packet = udp_v4([203, 0, 113, 10], 5432);
         assert_eq!(parse_frame(&packet[..], 0).kind, FrameKind::NotIp);
         assert_eq!(parse_ip_packet(&packet[..]).kind, FrameKind::Ip);
+    }
+
+    /// A UDP packet to port 5432 whose header carries `options` (padded to whole words).
+    fn udp_v4_with_options(options: &[u8]) -> Vec<u8> {
+        let mut options = options.to_vec();
+        while !options.len().is_multiple_of(4) {
+            options.push(IPOPT_END);
+        }
+        let plain = udp_v4([192, 0, 2, 1], 5432);
+        let mut p = plain[..20].to_vec();
+        p.extend_from_slice(&options);
+        p.extend_from_slice(&plain[20..]);
+        p[0] = 0x40 | (5 + options.len() / 4) as u8;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p
+    }
+
+    /// A source-route option of `kind` with `pointer` and two addresses.
+    fn source_route(kind: u8, pointer: u8) -> Vec<u8> {
+        let mut o = vec![kind, 11, pointer];
+        o.extend_from_slice(&[198, 51, 100, 1, 203, 0, 113, 10]);
+        o
+    }
+
+    #[test]
+    fn an_ipv4_source_route_with_addresses_left_is_routed_wherever_it_sits() {
+        let lsrr = source_route(IPOPT_LSRR, 4);
+        let ssrr = source_route(IPOPT_SSRR, 8);
+        let after_nops = [vec![IPOPT_NOOP; 3], lsrr.clone()].concat();
+        // A router alert (four bytes) ahead of the route.
+        let after_another = [vec![148, 4, 0, 0], ssrr.clone()].concat();
+        // A pointer inside the option's own header, which the kernel refuses: routed all
+        // the same.
+        let odd_pointer = source_route(IPOPT_SSRR, 3);
+        for options in [lsrr, ssrr, after_nops, after_another, odd_pointer] {
+            let f = parse_ip_packet(&udp_v4_with_options(&options)[..]);
+            assert_eq!(f.kind, FrameKind::Ip, "{options:?}");
+            assert!(f.routed, "{options:?}");
+            assert_eq!((f.ports, f.dst_port), (PortInfo::Known, 5432));
+        }
+    }
+
+    #[test]
+    fn a_finished_source_route_or_other_options_leave_the_destination_final() {
+        // The pointer is past the last address: the header's destination is the last stop.
+        let done = source_route(IPOPT_LSRR, 12);
+        let record_route = [7u8, 7, 4, 0, 0, 0, 0].to_vec();
+        // A route after the end-of-options marker is padding, not an option.
+        let after_end = [vec![IPOPT_END], source_route(IPOPT_LSRR, 4)].concat();
+        for options in [done, record_route, after_end, vec![IPOPT_NOOP; 40]] {
+            let f = parse_ip_packet(&udp_v4_with_options(&options)[..]);
+            assert_eq!(f.kind, FrameKind::Ip, "{options:?}");
+            assert!(!f.routed, "{options:?}");
+        }
+    }
+
+    #[test]
+    fn options_the_kernel_refuses_make_the_frame_malformed() {
+        // Every Linux hop drops these, and none may hide a route: each is malformed.
+        let too_short = vec![IPOPT_LSRR, 1];
+        let past_the_header = vec![IPOPT_LSRR, 40, 4];
+        let zero_length_then_route = [vec![7, 0], source_route(IPOPT_LSRR, 4)].concat();
+        for options in [too_short, past_the_header, zero_length_then_route] {
+            let f = parse_ip_packet(&udp_v4_with_options(&options)[..]);
+            assert_eq!(f.kind, FrameKind::Malformed, "{options:?}");
+        }
     }
 
     #[test]

@@ -37,7 +37,9 @@ use datafence_common::{
     MAX_EXEMPT_ENTRIES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES, MAX_TRACKED_FRAGMENTS, Policy,
     REGION_NONE, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
     ViolationEvent,
-    parse::{PacketBytes, ParsedFrame, parse_frame, parse_ip_packet},
+    parse::{
+        PacketBytes, ParsedFrame, parse_frame_headers, parse_ip_packet_headers, read_ipv4_options,
+    },
     stage, stat,
     v6::{V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode, v6_search, v6_table_get},
     verdict::{Judgement, Lookups, judge_frame},
@@ -141,9 +143,10 @@ struct Job {
 static TC_JOB: PerCpuArray<Job> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static XDP_JOB: PerCpuArray<Job> = PerCpuArray::with_max_entries(1, 0);
-/// The stages of each hook: the judge at [`stage::JUDGE`] and the parser for interfaces
-/// without a link-layer header at [`stage::L3_PARSE`]. The agent fills them before
-/// attaching anything, and pins them so that they outlive it.
+/// The stages of each hook: the judge at [`stage::JUDGE`], the parser for interfaces
+/// without a link-layer header at [`stage::L3_PARSE`] and the IPv4 options walk at
+/// [`stage::IPV4_OPTIONS`]. The agent fills them before attaching anything, and pins them
+/// so that they outlive it.
 #[map]
 static TC_STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_SLOTS, 0);
 #[map]
@@ -185,6 +188,24 @@ fn post_job(jobs: &PerCpuArray<Job>, job: Job) -> bool {
 fn take_job(jobs: &PerCpuArray<Job>) -> Option<&'static Job> {
     // SAFETY: as for `post_job`; the entry program wrote the whole value before the jump.
     jobs.get_ptr(0).map(|p| unsafe { &*p })
+}
+
+#[inline(always)]
+fn take_job_mut(jobs: &PerCpuArray<Job>) -> Option<&'static mut Job> {
+    // SAFETY: as for `take_job`; this CPU's stages run one after the other, so nothing
+    // else holds the job while a stage changes it.
+    jobs.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The stage a parse stage jumps to next: the options walk when the IPv4 header has
+/// options, the judge otherwise.
+#[inline(always)]
+fn stage_after_parse(frame: &ParsedFrame) -> u32 {
+    if frame.ipv4_options_len != 0 {
+        stage::IPV4_OPTIONS
+    } else {
+        stage::JUDGE
+    }
 }
 
 const _: () = assert!(MAX_CLASSES.is_power_of_two());
@@ -584,10 +605,12 @@ pub fn datafence_tc_egress(ctx: TcContext) -> i32 {
     if is_l3_link(ifindex) {
         // SAFETY: as below.
         unsafe { TC_STAGES.tail_call(&ctx, stage::L3_PARSE) };
-    } else if post_tc_job(&ctx, |bytes, vlan_tags| parse_frame(bytes, vlan_tags)) {
-        // SAFETY: the context is the program's own; the index is a constant below the
-        // array's size.
-        unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
+    } else if let Some(next) = post_tc_job(&ctx, |bytes, vlan_tags| {
+        parse_frame_headers(bytes, vlan_tags)
+    }) {
+        // SAFETY: the context is the program's own; a stage index outside the array
+        // fails the call, which falls through below.
+        unsafe { TC_STAGES.tail_call(&ctx, next) };
     }
     bump_stat(stat::STAGE_MISSING);
     TC_PASS
@@ -597,7 +620,24 @@ pub fn datafence_tc_egress(ctx: TcContext) -> i32 {
 /// header.
 #[classifier]
 pub fn datafence_tc_l3(ctx: TcContext) -> i32 {
-    if post_tc_job(&ctx, |bytes, _| parse_ip_packet(bytes)) {
+    if let Some(next) = post_tc_job(&ctx, |bytes, _| parse_ip_packet_headers(bytes)) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { TC_STAGES.tail_call(&ctx, next) };
+    }
+    bump_stat(stat::STAGE_MISSING);
+    TC_PASS
+}
+
+/// TC stage for IPv4 headers with options: marks the job's frame routed when they hold a
+/// source route, then jumps to the judge.
+#[classifier]
+pub fn datafence_tc_options(ctx: TcContext) -> i32 {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    if let Some(job) = take_job_mut(&TC_JOB) {
+        read_ipv4_options(&bytes, &mut job.frame);
         // SAFETY: as in `datafence_tc_egress`.
         unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
     }
@@ -605,8 +645,9 @@ pub fn datafence_tc_l3(ctx: TcContext) -> i32 {
     TC_PASS
 }
 
+/// Parses the frame, posts the job, and says which stage to jump to.
 #[inline(always)]
-fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFrame) -> bool {
+fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFrame) -> Option<u32> {
     let skb = ctx.skb.skb;
     // SAFETY: reads of __sk_buff fields the verifier allows for TC programs.
     let (mark, ifindex, vlan_present) =
@@ -621,6 +662,7 @@ fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFra
         reason = "`usize::from` makes LLVM emit different code for this program (30% fewer instructions in datafence_tc_egress, 2026-12-01); that wants `cargo xtask verifier`, not a lint fix"
     )]
     let frame = parse(&bytes, if vlan_present != 0 { 1 } else { 0 });
+    let next = stage_after_parse(&frame);
     post_job(
         &TC_JOB,
         Job {
@@ -630,6 +672,7 @@ fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFra
             len: ctx.len(),
         },
     )
+    .then_some(next)
 }
 
 /// TC judge stage: the decision, its count and its report.
@@ -674,9 +717,9 @@ pub fn datafence_xdp(ctx: XdpContext) -> u32 {
     if is_l3_link(ifindex) {
         // SAFETY: as in `datafence_tc_egress`.
         unsafe { XDP_STAGES.tail_call(&ctx, stage::L3_PARSE) };
-    } else if post_xdp_job(&ctx, |bytes| parse_frame(bytes, 0)) {
+    } else if let Some(next) = post_xdp_job(&ctx, |bytes| parse_frame_headers(bytes, 0)) {
         // SAFETY: as in `datafence_tc_egress`.
-        unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
+        unsafe { XDP_STAGES.tail_call(&ctx, next) };
     }
     bump_stat(stat::STAGE_MISSING);
     xdp_action::XDP_PASS
@@ -685,7 +728,23 @@ pub fn datafence_xdp(ctx: XdpContext) -> u32 {
 /// XDP parse stage for interfaces without a link-layer header, as for TC.
 #[xdp]
 pub fn datafence_xdp_l3(ctx: XdpContext) -> u32 {
-    if post_xdp_job(&ctx, |bytes| parse_ip_packet(bytes)) {
+    if let Some(next) = post_xdp_job(&ctx, |bytes| parse_ip_packet_headers(bytes)) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { XDP_STAGES.tail_call(&ctx, next) };
+    }
+    bump_stat(stat::STAGE_MISSING);
+    xdp_action::XDP_PASS
+}
+
+/// XDP stage for IPv4 headers with options, as for TC.
+#[xdp]
+pub fn datafence_xdp_options(ctx: XdpContext) -> u32 {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    if let Some(job) = take_job_mut(&XDP_JOB) {
+        read_ipv4_options(&bytes, &mut job.frame);
         // SAFETY: as in `datafence_tc_egress`.
         unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
     }
@@ -693,13 +752,15 @@ pub fn datafence_xdp_l3(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Parses the frame, posts the job, and says which stage to jump to.
 #[inline(always)]
-fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -> bool {
+fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -> Option<u32> {
     let bytes = DirectBytes {
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
     let frame = parse(&bytes);
+    let next = stage_after_parse(&frame);
     post_job(
         &XDP_JOB,
         Job {
@@ -712,6 +773,7 @@ fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -
             len: (ctx.data_end() - ctx.data()) as u32,
         },
     )
+    .then_some(next)
 }
 
 #[xdp]

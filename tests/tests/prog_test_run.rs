@@ -637,6 +637,89 @@ fn routing_header_with_segments_left_passes_only_an_allowed_hop_of_a_class_denie
     assert_outcome(&o, allow(HTTPS, EU_WEST, Reason::RegionAllowed));
 }
 
+/// An IPv4 loose (131) or strict (137) source-route option with `pointer` and the
+/// addresses still to visit.
+fn ipv4_source_route(kind: u8, pointer: u8, addresses: &[&str]) -> Vec<u8> {
+    let mut option = vec![kind, (3 + 4 * addresses.len()) as u8, pointer];
+    for address in addresses {
+        option.extend_from_slice(&address.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    }
+    option
+}
+
+#[test]
+fn an_ipv4_source_route_is_judged_like_a_routing_header() {
+    let mut dp = setup();
+    let routed = |dst: &str, port: u16, options: Vec<u8>| {
+        let mut spec = Spec::tcp(SRC4, dst, port);
+        spec.ipv4_options = options;
+        spec.build()
+    };
+    let lsrr = || ipv4_source_route(131, 4, &[US4]);
+    let cases = [
+        // Through an allowed relay to a denied region: delivered, 20 of 20, before.
+        (
+            routed(EU4, 443, lsrr()),
+            0,
+            deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied),
+            "loose route, allowed hop",
+        ),
+        (
+            routed(EU4, 443, ipv4_source_route(137, 4, &[US4])),
+            0,
+            deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied),
+            "strict route, allowed hop",
+        ),
+        // Padding cannot hide the route.
+        (
+            routed(EU4, 443, [vec![1, 1, 1], lsrr()].concat()),
+            0,
+            deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied),
+            "route after NOPs",
+        ),
+        (
+            routed(EU4, 443, [vec![148, 4, 0, 0], lsrr()].concat()),
+            0,
+            deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied),
+            "route after a router alert",
+        ),
+        // An exempt first hop is not an exempt packet.
+        (
+            routed("10.1.2.3", 443, lsrr()),
+            0x10,
+            deny(MARKED, REGION_NONE, Reason::RoutingHeaderDenied),
+            "policy-exempt hop",
+        ),
+        // A class denied no destination at all may be source-routed anywhere.
+        (
+            routed(EU4, 9999, lsrr()),
+            0,
+            allow(OPEN, EU_WEST, Reason::RoutingHeaderAllowed),
+            "a class denied nowhere",
+        ),
+        // The pointer past the last address: the route is done, the destination final.
+        (
+            routed(EU4, 443, ipv4_source_route(131, 8, &[US4])),
+            0,
+            allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            "finished route",
+        ),
+        // Options the kernel refuses: malformed, and user data fails closed.
+        (
+            routed(EU4, 443, vec![131, 1]),
+            0,
+            deny(HTTPS, REGION_NONE, Reason::MalformedDenied),
+            "option length below 2",
+        ),
+    ];
+    for (frame, mark, want, case) in cases {
+        check(&run(&mut dp, TC, &frame.bytes, mark), want, case);
+    }
+    // The gateway hook walks the options too.
+    let o = run(&mut dp, XDP, &routed(EU4, 443, lsrr()).bytes, 0);
+    assert_outcome(&o, deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied));
+}
+
 #[test]
 fn truncated_frames_fail_closed_at_every_header_boundary() {
     let mut dp = setup();

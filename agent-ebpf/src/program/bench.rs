@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use datafence_common::{
     BENCH_ADDRS, COLD_LOOKUPS_PER_RUN, DEFAULT_TABLE_CAPACITY,
-    parse::{PacketBytes as _, parse_frame},
+    parse::{PacketBytes as _, parse_frame_headers},
 };
 
 use super::{
@@ -152,7 +152,11 @@ static BENCH_STAGES: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// jump: with `bench_handoff`, what the split into a tail-called judge costs.
 #[classifier]
 pub fn bench_parse_post(ctx: TcContext) -> i32 {
-    if post_tc_job(&ctx, |bytes, vlan_tags| parse_frame(bytes, vlan_tags)) {
+    if post_tc_job(&ctx, |bytes, vlan_tags| {
+        parse_frame_headers(bytes, vlan_tags)
+    })
+    .is_some()
+    {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT
@@ -162,7 +166,11 @@ pub fn bench_parse_post(ctx: TcContext) -> i32 {
 /// The entry's work, then the jump into a stage that only takes the job back.
 #[classifier]
 pub fn bench_handoff(ctx: TcContext) -> i32 {
-    if post_tc_job(&ctx, |bytes, vlan_tags| parse_frame(bytes, vlan_tags)) {
+    if post_tc_job(&ctx, |bytes, vlan_tags| {
+        parse_frame_headers(bytes, vlan_tags)
+    })
+    .is_some()
+    {
         // SAFETY: the context is the program's own; index 0 is below the array's size.
         unsafe { BENCH_STAGES.tail_call(&ctx, 0) };
     }

@@ -25,9 +25,14 @@ use super::{
 };
 
 /// The stages of each hook's program array: (array, index, program).
-const STAGES: [(&str, u32, &str); 4] = [
+const STAGES: [(&str, u32, &str); 6] = [
     (map_names::TC_STAGES, stage::JUDGE, program_names::TC_JUDGE),
     (map_names::TC_STAGES, stage::L3_PARSE, program_names::TC_L3),
+    (
+        map_names::TC_STAGES,
+        stage::IPV4_OPTIONS,
+        program_names::TC_IPV4_OPTIONS,
+    ),
     (
         map_names::XDP_STAGES,
         stage::JUDGE,
@@ -38,17 +43,30 @@ const STAGES: [(&str, u32, &str); 4] = [
         stage::L3_PARSE,
         program_names::XDP_L3,
     ),
+    (
+        map_names::XDP_STAGES,
+        stage::IPV4_OPTIONS,
+        program_names::XDP_IPV4_OPTIONS,
+    ),
 ];
 
 /// Loads the stages and puts each in its hook's array, before any entry program can be
 /// attached: an entry program whose stage is missing passes packets unjudged.
 fn load_stages(ebpf: &mut Ebpf) -> Result<()> {
-    for program in [program_names::TC_JUDGE, program_names::TC_L3] {
+    for program in [
+        program_names::TC_JUDGE,
+        program_names::TC_L3,
+        program_names::TC_IPV4_OPTIONS,
+    ] {
         program_mut::<SchedClassifier>(ebpf, program)?
             .load()
             .map_err(program_err(program))?;
     }
-    for program in [program_names::XDP_JUDGE, program_names::XDP_L3] {
+    for program in [
+        program_names::XDP_JUDGE,
+        program_names::XDP_L3,
+        program_names::XDP_IPV4_OPTIONS,
+    ] {
         program_mut::<Xdp>(ebpf, program)?
             .load()
             .map_err(program_err(program))?;

@@ -23,13 +23,15 @@ use super::{
 };
 
 /// The programs pinned beside a build's stage arrays, under their own names.
-const PINNED: [&str; 6] = [
+const PINNED: [&str; 8] = [
     program_names::TC_EGRESS,
     program_names::TC_JUDGE,
     program_names::TC_L3,
+    program_names::TC_IPV4_OPTIONS,
     program_names::XDP_GATEWAY,
     program_names::XDP_JUDGE,
     program_names::XDP_L3,
+    program_names::XDP_IPV4_OPTIONS,
 ];
 
 /// One build's programs, as an earlier agent loaded and pinned them.
@@ -39,13 +41,15 @@ pub(super) struct Reused {
     pub(super) tc: Option<SchedClassifier>,
     pub(super) tc_judge: SchedClassifier,
     pub(super) tc_l3: SchedClassifier,
+    pub(super) tc_options: SchedClassifier,
     pub(super) xdp: Xdp,
     pub(super) xdp_judge: Xdp,
     pub(super) xdp_l3: Xdp,
+    pub(super) xdp_options: Xdp,
 }
 
 impl Reused {
-    /// This build's pinned programs, if all six are there and use exactly the maps
+    /// This build's pinned programs, if all eight are there and use exactly the maps
     /// pinned for this agent now. A program bound to maps that have since been removed
     /// (a partial `detach`, a hand-deleted directory) would judge by a policy nobody
     /// writes any more: such programs are not adopted, and the object is loaded anew.
@@ -57,17 +61,21 @@ impl Reused {
             tc: Some(tc(program_names::TC_EGRESS)?),
             tc_judge: tc(program_names::TC_JUDGE)?,
             tc_l3: tc(program_names::TC_L3)?,
+            tc_options: tc(program_names::TC_IPV4_OPTIONS)?,
             xdp: xdp(program_names::XDP_GATEWAY)?,
             xdp_judge: xdp(program_names::XDP_JUDGE)?,
             xdp_l3: xdp(program_names::XDP_L3)?,
+            xdp_options: xdp(program_names::XDP_IPV4_OPTIONS)?,
         };
         let infos = [
             reused.tc.as_ref()?.info(),
             reused.tc_judge.info(),
             reused.tc_l3.info(),
+            reused.tc_options.info(),
             reused.xdp.info(),
             reused.xdp_judge.info(),
             reused.xdp_l3.info(),
+            reused.xdp_options.info(),
         ];
         let bound = infos
             .into_iter()
@@ -81,9 +89,11 @@ impl Reused {
             program_names::TC_EGRESS => self.tc.as_ref()?.info().ok(),
             program_names::TC_JUDGE => self.tc_judge.info().ok(),
             program_names::TC_L3 => self.tc_l3.info().ok(),
+            program_names::TC_IPV4_OPTIONS => self.tc_options.info().ok(),
             program_names::XDP_GATEWAY => self.xdp.info().ok(),
             program_names::XDP_JUDGE => self.xdp_judge.info().ok(),
             program_names::XDP_L3 => self.xdp_l3.info().ok(),
+            program_names::XDP_IPV4_OPTIONS => self.xdp_options.info().ok(),
             _ => None,
         }
     }
@@ -165,6 +175,18 @@ pub(super) fn refill_stages(ebpf: &mut aya::Ebpf, reused: &Reused) -> Result<()>
             stage::L3_PARSE,
             program_names::XDP_L3,
             reused.xdp_l3.fd(),
+        ),
+        (
+            map_names::TC_STAGES,
+            stage::IPV4_OPTIONS,
+            program_names::TC_IPV4_OPTIONS,
+            reused.tc_options.fd(),
+        ),
+        (
+            map_names::XDP_STAGES,
+            stage::IPV4_OPTIONS,
+            program_names::XDP_IPV4_OPTIONS,
+            reused.xdp_options.fd(),
         ),
     ];
     for (array, index, program, fd) in stages {
