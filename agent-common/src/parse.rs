@@ -306,10 +306,11 @@ pub fn read_ipv4_options<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFra
         pkt,
         end: frame.ip_end as usize,
     };
-    let start = usize::from(frame.ipv4_options_at);
-    if let Some(routed) =
-        ipv4_source_routed(&pkt, start, start + usize::from(frame.ipv4_options_len))
-    {
+    let (start, len) = (
+        usize::from(frame.ipv4_options_at),
+        usize::from(frame.ipv4_options_len),
+    );
+    if let Some(routed) = ipv4_source_routed(&pkt, start, len) {
         frame.routed = routed;
     } else {
         frame.kind = FrameKind::Malformed;
@@ -317,49 +318,51 @@ pub fn read_ipv4_options<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFra
     }
 }
 
-/// Whether the IPv4 options between `start` and `end` hold a loose or strict source route
+/// Whether the `len` bytes of IPv4 options at `start` hold a loose or strict source route
 /// with addresses left (RFC 791): the destination in the header is then only the next
 /// hop, and whoever receives the packet sends it on to the next address. `None` for
 /// options the kernel refuses (a length below 2, or past the header), and when the bytes
-/// to read are not there, which includes an option at the very end of a packet with less
-/// than two bytes of payload.
+/// to read are not there, which includes options that end less than two bytes before the
+/// end of the packet.
 ///
-/// Walked the way the kernel's `ip_options_compile` walks them, so that padding (NOPs
-/// before the route, the route after another option) cannot hide a route.
-///
-/// Without branches in the loop but those that leave it (see `fragment`): a branch per
-/// option kind would give the verifier a path per mix of kinds, over a million
-/// instructions for 40 options inside the parser.
+/// The options are walked the way the kernel's `ip_options_compile` walks them, so that
+/// padding (NOPs before the route, the route after another option) cannot hide a route.
+/// For the verifier, the walk reads every byte at a fixed place and keeps where the next
+/// option starts as a number, acting only on the byte where it does; and it has no
+/// branches but those that leave the loop. A walk that jumped from option to option, with
+/// a branch per kind, gave the verifier a path per mix of kinds: over a million
+/// instructions inside the parser.
 #[inline(always)]
-fn ipv4_source_routed<P: PacketBytes + ?Sized>(pkt: &P, start: usize, end: usize) -> Option<bool> {
+fn ipv4_source_routed<P: PacketBytes + ?Sized>(pkt: &P, start: usize, len: usize) -> Option<bool> {
     let mut routed = 0;
     let mut refused = 0;
-    let mut off = start;
-    let mut i = 0;
-    // Bounded by IPV4_MAX_OPTIONS: each option takes at least one byte.
-    while i < IPV4_MAX_OPTIONS && off < end {
-        // Three bytes for every option, one-byte ones too: LLVM turns a one-byte read's
-        // bounds check into one the verifier cannot use.
-        let [kind, length, pointer] = pkt.load::<[u8; 3]>(off)?;
+    // Where the next option starts, counted from `start`.
+    let mut next = 0;
+    let mut at = 0;
+    // Bounded by IPV4_MAX_OPTIONS: the options are no longer.
+    while at < IPV4_MAX_OPTIONS && at < len {
+        // Three bytes at every place, for the one-byte options too: LLVM turns a one-byte
+        // read's bounds check into one the verifier cannot use.
+        let [kind, length, pointer] = pkt.load::<[u8; 3]>(start + at)?;
         let (kind, length, pointer) =
             (usize::from(kind), usize::from(length), usize::from(pointer));
+        let option_here = all_or_nothing(is_zero(at ^ next));
         // End-of-options (0) and NOP (1) are one byte; every other kind has a length.
         let has_length = bit((opaque(kind >> 1) + 0xff) >> 8);
-        // Masked so that the verifier sees the walk advance by at most 256 bytes.
-        let step = has_length * (length.wrapping_sub(1) & 0xff) + 1;
-        let next = off + step;
+        let step = (length.wrapping_sub(1) & 0xff & all_or_nothing(has_length)) + 1;
         // The kernel refuses a length below 2, and an option that runs past the header.
-        let past_the_header = sign(end.wrapping_sub(next));
-        refused |= has_length & (is_zero(length >> 1) | past_the_header);
+        let past_the_header = sign(len.wrapping_sub(at + step));
+        refused |= option_here & has_length & (is_zero(length >> 1) | past_the_header);
         let source_route =
             is_zero(kind ^ usize::from(IPOPT_LSRR)) | is_zero(kind ^ usize::from(IPOPT_SSRR));
         // The pointer (1-based, from the option's start) names the next address; past
         // the last one, the route is done and the header's destination is final.
         let addresses_left = 1 ^ sign(length.wrapping_sub(pointer));
-        routed |= source_route & addresses_left;
-        // End-of-options ends the walk: past the header.
-        off = next + is_zero(kind) * IPV4_MAX_HLEN;
-        i += 1;
+        routed |= option_here & source_route & addresses_left;
+        // End-of-options ends the walk: no option starts past the header.
+        let after = at + step + (IPV4_MAX_HLEN & all_or_nothing(is_zero(kind)));
+        next = (next & !option_here) | (after & option_here);
+        at += 1;
     }
     if refused != 0 {
         return None;
@@ -390,6 +393,14 @@ fn sign(value: usize) -> usize {
 #[inline(always)]
 fn bit(value: usize) -> usize {
     opaque(value & 1)
+}
+
+/// All ones for 1, zero for 0: a mask that keeps a value or clears it, for where a
+/// multiplication by 0 or 1 would do. Linux 6.1's verifier knows nothing of a product
+/// with an operand that is not a constant, and the walk's offset would then be unbounded.
+#[inline(always)]
+fn all_or_nothing(bit: usize) -> usize {
+    bit.wrapping_neg()
 }
 
 #[inline(always)]
