@@ -234,7 +234,7 @@ fn a_device_without_a_link_layer_header_is_judged_from_the_ip_header() {
 
 /// User data on UDP port 5432, which may reach eu-west and, by its `unknown` rule, hosts in
 /// no region, such as the sandbox's next hop.
-const SOURCE_ROUTE_POLICY: &str = r#"
+const SOURCE_ROUTE_POLICY: &str = r"
 version: 1
 regions:
   eu-west:
@@ -248,7 +248,7 @@ data_classes:
       dst_ports: [5432]
     allow: [eu-west]
     unknown: allow
-"#;
+";
 
 const LSRR: u8 = 131;
 const SSRR: u8 = 137;
