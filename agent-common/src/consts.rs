@@ -83,10 +83,15 @@ pub mod stage {
     /// here instead of to the judge when a header has options, and it jumps on to the
     /// judge.
     pub const IPV4_OPTIONS: u32 = 2;
+    /// The inner headers of a tunnel
+    /// ([`read_encapsulated`](crate::parse::read_encapsulated)); the parse and options
+    /// stages jump here instead of to the judge when a frame may be a tunnel, and it jumps
+    /// on to the judge.
+    pub const ENCAPSULATED: u32 = 3;
 }
 
 /// Places in each hook's program array.
-pub const STAGE_SLOTS: u32 = 3;
+pub const STAGE_SLOTS: u32 = 4;
 
 /// First fragments whose judgement is kept for their datagram's later fragments, as in
 /// Cilium's fragment map. Linux keeps an incomplete datagram for 30 s at most

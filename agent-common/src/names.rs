@@ -84,6 +84,9 @@ pub mod program_names {
     /// The stages that walk IPv4 options (see `stage::IPV4_OPTIONS`).
     pub const TC_IPV4_OPTIONS: &str = "datafence_tc_options";
     pub const XDP_IPV4_OPTIONS: &str = "datafence_xdp_options";
+    /// The stages that read a tunnel's inner headers (see `stage::ENCAPSULATED`).
+    pub const TC_ENCAPSULATED: &str = "datafence_tc_encap";
+    pub const XDP_ENCAPSULATED: &str = "datafence_xdp_encap";
     /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
     pub const BENCH_EMPTY: &str = "bench_empty";
     pub const BENCH_LPM_V4: &str = "bench_lpm_v4";

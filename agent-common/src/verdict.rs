@@ -129,7 +129,7 @@ pub fn fragment_key(frame: &ParsedFrame) -> FragmentKey {
         id: frame.fragment_id,
         family: frame.family,
         protocol: if frame.family == FAMILY_V4 {
-            frame.protocol
+            frame.ip_protocol
         } else {
             0
         },

@@ -38,7 +38,8 @@ use datafence_common::{
     REGION_NONE, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
     ViolationEvent,
     parse::{
-        PacketBytes, ParsedFrame, parse_frame_headers, parse_ip_packet_headers, read_ipv4_options,
+        PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers, parse_ip_packet_headers,
+        read_encapsulated, read_ipv4_options,
     },
     stage, stat,
     v6::{V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode, v6_search, v6_table_get},
@@ -144,8 +145,8 @@ static TC_JOB: PerCpuArray<Job> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static XDP_JOB: PerCpuArray<Job> = PerCpuArray::with_max_entries(1, 0);
 /// The stages of each hook: the judge at [`stage::JUDGE`], the parser for interfaces
-/// without a link-layer header at [`stage::L3_PARSE`] and the IPv4 options walk at
-/// [`stage::IPV4_OPTIONS`]. The agent fills them before attaching anything, and pins them
+/// without a link-layer header at [`stage::L3_PARSE`], the IPv4 options walk at
+/// [`stage::IPV4_OPTIONS`] and the tunnels' inner headers at [`stage::ENCAPSULATED`]. The agent fills them before attaching anything, and pins them
 /// so that they outlive it.
 #[map]
 static TC_STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_SLOTS, 0);
@@ -198,7 +199,9 @@ fn take_job_mut(jobs: &PerCpuArray<Job>) -> Option<&'static mut Job> {
 }
 
 /// The stage a parse stage jumps to next: the options walk when the IPv4 header has
-/// options, the judge otherwise.
+/// options, the judge otherwise. (The judge sends what may be a tunnel to its own stage:
+/// a test for tunnels here, at the end of every path through the parser, took the TC
+/// entry program past a million verified instructions.)
 #[inline(always)]
 fn stage_after_parse(frame: &ParsedFrame) -> u32 {
     if frame.ipv4_options_len != 0 {
@@ -245,6 +248,11 @@ impl PacketBytes for DirectBytes {
         }
         // SAFETY: the range lies inside the packet, as checked above.
         Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+    }
+
+    #[inline(always)]
+    fn forget(&self, value: u32) -> u32 {
+        forget(value)
     }
 }
 
@@ -645,6 +653,23 @@ pub fn datafence_tc_options(ctx: TcContext) -> i32 {
     TC_PASS
 }
 
+/// TC stage for frames that may be tunnels, which the judge sends here first: classifies
+/// them by their inner headers, then jumps back to the judge.
+#[classifier]
+pub fn datafence_tc_encap(ctx: TcContext) -> i32 {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    if let Some(job) = take_job_mut(&TC_JOB) {
+        read_encapsulated(&bytes, &mut job.frame);
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
+    }
+    bump_stat(stat::STAGE_MISSING);
+    TC_PASS
+}
+
 /// Parses the frame, posts the job, and says which stage to jump to.
 #[inline(always)]
 fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFrame) -> Option<u32> {
@@ -675,6 +700,27 @@ fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFra
     .then_some(next)
 }
 
+/// Whether the judge sends the job to the tunnel stage first, which jumps back when it
+/// has read the inner headers (the parse stages cannot tell: see `stage_after_parse`).
+/// The fields are read apart from the judge's own reads, and the answer forgotten, so
+/// that what the test learns of them does not split the judge's paths for the verifier
+/// (it took the TC judge from 142,815 to 231,524 instructions).
+#[inline(always)]
+fn tunnel_first(frame: &ParsedFrame) -> bool {
+    // SAFETY: volatile reads of plain fields of a per-CPU map value this CPU owns.
+    let facts = unsafe {
+        TunnelFacts {
+            kind: core::ptr::read_volatile(&raw const frame.kind),
+            fragment: core::ptr::read_volatile(&raw const frame.fragment),
+            encapsulated: core::ptr::read_volatile(&raw const frame.encapsulated),
+            protocol: core::ptr::read_volatile(&raw const frame.protocol),
+            ports: core::ptr::read_volatile(&raw const frame.ports),
+            dst_port: core::ptr::read_volatile(&raw const frame.dst_port),
+        }
+    };
+    forget(u32::from(facts.may_be_tunnel())) != 0
+}
+
 /// TC judge stage: the decision, its count and its report.
 #[classifier]
 pub fn datafence_tc_judge(ctx: TcContext) -> i32 {
@@ -687,6 +733,11 @@ fn tc_judge(ctx: &TcContext) -> bool {
         bump_stat(stat::STAGE_MISSING);
         return true;
     };
+    if tunnel_first(&job.frame) {
+        // Judged by its outer headers if the stage is missing, as before there was one.
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { TC_STAGES.tail_call(ctx, stage::ENCAPSULATED) };
+    }
     let info = HookInfo {
         hook: Hook::TcEgress,
         ifindex: job.ifindex,
@@ -752,6 +803,22 @@ pub fn datafence_xdp_options(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// XDP stage for frames that may be tunnels, as for TC.
+#[xdp]
+pub fn datafence_xdp_encap(ctx: XdpContext) -> u32 {
+    let bytes = DirectBytes {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    if let Some(job) = take_job_mut(&XDP_JOB) {
+        read_encapsulated(&bytes, &mut job.frame);
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
+    }
+    bump_stat(stat::STAGE_MISSING);
+    xdp_action::XDP_PASS
+}
+
 /// Parses the frame, posts the job, and says which stage to jump to.
 #[inline(always)]
 fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -> Option<u32> {
@@ -777,8 +844,8 @@ fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -
 }
 
 #[xdp]
-pub fn datafence_xdp_judge(_ctx: XdpContext) -> u32 {
-    if xdp_judge() {
+pub fn datafence_xdp_judge(ctx: XdpContext) -> u32 {
+    if xdp_judge(&ctx) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -786,11 +853,15 @@ pub fn datafence_xdp_judge(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn xdp_judge() -> bool {
+fn xdp_judge(ctx: &XdpContext) -> bool {
     let Some(job) = take_job(&XDP_JOB) else {
         bump_stat(stat::STAGE_MISSING);
         return true;
     };
+    if tunnel_first(&job.frame) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { XDP_STAGES.tail_call(ctx, stage::ENCAPSULATED) };
+    }
     let info = HookInfo {
         hook: Hook::Xdp,
         ifindex: job.ifindex,

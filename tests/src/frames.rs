@@ -132,6 +132,9 @@ impl Spec {
                 t.extend_from_slice(&self.dst_port.to_be_bytes());
                 t.extend_from_slice(&[0; 8]);
             }
+            // Tunnels (IP in IP, IPv6 in IP, GRE): the payload is the tunnel's own header
+            // and inner packet, as given.
+            4 | 41 | 47 => {}
             _ => t.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]),
         }
         t.extend_from_slice(&self.payload);
@@ -239,4 +242,12 @@ pub fn arp() -> Vec<u8> {
     b.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 192, 0, 2, 1]);
     b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 192, 0, 2, 2]);
     b
+}
+
+impl Frame {
+    /// The frame from its IP header on: an inner packet for IP in IP, or a frame on a
+    /// device without a link-layer header.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        self.bytes[self.ip_start..].to_vec()
+    }
 }

@@ -720,6 +720,109 @@ fn an_ipv4_source_route_is_judged_like_a_routing_header() {
     assert_outcome(&o, deny(HTTPS, EU_WEST, Reason::RoutingHeaderDenied));
 }
 
+/// A frame from SRC4 to `dst` whose IP payload is a tunnel of `protocol` (4, 41, 47)
+/// holding `body`.
+fn tunnel(dst: &str, protocol: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut spec = Spec::udp(SRC4, dst, 0);
+    spec.protocol = protocol;
+    spec.payload = body;
+    spec.build().bytes
+}
+
+/// A UDP frame from SRC4 to `dst:port` whose payload is `body`.
+fn udp_tunnel(dst: &str, port: u16, body: Vec<u8>) -> Vec<u8> {
+    let mut spec = Spec::udp(SRC4, dst, port);
+    spec.payload = body;
+    spec.build().bytes
+}
+
+#[test]
+fn tunnels_are_classified_by_their_inner_headers_and_judged_by_their_outer_destination() {
+    let mut dp = setup();
+    // User data (https) inside; no class claims the outer headers alone.
+    let inner = || Spec::tcp(SRC4, EU4, 443).build();
+    let inner_v6 = || Spec::tcp(SRC6, EU6, 443).build();
+    let gre = |flags: u8, protocol: u16, extra: usize, body: Vec<u8>| {
+        let mut h = vec![flags, 0];
+        h.extend_from_slice(&protocol.to_be_bytes());
+        h.extend(std::iter::repeat_n(0u8, extra));
+        [h, body].concat()
+    };
+    let vxlan = |frame: Vec<u8>| [vec![0x08, 0, 0, 0, 0, 0, 42, 0], frame].concat();
+    let geneve = |options: u8, protocol: u16, body: Vec<u8>| {
+        let mut h = vec![options / 4, 0];
+        h.extend_from_slice(&protocol.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 42, 0]);
+        h.extend(std::iter::repeat_n(0u8, usize::from(options)));
+        [h, body].concat()
+    };
+    let denied = deny(HTTPS, US_EAST, Reason::RegionDenied);
+    let cases = [
+        (tunnel(US4, 4, inner().ip_packet()), denied, "IP in IP"),
+        (
+            tunnel(US4, 41, inner_v6().ip_packet()),
+            denied,
+            "IPv6 in IP",
+        ),
+        (
+            tunnel(US4, 47, gre(0, 0x0800, 0, inner().ip_packet())),
+            denied,
+            "GRE",
+        ),
+        (
+            // Checksum, key and sequence number present: 12 more bytes of header.
+            tunnel(US4, 47, gre(0xb0, 0x86dd, 12, inner_v6().ip_packet())),
+            denied,
+            "GRE with checksum, key and sequence",
+        ),
+        (
+            tunnel(US4, 47, gre(0x20, 0x6558, 4, inner().bytes)),
+            denied,
+            "GRE carrying Ethernet",
+        ),
+        (udp_tunnel(US4, 4789, vxlan(inner().bytes)), denied, "VXLAN"),
+        (
+            udp_tunnel(US4, 6081, geneve(8, 0x6558, inner().bytes)),
+            denied,
+            "Geneve with options, carrying Ethernet",
+        ),
+        (
+            udp_tunnel(US4, 6081, geneve(0, 0x0800, inner().ip_packet())),
+            denied,
+            "Geneve carrying IP",
+        ),
+        // The outer destination decides: user data tunnelled to an allowed region passes.
+        (
+            tunnel(EU4, 4, inner().ip_packet()),
+            allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            "IP in IP to an allowed region",
+        ),
+        // What is not user data inside is not user data outside.
+        (
+            tunnel(US4, 4, Spec::tcp(SRC4, EU4, 80).build().ip_packet()),
+            allow(CLASS_NONE, REGION_NONE, Reason::Unclassified),
+            "other traffic in IP in IP",
+        ),
+        // An inner header cut short could be user data: fail closed.
+        (
+            tunnel(US4, 4, inner().ip_packet()[..10].to_vec()),
+            deny(HTTPS, REGION_NONE, Reason::MalformedDenied),
+            "IP in IP, inner header cut short",
+        ),
+    ];
+    for (frame, want, case) in cases {
+        check(&run(&mut dp, TC, &frame, 0), want, case);
+    }
+    // The gateway hook reads them too.
+    let o = run(
+        &mut dp,
+        XDP,
+        &udp_tunnel(US4, 4789, vxlan(inner().bytes)),
+        0,
+    );
+    assert_outcome(&o, denied);
+}
+
 #[test]
 fn truncated_frames_fail_closed_at_every_header_boundary() {
     let mut dp = setup();

@@ -13,8 +13,8 @@ fn programs_verify_well_within_the_kernel_budget() {
     let counts = dp.verified_instructions();
     assert_eq!(
         counts.len(),
-        8,
-        "two hooks, each with an entry, a parse stage for frames without Ethernet, an IPv4 options stage and a judge: {counts:?}"
+        10,
+        "two hooks, each with an entry, a parse stage for frames without Ethernet, an IPv4 options stage, a tunnel stage and a judge: {counts:?}"
     );
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     for (name, count) in counts {

@@ -479,7 +479,7 @@ fn guest_script(
          # virtme-ng mounts cgroup2 and a writable /tmp and /run, but not bpffs.\n\
          mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n\
          # Modules in the cloud kernels; loaded up front so a missing one shows here.\n\
-         for module in veth sch_ingress cls_bpf tun vxlan; do\n\
+         for module in veth sch_ingress cls_bpf tun vxlan ipip ip_gre; do\n\
          \x20   modprobe \"$module\" || echo \"datafence-matrix: note: modprobe $module failed\"\n\
          done\n\
          # virtme-ng's /dev has no tun node; the tun device tests open it.\n\

@@ -25,13 +25,18 @@ use super::{
 };
 
 /// The stages of each hook's program array: (array, index, program).
-const STAGES: [(&str, u32, &str); 6] = [
+const STAGES: [(&str, u32, &str); 8] = [
     (map_names::TC_STAGES, stage::JUDGE, program_names::TC_JUDGE),
     (map_names::TC_STAGES, stage::L3_PARSE, program_names::TC_L3),
     (
         map_names::TC_STAGES,
         stage::IPV4_OPTIONS,
         program_names::TC_IPV4_OPTIONS,
+    ),
+    (
+        map_names::TC_STAGES,
+        stage::ENCAPSULATED,
+        program_names::TC_ENCAPSULATED,
     ),
     (
         map_names::XDP_STAGES,
@@ -48,6 +53,11 @@ const STAGES: [(&str, u32, &str); 6] = [
         stage::IPV4_OPTIONS,
         program_names::XDP_IPV4_OPTIONS,
     ),
+    (
+        map_names::XDP_STAGES,
+        stage::ENCAPSULATED,
+        program_names::XDP_ENCAPSULATED,
+    ),
 ];
 
 /// Loads the stages and puts each in its hook's array, before any entry program can be
@@ -57,6 +67,7 @@ fn load_stages(ebpf: &mut Ebpf) -> Result<()> {
         program_names::TC_JUDGE,
         program_names::TC_L3,
         program_names::TC_IPV4_OPTIONS,
+        program_names::TC_ENCAPSULATED,
     ] {
         program_mut::<SchedClassifier>(ebpf, program)?
             .load()
@@ -66,6 +77,7 @@ fn load_stages(ebpf: &mut Ebpf) -> Result<()> {
         program_names::XDP_JUDGE,
         program_names::XDP_L3,
         program_names::XDP_IPV4_OPTIONS,
+        program_names::XDP_ENCAPSULATED,
     ] {
         program_mut::<Xdp>(ebpf, program)?
             .load()

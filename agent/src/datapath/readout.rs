@@ -169,10 +169,12 @@ impl Datapath {
             program_names::TC_EGRESS,
             program_names::TC_L3,
             program_names::TC_IPV4_OPTIONS,
+            program_names::TC_ENCAPSULATED,
             program_names::TC_JUDGE,
             program_names::XDP_GATEWAY,
             program_names::XDP_L3,
             program_names::XDP_IPV4_OPTIONS,
+            program_names::XDP_ENCAPSULATED,
             program_names::XDP_JUDGE,
         ]
         .into_iter()

@@ -23,15 +23,17 @@ use super::{
 };
 
 /// The programs pinned beside a build's stage arrays, under their own names.
-const PINNED: [&str; 8] = [
+const PINNED: [&str; 10] = [
     program_names::TC_EGRESS,
     program_names::TC_JUDGE,
     program_names::TC_L3,
     program_names::TC_IPV4_OPTIONS,
+    program_names::TC_ENCAPSULATED,
     program_names::XDP_GATEWAY,
     program_names::XDP_JUDGE,
     program_names::XDP_L3,
     program_names::XDP_IPV4_OPTIONS,
+    program_names::XDP_ENCAPSULATED,
 ];
 
 /// One build's programs, as an earlier agent loaded and pinned them.
@@ -42,14 +44,16 @@ pub(super) struct Reused {
     pub(super) tc_judge: SchedClassifier,
     pub(super) tc_l3: SchedClassifier,
     pub(super) tc_options: SchedClassifier,
+    pub(super) tc_encap: SchedClassifier,
     pub(super) xdp: Xdp,
     pub(super) xdp_judge: Xdp,
     pub(super) xdp_l3: Xdp,
     pub(super) xdp_options: Xdp,
+    pub(super) xdp_encap: Xdp,
 }
 
 impl Reused {
-    /// This build's pinned programs, if all eight are there and use exactly the maps
+    /// This build's pinned programs, if all ten are there and use exactly the maps
     /// pinned for this agent now. A program bound to maps that have since been removed
     /// (a partial `detach`, a hand-deleted directory) would judge by a policy nobody
     /// writes any more: such programs are not adopted, and the object is loaded anew.
@@ -62,20 +66,24 @@ impl Reused {
             tc_judge: tc(program_names::TC_JUDGE)?,
             tc_l3: tc(program_names::TC_L3)?,
             tc_options: tc(program_names::TC_IPV4_OPTIONS)?,
+            tc_encap: tc(program_names::TC_ENCAPSULATED)?,
             xdp: xdp(program_names::XDP_GATEWAY)?,
             xdp_judge: xdp(program_names::XDP_JUDGE)?,
             xdp_l3: xdp(program_names::XDP_L3)?,
             xdp_options: xdp(program_names::XDP_IPV4_OPTIONS)?,
+            xdp_encap: xdp(program_names::XDP_ENCAPSULATED)?,
         };
         let infos = [
             reused.tc.as_ref()?.info(),
             reused.tc_judge.info(),
             reused.tc_l3.info(),
             reused.tc_options.info(),
+            reused.tc_encap.info(),
             reused.xdp.info(),
             reused.xdp_judge.info(),
             reused.xdp_l3.info(),
             reused.xdp_options.info(),
+            reused.xdp_encap.info(),
         ];
         let bound = infos
             .into_iter()
@@ -90,10 +98,12 @@ impl Reused {
             program_names::TC_JUDGE => self.tc_judge.info().ok(),
             program_names::TC_L3 => self.tc_l3.info().ok(),
             program_names::TC_IPV4_OPTIONS => self.tc_options.info().ok(),
+            program_names::TC_ENCAPSULATED => self.tc_encap.info().ok(),
             program_names::XDP_GATEWAY => self.xdp.info().ok(),
             program_names::XDP_JUDGE => self.xdp_judge.info().ok(),
             program_names::XDP_L3 => self.xdp_l3.info().ok(),
             program_names::XDP_IPV4_OPTIONS => self.xdp_options.info().ok(),
+            program_names::XDP_ENCAPSULATED => self.xdp_encap.info().ok(),
             _ => None,
         }
     }
@@ -187,6 +197,18 @@ pub(super) fn refill_stages(ebpf: &mut aya::Ebpf, reused: &Reused) -> Result<()>
             stage::IPV4_OPTIONS,
             program_names::XDP_IPV4_OPTIONS,
             reused.xdp_options.fd(),
+        ),
+        (
+            map_names::TC_STAGES,
+            stage::ENCAPSULATED,
+            program_names::TC_ENCAPSULATED,
+            reused.tc_encap.fd(),
+        ),
+        (
+            map_names::XDP_STAGES,
+            stage::ENCAPSULATED,
+            program_names::XDP_ENCAPSULATED,
+            reused.xdp_encap.fd(),
         ),
     ];
     for (array, index, program, fd) in stages {
