@@ -234,13 +234,13 @@ fn a_device_without_a_link_layer_header_is_judged_from_the_ip_header() {
 
 /// User data on UDP port 5432, which may reach eu-west and, by its `unknown` rule, hosts in
 /// no region, such as the sandbox's next hop.
-const SOURCE_ROUTE_POLICY: &str = r"
+const SOURCE_ROUTE_POLICY: &str = r#"
 version: 1
 regions:
   eu-west:
-    cidrs: [198.51.100.0/24]
+    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
   us-east:
-    cidrs: [203.0.113.0/24]
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
 data_classes:
   user-data:
     match:
@@ -248,7 +248,7 @@ data_classes:
       dst_ports: [5432]
     allow: [eu-west]
     unknown: allow
-";
+"#;
 
 const LSRR: u8 = 131;
 const SSRR: u8 = 137;
@@ -339,6 +339,77 @@ fn ipv4_source_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
         .map(|(_, v)| v.packets)
         .sum();
     assert_eq!(routed_denied, 40, "each routed datagram, denied as routed");
+}
+
+/// Sends `count` datagrams to `dst:port` from a socket whose `IPV6_RTHDR` is a segment
+/// routing header (type 4, which needs no privilege) through `relay`: the kernel puts the
+/// relay in the header's destination and `dst` in the segment list. Returns how many
+/// `dst` received.
+fn segment_routed(sandbox: &Sandbox, relay: &'static str, dst: &str, port: u16, count: u32) -> u32 {
+    udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
+        sandbox.host.run(move || {
+            use std::os::fd::AsRawFd as _;
+            let sock = UdpSocket::bind("[::]:0").expect("bind sender");
+            let relay: std::net::Ipv6Addr = relay.parse().expect("relay");
+            // Next header (the kernel's), length in 8-byte units past the first, type 4,
+            // segments left 1, last entry 1, flags, tag; then the segments, last first:
+            // the kernel fills segment 0 with the socket's destination.
+            let mut srh = vec![0u8, 4, 4, 1, 1, 0, 0, 0];
+            srh.extend_from_slice(&[0; 16]);
+            srh.extend_from_slice(&relay.octets());
+            // SAFETY: setsockopt with a valid fd and a buffer of the length given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_RTHDR,
+                    srh.as_ptr().cast(),
+                    srh.len() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "IPV6_RTHDR: {}", std::io::Error::last_os_error());
+            for i in 0..count {
+                // A denied datagram may fail at send time: that is the point.
+                let _ = sock.send_to(&i.to_be_bytes(), dst_addr);
+            }
+        });
+    })
+}
+
+/// An SRv6 routing header set by an unprivileged socket, through a relay in eu-west to
+/// us-east. The world namespace is the relay and the final host, with segment routing
+/// enabled as a router of the path may have it. Before, with `unknown: allow`, 20 of 20
+/// arrived.
+#[test]
+fn segment_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
+    require_root();
+    let sandbox = Sandbox::new("sg");
+    for conf in ["all", "dn0"] {
+        let out = sandbox.world.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{conf}.seg6_enabled=1"),
+        ]);
+        assert!(out.status.success(), "sysctl seg6_enabled");
+    }
+    let got = segment_routed(&sandbox, addr::EU_V6, addr::US_V6, 5432, 20);
+    assert_eq!(got, 20, "before the datapath is attached");
+
+    let dp = attached(&sandbox, SOURCE_ROUTE_POLICY);
+    let got = segment_routed(&sandbox, addr::EU_V6, addr::US_V6, 5432, 20);
+    assert_eq!(got, 0, "user data, through eu-west, to us-east");
+    let got = segment_routed(&sandbox, addr::EU_V6, addr::US_V6, 7000, 20);
+    assert_eq!(got, 20, "other traffic on the same route");
+    assert_eq!(udp_delivered(&sandbox, addr::EU_V6, 5432, 20), 20);
+
+    let routed_denied: u64 = dp
+        .counters()
+        .expect("counters")
+        .iter()
+        .filter(|(k, _)| k.reason == Reason::RoutingHeaderDenied as u8)
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(routed_denied, 20, "each routed datagram, denied as routed");
 }
 
 /// Whether this kernel can make tunnel devices of `kind`: built in, or a module it ships.
