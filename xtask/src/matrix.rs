@@ -478,6 +478,9 @@ fn guest_script(
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          # virtme-ng mounts cgroup2 and a writable /tmp and /run, but not bpffs.\n\
          mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n\
+         # No fallback tunnel devices (tunl0, gre0...) in the tests' namespaces: loading\n\
+         # ipip or ip_gre would otherwise add them to each, and every interface is attached.\n\
+         sysctl -qw net.core.fb_tunnels_only_for_init_net=1 || echo \"datafence-matrix: note: no fb_tunnels_only_for_init_net\"\n\
          # Modules in the cloud kernels; loaded up front so a missing one shows here.\n\
          for module in veth sch_ingress cls_bpf tun vxlan ipip ip_gre; do\n\
          \x20   modprobe \"$module\" || echo \"datafence-matrix: note: modprobe $module failed\"\n\
