@@ -22,6 +22,7 @@ pub mod liveness;
 pub mod local_networks;
 pub mod lockout;
 pub mod metrics;
+pub mod packet_bypass;
 pub mod policy;
 pub mod report;
 #[allow(

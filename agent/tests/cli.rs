@@ -124,3 +124,47 @@ fn check_diff_refuses_an_invalid_side_with_its_location() {
     assert!(err.contains("bad.yaml:"), "{err}");
     assert!(err.contains("198.18.0.0/24"), "names the fix: {err}");
 }
+
+/// A class naming a slice names the services in it: `check` asks systemd whether each
+/// restricts packet sockets, and says so plainly when systemd cannot be asked.
+#[test]
+fn check_asks_about_the_units_a_class_names() {
+    let scratch = Scratch::new("units");
+    let cgroups = scratch.dir.join("cgroup");
+    std::fs::create_dir_all(cgroups.join("user-data.slice/api.service")).expect("cgroup dirs");
+    std::fs::create_dir_all(cgroups.join("plain")).expect("cgroup dir");
+    let policy = |cgroup: &str| {
+        format!(
+            "version: 1\nregions:\n  eu-west:\n    cidrs: [198.51.100.0/24]\n\
+             data_classes:\n  user-data:\n    match:\n      cgroups: [{cgroup}]\n    allow: [eu-west]\n"
+        )
+    };
+    let check = |file: &std::path::Path| {
+        let out = Command::new(agent_binary())
+            .arg("--cgroup-root")
+            .arg(&cgroups)
+            .args(["check", "--json"])
+            .arg(file)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        v["packet_socket_units"].clone()
+    };
+
+    let no_units = check(&scratch.write("plain.yaml", &policy("/plain")));
+    assert_eq!(no_units["status"], "no_units", "{no_units}");
+
+    let slice = check(&scratch.write("slice.yaml", &policy("/user-data.slice")));
+    if std::path::Path::new("/run/systemd/system").is_dir() {
+        // systemd has no api.service loaded, so it reports the unsandboxed defaults.
+        assert_eq!(slice["status"], "checked", "{slice}");
+        assert_eq!(slice["exposed"][0]["unit"], "api.service", "{slice}");
+    } else {
+        assert_eq!(slice["status"], "cannot_tell", "{slice}");
+        assert!(
+            slice["why"].as_str().unwrap_or("").contains("systemd"),
+            "{slice}"
+        );
+    }
+}

@@ -5,7 +5,7 @@
 use std::{path::Path, process::ExitCode};
 
 use anyhow::Context as _;
-use datafence::{local_networks::DeniedSubnet, policy::LoadedPolicy};
+use datafence::{local_networks::DeniedSubnet, packet_bypass::UnitReport, policy::LoadedPolicy};
 
 use super::{Cli, TableArgs, load, usage_error};
 
@@ -22,17 +22,20 @@ pub(crate) fn check(
                 .then(|| datafence::local_networks::on_this_host(&p))
                 .transpose()
                 .context("reading this host's interfaces and addresses")?;
+            let units = datafence::packet_bypass::check_units(&p, &cli.cgroup_root);
             if json {
                 let mut out = serde_json::json!({"valid": true, "summary": p.summary()});
                 if let Some(local) = &local {
                     out["denied_local_networks"] = serde_json::to_value(local)?;
                 }
+                out["packet_socket_units"] = serde_json::to_value(&units)?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_summary(&p);
                 if let Some(local) = &local {
                     print_local_networks(local);
                 }
+                print_unit_report(&units);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -110,6 +113,27 @@ fn print_local_networks(denied: &[DeniedSubnet]) {
             d.region.as_deref().unwrap_or("(none)"),
             d.classes.join(", ")
         );
+    }
+}
+
+/// Warnings go to stderr, like the agent's, so that scripts reading the summary still can.
+fn print_unit_report(report: &UnitReport) {
+    match report {
+        UnitReport::NoUnits => {}
+        UnitReport::CannotTell { why } => println!(
+            "packet sockets: cannot tell whether user-data units may bypass TC egress ({why})"
+        ),
+        UnitReport::Checked { units, exposed } if exposed.is_empty() => println!(
+            "packet sockets: all {units} user-data unit(s) restrict AF_PACKET or CAP_NET_RAW"
+        ),
+        UnitReport::Checked { exposed, .. } => {
+            for e in exposed {
+                eprintln!(
+                    "warning: class {}: unit {} may open packet sockets, and PACKET_QDISC_BYPASS sends around TC egress; set RestrictAddressFamilies=~AF_PACKET or drop CAP_NET_RAW from CapabilityBoundingSet=",
+                    e.class, e.unit
+                );
+            }
+        }
     }
 }
 
