@@ -314,3 +314,55 @@ fn connected_subnets_a_class_may_not_reach_are_logged_and_listed_by_check() {
     assert_eq!(listed, expected);
     agent.stop();
 }
+
+/// Link pins in the agent's pin directory, as `<hook>-<interface>`.
+fn pinned_links(pin_dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
+        .expect("links directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A link whose interface is deleted stays in the kernel, with the program and maps it
+/// holds, for as long as its pin does; container veths come and go under names never
+/// used again. The agent unpins it when the interface goes, and only that one.
+#[test]
+fn the_pinned_link_of_a_deleted_interface_is_released() {
+    require_root();
+    if !integration_tests::kernel_has_tcx() {
+        eprintln!("skipped: no tcx on this kernel; clsact filters are not pinned links");
+        return;
+    }
+    let sandbox = Sandbox::new("ee");
+    let scratch = Scratch::new("gone");
+    let pin_dir = integration_tests::agent::test_pin_dir("gone");
+    let policy = scratch.write("policy.yaml", EVERY_INTERFACE_POLICY);
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &policy, &[], pin_dir.clone());
+    second_link(&sandbox, "ctr1", "ctrw1", "10.81.0");
+    let until = |want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pinned_links(&pin_dir) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pinned_links(&pin_dir)
+    };
+    assert_eq!(
+        until(&["tc_egress-ctr1", "tc_egress-up0"]),
+        ["tc_egress-ctr1", "tc_egress-up0"]
+    );
+    sandbox.host.ip("link del ctr1");
+    assert_eq!(
+        until(&["tc_egress-up0"]),
+        ["tc_egress-up0"],
+        "the deleted interface's pin is released"
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7431, 5, MARK),
+        0,
+        "the uplink still enforces"
+    );
+    agent.stop();
+}

@@ -161,6 +161,12 @@ impl Agent {
             }
         }
         self.attachments = desired;
+        if let Some(pins) = self.datapath.pins() {
+            let removed = pins.remove_defunct_links();
+            if !removed.is_empty() {
+                info!(?removed, "unpinned the links of interfaces that are gone");
+            }
+        }
         self.check_local_networks();
     }
 

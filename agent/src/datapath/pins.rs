@@ -160,6 +160,26 @@ impl PinLayout {
         Ok(removed)
     }
 
+    /// Unpins the links whose interface is gone. The kernel keeps such a link, and the
+    /// program and maps it holds, for as long as its pin lasts, and interface names
+    /// like a container's veth are rarely used again. A link is judged by the interface
+    /// it holds, not by its pin's name, which a rename leaves behind.
+    pub fn remove_defunct_links(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.links_dir()) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            if matches!(sys::pinned_link_ifindex(&entry.path()), Ok(Some(0)))
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        removed.sort();
+        removed
+    }
+
     /// Whether anything is pinned here (an agent ran, or is running).
     pub fn exists(&self) -> bool {
         self.maps_dir().join(map_names::POLICY).exists()

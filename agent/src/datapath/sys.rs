@@ -59,6 +59,59 @@ pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     result
 }
 
+/// The interface a pinned tcx or XDP link is attached to, from `BPF_OBJ_GET_INFO_BY_FD`:
+/// 0 once the interface is gone (the kernel keeps the link, defunct, while a pin holds
+/// it). `None` for another kind of link. aya's `LinkInfo` does not expose the field.
+pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    /// `bpf_attr.info`: bpf_fd, info_len, info (a pointer).
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let cpath =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut get = [0u64; 2];
+    get[0] = cpath.as_ptr() as u64;
+    // SAFETY: bpf(2) with a correctly laid out attr pointing at `cpath`, alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), 16) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // `struct bpf_link_info`: type, id, prog_id, then a union aligned to 8 whose tcx and
+    // xdp members both start with the ifindex. Zeroed past what the kernel fills.
+    let mut info = [0u32; 64];
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: bpf(2) with a correctly laid out attr whose pointer points at `info`, which
+    // outlives the call and is as long as `info_len` says.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    let result = if rc == 0 {
+        Ok(matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info[4]))
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd as i32) };
+    result
+}
+
 /// The interface's index, or `None` when no such interface exists.
 pub fn if_index(interface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(interface).ok()?;
