@@ -47,6 +47,9 @@ pub(super) fn load_policy(
             });
         }
     }
+    for note in policy.cgroup_notes() {
+        warn!("{note}");
+    }
     Ok(policy)
 }
 

@@ -29,6 +29,7 @@ pub(crate) fn check(
                     out["denied_local_networks"] = serde_json::to_value(local)?;
                 }
                 out["packet_socket_units"] = serde_json::to_value(&units)?;
+                out["cgroup_notes"] = serde_json::to_value(p.cgroup_notes())?;
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_summary(&p);
@@ -36,6 +37,9 @@ pub(crate) fn check(
                     print_local_networks(local);
                 }
                 print_unit_report(&units);
+                for note in p.cgroup_notes() {
+                    eprintln!("warning: {note}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -73,7 +73,6 @@ impl LoadedPolicy {
 
         let mut src_v4 = Vec::new();
         let mut src_v6 = Vec::new();
-        let mut cgroups: BTreeMap<u64, ClassMask> = BTreeMap::new();
         for class in classes {
             let bit = class_bit(class.id);
             for net in &class.selectors.src_cidrs {
@@ -81,9 +80,6 @@ impl LoadedPolicy {
                     IpNetwork::V4(n) => src_v4.push((n, bit)),
                     IpNetwork::V6(n) => src_v6.push((n, bit)),
                 }
-            }
-            for &(_, id) in &class.selectors.cgroups {
-                *cgroups.entry(id).or_default() |= bit;
             }
         }
 
@@ -101,8 +97,22 @@ impl LoadedPolicy {
             exempt_v6,
             src_v4: src_masks(src_v4),
             src_v6: src_masks(src_v6),
-            cgroups: cgroups.into_iter().collect(),
+            cgroups: self.cgroup_classes(),
         }
+    }
+
+    /// [`CompiledPolicy::cgroups`] alone: what changes when a cgroup a class names is
+    /// made anew, without compiling the rest.
+    pub fn cgroup_classes(&self) -> Vec<(u64, ClassMask)> {
+        let mut cgroups: BTreeMap<u64, ClassMask> = BTreeMap::new();
+        for class in &self.classes[..self.classes.len().min(MAX_CLASSES)] {
+            for &(_, id) in &class.selectors.cgroups {
+                if id != super::CGROUP_NOT_YET {
+                    *cgroups.entry(id).or_default() |= class_bit(class.id);
+                }
+            }
+        }
+        cgroups.into_iter().collect()
     }
 }
 

@@ -144,8 +144,6 @@ pub(super) enum Problem {
          selector to match regardless of cgroup"
     )]
     CgroupRoot,
-    #[error("cgroup `{path}` does not exist under {root}")]
-    CgroupMissing { path: String, root: String },
     #[error("cgroup `{path}` under {root} is not a directory")]
     CgroupNotDir { path: String, root: String },
     #[error("cannot inspect cgroup `{path}` under {root}: {source}")]

@@ -57,8 +57,8 @@ pub use compile::CompiledPolicy;
 pub use datafence_common::DEFAULT_TABLE_CAPACITY;
 pub use error::{PolicyError, PolicyErrors};
 pub use model::{
-    Class, ClassSummary, InterfacesSummary, Listed, LoadedPolicy, Mode, Region, RegionSummary,
-    Selectors, Summary, UnknownRule, Written,
+    CGROUP_NOT_YET, CgroupNote, Class, ClassSummary, InterfacesSummary, Listed, LoadedPolicy, Mode,
+    Region, RegionSummary, Selectors, Summary, UnknownRule, Written,
 };
 
 /// Where the policy is checked against the running system and the datapath's sizes.

@@ -91,7 +91,8 @@ pub struct Class {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Selectors {
     /// Each cgroup as written (trailing `/` removed) and its id (the directory's inode
-    /// number), which is what the datapath sees for a socket's cgroup and its ancestors.
+    /// number), which is what the datapath sees for a socket's cgroup and its ancestors;
+    /// [`CGROUP_NOT_YET`] while the directory does not exist.
     pub cgroups: Vec<(String, u64)>,
     pub marks: Vec<MarkMatch>,
     /// Sorted, without duplicates.
@@ -102,6 +103,11 @@ pub struct Selectors {
     pub port_ranges: Vec<(u16, u16)>,
     pub src_cidrs: Vec<IpNetwork>,
 }
+
+/// The id of a cgroup a class names that does not exist yet. No cgroup has inode 0, and
+/// the compiled policy leaves these out: the datapath reports 0 for a packet with no
+/// socket, which must not match.
+pub const CGROUP_NOT_YET: u64 = 0;
 
 /// One selector as people read it: its policy key, its datapath bit and its values as
 /// written. Cgroups show their paths, not their ids, so a service restarted under a new
@@ -284,7 +290,53 @@ pub struct LoadedPolicy {
     pub classes: Vec<Class>,
 }
 
+/// Something to know about a cgroup a class names, said by `check` and logged by the
+/// agent; neither stops the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "note", rename_all = "snake_case")]
+pub enum CgroupNote {
+    /// The cgroup does not exist yet; its traffic is classified once it appears.
+    NotYet { class: String, cgroup: String },
+    /// A service's own cgroup: systemd makes it anew, with a new id, on every restart,
+    /// and until the agent has caught up the service's traffic is not user data.
+    Leaf { class: String, cgroup: String },
+}
+
+impl fmt::Display for CgroupNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotYet { class, cgroup } => write!(
+                f,
+                "class {class}: cgroup {cgroup} does not exist yet; its traffic is user data from the moment it appears"
+            ),
+            Self::Leaf { class, cgroup } => write!(
+                f,
+                "class {class}: cgroup {cgroup} is a service's own cgroup, which systemd makes anew on every restart; name a slice the service runs in (Slice=user-data.slice), whose id does not change"
+            ),
+        }
+    }
+}
+
 impl LoadedPolicy {
+    /// The notes about the cgroups classes name, in class order.
+    pub fn cgroup_notes(&self) -> Vec<CgroupNote> {
+        let mut notes = Vec::new();
+        for class in &self.classes {
+            for (path, id) in &class.selectors.cgroups {
+                let (class, cgroup) = (class.name.clone(), path.clone());
+                if *id == CGROUP_NOT_YET {
+                    notes.push(CgroupNote::NotYet { class, cgroup });
+                } else if path
+                    .split('/')
+                    .any(|c| std::path::Path::new(c).extension() == Some("service".as_ref()))
+                {
+                    notes.push(CgroupNote::Leaf { class, cgroup });
+                }
+            }
+        }
+        notes
+    }
+
     /// Whether `interface` matches one of the policy's `interfaces.exclude` patterns.
     pub fn excludes_interface(&self, interface: &str) -> bool {
         // The patterns were checked by validation; one that still fails to build matches

@@ -129,24 +129,53 @@ fn bad_cgroups() {
     fs::write(env.dir.path().join("cgroup/file"), "").unwrap();
     assert_eq!(
         env.errors(&format!(
-            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      cgroups:\n        - /system.slice/missing.service\n        - system.slice\n        - /\n        - /system.slice/../x\n        - /file\n        - /system.slice/other.service/\n"
+            "version: 1\n{REGIONS}data_classes:\n  c:\n    match:\n      cgroups:\n        - system.slice\n        - /\n        - /system.slice/../x\n        - /file\n        - /system.slice/other.service/\n"
         )),
         [
-            "policy.yaml:9:11: cgroup `/system.slice/missing.service` does not exist under \
-             CGROOT"
-                .replace("CGROOT", &env.opts().cgroup_root.display().to_string()),
-            "policy.yaml:10:11: cgroup path `system.slice` must be absolute (start with `/`), \
+            "policy.yaml:9:11: cgroup path `system.slice` must be absolute (start with `/`), \
              relative to the cgroup2 root"
                 .to_owned(),
-            "policy.yaml:11:11: cgroup path `/` is the root cgroup, which holds every process; \
+            "policy.yaml:10:11: cgroup path `/` is the root cgroup, which holds every process; \
              remove the cgroups selector to match regardless of cgroup"
                 .to_owned(),
-            "policy.yaml:12:11: cgroup path `/system.slice/../x` must not contain `.` or `..` \
+            "policy.yaml:11:11: cgroup path `/system.slice/../x` must not contain `.` or `..` \
              components"
                 .to_owned(),
-            "policy.yaml:13:11: cgroup `/file` under CGROOT is not a directory"
+            "policy.yaml:12:11: cgroup `/file` under CGROOT is not a directory"
                 .replace("CGROOT", &env.opts().cgroup_root.display().to_string()),
         ]
+    );
+}
+
+/// At boot the agent may start before the services a class names: a cgroup that does
+/// not exist yet is noted, not refused, and takes no entry until it appears (a packet
+/// with no socket reports cgroup id 0, which must match nothing).
+#[test]
+fn a_cgroup_that_does_not_exist_yet_is_noted_and_left_out() {
+    let env = Env::new();
+    let p = env
+        .load(&format!(
+            "version: 1\n{REGIONS}data_classes:\n  a:\n    match:\n      cgroups: [/late.slice, /system.slice/other.service]\n"
+        ))
+        .unwrap();
+    assert_eq!(
+        p.classes[0].selectors.cgroups[0],
+        ("/late.slice".to_owned(), 0)
+    );
+    let other = fs::metadata(env.dir.path().join("cgroup/system.slice/other.service"))
+        .unwrap()
+        .ino();
+    assert_eq!(p.compile().cgroups, vec![(other, 0b1)]);
+    let notes: Vec<String> = p.cgroup_notes().iter().map(ToString::to_string).collect();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes[0].starts_with("class a: cgroup /late.slice does not exist yet"),
+        "{notes:?}"
+    );
+    assert!(
+        notes[1]
+            .starts_with("class a: cgroup /system.slice/other.service is a service's own cgroup"),
+        "{notes:?}"
     );
 }
 

@@ -346,9 +346,10 @@ impl Validator<'_> {
             })
             .collect();
 
-        let cgroups: HashSet<u64> = classes
+        // A cgroup that does not exist yet takes an entry once it does.
+        let cgroups: HashSet<&str> = classes
             .iter()
-            .flat_map(|c| c.selectors.cgroups.iter().map(|&(_, id)| id))
+            .flat_map(|c| c.selectors.cgroups.iter().map(|(path, _)| path.as_str()))
             .collect();
         let limit = MAX_CGROUP_ENTRIES / SLOTS;
         if cgroups.len() > limit as usize {

@@ -19,7 +19,7 @@ use super::{Validator, at};
 use crate::policy::{
     cidr::parse_cidr,
     error::Problem,
-    model::Selectors,
+    model::{CGROUP_NOT_YET, Selectors},
     raw::{Int, IntOrStr},
 };
 
@@ -251,7 +251,9 @@ fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
 
 /// The cgroup's path as written (without a trailing `/`) and its id. cgroup2 ids are the
 /// inode numbers of the cgroup directories, which is what `bpf_skb_cgroup_id` and
-/// `bpf_skb_ancestor_cgroup_id` report.
+/// `bpf_skb_ancestor_cgroup_id` report. A cgroup that does not exist yet (a service
+/// that starts after the agent, at boot) gets [`CGROUP_NOT_YET`]: the agent classifies it
+/// when it appears.
 fn resolve_cgroup(root: &Path, written: &str) -> Result<(String, u64), Problem> {
     let Some(relative) = written.strip_prefix('/') else {
         return Err(Problem::CgroupRelative(written.to_owned()));
@@ -271,8 +273,7 @@ fn resolve_cgroup(root: &Path, written: &str) -> Result<(String, u64), Problem> 
             Err(Problem::CgroupNotDir { path, root })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let (path, root) = describe();
-            Err(Problem::CgroupMissing { path, root })
+            Ok((format!("/{relative}"), CGROUP_NOT_YET))
         }
         Err(source) => {
             let (path, root) = describe();
