@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod cgroup_watch;
 pub mod cgroups;
 pub mod clsact;
 pub mod control;

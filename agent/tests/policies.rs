@@ -230,7 +230,7 @@ fn every_example_policy_is_valid() {
     let s = &summaries["cgroup-class.yaml"];
     assert_eq!(
         class(s, "user-data")["selectors"]["cgroups"],
-        serde_json::json!(["/system.slice/user-api.service"])
+        serde_json::json!(["/user-data.slice"])
     );
 
     let s = &summaries["mark-class.yaml"];
@@ -330,7 +330,7 @@ fn small_examples_do_what_their_comments_say() {
     );
     assert_verdicts(
         "cgroup-class.yaml",
-        &["--cgroup", "/system.slice/user-api.service"],
+        &["--cgroup", "/user-data.slice/user-api.service"],
         &[
             ("203.0.113.10", "deny", "elsewhere", "region_denied"),
             ("198.51.100.10", "allow", "eu", "region_allowed"),

@@ -669,7 +669,7 @@ fn a_recreated_cgroup_keeps_its_class() {
         "the new cgroup's traffic is still user data:\n{}",
         agent.stderr()
     );
-    assert!(agent.stderr().contains("cgroups were recreated"));
+    assert!(agent.stderr().contains("their new ids are in force"));
     agent.stop();
     let _ = std::fs::remove_dir(&dir);
 }

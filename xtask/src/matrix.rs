@@ -27,6 +27,7 @@ const KERNEL_TESTS: &[&str] = &[
     "capabilities",
     "netns_agent",
     "netns_attach",
+    "netns_cgroups",
     "netns_datapath",
     "netns_interfaces",
     "netns_monitoring",

@@ -321,9 +321,11 @@ impl Agent {
     }
 
     /// Ids of the cgroups the policy names change when a cgroup is removed and made
-    /// again, as systemd does on every service restart. Without this, a restarted
-    /// service's traffic would silently stop matching its class. Re-resolves the paths
-    /// and switches to the recompiled policy (no gap) when an id changed.
+    /// again, as systemd does on every service restart, and a cgroup that did not exist
+    /// gets one when it appears. Without this, a restarted service's traffic would
+    /// silently stop matching its class. Re-resolves the paths and, when an id changed,
+    /// updates the active slot's cgroup entries in place (the policy itself is the same),
+    /// or, should that fail, switches to the recompiled policy.
     pub(super) fn refresh_cgroups(&mut self) {
         use std::os::unix::fs::MetadataExt as _;
         let root = self.opts.cgroup_root.clone();
@@ -342,6 +344,25 @@ impl Agent {
         }
         if changed.is_empty() {
             return;
+        }
+        let cgroups = policy.cgroup_classes();
+        match self
+            .datapath
+            .update_cgroups(&self.compiled.cgroups, &cgroups)
+        {
+            Ok(()) => {
+                info!(
+                    ?changed,
+                    "cgroups were made anew; their new ids are in force"
+                );
+                self.policy = policy;
+                self.compiled.cgroups = cgroups;
+                self.write_state();
+                return;
+            }
+            Err(e) => {
+                warn!(?changed, error = %e, "cannot update cgroup ids in place; switching to the recompiled policy");
+            }
         }
         let compiled = policy.compile();
         let _ = self.sync_ledger();

@@ -142,6 +142,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let monitor_interval = opts.monitor_interval;
     let watch = opts.watch;
     let policy_path = opts.policy_path.clone();
+    let cgroup_root = opts.cgroup_root.clone();
     let metrics_addr = opts.metrics_addr;
     // Bound before anything else: a taken port fails the start before anything is
     // attached, and the listener is up by the time the agent reports itself ready (a
@@ -210,6 +211,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     if let Err(e) = crate::links::watch(on_link_change) {
         warn!(error = %e, "cannot watch for new interfaces; they are attached at the periodic check only");
+    }
+    let named_cgroups = {
+        let state = shared.clone();
+        move || {
+            let agent = lock(&state);
+            agent
+                .policy
+                .classes
+                .iter()
+                .flat_map(|c| c.selectors.cgroups.iter().map(|(path, _)| path.clone()))
+                .collect()
+        }
+    };
+    let on_cgroup_change = {
+        let state = shared.clone();
+        move || lock(&state).refresh_cgroups()
+    };
+    if let Err(e) = crate::cgroup_watch::watch(cgroup_root, named_cgroups, on_cgroup_change) {
+        warn!(error = %e, "cannot watch cgroups; recreated ones are followed at the periodic check only");
     }
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
     let _watcher = if watch {

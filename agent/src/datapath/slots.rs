@@ -32,6 +32,39 @@ impl Datapath {
         Ok(arr.get(&0, 0).map_err(map_err(name))? & 1)
     }
 
+    /// Brings the active slot's cgroup classes from `old` to `new` (each sorted by id, as
+    /// [`CompiledPolicy::cgroups`] is), entry by entry: the new ids first, then the ones
+    /// gone. For cgroups made anew under the paths a policy names, whose ids changed while
+    /// the policy did not. Every packet sees either an id's old classes or its new ones,
+    /// and both are this policy's; a full [`Self::apply`] would rewrite every table to
+    /// the same effect, and take as long as a reload.
+    pub fn update_cgroups(
+        &mut self,
+        old: &[(u64, ClassMask)],
+        new: &[(u64, ClassMask)],
+    ) -> Result<()> {
+        let slot = self.active_slot()?;
+        let name = map_names::CGROUP_CLASSES;
+        let mut cg: BpfHashMap<&mut MapData, CgroupKey, ClassMask> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let key = |cgroup_id| CgroupKey {
+            cgroup_id,
+            slot,
+            _pad: 0,
+        };
+        for (id, mask) in new {
+            if !old.contains(&(*id, *mask)) {
+                cg.insert(key(*id), mask, 0).map_err(map_err(name))?;
+            }
+        }
+        for (id, _) in old {
+            if !new.iter().any(|(n, _)| n == id) {
+                cg.remove(&key(*id)).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The policy header and classes in a slot.
     pub fn policy_in_slot(&self, slot: u32) -> Result<Policy> {
         let name = map_names::POLICY;
