@@ -169,9 +169,8 @@ pub struct ParsedFrame {
     pub ports: PortInfo,
     /// [`fragment::WHOLE`], [`fragment::FIRST`] or [`fragment::LATER`].
     pub fragment: u8,
-    /// Where an IPv4 header's options start in the frame, and how many bytes they take
-    /// (0 without options): for [`read_ipv4_options`].
-    pub ipv4_options_at: u8,
+    /// How many bytes of options an IPv4 header has (0 without options): for
+    /// [`read_ipv4_options`]. They start 20 bytes after `network_at`.
     pub ipv4_options_len: u8,
     pub src_port: u16,
     pub dst_port: u16,
@@ -203,7 +202,6 @@ impl ParsedFrame {
         dscp: 0,
         ports: PortInfo::Unknown,
         fragment: fragment::WHOLE,
-        ipv4_options_at: 0,
         ipv4_options_len: 0,
         src_port: 0,
         dst_port: 0,
@@ -328,9 +326,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     let more = (flags_offset & IPV4_MORE_FRAGMENTS) >> 13;
     out.fragment = ((later << 1) | (more & (later ^ 1))) as u8;
     out.fragment_id = u32::from(be16([h[4], h[5]]));
-    // Walked apart (`read_ipv4_options`): the offset fits, since the parser never looks
-    // further in than two VLAN tags.
-    out.ipv4_options_at = (l3 + IPV4_MIN_HLEN) as u8;
+    // Walked apart (`read_ipv4_options`).
     out.ipv4_options_len = (ihl - IPV4_MIN_HLEN) as u8;
     parse_ports(&pkt, l3 + ihl, later == 0, out)
 }
@@ -350,16 +346,13 @@ pub fn read_ipv4_options<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFra
         end: frame.ip_end as usize,
     };
     let (start, len) = (
-        usize::from(frame.ipv4_options_at),
+        usize::from(frame.network_at) + IPV4_MIN_HLEN,
         usize::from(frame.ipv4_options_len),
     );
     if let Some(routed) = ipv4_source_routed(&pkt, start, len) {
         frame.routed = routed;
     } else {
-        frame.kind = FrameKind::Malformed;
-        frame.ports = PortInfo::Unknown;
-        frame.src_port = 0;
-        frame.dst_port = 0;
+        mark_malformed(frame);
     }
 }
 
@@ -714,7 +707,9 @@ pub fn read_encapsulated<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFra
 #[inline(always)]
 fn tunnel_header_at<P: PacketBytes + ?Sized>(pkt: &P, frame: &ParsedFrame) -> Option<usize> {
     let at = if frame.family == FAMILY_V4 {
-        usize::from(frame.ipv4_options_at) + usize::from(frame.ipv4_options_len)
+        // At most 40 bytes of options; the mask tells the verifier so, and with it that
+        // the offset is always within bounds.
+        usize::from(frame.network_at) + IPV4_MIN_HLEN + usize::from(frame.ipv4_options_len & 0x3f)
     } else {
         let l3 = usize::from(frame.network_at);
         let [_, next_header] = pkt.load::<[u8; 2]>(l3 + 5)?;
@@ -726,13 +721,20 @@ fn tunnel_header_at<P: PacketBytes + ?Sized>(pkt: &P, frame: &ParsedFrame) -> Op
     (at <= MAX_INNER_OFFSET).then_some(at)
 }
 
+/// A frame a later stage found unreadable: malformed, with no ports to go by.
 #[inline(always)]
-fn mark_inner_malformed(frame: &mut ParsedFrame) {
+fn mark_malformed(frame: &mut ParsedFrame) {
     frame.kind = FrameKind::Malformed;
-    frame.protocol_known = false;
     frame.ports = PortInfo::Unknown;
     frame.src_port = 0;
     frame.dst_port = 0;
+}
+
+/// A tunnel whose inner headers cannot be read: its protocol is not known either.
+#[inline(always)]
+fn mark_inner_malformed(frame: &mut ParsedFrame) {
+    mark_malformed(frame);
+    frame.protocol_known = false;
 }
 
 /// What a tunnel header at `at` carries, and where: an ethertype ([`ETH_P_IP`],

@@ -323,7 +323,6 @@ fn check_ip_packet(data: &[u8]) -> ParsedFrame {
 fn without_offsets(f: ParsedFrame) -> ParsedFrame {
     ParsedFrame {
         network_at: 0,
-        ipv4_options_at: 0,
         ip_end: 0,
         ..f
     }
