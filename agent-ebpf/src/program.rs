@@ -17,6 +17,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_MMAPABLE, TC_ACT_SHOT, xdp_action},
     helpers::{
         bpf_ktime_get_ns,
@@ -644,12 +645,7 @@ pub fn datafence_tc_options(ctx: TcContext) -> i32 {
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
-    if let Some(job) = take_job_mut(&TC_JOB) {
-        read_ipv4_options(&bytes, &mut job.frame);
-        // SAFETY: as in `datafence_tc_egress`.
-        unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
-    }
-    bump_stat(stat::STAGE_MISSING);
+    read_more_then_judge(&ctx, &bytes, &TC_JOB, &TC_STAGES, read_ipv4_options);
     TC_PASS
 }
 
@@ -661,13 +657,27 @@ pub fn datafence_tc_encap(ctx: TcContext) -> i32 {
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
-    if let Some(job) = take_job_mut(&TC_JOB) {
-        read_encapsulated(&bytes, &mut job.frame);
+    read_more_then_judge(&ctx, &bytes, &TC_JOB, &TC_STAGES, read_encapsulated);
+    TC_PASS
+}
+
+/// The body of a stage that reads more of the frame into the posted job (`read`), then
+/// jumps to the judge. Returns only when there is no job or no judge, which is counted;
+/// the caller then passes the packet, as every stage does when the chain is broken.
+#[inline(always)]
+fn read_more_then_judge<C: EbpfContext>(
+    ctx: &C,
+    bytes: &DirectBytes,
+    jobs: &PerCpuArray<Job>,
+    stages: &ProgramArray,
+    read: impl Fn(&DirectBytes, &mut ParsedFrame),
+) {
+    if let Some(job) = take_job_mut(jobs) {
+        read(bytes, &mut job.frame);
         // SAFETY: as in `datafence_tc_egress`.
-        unsafe { TC_STAGES.tail_call(&ctx, stage::JUDGE) };
+        unsafe { stages.tail_call(ctx, stage::JUDGE) };
     }
     bump_stat(stat::STAGE_MISSING);
-    TC_PASS
 }
 
 /// Parses the frame, posts the job, and says which stage to jump to.
@@ -794,12 +804,7 @@ pub fn datafence_xdp_options(ctx: XdpContext) -> u32 {
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
-    if let Some(job) = take_job_mut(&XDP_JOB) {
-        read_ipv4_options(&bytes, &mut job.frame);
-        // SAFETY: as in `datafence_tc_egress`.
-        unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
-    }
-    bump_stat(stat::STAGE_MISSING);
+    read_more_then_judge(&ctx, &bytes, &XDP_JOB, &XDP_STAGES, read_ipv4_options);
     xdp_action::XDP_PASS
 }
 
@@ -810,12 +815,7 @@ pub fn datafence_xdp_encap(ctx: XdpContext) -> u32 {
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
-    if let Some(job) = take_job_mut(&XDP_JOB) {
-        read_encapsulated(&bytes, &mut job.frame);
-        // SAFETY: as in `datafence_tc_egress`.
-        unsafe { XDP_STAGES.tail_call(&ctx, stage::JUDGE) };
-    }
-    bump_stat(stat::STAGE_MISSING);
+    read_more_then_judge(&ctx, &bytes, &XDP_JOB, &XDP_STAGES, read_encapsulated);
     xdp_action::XDP_PASS
 }
 
