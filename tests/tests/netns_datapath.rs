@@ -253,6 +253,44 @@ data_classes:
 const LSRR: u8 = 131;
 const SSRR: u8 = 137;
 
+/// A socket option: level, name, and what `setsockopt` errors are reported as.
+type SocketOption = (libc::c_int, libc::c_int, &'static str);
+
+/// Sends `count` datagrams to `dst:port` from a socket bound to `bind` whose socket
+/// option `option` holds `value`. Returns how many `dst` received.
+fn delivered_with_option(
+    sandbox: &Sandbox,
+    bind: &'static str,
+    option: SocketOption,
+    value: Vec<u8>,
+    dst: &str,
+    port: u16,
+    count: u32,
+) -> u32 {
+    udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
+        sandbox.host.run(move || {
+            use std::os::fd::AsRawFd as _;
+            let sock = UdpSocket::bind(bind).expect("bind sender");
+            let (level, name, label) = option;
+            // SAFETY: setsockopt with a valid fd and a buffer of the length given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    value.as_ptr().cast(),
+                    value.len() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "{label}: {}", std::io::Error::last_os_error());
+            for i in 0..count {
+                // A denied datagram may fail at send time: that is the point.
+                let _ = sock.send_to(&i.to_be_bytes(), dst_addr);
+            }
+        });
+    })
+}
+
 /// Sends `count` datagrams to `dst:port` from an unprivileged-style socket whose
 /// `IP_OPTIONS` carry a source route of `kind` through `relay`: the kernel puts the relay
 /// in the header's destination and `dst` in the route. Returns how many `dst` received.
@@ -264,32 +302,13 @@ fn source_routed(
     port: u16,
     count: u32,
 ) -> u32 {
-    udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
-        sandbox.host.run(move || {
-            use std::os::fd::AsRawFd as _;
-            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind sender");
-            let relay: std::net::Ipv4Addr = relay.parse().expect("relay");
-            // A NOP, then the route: type, length, pointer and the first hop, which the
-            // kernel moves to the header (the final destination takes its place).
-            let mut options = vec![1u8, kind, 7, 4];
-            options.extend_from_slice(&relay.octets());
-            // SAFETY: setsockopt with a valid fd and a buffer of the length given.
-            let rc = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_OPTIONS,
-                    options.as_ptr().cast(),
-                    options.len() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
-            for i in 0..count {
-                // A denied datagram may fail at send time: that is the point.
-                let _ = sock.send_to(&i.to_be_bytes(), dst_addr);
-            }
-        });
-    })
+    let relay: std::net::Ipv4Addr = relay.parse().expect("relay");
+    // A NOP, then the route: type, length, pointer and the first hop, which the kernel
+    // moves to the header (the final destination takes its place).
+    let mut options = vec![1u8, kind, 7, 4];
+    options.extend_from_slice(&relay.octets());
+    let option = (libc::IPPROTO_IP, libc::IP_OPTIONS, "IP_OPTIONS");
+    delivered_with_option(sandbox, "0.0.0.0:0", option, options, dst, port, count)
 }
 
 /// IPv4 loose and strict source routes, set with `IP_OPTIONS` (no privilege needed),
@@ -346,34 +365,15 @@ fn ipv4_source_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
 /// relay in the header's destination and `dst` in the segment list. Returns how many
 /// `dst` received.
 fn segment_routed(sandbox: &Sandbox, relay: &'static str, dst: &str, port: u16, count: u32) -> u32 {
-    udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
-        sandbox.host.run(move || {
-            use std::os::fd::AsRawFd as _;
-            let sock = UdpSocket::bind("[::]:0").expect("bind sender");
-            let relay: std::net::Ipv6Addr = relay.parse().expect("relay");
-            // Next header (the kernel's), length in 8-byte units past the first, type 4,
-            // segments left 1, last entry 1, flags, tag; then the segments, last first:
-            // the kernel fills segment 0 with the socket's destination.
-            let mut srh = vec![0u8, 4, 4, 1, 1, 0, 0, 0];
-            srh.extend_from_slice(&[0; 16]);
-            srh.extend_from_slice(&relay.octets());
-            // SAFETY: setsockopt with a valid fd and a buffer of the length given.
-            let rc = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_RTHDR,
-                    srh.as_ptr().cast(),
-                    srh.len() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "IPV6_RTHDR: {}", std::io::Error::last_os_error());
-            for i in 0..count {
-                // A denied datagram may fail at send time: that is the point.
-                let _ = sock.send_to(&i.to_be_bytes(), dst_addr);
-            }
-        });
-    })
+    let relay: std::net::Ipv6Addr = relay.parse().expect("relay");
+    // Next header (the kernel's), length in 8-byte units past the first, type 4, segments
+    // left 1, last entry 1, flags, tag; then the segments, last first: the kernel fills
+    // segment 0 with the socket's destination.
+    let mut srh = vec![0u8, 4, 4, 1, 1, 0, 0, 0];
+    srh.extend_from_slice(&[0; 16]);
+    srh.extend_from_slice(&relay.octets());
+    let option = (libc::IPPROTO_IPV6, libc::IPV6_RTHDR, "IPV6_RTHDR");
+    delivered_with_option(sandbox, "[::]:0", option, srh, dst, port, count)
 }
 
 /// An SRv6 routing header set by an unprivileged socket, through a relay in eu-west to
