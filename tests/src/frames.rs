@@ -245,6 +245,18 @@ pub fn arp() -> Vec<u8> {
 }
 
 impl Frame {
+    /// Sets the length the IP header declares: IPv4's total length, IPv6's payload
+    /// length. Bytes past it are a trailer the receiver ignores.
+    pub fn declare_ip_length(&mut self, length: u16) {
+        let at = self.ip_start
+            + if self.bytes[self.ip_start] >> 4 == 4 {
+                2
+            } else {
+                4
+            };
+        self.bytes[at..at + 2].copy_from_slice(&length.to_be_bytes());
+    }
+
     /// The frame from its IP header on: an inner packet for IP in IP, or a frame on a
     /// device without a link-layer header.
     pub fn ip_packet(&self) -> Vec<u8> {

@@ -332,6 +332,111 @@ pub fn udp_delivered_with(
     got
 }
 
+/// A packet socket for every protocol, bound to `interface` of the calling thread's
+/// namespace.
+fn packet_socket(interface: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(interface).expect("interface name");
+    // SAFETY: if_nametoindex with a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex != 0, "no interface {interface}");
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = all;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: bind(2) with a sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "bind packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    fd
+}
+
+/// Sends each frame out of the host's uplink from a packet socket, as a process with
+/// CAP_NET_RAW can (through the qdisc layer, so TC egress sees it), with the sandbox's
+/// MAC addresses put in, and counts how many arrive unchanged at the world's end.
+pub fn frames_delivered(sandbox: &Sandbox, frames: &[Vec<u8>]) -> usize {
+    let mac = |text: &str| -> Vec<u8> {
+        text.split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("MAC"))
+            .collect()
+    };
+    let frames: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let mut f = f.clone();
+            f[0..6].copy_from_slice(&mac(WORLD_MAC));
+            f[6..12].copy_from_slice(&mac(HOST_MAC));
+            f
+        })
+        .collect();
+    let receiver = sandbox.world.run(|| packet_socket("dn0"));
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 300_000,
+    };
+    // SAFETY: setsockopt with a timeval of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            receiver.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO");
+    let uplink = sandbox.uplink;
+    let to_send = frames.clone();
+    sandbox.host.run(move || {
+        let sender = packet_socket(uplink);
+        for f in &to_send {
+            // SAFETY: send(2) of a buffer of the length given.
+            let n = unsafe { libc::send(sender.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+            // A frame dropped on the way out fails with ENOBUFS: that is the point.
+            let error = std::io::Error::last_os_error();
+            assert!(
+                n == f.len() as isize || error.raw_os_error() == Some(libc::ENOBUFS),
+                "send: {error}"
+            );
+        }
+    });
+    let mut unmatched = frames;
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        // SAFETY: recv(2) into a buffer of the length given.
+        let n = unsafe { libc::recv(receiver.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else { break };
+        if let Some(i) = unmatched.iter().position(|f| f[..] == buf[..n]) {
+            unmatched.swap_remove(i);
+            got += 1;
+        }
+    }
+    got
+}
+
 /// Whether a TCP connection from the host namespace to `dst` completes.
 pub fn tcp_connects(sandbox: &Sandbox, dst: &str, port: u16) -> bool {
     let addr: SocketAddr = SocketAddr::new(dst.parse().expect("dst"), port);

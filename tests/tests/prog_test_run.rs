@@ -466,17 +466,6 @@ fn ipv6_extension_headers_are_walked() {
     assert_outcome(&o, deny(HTTPS, REGION_NONE, Reason::MalformedDenied));
 }
 
-/// Sets the length an IP header declares: IPv4's total length, IPv6's payload length.
-fn declare_ip_length(frame: &mut Frame, length: u16) {
-    let at = frame.ip_start
-        + if frame.bytes[frame.ip_start] >> 4 == 4 {
-            2
-        } else {
-            4
-        };
-    frame.bytes[at..at + 2].copy_from_slice(&length.to_be_bytes());
-}
-
 #[test]
 fn an_ipv6_non_first_fragment_is_not_read_past_its_fragment_header() {
     let mut dp = setup();
@@ -504,12 +493,12 @@ fn bytes_past_the_ip_length_are_never_read_as_headers() {
     // unclassified; unread, the ports are unknown and the class that could own the
     // packet decides: fail closed.
     let mut v4 = Spec::udp(SRC4, US4, 9999).build();
-    declare_ip_length(&mut v4, 20);
+    v4.declare_ip_length(20);
     // An IPv6 first fragment that ends exactly after its fragment header.
     let mut spec = Spec::udp(SRC6, US6, 9999);
     spec.ipv6_ext = vec![(44, frames::ipv6_fragment(0))];
     let mut v6 = spec.build();
-    declare_ip_length(&mut v6, 8);
+    v6.declare_ip_length(8);
     for (name, frame) in [("ipv4", &v4), ("ipv6", &v6)] {
         check(
             &tc(&mut dp, frame),
