@@ -174,6 +174,34 @@ fn an_interface_created_while_the_agent_runs_is_judged_from_its_first_packet() {
     agent.stop();
 }
 
+/// An interface whose only route is its connected subnet, which lies in a denied region:
+/// a default-route-only attach never looked at it, and user data to that subnet left
+/// unjudged. Attached like every interface, it is judged from the first packet, and
+/// the agent names the subnet as a possible false drop in its log.
+#[test]
+fn an_interface_whose_connected_subnet_is_in_a_denied_region_is_judged() {
+    require_root();
+    let sandbox = Sandbox::new("ef");
+    let scratch = Scratch::new("connected");
+    let agent = start(&sandbox, &scratch);
+    second_link(&sandbox, "lan0", "lanw0", "203.0.113");
+    let peer = "203.0.113.2";
+    let before = denied(&agent);
+    assert_eq!(
+        udp_delivered_marked(&sandbox, peer, 7441, 20, MARK),
+        0,
+        "user data to the denied subnet"
+    );
+    assert_eq!(denied(&agent) - before, 20, "each packet judged and denied");
+    assert!(reported_on(&agent, "lan0"), "judged on lan0");
+    assert_eq!(
+        udp_delivered_marked(&sandbox, peer, 7442, 20, 0),
+        20,
+        "other traffic to it passes"
+    );
+    agent.stop();
+}
+
 /// A VXLAN overlay over the attached uplink: its outer packets go to an exempt address
 /// and pass, so only the overlay device's own hook sees the inner destination. An
 /// overlay the policy excludes is left alone, and its inner packets pass unjudged, which
