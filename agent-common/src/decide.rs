@@ -145,6 +145,64 @@ pub fn classify(policy: &Policy, facts: &PacketFacts) -> u8 {
     lowest_class(candidates)
 }
 
+/// What the socket ring may do for a `connect()` or `sendmsg()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketClass {
+    /// The call's traffic is this class's, whatever its packets carry.
+    Class(u8),
+    /// No class: the call is allowed.
+    Unclassified,
+    /// The first class the call may fall in also selects by something only its packets
+    /// show: the packet ring decides, and the call is allowed.
+    PacketRingDecides,
+}
+
+/// Selectors a socket call cannot answer: it has no DSCP yet, and netfilter or routing
+/// may still change its packets' mark and source. Classes that use them are the packet
+/// ring's alone.
+pub const PACKET_ONLY_SELECTORS: [u32; 3] = [selector::MARK, selector::DSCP, selector::SRC_CIDR];
+
+/// The class of a socket call by what the call shows: the socket's cgroup ancestry
+/// (`cgroup_classes`, as for packets), its protocol and its destination port (`ports`
+/// says whether the protocol has ports). The same bitmaps as [`classify`]; selectors the
+/// call cannot answer narrow nothing, so the first class left is the first its packets
+/// could fall in. When that class uses one of them, the call cannot be judged here
+/// without risking a denial its packets would not get.
+#[inline(always)]
+pub fn classify_socket(
+    policy: &Policy,
+    cgroup_classes: ClassMask,
+    protocol: u8,
+    ports: PortInfo,
+    dst_port: u16,
+) -> SocketClass {
+    let ix = &policy.index;
+    let mut candidates = ix.live;
+    candidates &= !ix.using(selector::CGROUP) | cgroup_classes;
+    candidates &= !ix.using(selector::PROTOCOL) | ix.protocol[usize::from(protocol)];
+    let uses_port = ix.using(selector::DST_PORT);
+    match ports {
+        PortInfo::Known => {
+            if uses_port != 0 {
+                candidates &= !uses_port | port_classes(ix, dst_port);
+            }
+        }
+        PortInfo::Absent => candidates &= !uses_port,
+        PortInfo::Unknown => {}
+    }
+    let first = lowest_class(candidates);
+    if first == CLASS_NONE {
+        return SocketClass::Unclassified;
+    }
+    let packet_only = PACKET_ONLY_SELECTORS
+        .iter()
+        .fold(0, |acc, &s| acc | ix.using(s));
+    if packet_only & (1 << first) != 0 {
+        return SocketClass::PacketRingDecides;
+    }
+    SocketClass::Class(first)
+}
+
 /// Turns a would-be denial into an audit hit when the class is in audit mode.
 #[inline(always)]
 fn apply_mode(class: &ClassSpec, denied: bool, allow: Reason, deny: Reason) -> Decision {
@@ -246,6 +304,56 @@ mod tests {
         p.classes[..classes.len()].copy_from_slice(classes);
         p.build_index();
         p
+    }
+
+    fn cgroup_class() -> ClassSpec {
+        let mut c = ClassSpec::EMPTY;
+        c.selectors = selector::CGROUP;
+        c
+    }
+
+    #[test]
+    fn a_socket_call_takes_the_first_class_its_cgroup_and_port_select() {
+        let p = policy(&[port_class(80, 80), cgroup_class(), port_class(443, 443)]);
+        let known = PortInfo::Known;
+        assert_eq!(
+            classify_socket(&p, 0b010, 6, known, 443),
+            SocketClass::Class(1)
+        );
+        assert_eq!(classify_socket(&p, 0, 6, known, 443), SocketClass::Class(2));
+        assert_eq!(classify_socket(&p, 0, 6, known, 80), SocketClass::Class(0));
+        assert_eq!(
+            classify_socket(&p, 0, 6, known, 22),
+            SocketClass::Unclassified
+        );
+        // A ping socket has no ports: a port class cannot be its.
+        assert_eq!(
+            classify_socket(&p, 0, 1, PortInfo::Absent, 0),
+            SocketClass::Unclassified
+        );
+    }
+
+    #[test]
+    fn a_socket_call_leaves_classes_by_packet_only_selectors_to_the_packet_ring() {
+        for packet_only in PACKET_ONLY_SELECTORS {
+            // First a class that also selects by what only packets show, then one the
+            // call fully answers: the packets may fall in either, so the call is not judged.
+            let mut first = port_class(443, 443);
+            first.selectors |= packet_only;
+            let p = policy(&[first, port_class(443, 443)]);
+            assert_eq!(
+                classify_socket(&p, 0, 6, PortInfo::Known, 443),
+                SocketClass::PacketRingDecides,
+                "{packet_only:#x}"
+            );
+            // Behind a class the call answers, it does not matter.
+            let p = policy(&[port_class(443, 443), first]);
+            assert_eq!(
+                classify_socket(&p, 0, 6, PortInfo::Known, 443),
+                SocketClass::Class(0),
+                "{packet_only:#x}"
+            );
+        }
     }
 
     #[test]
