@@ -498,6 +498,71 @@ fn segment_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
     assert_eq!(routed_denied, 20, "each routed datagram, denied as routed");
 }
 
+/// A class that denies destinations in no region (`unknown: deny`), and an exemption for
+/// the relay, as a management network would be.
+const EXEMPT_RELAY_POLICY: &str = r#"
+version: 1
+exempt: [192.0.2.2/32, "2001:db8:1::2/128"]
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
+  us-east:
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
+data_classes:
+  user-data:
+    match:
+      protocols: [udp]
+      dst_ports: [5432]
+    allow: [eu-west]
+    unknown: deny
+"#;
+
+/// Routes whose first hop is exempt: the exemption was checked first, on the header's
+/// destination, and let the packet out before the route was looked at. Before, 40 of 40
+/// arrived through the relay. An exemption covers the hop, not where the route goes on
+/// to. (A link-local first hop, exempt in the datapath itself, is a `prog_test_run` case.)
+#[test]
+fn an_exempt_first_hop_does_not_exempt_the_rest_of_a_route() {
+    require_root();
+    let sandbox = Sandbox::new("sx");
+    for sysctl in [
+        "net.ipv6.conf.all.seg6_enabled=1",
+        "net.ipv6.conf.dn0.seg6_enabled=1",
+        "net.ipv4.conf.all.accept_source_route=1",
+        "net.ipv4.conf.dn0.accept_source_route=1",
+    ] {
+        let out = sandbox.world.exec(&["sysctl", "-qw", sysctl]);
+        assert!(out.status.success(), "sysctl {sysctl}");
+    }
+    let routed = |port| {
+        [
+            segment_routed(&sandbox, addr::WORLD_V6, addr::US_V6, port, 20),
+            source_routed(&sandbox, LSRR, addr::WORLD_V4, addr::US_V4, port, 20),
+        ]
+    };
+    assert_eq!(routed(5432), [20, 20], "before the datapath is attached");
+
+    let dp = attached(&sandbox, EXEMPT_RELAY_POLICY);
+    assert_eq!(
+        routed(5432),
+        [0, 0],
+        "user data through an exempt relay to us-east"
+    );
+    assert_eq!(routed(7000), [20, 20], "other traffic on the same routes");
+    // The exemption itself still holds, and the allowed region is still reachable.
+    assert_eq!(udp_delivered(&sandbox, addr::WORLD_V6, 5432, 20), 20);
+    assert_eq!(udp_delivered(&sandbox, addr::WORLD_V4, 5432, 20), 20);
+    assert_eq!(udp_delivered(&sandbox, addr::EU_V6, 5432, 20), 20);
+    let routed_denied: u64 = dp
+        .counters()
+        .expect("counters")
+        .iter()
+        .filter(|(k, _)| k.reason == Reason::RoutingHeaderDenied as u8)
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(routed_denied, 40, "each routed datagram, denied as routed");
+}
+
 /// Whether this kernel can make tunnel devices of `kind`: built in, or a module it ships.
 /// The matrix's Debian kernels have ipip and gre as modules; the host kernel of these
 /// machines has neither.
