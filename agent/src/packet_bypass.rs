@@ -39,15 +39,31 @@ pub enum UnitReport {
 
 /// The units named by each class's cgroups, asked of systemd.
 pub fn check_units(policy: &LoadedPolicy, cgroup_root: &Path) -> UnitReport {
-    let named: Vec<(String, String)> = policy
+    check_class_cgroups(&class_cgroups(policy), cgroup_root)
+}
+
+/// Each class's name with each cgroup path it names.
+pub fn class_cgroups(policy: &LoadedPolicy) -> Vec<(String, String)> {
+    policy
         .classes
         .iter()
         .flat_map(|c| {
             c.selectors
                 .cgroups
                 .iter()
-                .flat_map(move |(path, _)| units_under(cgroup_root, path))
-                .map(move |unit| (c.name.clone(), unit))
+                .map(|(path, _)| (c.name.clone(), path.clone()))
+        })
+        .collect()
+}
+
+/// [`check_units`] for (class, cgroup path) pairs.
+pub fn check_class_cgroups(class_cgroups: &[(String, String)], cgroup_root: &Path) -> UnitReport {
+    let named: Vec<(String, String)> = class_cgroups
+        .iter()
+        .flat_map(|(class, path)| {
+            units_under(cgroup_root, path)
+                .into_iter()
+                .map(move |unit| (class.clone(), unit))
         })
         .collect();
     if named.is_empty() {

@@ -144,6 +144,7 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     for link in &unjudgeable {
         warn_unjudgeable(link);
     }
+    warn_units_with_packet_sockets(&policy, &opts.cgroup_root);
     for a in &attachments {
         if if_index(&a.interface).is_none() {
             return Err(AgentError::UnknownInterface(a.interface.clone()));
@@ -251,6 +252,29 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     };
     agent.check_local_networks();
     Ok(agent)
+}
+
+/// Logs, once at start, each user-data unit that may open packet sockets (as `check`
+/// warns): the journal is where an operator who never ran `check` looks. systemd is
+/// asked on a thread of its own, so that a slow answer never holds up enforcement.
+fn warn_units_with_packet_sockets(policy: &LoadedPolicy, cgroup_root: &Path) {
+    use crate::packet_bypass::{UnitReport, check_class_cgroups, class_cgroups};
+    let (named, root) = (class_cgroups(policy), cgroup_root.to_owned());
+    if named.is_empty() {
+        return;
+    }
+    let asked = std::thread::Builder::new()
+        .name("unit-check".into())
+        .spawn(move || {
+            if let UnitReport::Checked { exposed, .. } = check_class_cgroups(&named, &root) {
+                for e in exposed {
+                    warn!(class = %e.class, unit = %e.unit, "this user-data unit may open packet sockets, and PACKET_QDISC_BYPASS sends around TC egress; restrict AF_PACKET (RestrictAddressFamilies=) or CAP_NET_RAW (CapabilityBoundingSet=) in it");
+                }
+            }
+        });
+    if let Err(e) = asked {
+        warn!(error = %e, "cannot check user-data units for packet sockets");
+    }
 }
 
 /// Unpins what an earlier datapath version or build left beside the pins just adopted:
