@@ -2,7 +2,11 @@
 //! querying the tcx hook, interface names, and mapping BPF arrays into memory. All of
 //! the datapath's `unsafe` is here.
 
-use std::{os::fd::AsRawFd, path::Path, ptr::NonNull};
+use std::{
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    path::Path,
+    ptr::NonNull,
+};
 
 /// Mounts a bpf filesystem at `target` (mode 0700).
 pub(super) fn mount_bpffs(target: &str) -> std::io::Result<()> {
@@ -29,12 +33,11 @@ pub(super) fn mount_bpffs(target: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Opens the pinned link and detaches it with `BPF_LINK_DETACH`: the program is off its
-/// hook when this returns. (aya keeps a link's fd private, hence the bare syscalls.)
-pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+/// Opens the object pinned at `path` (`BPF_OBJ_GET`). aya keeps a link's fd private,
+/// hence the bare syscalls here.
+fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt as _;
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     let cpath =
         std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // bpf_attr.obj_get: pathname (u64), bpf_fd (u32), file_flags (u32).
@@ -45,26 +48,29 @@ pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens the pinned link and detaches it with `BPF_LINK_DETACH`: the program is off its
+/// hook when this returns.
+pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let link = open_pinned(path)?;
     let mut detach = [0u32; 4];
-    detach[0] = fd as u32;
+    detach[0] = link.as_raw_fd() as u32;
     // SAFETY: bpf(2) with an attr holding only the link fd opened above.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_mut_ptr(), 16) };
-    let result = if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    };
-    // SAFETY: closing the fd opened above.
-    unsafe { libc::close(fd as i32) };
-    result
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The interface a pinned tcx or XDP link is attached to, from `BPF_OBJ_GET_INFO_BY_FD`:
 /// 0 once the interface is gone (the kernel keeps the link, defunct, while a pin holds
 /// it). `None` for another kind of link. aya's `LinkInfo` does not expose the field.
 pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
-    use std::os::unix::ffi::OsStrExt as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_TYPE_XDP: u32 = 6;
     const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -75,20 +81,12 @@ pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
         info_len: u32,
         info: u64,
     }
-    let cpath =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut get = [0u64; 2];
-    get[0] = cpath.as_ptr() as u64;
-    // SAFETY: bpf(2) with a correctly laid out attr pointing at `cpath`, alive for the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), 16) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let link = open_pinned(path)?;
     // `struct bpf_link_info`: type, id, prog_id, then a union aligned to 8 whose tcx and
     // xdp members both start with the ifindex. Zeroed past what the kernel fills.
     let mut info = [0u32; 64];
     let mut attr = InfoAttr {
-        bpf_fd: fd as u32,
+        bpf_fd: link.as_raw_fd() as u32,
         info_len: size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
@@ -102,14 +100,10 @@ pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
             size_of::<InfoAttr>(),
         )
     };
-    let result = if rc == 0 {
-        Ok(matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info[4]))
-    } else {
-        Err(std::io::Error::last_os_error())
-    };
-    // SAFETY: closing the fd opened above.
-    unsafe { libc::close(fd as i32) };
-    result
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info[4]))
 }
 
 /// The interface's index, or `None` when no such interface exists.
