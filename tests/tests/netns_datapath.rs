@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 
 use datafence::datapath::{Datapath, EventLimits, LoadOptions};
-use datafence_common::Reason;
+use datafence_common::{CounterKey, Reason};
 use integration_tests::{
     MARKED_CLASS_POLICY,
     frames::{self, Spec},
@@ -30,6 +30,16 @@ data_classes:
     allow: [eu-west]
     unknown: allow
 "#;
+
+/// Packets the datapath counted under the keys `keep` picks.
+fn packets_where(dp: &Datapath, keep: impl Fn(&CounterKey) -> bool) -> u64 {
+    dp.counters()
+        .expect("counters")
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(_, v)| v.packets)
+        .sum()
+}
 
 /// The policy applied to a datapath of its own, attached to the sandbox's uplink.
 fn attached(sandbox: &Sandbox, yaml: &str) -> Datapath {
@@ -66,13 +76,7 @@ fn attached_tc_egress_blocks_unapproved_regions_over_v4_and_v6() {
     assert!(tcp_connects(&sandbox, addr::EU_V6, 8443));
     assert!(!tcp_connects(&sandbox, addr::US_V6, 8443));
 
-    let denied: u64 = dp
-        .counters()
-        .expect("counters")
-        .iter()
-        .filter(|(k, _)| k.verdict == datafence_common::Verdict::Deny as u8)
-        .map(|(_, v)| v.packets)
-        .sum();
+    let denied = packets_where(&dp, |k| k.verdict == datafence_common::Verdict::Deny as u8);
     // 40 datagrams plus at least one SYN per refused connection.
     assert!(denied >= 42, "denied {denied}");
     drop(dp);
@@ -101,13 +105,9 @@ fn fragmented_datagrams_are_judged_whole_over_v4_and_v6() {
     // Each allowed user-data datagram went out as three fragments (1,480 + 1,480 + 48
     // bytes over IPv4, 1,448 + 1,448 + 112 over IPv6), each judged and counted as the
     // class's.
-    let allowed_user_data: u64 = dp
-        .counters()
-        .expect("counters")
-        .iter()
-        .filter(|(k, _)| k.class == 0 && k.verdict == datafence_common::Verdict::Allow as u8)
-        .map(|(_, v)| v.packets)
-        .sum();
+    let allowed_user_data = packets_where(&dp, |k| {
+        k.class == 0 && k.verdict == datafence_common::Verdict::Allow as u8
+    });
     assert_eq!(allowed_user_data, 2 * 10 * 3);
 }
 
@@ -147,14 +147,7 @@ fn fragments_follow_their_first_fragment_so_other_traffic_is_not_dropped() {
         let got = udp_delivered_sized(&sandbox, dst, port, 10, 0, SIZE);
         assert_eq!(got, expected, "{case}: {dst} port {port}");
     }
-    let counters = dp.counters().expect("counters");
-    let count = |reason: Reason| -> u64 {
-        counters
-            .iter()
-            .filter(|(k, _)| k.reason == reason as u8)
-            .map(|(_, v)| v.packets)
-            .sum()
-    };
+    let count = |reason: Reason| packets_where(&dp, |k| k.reason == reason as u8);
     // Each datagram's fragments are counted with its first fragment's reason. The kernel
     // stops sending a datagram once a fragment is dropped, so a denied datagram is one
     // denial: its first fragment. The other traffic's later fragments are not among the
@@ -236,14 +229,7 @@ fn crafted_fragments_and_trailers_do_not_reach_a_denied_region() {
     );
     assert_eq!(udp_delivered(&sandbox, addr::EU_V6, 5432, 20), 20);
     assert_eq!(udp_delivered(&sandbox, addr::EU_V4, 5432, 20), 20);
-    let counters = dp.counters().expect("counters");
-    let count = |reason: Reason| -> u64 {
-        counters
-            .iter()
-            .filter(|(k, _)| k.reason == reason as u8)
-            .map(|(_, v)| v.packets)
-            .sum()
-    };
+    let count = |reason: Reason| packets_where(&dp, |k| k.reason == reason as u8);
     assert_eq!(
         count(Reason::FragmentUnseen),
         20,
@@ -305,13 +291,7 @@ fn a_device_without_a_link_layer_header_is_judged_from_the_ip_header() {
     ] {
         assert_eq!(send(dst), expected, "UDP to {dst} over dftun0");
     }
-    let denied: u64 = dp
-        .counters()
-        .expect("counters")
-        .iter()
-        .filter(|(k, _)| k.verdict == datafence_common::Verdict::Deny as u8)
-        .map(|(_, v)| v.packets)
-        .sum();
+    let denied = packets_where(&dp, |k| k.verdict == datafence_common::Verdict::Deny as u8);
     assert_eq!(denied, 40, "denied over dftun0");
     drop(dp);
     // Detached: the same datagrams reach the device, so the zeros above were drops.
@@ -335,6 +315,21 @@ data_classes:
     allow: [eu-west]
     unknown: allow
 "#;
+
+/// Settings of the world namespace's `all` and `dn0` interfaces that make it a relay
+/// of routed packets, as a router on the path may be.
+const ACCEPT_SOURCE_ROUTE: &str = "net.ipv4.conf.{}.accept_source_route=1";
+const SEG6_ENABLED: &str = "net.ipv6.conf.{}.seg6_enabled=1";
+
+fn world_relays(sandbox: &Sandbox, settings: &[&str]) {
+    for setting in settings {
+        for conf in ["all", "dn0"] {
+            let sysctl = setting.replace("{}", conf);
+            let out = sandbox.world.exec(&["sysctl", "-qw", &sysctl]);
+            assert!(out.status.success(), "sysctl {sysctl}");
+        }
+    }
+}
 
 const LSRR: u8 = 131;
 const SSRR: u8 = 137;
@@ -405,14 +400,7 @@ fn source_routed(
 fn ipv4_source_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
     require_root();
     let sandbox = Sandbox::new("sr");
-    for conf in ["all", "dn0"] {
-        let out = sandbox.world.exec(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{conf}.accept_source_route=1"),
-        ]);
-        assert!(out.status.success(), "sysctl accept_source_route");
-    }
+    world_relays(&sandbox, &[ACCEPT_SOURCE_ROUTE]);
     // Without datafence the routes work, so the zeros below are the datapath's doing.
     // A strict route's first hop must be on the link: the sandbox's next hop.
     let routes = [
@@ -436,13 +424,7 @@ fn ipv4_source_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
     assert_eq!(udp_delivered(&sandbox, addr::EU_V4, 5432, 20), 20);
     assert_eq!(udp_delivered(&sandbox, addr::US_V4, 5432, 20), 0);
 
-    let routed_denied: u64 = dp
-        .counters()
-        .expect("counters")
-        .iter()
-        .filter(|(k, _)| k.reason == Reason::RoutingHeaderDenied as u8)
-        .map(|(_, v)| v.packets)
-        .sum();
+    let routed_denied = packets_where(&dp, |k| k.reason == Reason::RoutingHeaderDenied as u8);
     assert_eq!(routed_denied, 40, "each routed datagram, denied as routed");
 }
 
@@ -470,14 +452,7 @@ fn segment_routed(sandbox: &Sandbox, relay: &'static str, dst: &str, port: u16, 
 fn segment_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
     require_root();
     let sandbox = Sandbox::new("sg");
-    for conf in ["all", "dn0"] {
-        let out = sandbox.world.exec(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{conf}.seg6_enabled=1"),
-        ]);
-        assert!(out.status.success(), "sysctl seg6_enabled");
-    }
+    world_relays(&sandbox, &[SEG6_ENABLED]);
     let got = segment_routed(&sandbox, addr::EU_V6, addr::US_V6, 5432, 20);
     assert_eq!(got, 20, "before the datapath is attached");
 
@@ -488,13 +463,7 @@ fn segment_routes_through_an_allowed_relay_do_not_reach_a_denied_region() {
     assert_eq!(got, 20, "other traffic on the same route");
     assert_eq!(udp_delivered(&sandbox, addr::EU_V6, 5432, 20), 20);
 
-    let routed_denied: u64 = dp
-        .counters()
-        .expect("counters")
-        .iter()
-        .filter(|(k, _)| k.reason == Reason::RoutingHeaderDenied as u8)
-        .map(|(_, v)| v.packets)
-        .sum();
+    let routed_denied = packets_where(&dp, |k| k.reason == Reason::RoutingHeaderDenied as u8);
     assert_eq!(routed_denied, 20, "each routed datagram, denied as routed");
 }
 
@@ -525,15 +494,7 @@ data_classes:
 fn an_exempt_first_hop_does_not_exempt_the_rest_of_a_route() {
     require_root();
     let sandbox = Sandbox::new("sx");
-    for sysctl in [
-        "net.ipv6.conf.all.seg6_enabled=1",
-        "net.ipv6.conf.dn0.seg6_enabled=1",
-        "net.ipv4.conf.all.accept_source_route=1",
-        "net.ipv4.conf.dn0.accept_source_route=1",
-    ] {
-        let out = sandbox.world.exec(&["sysctl", "-qw", sysctl]);
-        assert!(out.status.success(), "sysctl {sysctl}");
-    }
+    world_relays(&sandbox, &[SEG6_ENABLED, ACCEPT_SOURCE_ROUTE]);
     let routed = |port| {
         [
             segment_routed(&sandbox, addr::WORLD_V6, addr::US_V6, port, 20),
@@ -553,13 +514,7 @@ fn an_exempt_first_hop_does_not_exempt_the_rest_of_a_route() {
     assert_eq!(udp_delivered(&sandbox, addr::WORLD_V6, 5432, 20), 20);
     assert_eq!(udp_delivered(&sandbox, addr::WORLD_V4, 5432, 20), 20);
     assert_eq!(udp_delivered(&sandbox, addr::EU_V6, 5432, 20), 20);
-    let routed_denied: u64 = dp
-        .counters()
-        .expect("counters")
-        .iter()
-        .filter(|(k, _)| k.reason == Reason::RoutingHeaderDenied as u8)
-        .map(|(_, v)| v.packets)
-        .sum();
+    let routed_denied = packets_where(&dp, |k| k.reason == Reason::RoutingHeaderDenied as u8);
     assert_eq!(routed_denied, 40, "each routed datagram, denied as routed");
 }
 
