@@ -39,24 +39,10 @@ pub enum UnitReport {
 
 /// The units named by each class's cgroups, asked of systemd.
 pub fn check_units(policy: &LoadedPolicy, cgroup_root: &Path) -> UnitReport {
-    check_class_cgroups(&class_cgroups(policy), cgroup_root)
+    check_class_cgroups(&policy.class_cgroups(), cgroup_root)
 }
 
-/// Each class's name with each cgroup path it names.
-pub fn class_cgroups(policy: &LoadedPolicy) -> Vec<(String, String)> {
-    policy
-        .classes
-        .iter()
-        .flat_map(|c| {
-            c.selectors
-                .cgroups
-                .iter()
-                .map(|(path, _)| (c.name.clone(), path.clone()))
-        })
-        .collect()
-}
-
-/// [`check_units`] for (class, cgroup path) pairs.
+/// [`check_units`] for (class, cgroup path) pairs, from [`LoadedPolicy::class_cgroups`].
 pub fn check_class_cgroups(class_cgroups: &[(String, String)], cgroup_root: &Path) -> UnitReport {
     let named: Vec<(String, String)> = class_cgroups
         .iter()

@@ -215,13 +215,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let named_cgroups = {
         let state = shared.clone();
         move || {
-            let agent = lock(&state);
-            agent
-                .policy
-                .classes
-                .iter()
-                .flat_map(|c| c.selectors.cgroups.iter().map(|(path, _)| path.clone()))
-                .collect()
+            let named = lock(&state).policy.class_cgroups();
+            named.into_iter().map(|(_, path)| path).collect()
         }
     };
     let on_cgroup_change = {

@@ -258,8 +258,8 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
 /// warns): the journal is where an operator who never ran `check` looks. systemd is
 /// asked on a thread of its own, so that a slow answer never holds up enforcement.
 fn warn_units_with_packet_sockets(policy: &LoadedPolicy, cgroup_root: &Path) {
-    use crate::packet_bypass::{UnitReport, check_class_cgroups, class_cgroups};
-    let (named, root) = (class_cgroups(policy), cgroup_root.to_owned());
+    use crate::packet_bypass::{UnitReport, check_class_cgroups};
+    let (named, root) = (policy.class_cgroups(), cgroup_root.to_owned());
     if named.is_empty() {
         return;
     }

@@ -318,6 +318,19 @@ impl fmt::Display for CgroupNote {
 }
 
 impl LoadedPolicy {
+    /// Each class's name with each cgroup path it names, in class order.
+    pub fn class_cgroups(&self) -> Vec<(String, String)> {
+        self.classes
+            .iter()
+            .flat_map(|c| {
+                c.selectors
+                    .cgroups
+                    .iter()
+                    .map(|(path, _)| (c.name.clone(), path.clone()))
+            })
+            .collect()
+    }
+
     /// The notes about the cgroups classes name, in class order.
     pub fn cgroup_notes(&self) -> Vec<CgroupNote> {
         let mut notes = Vec::new();
