@@ -44,6 +44,10 @@ contract! {
     pub enum Hook {
         TcEgress = 0 => "tc_egress",
         Xdp = 1 => "xdp",
+        /// The socket ring: `connect()`, judged before the connection is made.
+        SockConnect = 2 => "sock_connect",
+        /// The socket ring: `sendmsg()` and `sendto()` with an address.
+        SockSendmsg = 3 => "sock_sendmsg",
     }
 }
 

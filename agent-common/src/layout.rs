@@ -392,6 +392,14 @@ pub struct ViolationEvent {
     pub protocol: u8,
     pub src_port: u16,
     pub dst_port: u16,
+    /// The socket's network namespace (`SO_NETNS_COOKIE`). This and the fields after it
+    /// are written by the socket ring's programs only: for a packet hook they hold
+    /// whatever the ring held there, and mean nothing.
+    pub netns_cookie: u64,
+    /// The calling process (its thread group id) and its name.
+    pub pid: u32,
+    pub comm: [u8; 16],
+    pub _pad: u32,
 }
 
 // The layouts are read by both sides; any change here is an ABI change.
@@ -407,7 +415,12 @@ const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
 const _: () = assert!(core::mem::size_of::<CachedCounter>() == 32);
 const _: () = assert!(COUNTER_CACHE_SLOTS.is_power_of_two() && COUNTER_CACHE_SLOTS <= 256);
 const _: () = assert!(core::mem::size_of::<RateLimitState>() == 16);
-const _: () = assert!(core::mem::size_of::<ViolationEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<ViolationEvent>() == VIOLATION_EVENT_BYTES);
+
+/// The size of a [`ViolationEvent`] before it carried the process and namespace: what a
+/// previous build's programs still write into a pinned ring during an upgrade.
+pub const VIOLATION_EVENT_PACKET_BYTES: usize = 72;
+const VIOLATION_EVENT_BYTES: usize = 104;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -439,14 +452,19 @@ mod pod {
 }
 
 impl ViolationEvent {
-    /// Decodes an event from ring-buffer bytes. Returns `None` when the record is too
-    /// short, which would mean the datapath and agent disagree on the ABI.
+    /// Decodes an event from ring-buffer bytes. A record of the size before the process
+    /// fields ([`VIOLATION_EVENT_PACKET_BYTES`]) reads with them zero. Returns `None`
+    /// when the record is shorter, which would mean the datapath and agent disagree on
+    /// the ABI.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < core::mem::size_of::<Self>() {
+        if bytes.len() < VIOLATION_EVENT_PACKET_BYTES {
             return None;
         }
-        // SAFETY: ViolationEvent is plain old data with no invalid bit patterns, and the
-        // length was checked; read_unaligned copes with any alignment of the ring record.
-        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+        let mut whole = [0u8; VIOLATION_EVENT_BYTES];
+        let n = core::cmp::min(bytes.len(), VIOLATION_EVENT_BYTES);
+        whole[..n].copy_from_slice(&bytes[..n]);
+        // SAFETY: ViolationEvent is plain old data with no invalid bit patterns, and
+        // `whole` is exactly its size; read_unaligned copes with the array's alignment.
+        Some(unsafe { core::ptr::read_unaligned(whole.as_ptr().cast::<Self>()) })
     }
 }

@@ -18,6 +18,7 @@ pub mod decide;
 mod layout;
 mod names;
 pub mod parse;
+pub mod socket;
 pub mod stat;
 pub mod v6;
 pub mod verdict;

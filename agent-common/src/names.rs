@@ -27,6 +27,7 @@ pub mod map_names {
     pub const TC_JOB: &str = "TC_JOB";
     pub const XDP_JOB: &str = "XDP_JOB";
     pub const SCRATCH: &str = "SCRATCH";
+    pub const SOCKET_CALL: &str = "SOCKET_CALL";
     /// First fragments' judgements, for the later fragments of their datagrams.
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// The interfaces whose frames start at the IP header, by ifindex.
@@ -87,6 +88,11 @@ pub mod program_names {
     /// The stages that read a tunnel's inner headers (see `stage::ENCAPSULATED`).
     pub const TC_ENCAPSULATED: &str = "datafence_tc_encap";
     pub const XDP_ENCAPSULATED: &str = "datafence_xdp_encap";
+    /// The socket ring (attached at the cgroup v2 root, not to interfaces).
+    pub const SOCK_CONNECT4: &str = "datafence_sock_connect4";
+    pub const SOCK_CONNECT6: &str = "datafence_sock_connect6";
+    pub const SOCK_SENDMSG4: &str = "datafence_sock_sendmsg4";
+    pub const SOCK_SENDMSG6: &str = "datafence_sock_sendmsg6";
     /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
     pub const BENCH_EMPTY: &str = "bench_empty";
     pub const BENCH_LPM_V4: &str = "bench_lpm_v4";
@@ -99,6 +105,9 @@ pub mod program_names {
     pub const BENCH_PARSE_POST: &str = "bench_parse_post";
     pub const BENCH_HANDOFF: &str = "bench_handoff";
     pub const BENCH_HANDOFF_STAGE: &str = "bench_handoff_stage";
+    /// The socket ring's floor: connect and sendmsg programs that allow every call.
+    pub const BENCH_SOCK_CONNECT4: &str = "bench_sock_connect4";
+    pub const BENCH_SOCK_SENDMSG4: &str = "bench_sock_sendmsg4";
 }
 
 /// Read-only globals the loader sets; the verifier prunes the branches they rule out.

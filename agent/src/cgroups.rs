@@ -83,4 +83,9 @@ pub fn cgroup2_root() -> PathBuf {
     datafence_sandbox::cgroup2_root_or(Path::new(crate::dirs::CGROUP_ROOT))
 }
 
+/// Whether `dir` is a cgroup of a v2 hierarchy: only those have `cgroup.controllers`.
+pub fn is_cgroup2(dir: &Path) -> bool {
+    dir.join("cgroup.controllers").is_file()
+}
+
 pub use datafence_sandbox::spawn_in_cgroup;

@@ -80,10 +80,39 @@ pub struct StatusReport {
     /// while no agent runs).
     #[serde(default)]
     pub kernel: crate::kernel::KernelFeatures,
+    /// The socket ring: attached, off or degraded.
+    #[serde(default)]
+    pub socket_ring: SocketRingStatus,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// The socket ring's state, as `status`, `/healthz` and the `socket_ring` metric say it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketRingStatus {
+    /// `attached`; `off` when the agent was told to run without it
+    /// (`--socket-ring off`); `degraded` when it could not attach it, and the packet ring
+    /// enforces alone; `unknown` from a state file of an agent that did not say.
+    pub state: String,
+    /// The cgroup it is attached at, or was to be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Why it is degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SocketRingStatus {
+    pub const ATTACHED: &str = "attached";
+    pub const OFF: &str = "off";
+    pub const DEGRADED: &str = "degraded";
+    pub const STATES: [&str; 3] = [Self::ATTACHED, Self::OFF, Self::DEGRADED];
+
+    pub fn is_degraded(&self) -> bool {
+        self.state == Self::DEGRADED
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

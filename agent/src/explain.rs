@@ -11,8 +11,9 @@ use std::{
 use datafence_common::{
     CLASS_NONE, ClassMask, CounterKey, FAMILY_V4, Hook, Policy, REGION_NONE, Reason, RegionId,
     Verdict,
-    decide::{Decision, PacketFacts},
+    decide::{Decision, PACKET_ONLY_SELECTORS, PacketFacts},
     parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ParsedFrame, parse_frame},
+    socket::{SocketCall, judge_socket_call},
     verdict::{Lookups, judge_frame},
 };
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,12 @@ pub struct Explanation {
     /// Which exemption, region or rule decided, in words.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// For a deny or audit verdict, the ring that acts first: `socket` when the call
+    /// itself (`connect()`, `sendto()`) is refused, `packet` when only its packets are
+    /// judged so (a class by mark, DSCP or source, which a call cannot show). Absent for
+    /// an allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +161,10 @@ pub fn explain(
     address: IpAddr,
 ) -> Result<Explanation, ExplainError> {
     let (class, decision, region) = decide(policy, compiled, cgroup_root, query, address)?;
+    let ring = (decision.verdict != Verdict::Allow).then(|| {
+        let by_socket = socket_ring_stops(compiled, cgroup_root, query, address, class);
+        if by_socket { "socket" } else { "packet" }.to_owned()
+    });
     let class_name = (class != CLASS_NONE)
         .then(|| policy.class_name(class).map(str::to_owned))
         .flatten();
@@ -179,7 +190,67 @@ pub fn explain(
         mode: mode.as_str().to_owned(),
         reason: decision.reason.as_str().to_owned(),
         detail,
+        ring,
     })
+}
+
+/// Whether the socket ring refuses the call that would send this traffic: judged by the
+/// same function as the kernel's socket programs. With `--class`, the class the packet
+/// ring judged by (`class`) stands: the socket ring can judge by it unless it selects by
+/// what only packets show.
+fn socket_ring_stops(
+    compiled: &CompiledPolicy,
+    cgroup_root: &Path,
+    query: &Query,
+    address: IpAddr,
+    class: u8,
+) -> bool {
+    let policy = &compiled.policy;
+    if query.class.is_some() {
+        let packet_only = PACKET_ONLY_SELECTORS
+            .iter()
+            .any(|s| policy.index.using(*s) & (1 << (class & 31)) != 0);
+        return !packet_only;
+    }
+    let call = match address {
+        IpAddr::V4(a) => SocketCall::v4(a.octets(), query.protocol, query.dst_port),
+        IpAddr::V6(a) => SocketCall::v6(a.octets(), query.protocol, query.dst_port),
+    };
+    let lookups = SocketCallLookups {
+        compiled,
+        cgroup_classes: cgroup_classes(compiled, cgroup_root, query.cgroup.as_deref()),
+    };
+    judge_socket_call(&call, &lookups).decision.verdict != Verdict::Allow
+}
+
+/// The compiled policy's tables, for the socket ring's judgement of a call.
+struct SocketCallLookups<'a> {
+    compiled: &'a CompiledPolicy,
+    cgroup_classes: ClassMask,
+}
+
+impl Lookups for SocketCallLookups<'_> {
+    fn policy(&self) -> Option<(u32, &Policy)> {
+        Some((0, &self.compiled.policy))
+    }
+
+    fn exempt(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> bool {
+        self.compiled
+            .is_exempt(address_of(frame.family, &frame.dst))
+    }
+
+    fn cgroup_classes(&self, _slot: u32) -> ClassMask {
+        self.cgroup_classes
+    }
+
+    fn src_classes(&self, _slot: u32, _frame: &ParsedFrame) -> ClassMask {
+        0
+    }
+
+    fn region(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> RegionId {
+        self.compiled
+            .region_of(address_of(frame.family, &frame.dst))
+    }
 }
 
 /// The policy's own tables for the shared verdict sequence: exemptions and source ranges

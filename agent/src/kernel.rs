@@ -103,7 +103,28 @@ const PROBES: &[Probe] = &[
         purpose: "cgroup selectors in policies",
         check: cgroup2_mounted,
     },
+    Probe {
+        name: "socket_ring",
+        since: "6.12",
+        required: false,
+        purpose: "the socket ring (connect and sendmsg programs): Linux 6.1's verifier walks \
+                  past its limit of a million instructions in them, 6.12's about 50k; \
+                  without it the packet ring enforces alone",
+        check: || Ok(release_at_least(&kernel_release(), (6, 12))),
+    },
 ];
+
+/// Whether a kernel release string (`6.12.117+deb12-cloud-amd64`) is at least
+/// `major.minor`; false when it cannot be read.
+fn release_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
 
 fn program_type(t: ProgramType) -> Result<bool, String> {
     aya::sys::is_program_supported(t).map_err(|e| with_sources(&e))
@@ -260,6 +281,15 @@ fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn releases_compare_by_major_and_minor() {
+        assert!(release_at_least("6.12.117+deb12-cloud-amd64", (6, 12)));
+        assert!(release_at_least("6.18.44-fc-v1098", (6, 12)));
+        assert!(release_at_least("7.0.1", (6, 12)));
+        assert!(!release_at_least("6.1.0-57-cloud-amd64", (6, 12)));
+        assert!(!release_at_least("unknown", (6, 12)));
+    }
 
     fn features(available: &[(&str, bool, bool)]) -> KernelFeatures {
         KernelFeatures {

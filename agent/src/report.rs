@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datafence_common::{FAMILY_V4, ViolationEvent};
+use datafence_common::{FAMILY_V4, Hook, ViolationEvent};
 use serde::Serialize;
 
 /// Repeats of a flow within this interval are folded into one line with a count.
@@ -61,6 +61,48 @@ pub struct ViolationRecord {
     /// Set on lines that fold repeats.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub repeat: bool,
+    /// The process whose call the socket ring judged (its pid and name); absent for
+    /// packets, which no process is known to have sent.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<Caller>,
+}
+
+/// The process behind a socket-ring verdict.
+#[derive(Clone, Debug, Serialize)]
+pub struct Caller {
+    pub pid: u32,
+    pub comm: String,
+    /// `host` when the socket is in the agent's network namespace, else `container`.
+    pub netns: &'static str,
+    pub netns_cookie: u64,
+}
+
+impl Caller {
+    /// The caller an event names, if it is a socket-ring event (only those programs
+    /// write these fields); `host_netns` is the agent's own namespace cookie.
+    pub fn of(ev: &ViolationEvent, host_netns: Option<u64>) -> Option<Self> {
+        if !matches!(
+            Hook::from_u8(ev.hook),
+            Some(Hook::SockConnect | Hook::SockSendmsg)
+        ) {
+            return None;
+        }
+        let end = ev
+            .comm
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(ev.comm.len());
+        Some(Self {
+            pid: ev.pid,
+            comm: String::from_utf8_lossy(&ev.comm[..end]).into_owned(),
+            netns: if host_netns == Some(ev.netns_cookie) {
+                "host"
+            } else {
+                "container"
+            },
+            netns_cookie: ev.netns_cookie,
+        })
+    }
 }
 
 pub fn protocol_name(protocol: u8) -> String {
@@ -93,6 +135,8 @@ pub struct FlowKey {
     src_port: u16,
     dst_port: u16,
     cgroup_id: u64,
+    pid: u32,
+    netns_cookie: u64,
 }
 
 impl FlowKey {
@@ -111,6 +155,8 @@ impl FlowKey {
             src_port: ev.src_port,
             dst_port: ev.dst_port,
             cgroup_id: ev.cgroup_id,
+            pid: ev.pid,
+            netns_cookie: ev.netns_cookie,
         }
     }
 }
@@ -276,6 +322,10 @@ mod tests {
             protocol: 17,
             src_port: 40000,
             dst_port,
+            netns_cookie: 0,
+            pid: 0,
+            comm: [0; 16],
+            _pad: 0,
         }
     }
 
@@ -306,6 +356,7 @@ mod tests {
             count: 1,
             bytes: u64::from(ev.packet_len),
             repeat: false,
+            caller: None,
         }
     }
 
@@ -421,6 +472,40 @@ mod tests {
         let bytes = crate::sys::pod_bytes(&ev);
         assert_eq!(ViolationEvent::from_bytes(bytes), Some(ev));
         assert_eq!(ViolationEvent::from_bytes(&bytes[..10]), None);
+    }
+
+    #[test]
+    fn a_record_of_a_previous_build_reads_with_no_caller() {
+        let ev = ViolationEvent {
+            pid: 42,
+            comm: *b"python3\0\0\0\0\0\0\0\0\0",
+            netns_cookie: 7,
+            hook: Hook::SockConnect as u8,
+            ..event(443)
+        };
+        let bytes = crate::sys::pod_bytes(&ev);
+        let old = &bytes[..datafence_common::VIOLATION_EVENT_PACKET_BYTES];
+        let read = ViolationEvent::from_bytes(old).expect("a packet-ring record");
+        assert_eq!((read.pid, read.netns_cookie), (0, 0));
+        assert_eq!(read.dst_port, 443);
+        // A packet hook's record has no caller, whatever its process fields hold.
+        let packet = ViolationEvent {
+            hook: Hook::TcEgress as u8,
+            ..ev
+        };
+        assert!(Caller::of(&packet, Some(7)).is_none());
+        let caller = Caller::of(&ev, Some(7)).expect("a socket-ring record");
+        assert_eq!((caller.pid, caller.comm.as_str()), (42, "python3"));
+        assert_eq!(caller.netns, "host");
+        assert_eq!(Caller::of(&ev, Some(8)).map(|c| c.netns), Some("container"));
+        let line = serde_json::to_value(ViolationRecord {
+            caller: Some(caller),
+            ..record(&ev)
+        })
+        .unwrap();
+        assert_eq!(line["pid"], 42);
+        assert_eq!(line["comm"], "python3");
+        assert_eq!(line["netns_cookie"], 7);
     }
 
     #[test]

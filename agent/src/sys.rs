@@ -34,6 +34,36 @@ pub(crate) fn readable_ring(ring: RingBuf<MapData>) -> std::io::Result<AsyncFd<R
         .map_err(std::io::Error::from)
 }
 
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): what
+/// the socket ring's events carry, to tell the host's processes from containers'.
+pub(crate) fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `cookie`, which outlives it.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The bytes of a plain-old-data value such as a kernel record, as the kernel writes it.
 #[cfg(test)]
 pub(crate) fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {

@@ -82,6 +82,11 @@ fn full_snapshot() -> Snapshot {
                 probe_error: None,
             }],
         },
+        socket_ring: datafence::control::SocketRingStatus {
+            state: "attached".into(),
+            cgroup: Some("/sys/fs/cgroup".into()),
+            error: None,
+        },
         agent: AgentCounts {
             violations: vec![(("user-data".into(), "us-east".into(), "deny".into()), 1)],
             ..Default::default()

@@ -40,6 +40,17 @@ impl Launch {
     }
 }
 
+/// A cgroup of its own for the socket ring of an agent of `pin_dir`, named after the
+/// pin directory so that an agent restarted on the same pins adopts its predecessor's
+/// ring. At the root, every agent a test starts would judge the calls of every other
+/// test's processes by its own policy.
+pub fn test_socket_cgroup(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir.file_name().expect("a pin directory has a name");
+    let dir = datafence::cgroups::cgroup2_root().join(name);
+    std::fs::create_dir_all(&dir).expect("create the socket ring's test cgroup");
+    dir
+}
+
 /// A bpffs directory private to one test.
 pub fn test_pin_dir(label: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -72,6 +83,14 @@ impl RunningAgent {
         let stdout_path = scratch.dir.join("stdout.log");
         let stderr_path = scratch.dir.join("stderr.log");
         let bin = agent_binary();
+        // Off unless a test asks for it: the socket ring costs every agent start four more
+        // programs to verify, seconds under emulation, and the tests about it ask.
+        let ring_chosen = extra.iter().any(|a| a.starts_with("--socket-ring"));
+        let ring_args = if ring_chosen {
+            &[][..]
+        } else {
+            &["--socket-ring", "off"][..]
+        };
         let child = ns
             .command(&bin)
             .arg("--runtime-dir")
@@ -81,6 +100,7 @@ impl RunningAgent {
             .arg(policy)
             .arg("--pin-dir")
             .arg(&pin_dir)
+            .args(ring_args)
             .args(extra)
             .envs(how.env)
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))

@@ -287,3 +287,26 @@ macro_rules! for_each_tc_attach {
         }
     )*};
 }
+
+/// Removes a cgroup whose last process has just been waited for; the kernel may take a
+/// moment to let go of it.
+pub fn remove_cgroup_when_empty(dir: &std::path::Path) -> std::io::Result<()> {
+    for _ in 0..200 {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "{} stayed busy",
+        dir.display()
+    )))
+}
+
+/// Whether the agent runs the socket ring on this kernel (see the `socket_ring` kernel
+/// feature); where it does not, it reports the ring degraded.
+pub fn kernel_runs_socket_ring() -> bool {
+    datafence::kernel::KernelFeatures::probe().has("socket_ring")
+}

@@ -13,7 +13,7 @@ use integration_tests::{
     Scratch,
     agent::RunningAgent,
     netns::{Sandbox, addr, udp_delivered_with},
-    require_root,
+    remove_cgroup_when_empty, require_root,
 };
 
 /// The periodic check, out of reach of a test: only the cgroup watch can keep up.
@@ -83,19 +83,8 @@ impl Drop for CgroupTree {
     }
 }
 
-/// Removes a cgroup whose last process has just been waited for; the kernel may take a
-/// moment to let go of it.
 fn remove_when_empty(dir: &Path) {
-    for _ in 0..200 {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Err(e) => panic!("rmdir {}: {e}", dir.display()),
-        }
-    }
-    panic!("{} stayed busy", dir.display());
+    remove_cgroup_when_empty(dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
 }
 
 /// A service's process, started and waiting in the parking cgroup, as a service's

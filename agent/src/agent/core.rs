@@ -18,8 +18,11 @@ use super::{
     watch::watched_sources,
 };
 use crate::{
-    control::{self as control, AgentState, Attachment, PolicyIdentity, STATE_FILE, StatusReport},
-    datapath::{Datapath, DatapathError, if_index, if_name},
+    control::{
+        self as control, AgentState, Attachment, PolicyIdentity, STATE_FILE, SocketRingStatus,
+        StatusReport,
+    },
+    datapath::{Datapath, DatapathError, if_index},
     generations::{GenerationNames, Generations},
     kernel::KernelFeatures,
     metrics::{self, AgentCounters, CounterLedger, HookState, Snapshot},
@@ -56,6 +59,8 @@ pub(super) struct Agent {
     /// violation reporter, which labels a batch of events from its own copy rather than
     /// holding the agent's lock while it does (a reload copies on write).
     pub(super) generations: Arc<Generations>,
+    /// Whether the socket ring is attached, and if not, why.
+    pub(super) socket_ring: crate::control::SocketRingStatus,
 }
 
 /// Violation lines `datafence status` shows.
@@ -161,6 +166,7 @@ impl Agent {
             }
         }
         self.attachments = desired;
+        self.ensure_socket_ring();
         if let Some(pins) = self.datapath.pins() {
             let removed = pins.remove_defunct_links();
             if !removed.is_empty() {
@@ -168,6 +174,28 @@ impl Agent {
             }
         }
         self.check_local_networks();
+    }
+
+    /// Attaches the socket ring again if someone detached it. A degraded ring stays so
+    /// until the agent restarts: what kept it from attaching (no cgroup2 hierarchy, a
+    /// verifier that refuses the programs) is not retried every check.
+    fn ensure_socket_ring(&mut self) {
+        let Some(cgroup) = self.opts.socket_ring.clone() else {
+            return;
+        };
+        if self.socket_ring.state != SocketRingStatus::ATTACHED
+            || self.datapath.socket_ring_attached(&cgroup)
+        {
+            return;
+        }
+        let now = super::start::attach_socket_ring(&mut self.datapath, Some(&cgroup), &self.kernel);
+        if now.state == SocketRingStatus::ATTACHED {
+            self.counters
+                .reattached
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(cgroup = %cgroup.display(), "the socket ring was detached from outside datafence; attached it again");
+        }
+        self.socket_ring = now;
     }
 
     /// Logs each connected subnet of an attached interface that a class would deny:
@@ -275,6 +303,7 @@ impl Agent {
             recent_violations: self.recent.iter().cloned().collect(),
             map_memory_bytes: self.datapath.map_memory().into_iter().collect(),
             kernel: self.kernel.clone(),
+            socket_ring: self.socket_ring.clone(),
         })
     }
 
@@ -424,6 +453,7 @@ impl Agent {
             attachments,
             kernel: self.kernel.clone(),
             agent: self.counters.read(),
+            socket_ring: self.socket_ring.clone(),
         })
     }
 }
@@ -438,7 +468,7 @@ pub(super) fn credit(
     ledger.sync(kernel, |key| {
         metrics::verdict_labels(
             key,
-            |i| if_name(i).unwrap_or_else(|| i.to_string()),
+            metrics::interface_label,
             |c| policy.class_name(c).map(str::to_owned),
             |r| policy.region_name(r).map(str::to_owned),
         )

@@ -72,6 +72,9 @@ pub struct RunOptions {
     /// How TC egress programs are attached: "auto" (tcx where the kernel has it, else
     /// clsact), "tcx" or "clsact".
     pub tc_attach: String,
+    /// The cgroup v2 directory the socket ring attaches at; `None` runs the packet ring
+    /// alone.
+    pub socket_ring: Option<PathBuf>,
 }
 
 /// Where and how violations are reported.

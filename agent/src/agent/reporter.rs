@@ -13,7 +13,6 @@ use tracing::warn;
 use super::{ReportOptions, Shared, core::RECENT_VIOLATIONS, lock, rfc3339};
 use crate::{
     cgroups::CgroupNames,
-    datapath::if_name,
     generations::Generations,
     liveness::{self, Liveness, Loop},
     report::{self, FlowKey, Folder, RotatingFile, ViolationRecord},
@@ -31,13 +30,14 @@ fn record(
     ev: &ViolationEvent,
     host: &str,
     cgroups: &mut CgroupNames,
+    host_netns: Option<u64>,
 ) -> ViolationRecord {
     let verdict = Verdict::from_u8(ev.verdict).unwrap_or(Verdict::Deny);
     let judged = generations.judge(ev.policy_generation, ev.class, ev.region);
     ViolationRecord {
         time: rfc3339(SystemTime::now()),
         host: host.to_owned(),
-        interface: if_name(ev.ifindex).unwrap_or_else(|| ev.ifindex.to_string()),
+        interface: crate::metrics::interface_label(ev.ifindex),
         hook: Hook::from_u8(ev.hook).map_or("unknown", Hook::as_str),
         class: judged.class,
         region: judged.region,
@@ -64,6 +64,7 @@ fn record(
         count: 1,
         bytes: u64::from(ev.packet_len),
         repeat: false,
+        caller: report::Caller::of(ev, host_netns),
     }
 }
 
@@ -133,6 +134,9 @@ pub(super) async fn report_violations(
 ) -> anyhow::Result<()> {
     let mut fd = crate::sys::readable_ring(ring).context("watching the event ring buffer")?;
     let host = hostname();
+    let host_netns = crate::sys::own_netns_cookie()
+        .inspect_err(|e| warn!(error = %e, "cannot read this network namespace's cookie: socket-ring violations will all say `container`"))
+        .ok();
     let (cgroup_root, counters) = tokio::task::block_in_place(|| {
         let agent = lock(&shared);
         (agent.opts.cgroup_root.clone(), agent.counters.clone())
@@ -167,7 +171,7 @@ pub(super) async fn report_violations(
                 let generations = tokio::task::block_in_place(|| lock(&shared).generations.clone());
                 let mut recent = std::collections::VecDeque::with_capacity(RECENT_VIOLATIONS);
                 for ev in &events {
-                    let record = folder.observe(FlowKey::of(ev), now, || record(&generations, ev, &host, &mut cgroups));
+                    let record = folder.observe(FlowKey::of(ev), now, || record(&generations, ev, &host, &mut cgroups, host_netns));
                     let judged = generations.judge(ev.policy_generation, ev.class, ev.region);
                     let verdict = Verdict::from_u8(ev.verdict).map_or("unknown", Verdict::as_str);
                     counters.count_violation(&judged.class, &judged.region, verdict);

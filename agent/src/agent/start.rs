@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{AgentError, RunOptions, core::Agent, watch::watched_sources};
 use crate::{
-    control::{self as control, Attachment},
+    control::{self as control, Attachment, SocketRingStatus},
     datapath::{
         Attached, Datapath, DatapathError, Framing, LoadOptions, PinLayout, TcKind, if_index,
     },
@@ -200,6 +200,7 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         let how = attach(&mut datapath, a)?;
         info!(interface = %a.interface, hook = %a.hook, adopted = (how == Attached::Adopted), "attached");
     }
+    let socket_ring = attach_socket_ring(&mut datapath, opts.socket_ring.as_deref(), &features);
     if adopted_generation != 0 {
         info!(
             previous_generation = adopted_generation,
@@ -249,9 +250,59 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         sources,
         kernel: features,
         generations: Arc::new(generations),
+        socket_ring,
     };
     agent.check_local_networks();
     Ok(agent)
+}
+
+/// Attaches the socket ring at `cgroup`. A kernel or host where it cannot be attached
+/// (no cgroup v2 hierarchy, programs the verifier refuses) leaves the packet ring
+/// enforcing alone, which the agent says everywhere it reports its health.
+pub(super) fn attach_socket_ring(
+    datapath: &mut Datapath,
+    cgroup: Option<&Path>,
+    kernel: &KernelFeatures,
+) -> SocketRingStatus {
+    let Some(cgroup) = cgroup else {
+        info!("the socket ring is off (--socket-ring off): the packet ring enforces alone");
+        return SocketRingStatus {
+            state: SocketRingStatus::OFF.to_owned(),
+            cgroup: None,
+            error: None,
+        };
+    };
+    let shown = Some(cgroup.display().to_string());
+    let attached = if !crate::cgroups::is_cgroup2(cgroup) {
+        Err("not a directory of a cgroup v2 hierarchy".to_owned())
+    } else if !kernel.has("socket_ring") {
+        Err(format!(
+            "Linux {} cannot verify the socket ring's programs (it walks past a million instructions); Linux 6.12 or later runs them",
+            kernel.release
+        ))
+    } else {
+        datapath
+            .attach_socket_ring(cgroup)
+            .map_err(|e| e.to_string())
+    };
+    match attached {
+        Ok(how) => {
+            info!(cgroup = %cgroup.display(), adopted = (how == Attached::Adopted), "socket ring attached");
+            SocketRingStatus {
+                state: SocketRingStatus::ATTACHED.to_owned(),
+                cgroup: shown,
+                error: None,
+            }
+        }
+        Err(error) => {
+            warn!(cgroup = %cgroup.display(), %error, "the socket ring is DEGRADED: connect() and sendmsg() are not judged, the packet ring enforces alone");
+            SocketRingStatus {
+                state: SocketRingStatus::DEGRADED.to_owned(),
+                cgroup: shown,
+                error: Some(error),
+            }
+        }
+    }
 }
 
 /// Logs, once at start, each user-data unit that may open packet sockets (as `check`

@@ -73,8 +73,13 @@ pub(crate) fn print_explanations(list: &[Explanation], json: bool) -> anyhow::Re
         if json {
             println!("{}", serde_json::to_string(e)?);
         } else {
+            let by = match e.ring.as_deref() {
+                Some("socket") => " (the socket ring refuses the call: EPERM)",
+                Some(_) => " (the packet ring; a call cannot show what selects its class)",
+                None => "",
+            };
             println!(
-                "{}: {} (class {}, region {}, mode {}) - {}: {}",
+                "{}: {} (class {}, region {}, mode {}) - {}: {}{by}",
                 e.address,
                 e.verdict.to_uppercase(),
                 e.class.as_deref().unwrap_or("none"),

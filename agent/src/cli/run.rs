@@ -42,6 +42,12 @@ pub(crate) struct RunArgs {
     /// Pin nothing: enforcement ends when the agent exits (for trials only).
     #[arg(long)]
     pub(crate) no_pin: bool,
+    /// Where the socket ring (the connect and sendmsg programs) attaches: a cgroup v2
+    /// directory, whose every process is judged, or `off` to run the packet ring alone.
+    /// Default: the root of the hierarchy, which holds every process of the host,
+    /// containers included.
+    #[arg(long, value_name = "DIR|off")]
+    pub(crate) socket_ring: Option<PathBuf>,
     /// How the TC egress program is attached: tcx (a BPF link, Linux 6.6+), clsact (a
     /// cls_bpf filter at priority 1, handle 0xdf, on the clsact qdisc), or auto: tcx
     /// where the kernel has it, else clsact. Both outlive the agent.
@@ -124,6 +130,11 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         dir8_groups: args.dir8_groups,
         v6_entries: args.v6_entries,
         tc_attach: args.tc_attach.clone(),
+        socket_ring: match &args.socket_ring {
+            Some(off) if off.as_os_str() == "off" => None,
+            Some(dir) => Some(dir.clone()),
+            None => Some(cli.cgroup_root.clone()),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use datafence::{
-    control::{self, StatusReport},
+    control::{self, SocketRingStatus, StatusReport},
     dirs,
 };
 use datafence_common::stat;
@@ -111,13 +111,14 @@ fn status_from_pins(address: &control::Address) -> anyhow::Result<StatusReport> 
         policy: state.policy.clone(),
         events_lost: pinned.stats.get(stat::EVENTS_LOST),
         events_suppressed: pinned.stats.get(stat::EVENTS_SUPPRESSED),
+        socket_ring: pinned_socket_ring(&layout),
         ..Default::default()
     };
     report.policy.generation = pinned.generation;
     let labelled = pinned.counters.iter().map(|(key, value)| {
         let labels = datafence::metrics::verdict_labels(
             key,
-            |i| datafence::datapath::if_name(i).unwrap_or_else(|| i.to_string()),
+            datafence::metrics::interface_label,
             class,
             region,
         );
@@ -158,6 +159,21 @@ fn attachments_in_kernel(pinned_links: &[String]) -> anyhow::Result<Vec<control:
     Ok(out)
 }
 
+/// The socket ring as its pins show it while no agent runs: its links keep it attached.
+fn pinned_socket_ring(layout: &datafence::datapath::PinLayout) -> SocketRingStatus {
+    let links = std::fs::read_dir(layout.socket_links_dir()).map_or(0, Iterator::count);
+    let state = if links == 0 {
+        SocketRingStatus::OFF
+    } else {
+        SocketRingStatus::ATTACHED
+    };
+    SocketRingStatus {
+        state: state.to_owned(),
+        cgroup: None,
+        error: None,
+    }
+}
+
 fn print_status(s: &StatusReport) {
     if !s.agent_running {
         println!(
@@ -188,6 +204,16 @@ fn print_status(s: &StatusReport) {
                     .join(", ")
             ),
         }
+    }
+    let ring = &s.socket_ring;
+    match (ring.state.as_str(), &ring.cgroup, &ring.error) {
+        ("", ..) => {}
+        (state, Some(cgroup), Some(error)) => println!(
+            "socket ring {} at {cgroup}: {error}; the packet ring enforces alone",
+            state.to_uppercase()
+        ),
+        (state, Some(cgroup), None) => println!("socket ring {state} at {cgroup}"),
+        (state, None, _) => println!("socket ring {state}"),
     }
     print_kernel(&s.kernel);
     println!(

@@ -95,4 +95,8 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("hook {} judges socket calls: the kernel cannot test-run a frame through it", .0.as_str())]
+    NoTestRun(datafence_common::Hook),
+    #[error("the socket ring at cgroup {cgroup}: {detail}")]
+    SocketRing { cgroup: PathBuf, detail: String },
 }

@@ -171,6 +171,7 @@ pub const MAPS: &[MapSpec] = &{
         spec(n::XDP_JOB, PerCpuArray, Stages, Shared),
         spec(n::FRAGMENTS, Hash, Stages, Shared),
         spec(n::SCRATCH, PerCpuArray, No, Shared),
+        spec(n::SOCKET_CALL, PerCpuArray, No, Shared),
         #[cfg(feature = "bench")]
         spec(n::BENCH_LPM_V4, LpmV4, No, Shared),
         #[cfg(feature = "bench")]

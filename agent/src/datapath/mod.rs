@@ -9,6 +9,7 @@
 //! - [`reuse`]: a restart adopts the programs an earlier agent of the same build left;
 //! - [`slots`]: the two-slot switch: writing, checking and clearing a slot;
 //! - [`attach`]: TC (tcx or clsact) and XDP attachment, adopted or new;
+//! - [`socket_ring`]: the socket ring's programs at a cgroup, adopted or new;
 //! - [`framing`]: whether an interface's frames start with Ethernet or at the IP header;
 //! - [`readout`]: counters, statistics, events, memory and `BPF_PROG_TEST_RUN`;
 //! - [`bench`]: the benchmark programs `cargo xtask bench` loads (the `bench` feature);
@@ -25,6 +26,7 @@ mod pins;
 mod readout;
 mod reuse;
 mod slots;
+mod socket_ring;
 #[allow(
     unsafe_code,
     reason = "the datapath's unsafe calls live here and only here"
@@ -43,6 +45,7 @@ pub use error::DatapathError;
 pub use framing::Framing;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
+pub use socket_ring::SOCKET_PROGRAMS;
 pub(crate) use sys::tcx_egress_program_ids;
 pub use sys::{if_index, if_name};
 

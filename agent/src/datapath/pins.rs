@@ -125,6 +125,12 @@ impl PinLayout {
         self.root.join("links")
     }
 
+    /// Where the socket ring's links are pinned: they attach to a cgroup, not an
+    /// interface, and `status` lists the links directory as interfaces.
+    pub fn socket_links_dir(&self) -> PathBuf {
+        self.root.join("socket_links")
+    }
+
     pub fn link(&self, hook: Hook, interface: &str) -> PathBuf {
         self.links_dir().join(link_name(hook.as_str(), interface))
     }
@@ -204,6 +210,14 @@ impl PinLayout {
             }
         }
         let _ = std::fs::remove_dir(self.links_dir());
+        if let Ok(entries) = std::fs::read_dir(self.socket_links_dir()) {
+            for entry in entries.flatten() {
+                let _ = sys::detach_pinned_link(&entry.path());
+                std::fs::remove_file(entry.path())?;
+                detached.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let _ = std::fs::remove_dir(self.socket_links_dir());
         if let Ok(entries) = std::fs::read_dir(self.maps_dir()) {
             for entry in entries.flatten() {
                 std::fs::remove_file(entry.path())?;

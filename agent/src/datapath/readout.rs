@@ -37,8 +37,9 @@ pub(super) fn read_counters(hash: &Map, cache: &Map) -> Result<Vec<(CounterKey, 
     for slot in 0..COUNTER_CACHE_SLOTS {
         for c in map.get(&slot, 0).map_err(map_err(name))?.iter() {
             // A place being claimed right now may show its claim before its key on a
-            // weakly ordered CPU; no real key has interface 0.
-            if c.claimed != 0 && c.key.ifindex != 0 {
+            // weakly ordered CPU; no real key has reason 0 (the socket ring's have
+            // interface 0).
+            if c.claimed != 0 && c.key.reason != 0 {
                 add(c.key, &c.value);
             }
         }
@@ -91,6 +92,8 @@ impl Datapath {
                 let (ret, took) = test_run_program(self.xdp_entry()?, name, frame, None, repeat)?;
                 Ok((ret == XDP_PASS, took))
             }
+            // The kernel has no test run for socket programs: they judge calls, not frames.
+            Hook::SockConnect | Hook::SockSendmsg => Err(DatapathError::NoTestRun(hook)),
         }
     }
 
@@ -165,6 +168,7 @@ impl Datapath {
         let bench = super::BenchProgram::ALL.map(super::BenchProgram::program_name);
         #[cfg(not(feature = "bench"))]
         let bench: [&'static str; 0] = [];
+        let socket = super::SOCKET_PROGRAMS.map(|(name, _)| name);
         [
             program_names::TC_EGRESS,
             program_names::TC_L3,
@@ -179,8 +183,9 @@ impl Datapath {
         ]
         .into_iter()
         .chain(
-            bench
+            socket
                 .into_iter()
+                .chain(bench)
                 .filter(|name| self.ebpf.program(name).is_some_and(|p| p.fd().is_ok())),
         )
         .map(|name| {

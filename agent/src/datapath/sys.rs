@@ -67,13 +67,29 @@ pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The interface a pinned tcx or XDP link is attached to, from `BPF_OBJ_GET_INFO_BY_FD`:
-/// 0 once the interface is gone (the kernel keeps the link, defunct, while a pin holds
-/// it). `None` for another kind of link. aya's `LinkInfo` does not expose the field.
-pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
+/// Switches the link pinned at `path` to the program `program` (`BPF_LINK_UPDATE`): the
+/// hook runs one or the other at every moment, never neither. For cgroup links, which
+/// aya cannot update.
+pub(super) fn update_pinned_link(path: &Path, program: &impl AsRawFd) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let link = open_pinned(path)?;
+    // bpf_attr.link_update: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut update = [0u32; 4];
+    update[0] = link.as_raw_fd() as u32;
+    update[1] = program.as_raw_fd() as u32;
+    // SAFETY: bpf(2) with an attr holding only the two descriptors, open for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, update.as_mut_ptr(), 16) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kernel's `struct bpf_link_info` of the link pinned at `path`, from
+/// `BPF_OBJ_GET_INFO_BY_FD`: type, id, prog_id, then a union aligned to 8 (at word 4)
+/// that holds what the link is attached to. aya's `LinkInfo` does not expose the union.
+fn pinned_link_info(path: &Path) -> std::io::Result<[u32; 64]> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_XDP: u32 = 6;
-    const BPF_LINK_TYPE_TCX: u32 = 11;
     /// `bpf_attr.info`: bpf_fd, info_len, info (a pointer).
     #[repr(C)]
     struct InfoAttr {
@@ -82,8 +98,7 @@ pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
         info: u64,
     }
     let link = open_pinned(path)?;
-    // `struct bpf_link_info`: type, id, prog_id, then a union aligned to 8 whose tcx and
-    // xdp members both start with the ifindex. Zeroed past what the kernel fills.
+    // Zeroed past what the kernel fills.
     let mut info = [0u32; 64];
     let mut attr = InfoAttr {
         bpf_fd: link.as_raw_fd() as u32,
@@ -103,7 +118,37 @@ pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// The interface a pinned tcx or XDP link is attached to: 0 once the interface is gone
+/// (the kernel keeps the link, defunct, while a pin holds it). `None` for another kind
+/// of link.
+pub(super) fn pinned_link_ifindex(path: &Path) -> std::io::Result<Option<u32>> {
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let info = pinned_link_info(path)?;
+    // The tcx and xdp members both start with the ifindex.
     Ok(matches!(info[0], BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(info[4]))
+}
+
+/// What a pinned cgroup link holds: the id of its cgroup (the directory's inode number;
+/// 0 once detached) and of its program. `None` for another kind of link.
+pub(super) fn pinned_link_cgroup(path: &Path) -> std::io::Result<Option<CgroupLink>> {
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    let info = pinned_link_info(path)?;
+    let link = CgroupLink {
+        cgroup: u64::from(info[4]) | (u64::from(info[5]) << 32),
+        program: info[2],
+    };
+    Ok((info[0] == BPF_LINK_TYPE_CGROUP).then_some(link))
+}
+
+/// See [`pinned_link_cgroup`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct CgroupLink {
+    pub(super) cgroup: u64,
+    pub(super) program: u32,
 }
 
 /// The interface's index, or `None` when no such interface exists.

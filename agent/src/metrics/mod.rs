@@ -90,6 +90,15 @@ impl CounterLedger {
     }
 }
 
+/// The interface a counter key or event names: empty for the socket ring's, which judges
+/// calls before an interface is chosen.
+pub fn interface_label(ifindex: u32) -> String {
+    match ifindex {
+        0 => String::new(),
+        i => crate::datapath::if_name(i).unwrap_or_else(|| i.to_string()),
+    }
+}
+
 /// Builds the labels for a kernel counter key with the names of the policy in force.
 pub fn verdict_labels(
     key: &CounterKey,
@@ -199,6 +208,7 @@ pub struct Snapshot {
     pub attachments: Vec<HookState>,
     pub kernel: crate::kernel::KernelFeatures,
     pub agent: AgentCounts,
+    pub socket_ring: crate::control::SocketRingStatus,
 }
 
 impl Snapshot {

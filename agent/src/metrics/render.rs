@@ -43,6 +43,11 @@ struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttachLabels {
     interface: String,
     hook: String,
@@ -70,6 +75,7 @@ pub fn render(snapshot: &Snapshot, format: Format) -> Result<String, std::fmt::E
     policy(&mut x, snapshot);
     maps(&mut x, snapshot);
     attachments(&mut x, snapshot);
+    socket_ring(&mut x, snapshot);
     snapshot.kernel.register_metrics(&mut x.registry);
     x.info(
         "build",
@@ -227,9 +233,27 @@ fn attachments(x: &mut Exposition, snapshot: &Snapshot) {
     );
 }
 
+/// The socket ring's state, one series per state with 1 on the current one.
+fn socket_ring(x: &mut Exposition, snapshot: &Snapshot) {
+    let states = Family::<StateLabels, Gauge>::default();
+    for state in crate::control::SocketRingStatus::STATES {
+        states
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .set(i64::from(snapshot.socket_ring.state == state));
+    }
+    x.registry.register(
+        "socket_ring",
+        "1 on the socket ring's state: attached; off (--socket-ring off); degraded when it \
+         could not be attached and the packet ring enforces alone (unhealthy)",
+        states,
+    );
+}
+
 /// The `/healthz` answer: healthy only while a policy is loaded, every program is
-/// attached and every loop of the agent made progress within its limit (the facts the
-/// systemd watchdog is pinged on).
+/// attached, the socket ring is not degraded and every loop of the agent made progress
+/// within its limit (the facts the systemd watchdog is pinged on).
 pub fn health(snapshot: &Snapshot, loops: &[crate::liveness::LoopState]) -> (bool, String) {
     let mut text = String::new();
     let mut healthy = !snapshot.policy_sha256.is_empty();
@@ -262,6 +286,19 @@ pub fn health(snapshot: &Snapshot, loops: &[crate::liveness::LoopState]) -> (boo
             ),
         };
     }
+    let ring = &snapshot.socket_ring;
+    let at = ring.cgroup.as_deref().unwrap_or("");
+    let _ = if ring.is_degraded() {
+        // Never a silent downgrade: the processes' calls are no longer judged.
+        healthy = false;
+        writeln!(
+            text,
+            "socket_ring DEGRADED at cgroup {at}: {}; the packet ring enforces alone",
+            ring.error.as_deref().unwrap_or("not attached")
+        )
+    } else {
+        writeln!(text, "socket_ring {} {at}", ring.state)
+    };
     for l in loops {
         healthy &= l.ok();
         let _ = writeln!(
