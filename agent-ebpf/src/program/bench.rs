@@ -6,9 +6,9 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_get_prandom_u32,
-    macros::{classifier, map},
+    macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, LpmTrie, ProgramArray, lpm_trie::Key},
-    programs::TcContext,
+    programs::{SockAddrContext, TcContext},
 };
 use datafence_common::{
     BENCH_ADDRS, COLD_LOOKUPS_PER_RUN, DEFAULT_TABLE_CAPACITY,
@@ -27,6 +27,17 @@ static BENCH_LPM_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_
 static BENCH_ADDRS_V4: Array<[u8; 4]> = Array::with_max_entries(BENCH_ADDRS, 0);
 #[map]
 static BENCH_ADDRS_V6: Array<[u8; 16]> = Array::with_max_entries(BENCH_ADDRS, 0);
+
+/// The socket ring's floor: cgroup programs that allow every call.
+#[cgroup_sock_addr(connect4)]
+pub fn bench_sock_connect4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bench_sock_sendmsg4(_ctx: SockAddrContext) -> i32 {
+    1
+}
 
 /// The floor: a TC program that does nothing.
 #[classifier]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aya::{
     maps::{Array, LpmTrie, MapData, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
 };
 use datafence_common::{map_names, program_names};
 use ipnetwork::{Ipv4Network, Ipv6Network};
@@ -162,6 +162,26 @@ impl Datapath {
                 None => random,
             };
             arr.set(i, addr.to_be_bytes(), 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the socket ring's floor, programs that allow every IPv4 connect and
+    /// sendmsg, at `cgroup`, for as long as this datapath lives.
+    pub fn attach_empty_socket_programs(&mut self, cgroup: &std::path::Path) -> Result<()> {
+        let target = std::fs::File::open(cgroup).map_err(|e| DatapathError::SocketRing {
+            cgroup: cgroup.to_owned(),
+            detail: e.to_string(),
+        })?;
+        for name in [
+            program_names::BENCH_SOCK_CONNECT4,
+            program_names::BENCH_SOCK_SENDMSG4,
+        ] {
+            let program = program_mut::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            program.load().map_err(super::program_err(name))?;
+            program
+                .attach(&target, CgroupAttachMode::Single)
+                .map_err(super::program_err(name))?;
         }
         Ok(())
     }

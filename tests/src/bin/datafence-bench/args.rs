@@ -72,7 +72,7 @@ impl Args {
                 "--phases" => {
                     let list: Vec<String> = value()?.split(',').map(str::to_owned).collect();
                     for p in &list {
-                        if !["datapath", "e2e", "agent"].contains(&p.as_str()) {
+                        if !["datapath", "e2e", "agent", "sockets"].contains(&p.as_str()) {
                             bail!("unknown phase {p:?}");
                         }
                     }
@@ -110,7 +110,14 @@ impl Args {
         Ok(Self {
             quick,
             sizes: sizes.unwrap_or(default_sizes),
-            phases: phases.unwrap_or_else(|| vec!["datapath".into(), "e2e".into(), "agent".into()]),
+            phases: phases.unwrap_or_else(|| {
+                vec![
+                    "datapath".into(),
+                    "e2e".into(),
+                    "agent".into(),
+                    "sockets".into(),
+                ]
+            }),
             out,
             regions,
             agent_bin,

@@ -58,6 +58,7 @@ mod phase_agent;
 mod phase_datapath;
 mod phase_e2e;
 mod phase_scrape;
+mod phase_socket;
 mod report;
 mod results;
 mod stats;
@@ -70,6 +71,7 @@ use phase_agent::*;
 use phase_datapath::*;
 use phase_e2e::*;
 use phase_scrape::*;
+use phase_socket::*;
 use report::*;
 use results::*;
 use stats::*;
@@ -112,6 +114,13 @@ pub(crate) const HIT_RATES: [f64; 2] = [0.0, 0.1];
 pub(crate) const VIOLATION_RATE: f64 = 100_000.0;
 
 fn main() {
+    if let Ok(kind) = std::env::var(SOCKET_CHILD) {
+        if let Err(err) = socket_child(&kind) {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = match Args::parse() {
         Ok(args) => args,
         Err(err) => {
@@ -189,6 +198,10 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         _ => (Vec::new(), None, None),
     };
     drop(sandbox);
+    let sockets = args.phase("sockets").then(|| {
+        eprintln!("[{:>5.0}s] sockets", budget.elapsed().as_secs_f64());
+        outcome(socket_phase(&cat, args))
+    });
 
     let mut targets = targets(&datapath_rows);
     targets.extend(other_targets(&datapath_rows, &e2e_rows, &agent_rows));
@@ -220,6 +233,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         agent: agent_rows,
         catalogue_reload: catalogue,
         scrape_interference: scraping,
+        sockets,
         targets,
         skipped,
         elapsed_s: budget.elapsed().as_secs_f64(),

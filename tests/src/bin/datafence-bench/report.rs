@@ -141,6 +141,11 @@ pub(crate) fn print_report(r: &Report) {
     print_agent(r);
     print_catalogue_reload(r);
     print_scrape_interference(r);
+    match &r.sockets {
+        Some(Outcome::Measured(figures)) => print_socket(figures),
+        Some(Outcome::Failed { error }) => println!("\nsocket ring: failed: {error}"),
+        None => {}
+    }
     if !r.skipped.is_empty() {
         println!("\nskipped:");
         for s in &r.skipped {

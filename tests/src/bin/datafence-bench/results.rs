@@ -25,6 +25,9 @@ pub(crate) struct Report {
     /// `None` when the phase did not get to it.
     pub(crate) catalogue_reload: Option<Outcome<CatalogueReload>>,
     pub(crate) scrape_interference: Option<Outcome<ScrapeInterference>>,
+    /// The socket ring's cost to a process's calls; `None` when the phase did not run.
+    #[serde(default)]
+    pub(crate) sockets: Option<Outcome<super::SocketFigures>>,
     pub(crate) targets: Vec<Goal>,
     pub(crate) skipped: Vec<String>,
     pub(crate) elapsed_s: f64,
