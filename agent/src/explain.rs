@@ -162,7 +162,7 @@ pub fn explain(
 ) -> Result<Explanation, ExplainError> {
     let (class, decision, region) = decide(policy, compiled, cgroup_root, query, address)?;
     let ring = (decision.verdict != Verdict::Allow).then(|| {
-        let by_socket = socket_ring_stops(compiled, cgroup_root, query, address, class);
+        let by_socket = socket_ring_stops(policy, compiled, cgroup_root, query, address, class);
         if by_socket { "socket" } else { "packet" }.to_owned()
     });
     let class_name = (class != CLASS_NONE)
@@ -199,58 +199,32 @@ pub fn explain(
 /// ring judged by (`class`) stands: the socket ring can judge by it unless it selects by
 /// what only packets show.
 fn socket_ring_stops(
+    policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     query: &Query,
     address: IpAddr,
     class: u8,
 ) -> bool {
-    let policy = &compiled.policy;
     if query.class.is_some() {
+        let index = &compiled.policy.index;
         let packet_only = PACKET_ONLY_SELECTORS
             .iter()
-            .any(|s| policy.index.using(*s) & (1 << (class & 31)) != 0);
+            .any(|s| index.using(*s) & (1 << (class & 31)) != 0);
         return !packet_only;
     }
     let call = match address {
         IpAddr::V4(a) => SocketCall::v4(a.octets(), query.protocol, query.dst_port),
         IpAddr::V6(a) => SocketCall::v6(a.octets(), query.protocol, query.dst_port),
     };
-    let lookups = SocketCallLookups {
+    // The packet ring's tables: `judge_socket_call` classifies as a call would.
+    let lookups = PolicyLookups {
+        policy,
         compiled,
         cgroup_classes: cgroup_classes(compiled, cgroup_root, query.cgroup.as_deref()),
+        forced_class: None,
     };
     judge_socket_call(&call, &lookups).decision.verdict != Verdict::Allow
-}
-
-/// The compiled policy's tables, for the socket ring's judgement of a call.
-struct SocketCallLookups<'a> {
-    compiled: &'a CompiledPolicy,
-    cgroup_classes: ClassMask,
-}
-
-impl Lookups for SocketCallLookups<'_> {
-    fn policy(&self) -> Option<(u32, &Policy)> {
-        Some((0, &self.compiled.policy))
-    }
-
-    fn exempt(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> bool {
-        self.compiled
-            .is_exempt(address_of(frame.family, &frame.dst))
-    }
-
-    fn cgroup_classes(&self, _slot: u32) -> ClassMask {
-        self.cgroup_classes
-    }
-
-    fn src_classes(&self, _slot: u32, _frame: &ParsedFrame) -> ClassMask {
-        0
-    }
-
-    fn region(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> RegionId {
-        self.compiled
-            .region_of(address_of(frame.family, &frame.dst))
-    }
 }
 
 /// The policy's own tables for the shared verdict sequence: exemptions and source ranges

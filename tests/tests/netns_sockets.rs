@@ -310,6 +310,48 @@ data_classes:
     let _ = remove_cgroup_when_empty(&cgroup);
 }
 
+/// A sandbox with a container, and a policy (in `mode`) whose class names the
+/// container's class cgroup.
+struct ContainerSetup {
+    container: Container,
+    sandbox: Sandbox,
+    policy: PathBuf,
+    _scratch: Scratch,
+}
+
+impl ContainerSetup {
+    fn new(label: &str, mode: &str) -> Self {
+        let sandbox = Sandbox::new(label);
+        let container = Container::new(&sandbox, label);
+        let scratch = Scratch::new(&format!("sockets-{label}"));
+        let policy = scratch.write("policy.yaml", &policy(&container.class_written(), mode));
+        Self {
+            container,
+            sandbox,
+            policy,
+            _scratch: scratch,
+        }
+    }
+
+    /// The class's cgroup, for `--socket-ring`: the ring covers the container, and a
+    /// link a failed run leaves behind cannot reach other tests' processes.
+    fn class_cgroup(&self) -> String {
+        self.container
+            .class_cgroup
+            .to_str()
+            .expect("a UTF-8 path")
+            .to_owned()
+    }
+}
+
+/// The cgroup2 root, for `--socket-ring`.
+fn cgroup_root() -> String {
+    datafence::cgroups::cgroup2_root()
+        .to_str()
+        .expect("a UTF-8 path")
+        .to_owned()
+}
+
 /// The tests that need the socket ring attached: the matrix skips them on Linux 6.1,
 /// where the agent reports the ring degraded instead.
 mod attached {
@@ -332,13 +374,12 @@ mod attached {
     #[test]
     fn a_container_process_cannot_reach_a_denied_region_and_is_named() {
         require_root();
-        let sandbox = Sandbox::new("sk");
-        let container = Container::new(&sandbox, "sk");
-        let scratch = Scratch::new("sockets");
-        let path = scratch.write(
-            "policy.yaml",
-            &policy(&container.class_written(), "enforce"),
-        );
+        let ContainerSetup {
+            container,
+            sandbox,
+            policy: path,
+            ..
+        } = &ContainerSetup::new("sk", "enforce");
         let denied: Vec<_> = DENIED_CONNECTS
             .iter()
             .chain(&DENIED_SENDS)
@@ -349,13 +390,11 @@ mod attached {
         let (_, before) = container.calls(&denied);
         assert!(!before.contains(&EPERM), "before the agent: {before:?}");
         assert_eq!(
-            container.udp_delivered(&sandbox, addr::US_V4, 7001, 5),
+            container.udp_delivered(sandbox, addr::US_V4, 7001, 5),
             (5, vec![0; 5])
         );
 
-        let root = datafence::cgroups::cgroup2_root();
-        let root = root.to_str().expect("a UTF-8 path");
-        let agent = RunningAgent::start(&sandbox.host, &path, &["--socket-ring", root]);
+        let agent = RunningAgent::start(&sandbox.host, path, &["--socket-ring", &cgroup_root()]);
         assert_eq!(agent.status_json()["socket_ring"]["state"], "attached");
         let (pid, errnos) = container.calls(&denied);
         assert_eq!(
@@ -365,16 +404,16 @@ mod attached {
             agent.stderr()
         );
         assert_eq!(
-            container.udp_delivered(&sandbox, addr::US_V4, 7002, 5),
+            container.udp_delivered(sandbox, addr::US_V4, 7002, 5),
             (0, vec![EPERM; 5])
         );
         // The approved region, over both families.
         assert_eq!(
-            container.udp_delivered(&sandbox, addr::EU_V4, 7003, 5),
+            container.udp_delivered(sandbox, addr::EU_V4, 7003, 5),
             (5, vec![0; 5])
         );
         assert_eq!(
-            container.udp_delivered(&sandbox, addr::EU_V6, 7004, 5),
+            container.udp_delivered(sandbox, addr::EU_V6, 7004, 5),
             (5, vec![0; 5])
         );
         let (_, connects) = container.calls(&[("udp_connect", addr::EU_V4, 7005)]);
@@ -437,15 +476,15 @@ mod attached {
     #[test]
     fn in_audit_mode_the_calls_succeed_and_are_reported() {
         require_root();
-        let sandbox = Sandbox::new("ska");
-        let container = Container::new(&sandbox, "ska");
-        let scratch = Scratch::new("sockets-audit");
-        let path = scratch.write("policy.yaml", &policy(&container.class_written(), "audit"));
-        let root = datafence::cgroups::cgroup2_root();
-        let root = root.to_str().expect("a UTF-8 path");
-        let agent = RunningAgent::start(&sandbox.host, &path, &["--socket-ring", root]);
+        let ContainerSetup {
+            container,
+            sandbox,
+            policy: path,
+            ..
+        } = &ContainerSetup::new("ska", "audit");
+        let agent = RunningAgent::start(&sandbox.host, path, &["--socket-ring", &cgroup_root()]);
         assert_eq!(
-            container.udp_delivered(&sandbox, addr::US_V4, 7011, 5),
+            container.udp_delivered(sandbox, addr::US_V4, 7011, 5),
             (5, vec![0; 5]),
             "{}",
             agent.stderr()
@@ -462,24 +501,13 @@ mod attached {
     #[test]
     fn the_socket_ring_outlives_a_crash_and_is_adopted() {
         require_root();
-        let sandbox = Sandbox::new("skr");
-        let container = Container::new(&sandbox, "skr");
-        let scratch = Scratch::new("sockets-restart");
-        let path = scratch.write(
-            "policy.yaml",
-            &policy(&container.class_written(), "enforce"),
-        );
-        // At the class's cgroup: the ring covers the container, and a link left behind by a
-        // failed run cannot reach other tests' processes.
-        let at = container
-            .class_cgroup
-            .to_str()
-            .expect("a UTF-8 path")
-            .to_owned();
+        let setup = ContainerSetup::new("skr", "enforce");
+        let (sandbox, container, path) = (&setup.sandbox, &setup.container, &setup.policy);
+        let at = setup.class_cgroup();
         let pins = integration_tests::agent::test_pin_dir("sockets-restart");
         let mut first = RunningAgent::start_with_pins(
             &sandbox.host,
-            &path,
+            path,
             &["--socket-ring", &at],
             pins.clone(),
         );
@@ -496,7 +524,7 @@ mod attached {
         let links = || std::fs::read_dir(&socket_links).map_or(0, Iterator::count);
         assert_eq!(links(), 4);
         let second =
-            RunningAgent::start_with_pins(&sandbox.host, &path, &["--socket-ring", &at], pins);
+            RunningAgent::start_with_pins(&sandbox.host, path, &["--socket-ring", &at], pins);
         assert_eq!(second.status_json()["socket_ring"]["state"], "attached");
         let stderr = second.stderr();
         let attached = stderr
@@ -517,21 +545,12 @@ mod attached {
     #[test]
     fn a_detached_socket_ring_is_attached_again() {
         require_root();
-        let sandbox = Sandbox::new("skt");
-        let container = Container::new(&sandbox, "skt");
-        let scratch = Scratch::new("sockets-detach");
-        let path = scratch.write(
-            "policy.yaml",
-            &policy(&container.class_written(), "enforce"),
-        );
-        let at = container
-            .class_cgroup
-            .to_str()
-            .expect("a UTF-8 path")
-            .to_owned();
+        let setup = ContainerSetup::new("skt", "enforce");
+        let (sandbox, container, path) = (&setup.sandbox, &setup.container, &setup.policy);
+        let at = setup.class_cgroup();
         let agent = RunningAgent::start(
             &sandbox.host,
-            &path,
+            path,
             &["--socket-ring", &at, "--monitor-interval", "1"],
         );
         let denied = [("udp_connect", addr::US_V4, 7000)];
