@@ -194,13 +194,20 @@ pub fn classify_socket(
     if first == CLASS_NONE {
         return SocketClass::Unclassified;
     }
-    let packet_only = PACKET_ONLY_SELECTORS
-        .iter()
-        .fold(0, |acc, &s| acc | ix.using(s));
-    if packet_only & (1 << first) != 0 {
+    if selects_by_packet_only(ix, first) {
         return SocketClass::PacketRingDecides;
     }
     SocketClass::Class(first)
+}
+
+/// Whether `class` (below [`MAX_CLASSES`](crate::MAX_CLASSES)) lists a selector a
+/// socket call cannot answer ([`PACKET_ONLY_SELECTORS`]).
+#[inline(always)]
+pub fn selects_by_packet_only(ix: &ClassIndex, class: u8) -> bool {
+    let packet_only = PACKET_ONLY_SELECTORS
+        .iter()
+        .fold(0, |acc, &s| acc | ix.using(s));
+    packet_only & (1 << class) != 0
 }
 
 /// Turns a would-be denial into an audit hit when the class is in audit mode.

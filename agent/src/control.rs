@@ -113,6 +113,30 @@ impl SocketRingStatus {
     pub fn is_degraded(&self) -> bool {
         self.state == Self::DEGRADED
     }
+
+    pub fn off() -> Self {
+        Self {
+            state: Self::OFF.to_owned(),
+            cgroup: None,
+            error: None,
+        }
+    }
+
+    pub fn attached(cgroup: Option<&Path>) -> Self {
+        Self {
+            state: Self::ATTACHED.to_owned(),
+            cgroup: cgroup.map(|c| c.display().to_string()),
+            error: None,
+        }
+    }
+
+    pub fn degraded(cgroup: &Path, error: String) -> Self {
+        Self {
+            state: Self::DEGRADED.to_owned(),
+            cgroup: Some(cgroup.display().to_string()),
+            error: Some(error),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use std::{
 use datafence_common::{
     CLASS_NONE, ClassMask, CounterKey, FAMILY_V4, Hook, Policy, REGION_NONE, Reason, RegionId,
     Verdict,
-    decide::{Decision, PACKET_ONLY_SELECTORS, PacketFacts},
+    decide::{Decision, PacketFacts, selects_by_packet_only},
     parse::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ParsedFrame, parse_frame},
     socket::{SocketCall, judge_socket_call},
     verdict::{Lookups, judge_frame},
@@ -207,11 +207,7 @@ fn socket_ring_stops(
     class: u8,
 ) -> bool {
     if query.class.is_some() {
-        let index = &compiled.policy.index;
-        let packet_only = PACKET_ONLY_SELECTORS
-            .iter()
-            .any(|s| index.using(*s) & (1 << (class & 31)) != 0);
-        return !packet_only;
+        return !selects_by_packet_only(&compiled.policy.index, class);
     }
     let call = match address {
         IpAddr::V4(a) => SocketCall::v4(a.octets(), query.protocol, query.dst_port),

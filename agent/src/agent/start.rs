@@ -266,13 +266,8 @@ pub(super) fn attach_socket_ring(
 ) -> SocketRingStatus {
     let Some(cgroup) = cgroup else {
         info!("the socket ring is off (--socket-ring off): the packet ring enforces alone");
-        return SocketRingStatus {
-            state: SocketRingStatus::OFF.to_owned(),
-            cgroup: None,
-            error: None,
-        };
+        return SocketRingStatus::off();
     };
-    let shown = Some(cgroup.display().to_string());
     let attached = if !crate::cgroups::is_cgroup2(cgroup) {
         Err("not a directory of a cgroup v2 hierarchy".to_owned())
     } else if !kernel.has("socket_ring") {
@@ -288,19 +283,11 @@ pub(super) fn attach_socket_ring(
     match attached {
         Ok(how) => {
             info!(cgroup = %cgroup.display(), adopted = (how == Attached::Adopted), "socket ring attached");
-            SocketRingStatus {
-                state: SocketRingStatus::ATTACHED.to_owned(),
-                cgroup: shown,
-                error: None,
-            }
+            SocketRingStatus::attached(Some(cgroup))
         }
         Err(error) => {
             warn!(cgroup = %cgroup.display(), %error, "the socket ring is DEGRADED: connect() and sendmsg() are not judged, the packet ring enforces alone");
-            SocketRingStatus {
-                state: SocketRingStatus::DEGRADED.to_owned(),
-                cgroup: shown,
-                error: Some(error),
-            }
+            SocketRingStatus::degraded(cgroup, error)
         }
     }
 }

@@ -162,15 +162,10 @@ fn attachments_in_kernel(pinned_links: &[String]) -> anyhow::Result<Vec<control:
 /// The socket ring as its pins show it while no agent runs: its links keep it attached.
 fn pinned_socket_ring(layout: &datafence::datapath::PinLayout) -> SocketRingStatus {
     let links = std::fs::read_dir(layout.socket_links_dir()).map_or(0, Iterator::count);
-    let state = if links == 0 {
-        SocketRingStatus::OFF
+    if links == 0 {
+        SocketRingStatus::off()
     } else {
-        SocketRingStatus::ATTACHED
-    };
-    SocketRingStatus {
-        state: state.to_owned(),
-        cgroup: None,
-        error: None,
+        SocketRingStatus::attached(None)
     }
 }
 
