@@ -93,6 +93,20 @@ pub mod stage {
 /// Places in each hook's program array.
 pub const STAGE_SLOTS: u32 = 4;
 
+/// Places in each socket hook's program array (the socket ring's stages, one array per
+/// attach type).
+pub mod socket_stage {
+    /// The judge: classification, region lookup, verdict and count.
+    pub const JUDGE: u32 = 0;
+    /// The report of a call the judge did not simply allow, apart from the judge so that
+    /// the verifier checks it once rather than once for every way to a violation (Linux
+    /// 6.1 walked past its million instructions in a judge that reported).
+    pub const REPORT: u32 = 1;
+}
+
+/// Places in each socket hook's program array.
+pub const SOCKET_STAGE_SLOTS: u32 = 2;
+
 /// First fragments whose judgement is kept for their datagram's later fragments, as in
 /// Cilium's fragment map. Linux keeps an incomplete datagram for 30 s at most
 /// (`ipfrag_time`); past this many in flight, the oldest entries go first.

@@ -27,7 +27,12 @@ pub mod map_names {
     pub const TC_JOB: &str = "TC_JOB";
     pub const XDP_JOB: &str = "XDP_JOB";
     pub const SCRATCH: &str = "SCRATCH";
+    /// The socket ring's call, posted for its judge stages, and each hook's stage array.
     pub const SOCKET_CALL: &str = "SOCKET_CALL";
+    pub const SOCK_CONNECT4_STAGES: &str = "SOCK_CONNECT4_STAGES";
+    pub const SOCK_CONNECT6_STAGES: &str = "SOCK_CONNECT6_STAGES";
+    pub const SOCK_SENDMSG4_STAGES: &str = "SOCK_SENDMSG4_STAGES";
+    pub const SOCK_SENDMSG6_STAGES: &str = "SOCK_SENDMSG6_STAGES";
     /// First fragments' judgements, for the later fragments of their datagrams.
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// The interfaces whose frames start at the IP header, by ifindex.
@@ -93,6 +98,15 @@ pub mod program_names {
     pub const SOCK_CONNECT6: &str = "datafence_sock_connect6";
     pub const SOCK_SENDMSG4: &str = "datafence_sock_sendmsg4";
     pub const SOCK_SENDMSG6: &str = "datafence_sock_sendmsg6";
+    /// The socket ring's judge and report stages, one of each per attach type.
+    pub const SOCK_CONNECT4_JUDGE: &str = "datafence_sock_connect4_judge";
+    pub const SOCK_CONNECT6_JUDGE: &str = "datafence_sock_connect6_judge";
+    pub const SOCK_SENDMSG4_JUDGE: &str = "datafence_sock_sendmsg4_judge";
+    pub const SOCK_SENDMSG6_JUDGE: &str = "datafence_sock_sendmsg6_judge";
+    pub const SOCK_CONNECT4_REPORT: &str = "datafence_sock_connect4_report";
+    pub const SOCK_CONNECT6_REPORT: &str = "datafence_sock_connect6_report";
+    pub const SOCK_SENDMSG4_REPORT: &str = "datafence_sock_sendmsg4_report";
+    pub const SOCK_SENDMSG6_REPORT: &str = "datafence_sock_sendmsg6_report";
     /// Benchmark baselines and cold-lookup loops; never loaded by the agent.
     pub const BENCH_EMPTY: &str = "bench_empty";
     pub const BENCH_LPM_V4: &str = "bench_lpm_v4";

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use aya::{maps::MapType, programs::ProgramType, util::KernelVersion};
+use aya::{maps::MapType, programs::ProgramType};
 use serde::{Deserialize, Serialize};
 
 /// One kernel feature and whether this kernel has it.
@@ -105,15 +105,11 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "socket_ring",
-        since: "6.12",
+        since: "4.17",
         required: false,
-        purpose: "the socket ring (connect and sendmsg programs): Linux 6.1's verifier walks \
-                  past its limit of a million instructions in them, 6.12's about 50k; \
-                  without it the packet ring enforces alone",
-        check: || {
-            let current = KernelVersion::current().map_err(|e| e.to_string())?;
-            Ok(current >= KernelVersion::new(6, 12, 0))
-        },
+        purpose: "the socket ring (connect and sendmsg programs); without it the packet ring \
+                  enforces alone",
+        check: || program_type(ProgramType::CgroupSockAddr),
     },
 ];
 

@@ -304,9 +304,3 @@ pub fn remove_cgroup_when_empty(dir: &std::path::Path) -> std::io::Result<()> {
         dir.display()
     )))
 }
-
-/// Whether the agent runs the socket ring on this kernel (see the `socket_ring` kernel
-/// feature); where it does not, it reports the ring degraded.
-pub fn kernel_runs_socket_ring() -> bool {
-    datafence::kernel::KernelFeatures::probe().has("socket_ring")
-}

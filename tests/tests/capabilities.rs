@@ -403,14 +403,12 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities(tc_attach
         .collect();
     assert!(hooks.contains(&"up0/tc_egress".to_owned()), "{hooks:?}");
     assert!(hooks.contains(&"up0/xdp".to_owned()), "{hooks:?}");
-    // The socket ring's cgroup programs load and attach with the same four, where the
-    // kernel runs them.
-    let ring = if integration_tests::kernel_runs_socket_ring() {
-        "attached"
-    } else {
-        "degraded"
-    };
-    assert_eq!(s["socket_ring"]["state"], ring, "{:#}", s["socket_ring"]);
+    // The socket ring's cgroup programs load and attach with the same four.
+    assert_eq!(
+        s["socket_ring"]["state"], "attached",
+        "{:#}",
+        s["socket_ring"]
+    );
     let denied: u64 = s["counters"]
         .as_array()
         .expect("counters")
@@ -537,19 +535,12 @@ fn the_attachment_self_check_works_without_cap_sys_admin(tc_attach: &str) {
         Some(1.0),
         "XDP self-check (ip -json link):\n{metrics}"
     );
-    // Where the kernel cannot run the socket ring, the agent says it is degraded, and
-    // /healthz is 503 for that alone.
-    let healthy = if integration_tests::kernel_runs_socket_ring() {
-        code == 200
-    } else {
-        code == 503 && health.contains("socket_ring DEGRADED")
-    };
     assert!(
         spurious.is_empty()
             && sample(r#"datafence_programs_attached{interface="up0",hook="tc_egress"}"#)
                 == Some(1.0)
             && sample("datafence_programs_reattached_total") == Some(0.0)
-            && healthy,
+            && code == 200,
         "with only {caps} the agent believes its TC program is detached, and re-attaches \
          it every round: is_attached() uses SchedClassifier::query_tcx, which opens each \
          program by id (BPF_PROG_GET_FD_BY_ID needs CAP_SYS_ADMIN); BPF_PROG_QUERY alone \

@@ -352,8 +352,7 @@ fn cgroup_root() -> String {
         .to_owned()
 }
 
-/// The tests that need the socket ring attached: the matrix skips them on Linux 6.1,
-/// where the agent reports the ring degraded instead.
+/// The tests that need the socket ring attached (every kernel of the matrix runs it).
 mod attached {
     use super::*;
 

@@ -10,17 +10,12 @@ use integration_tests::VERIFIER_BUDGET;
 fn programs_verify_well_within_the_kernel_budget() {
     integration_tests::require_root();
     let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
-    // Where the agent does not run the socket ring (Linux 6.1), its programs are not
-    // loaded: that verifier walks past its limit of a million instructions in them.
-    let socket_ring = integration_tests::kernel_runs_socket_ring();
-    if socket_ring {
-        dp.load_socket_ring().expect("load the socket ring");
-    }
+    dp.load_socket_ring().expect("load the socket ring");
     let counts = dp.verified_instructions();
     assert_eq!(
         counts.len(),
-        if socket_ring { 14 } else { 10 },
-        "two packet hooks, each with an entry, a parse stage for frames without Ethernet, an IPv4 options stage, a tunnel stage and a judge; and the socket ring's connect and sendmsg programs for each family: {counts:?}"
+        22,
+        "two packet hooks, each with an entry, a parse stage for frames without Ethernet, an IPv4 options stage, a tunnel stage and a judge; and the socket ring's connect and sendmsg programs for each family, each with a judge and a report stage: {counts:?}"
     );
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     for (name, count) in counts {

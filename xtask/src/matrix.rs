@@ -90,13 +90,6 @@ struct GuestSkip {
 
 const GUEST_SKIPS: &[GuestSkip] = &[
     GuestSkip {
-        kernels: &["6.1"],
-        binary: "netns_sockets",
-        test: "attached::",
-        why: "the socket ring needs Linux 6.12: 6.1's verifier walks past a million \
-              instructions in its programs, and the agent reports it degraded there",
-    },
-    GuestSkip {
         kernels: &[],
         binary: "property",
         test: "userspace_explain_matches_reference",

@@ -272,7 +272,7 @@ pub(super) fn attach_socket_ring(
         Err("not a directory of a cgroup v2 hierarchy".to_owned())
     } else if !kernel.has("socket_ring") {
         Err(format!(
-            "Linux {} cannot verify the socket ring's programs (it walks past a million instructions); Linux 6.12 or later runs them",
+            "Linux {} has no connect and sendmsg programs (cgroup/sock_addr, Linux 4.17)",
             kernel.release
         ))
     } else {

@@ -84,19 +84,29 @@ fn load_stages(ebpf: &mut Ebpf) -> Result<()> {
             .map_err(program_err(program))?;
     }
     for (array, index, program) in STAGES {
-        let fd = ebpf
-            .program(program)
-            .ok_or(DatapathError::MissingProgram(program))?
-            .fd()
-            .map_err(program_err(program))?
-            .try_clone()
-            .map_err(|source| DatapathError::Program {
-                program,
-                source: ProgramError::IOError(source),
-            })?;
-        set_stage(ebpf, array, index, &fd)?;
+        set_stage_program(ebpf, array, index, program)?;
     }
     Ok(())
+}
+
+/// Puts the loaded program `program` in the stage array `array`, at `index`.
+pub(super) fn set_stage_program(
+    ebpf: &mut Ebpf,
+    array: &'static str,
+    index: u32,
+    program: &'static str,
+) -> Result<()> {
+    let fd = ebpf
+        .program(program)
+        .ok_or(DatapathError::MissingProgram(program))?
+        .fd()
+        .map_err(program_err(program))?
+        .try_clone()
+        .map_err(|source| DatapathError::Program {
+            program,
+            source: ProgramError::IOError(source),
+        })?;
+    set_stage(ebpf, array, index, &fd)
 }
 
 /// Puts `program` in the stage array `array`, at `index`.
@@ -276,18 +286,11 @@ impl Datapath {
                     .map_err(program_err(name))?;
             }
             let stage = program_names::BENCH_HANDOFF_STAGE;
-            let program = program_mut::<SchedClassifier>(&mut ebpf, stage)?;
-            program.load().map_err(program_err(stage))?;
-            let fd = program
-                .fd()
-                .map_err(program_err(stage))?
-                .try_clone()
-                .map_err(|source| DatapathError::Program {
-                    program: stage,
-                    source: ProgramError::IOError(source),
-                })?;
+            program_mut::<SchedClassifier>(&mut ebpf, stage)?
+                .load()
+                .map_err(program_err(stage))?;
             // The one place of the bench's array, where its entry program jumps.
-            set_stage(&mut ebpf, map_names::BENCH_STAGES, 0, &fd)?;
+            set_stage_program(&mut ebpf, map_names::BENCH_STAGES, 0, stage)?;
         }
         let v6_table = mapped::<V6Entry>(&ebpf, map_names::REGIONS_V6, SLOTS << sizes.v6_bits)?;
         let dir24 = match sizes.v4_table {

@@ -171,7 +171,11 @@ pub const MAPS: &[MapSpec] = &{
         spec(n::XDP_JOB, PerCpuArray, Stages, Shared),
         spec(n::FRAGMENTS, Hash, Stages, Shared),
         spec(n::SCRATCH, PerCpuArray, No, Shared),
-        spec(n::SOCKET_CALL, PerCpuArray, No, Shared),
+        spec(n::SOCKET_CALL, PerCpuArray, Stages, Shared),
+        spec(n::SOCK_CONNECT4_STAGES, ProgramArray, Stages, Shared),
+        spec(n::SOCK_CONNECT6_STAGES, ProgramArray, Stages, Shared),
+        spec(n::SOCK_SENDMSG4_STAGES, ProgramArray, Stages, Shared),
+        spec(n::SOCK_SENDMSG6_STAGES, ProgramArray, Stages, Shared),
         #[cfg(feature = "bench")]
         spec(n::BENCH_LPM_V4, LpmV4, No, Shared),
         #[cfg(feature = "bench")]
@@ -196,8 +200,15 @@ pub fn spec_of(name: &str) -> Option<&'static MapSpec> {
 }
 
 /// Entries one policy slot holds in each map, by its row in [`MAPS`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct SlotContents([usize; MAPS.len()]);
+
+// `derive(Default)` stops at arrays of 32.
+impl Default for SlotContents {
+    fn default() -> Self {
+        Self([0; MAPS.len()])
+    }
+}
 
 impl SlotContents {
     /// What `compiled` puts in the keyed maps.

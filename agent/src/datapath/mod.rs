@@ -45,7 +45,7 @@ pub use error::DatapathError;
 pub use framing::Framing;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
-pub use socket_ring::SOCKET_PROGRAMS;
+pub use socket_ring::{SOCKET_PROGRAMS, SOCKET_STAGES};
 pub(crate) use sys::tcx_egress_program_ids;
 pub use sys::{if_index, if_name};
 

@@ -168,7 +168,10 @@ impl Datapath {
         let bench = super::BenchProgram::ALL.map(super::BenchProgram::program_name);
         #[cfg(not(feature = "bench"))]
         let bench: [&'static str; 0] = [];
-        let socket = super::SOCKET_PROGRAMS.map(|(name, _)| name);
+        let socket = super::SOCKET_PROGRAMS
+            .map(|(name, _)| name)
+            .into_iter()
+            .chain(super::SOCKET_STAGES.map(|(name, _, _)| name));
         [
             program_names::TC_EGRESS,
             program_names::TC_L3,
@@ -184,7 +187,6 @@ impl Datapath {
         .into_iter()
         .chain(
             socket
-                .into_iter()
                 .chain(bench)
                 .filter(|name| self.ebpf.program(name).is_some_and(|p| p.fd().is_ok())),
         )

@@ -11,16 +11,63 @@ use std::{
 };
 
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
-use datafence_common::program_names;
+use datafence_common::{map_names, program_names, socket_stage};
 
-use super::{Attached, Datapath, DatapathError, Result, program_err, program_mut, sys};
+use super::{
+    Attached, Datapath, DatapathError, Result, load::set_stage_program, program_err, program_mut,
+    sys,
+};
 
-/// The socket ring's programs, with the names their links are pinned under.
+/// The socket ring's entry programs, with the names their links are pinned under.
 pub const SOCKET_PROGRAMS: [(&str, &str); 4] = [
     (program_names::SOCK_CONNECT4, "connect4"),
     (program_names::SOCK_CONNECT6, "connect6"),
     (program_names::SOCK_SENDMSG4, "sendmsg4"),
     (program_names::SOCK_SENDMSG6, "sendmsg6"),
+];
+
+/// The socket ring's stages: (program, the array its hook's programs jump through, index).
+pub const SOCKET_STAGES: [(&str, &str, u32); 8] = [
+    (
+        program_names::SOCK_CONNECT4_JUDGE,
+        map_names::SOCK_CONNECT4_STAGES,
+        socket_stage::JUDGE,
+    ),
+    (
+        program_names::SOCK_CONNECT4_REPORT,
+        map_names::SOCK_CONNECT4_STAGES,
+        socket_stage::REPORT,
+    ),
+    (
+        program_names::SOCK_CONNECT6_JUDGE,
+        map_names::SOCK_CONNECT6_STAGES,
+        socket_stage::JUDGE,
+    ),
+    (
+        program_names::SOCK_CONNECT6_REPORT,
+        map_names::SOCK_CONNECT6_STAGES,
+        socket_stage::REPORT,
+    ),
+    (
+        program_names::SOCK_SENDMSG4_JUDGE,
+        map_names::SOCK_SENDMSG4_STAGES,
+        socket_stage::JUDGE,
+    ),
+    (
+        program_names::SOCK_SENDMSG4_REPORT,
+        map_names::SOCK_SENDMSG4_STAGES,
+        socket_stage::REPORT,
+    ),
+    (
+        program_names::SOCK_SENDMSG6_JUDGE,
+        map_names::SOCK_SENDMSG6_STAGES,
+        socket_stage::JUDGE,
+    ),
+    (
+        program_names::SOCK_SENDMSG6_REPORT,
+        map_names::SOCK_SENDMSG6_STAGES,
+        socket_stage::REPORT,
+    ),
 ];
 
 fn ring_err(cgroup: &Path) -> impl Fn(String) -> DatapathError + '_ {
@@ -31,8 +78,17 @@ fn ring_err(cgroup: &Path) -> impl Fn(String) -> DatapathError + '_ {
 }
 
 impl Datapath {
-    /// Loads the socket ring's programs into the kernel, once.
+    /// Loads the socket ring's programs into the kernel, once: the stages first, each put
+    /// in its array before its entry program can be attached.
     pub fn load_socket_ring(&mut self) -> Result<()> {
+        for (name, array, index) in SOCKET_STAGES {
+            let program = program_mut::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            if program.fd().is_ok() {
+                continue;
+            }
+            program.load().map_err(program_err(name))?;
+            set_stage_program(&mut self.ebpf, array, index, name)?;
+        }
         for (name, _) in SOCKET_PROGRAMS {
             let program = program_mut::<CgroupSockAddr>(&mut self.ebpf, name)?;
             if program.fd().is_err() {
