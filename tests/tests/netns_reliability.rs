@@ -809,3 +809,125 @@ fn programs_bound_to_maps_that_are_gone_are_loaded_anew_not_adopted() {
     );
     drop(agent);
 }
+
+/// Runs `cmd` and returns its output, failing the test if it has not exited within
+/// `limit`: a refusal must come at once, never after a wait.
+fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + patience(limit);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// A second agent on the same pin directory would write its own policy into the maps
+/// the first one enforces: it exits at once, naming the first.
+#[test]
+fn a_second_agent_on_the_same_pins_exits_naming_the_first() {
+    require_root();
+    let sandbox = Sandbox::new("lo");
+    let scratch = Scratch::new("pinlock");
+    let path = write_policy(&scratch, &policy("", "10.0.0.0/8"));
+    let first = RunningAgent::start_with_pins(&sandbox.host, &path, &[], test_pin_dir("pinlock"));
+    let generation = first.status_json()["policy"]["generation"].clone();
+    let second = Scratch::new("pinlock-second");
+    let other_policy = write_policy(&second, &policy(", us-east", "10.0.0.0/8"));
+    let holder = format!("process {}", first.child.id());
+    let out = output_within(
+        sandbox
+            .host
+            .command(agent_binary())
+            .arg("--runtime-dir")
+            .arg(scratch.dir.join("second-run"))
+            .args(["run", "--socket-ring", "off", "--policy"])
+            .arg(&other_policy)
+            .arg("--pin-dir")
+            .arg(&first.pin_dir),
+        Duration::from_secs(10),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second agent ran:\n{err}");
+    assert!(err.contains(&holder), "{err}");
+    assert!(err.contains("one agent per pin directory"), "{err}");
+    // `detach` asks the owner through its socket, which answers: it refuses.
+    let out = output_within(
+        sandbox
+            .host
+            .command(agent_binary())
+            .arg("--runtime-dir")
+            .arg(scratch.dir.join("second-run"))
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(&first.pin_dir),
+        Duration::from_secs(10),
+    );
+    assert!(
+        !out.status.success(),
+        "detach went ahead:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first agent enforces its own policy still, from its own pins.
+    let status = first.status_json();
+    assert_eq!(status["agent_running"], true, "{status:#}");
+    assert_eq!(status["policy"]["generation"], generation, "{status:#}");
+    let pins = datafence::datapath::PinLayout::new(&first.pin_dir);
+    assert!(
+        pins.map(datafence_common::map_names::POLICY).exists(),
+        "the pins are still there"
+    );
+    first.stop();
+}
+
+/// An offline `detach` leaves alone a pin directory whose lock a process holds without
+/// answering on a control socket (a stuck agent, or one with another runtime directory),
+/// and names it.
+#[test]
+fn detach_leaves_pins_whose_lock_is_held() {
+    require_root();
+    let scratch = Scratch::new("pinlock-detach");
+    let pins = test_pin_dir("pinlock-detach");
+    let maps = datafence::datapath::PinLayout::new(&pins).maps_dir();
+    std::fs::create_dir_all(&maps).expect("create the pin directory");
+    let lock = std::fs::File::open(&pins).expect("open the pin directory");
+    lock.try_lock().expect("lock it");
+    let out = output_within(
+        std::process::Command::new(agent_binary())
+            .arg("--runtime-dir")
+            .arg(scratch.dir.join("run"))
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(&pins),
+        Duration::from_secs(10),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "detach went ahead:\n{err}");
+    assert!(
+        err.contains(&format!("process {}", std::process::id())),
+        "{err}"
+    );
+    assert!(maps.is_dir(), "the pins were removed");
+    drop(lock);
+    let out = std::process::Command::new(agent_binary())
+        .arg("--runtime-dir")
+        .arg(scratch.dir.join("run"))
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(&pins)
+        .output()
+        .expect("detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists(), "detached once the lock is free");
+}

@@ -47,6 +47,23 @@ pub(crate) fn detach(cli: &Cli, pin_dir: Option<&Path>, force: bool) -> anyhow::
             owner.display()
         );
     }
+    // An agent that holds the pin directory but does not answer (stuck, or started with
+    // another runtime directory) still owns what is pinned there.
+    let _lock = if pin_dir.is_dir() {
+        match datafence::datapath::PinLock::acquire(&pin_dir) {
+            Ok(lock) => Some(lock),
+            Err(e) if !force => {
+                eprintln!("error: {e}; or pass --force");
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(e) => {
+                eprintln!("warning: {e}; removing its pins anyway (--force)");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut detached =
         datafence::clsact::remove_all().context("removing datafence's clsact filters")?;
     let layout = datafence::datapath::PinLayout::new(&pin_dir);

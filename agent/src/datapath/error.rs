@@ -77,6 +77,15 @@ pub enum DatapathError {
         "the IPv6 table could not place its {entries} entries in {places} places within the scan limit (raise --v6-entries)"
     )]
     V6Crowded { entries: usize, places: usize },
+    #[error(
+        "{holder} is running datafence on pin directory {path}: one agent per pin directory; stop it first (`systemctl stop datafence`)"
+    )]
+    PinsInUse { path: PathBuf, holder: String },
+    #[error("locking the pin directory {path}: {source}")]
+    PinLock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("creating the pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,

@@ -19,7 +19,9 @@ use datafence_common::{
 use super::{
     Datapath, DatapathError, EBPF_OBJECT, LoadOptions, PinLayout, Result, TcKind, V4Table, map_err,
     maps::{self, Kind, Pin, SlotContents, Slots},
-    object_digest, pins, program_err, program_mut,
+    object_digest,
+    pin_lock::PinLock,
+    pins, program_err, program_mut,
     reuse::{self, Reused},
     sys,
 };
@@ -199,8 +201,15 @@ impl Sizes {
 /// Creates the pin directories and tells the loader where each pinned map lives.
 /// Pinned maps that exist are reused as they are: the policy in force, its counters
 /// and queued events carry over to this agent.
-fn pin_maps(loader: &mut EbpfLoader<'_>, layout: &PinLayout) -> Result<()> {
+/// Takes the pin directory's lock first: nothing pinned is opened while another agent
+/// holds it.
+fn pin_maps(loader: &mut EbpfLoader<'_>, layout: &PinLayout) -> Result<PinLock> {
     pins::ensure_bpffs(&layout.root)?;
+    std::fs::create_dir_all(&layout.root).map_err(|source| DatapathError::PinDir {
+        path: layout.root.clone(),
+        source,
+    })?;
+    let lock = PinLock::acquire(&layout.root)?;
     let stages = layout.stages_dir(object_digest());
     for dir in [layout.maps_dir(), layout.links_dir(), stages.clone()] {
         std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
@@ -214,7 +223,7 @@ fn pin_maps(loader: &mut EbpfLoader<'_>, layout: &PinLayout) -> Result<()> {
     for m in maps::pinned(Pin::Stages) {
         loader.map_pin_path(m.name, stages.join(m.name));
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// The object to load: the agent's, or with [`LoadOptions::bench`] the bench's.
@@ -247,9 +256,10 @@ impl Datapath {
         let pins = opts.pin_dir.as_ref().map(PinLayout::new);
         let sizes = Sizes::of(opts, pins.as_ref());
         let mut loader = sizes.loader(opts);
-        if let Some(layout) = &pins {
-            pin_maps(&mut loader, layout)?;
-        }
+        let pin_lock = match &pins {
+            Some(layout) => Some(pin_maps(&mut loader, layout)?),
+            None => None,
+        };
         let mut ebpf = loader.load(object(opts))?;
         debug_assert!(
             ebpf.maps()
@@ -311,6 +321,7 @@ impl Datapath {
             v6_bits: sizes.v6_bits,
             v6_table,
             slot_contents: [SlotContents::default(); 2],
+            _pin_lock: pin_lock,
             tc_kind: if crate::kernel::tcx_supported() {
                 TcKind::Tcx
             } else {

@@ -22,6 +22,7 @@ mod error;
 mod framing;
 mod load;
 pub mod maps;
+mod pin_lock;
 mod pins;
 mod readout;
 mod reuse;
@@ -43,6 +44,7 @@ pub use attach::TcKind;
 pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
 pub use framing::Framing;
+pub use pin_lock::PinLock;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
 pub use socket_ring::{SOCKET_PROGRAMS, SOCKET_STAGES};
@@ -202,6 +204,8 @@ pub struct Datapath {
     slot_contents: [maps::SlotContents; 2],
     /// How TC egress programs are attached.
     tc_kind: TcKind,
+    /// The pin directory's lock, held while this datapath lives.
+    _pin_lock: Option<PinLock>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
