@@ -71,3 +71,9 @@ pub(crate) fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
     // borrows it.
     unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast(), size_of::<T>()) }
 }
+
+/// The agent's effective user id: files it trusts are owned by root or by it.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}

@@ -59,6 +59,8 @@ fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
         &policy::LoadOptions {
             cgroup_root: opts.cgroup_root.clone(),
             table_capacity: opts.table_capacity,
+            max_policy_bytes: opts.max_policy_bytes,
+            max_region_file_bytes: opts.max_region_file_bytes,
         },
     )
     .map_err(|errors| AgentError::Policy {

@@ -140,6 +140,23 @@ pub(crate) struct TableArgs {
     /// Region prefixes the datapath holds per address family.
     #[arg(long, default_value_t = DEFAULT_TABLE_CAPACITY)]
     pub(crate) table_capacity: u32,
+    /// The largest policy file read, in bytes; a larger one is refused.
+    #[arg(long, default_value_t = policy::DEFAULT_MAX_POLICY_BYTES)]
+    pub(crate) max_policy_bytes: u64,
+    /// The largest region file read, in bytes; a larger one is refused.
+    #[arg(long, default_value_t = policy::DEFAULT_MAX_REGION_FILE_BYTES)]
+    pub(crate) max_region_file_bytes: u64,
+}
+
+impl TableArgs {
+    pub(crate) fn load_options(&self, cgroup_root: &Path) -> policy::LoadOptions {
+        policy::LoadOptions {
+            cgroup_root: cgroup_root.to_owned(),
+            table_capacity: self.table_capacity,
+            max_policy_bytes: self.max_policy_bytes,
+            max_region_file_bytes: self.max_region_file_bytes,
+        }
+    }
 }
 
 pub(crate) fn init_logging(format: &str) {
@@ -160,13 +177,7 @@ pub(crate) fn load(
     cgroup_root: &Path,
     tables: &TableArgs,
 ) -> Result<LoadedPolicy, PolicyErrors> {
-    policy::load_policy(
-        path,
-        &policy::LoadOptions {
-            cgroup_root: cgroup_root.to_owned(),
-            table_capacity: tables.table_capacity,
-        },
-    )
+    policy::load_policy(path, &tables.load_options(cgroup_root))
 }
 
 /// A bad policy or bad arguments: sysexits' EX_USAGE.

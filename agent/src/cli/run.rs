@@ -100,6 +100,8 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(dirs::RUNTIME_DIR)),
         table_capacity: args.tables.table_capacity,
+        max_policy_bytes: args.tables.max_policy_bytes,
+        max_region_file_bytes: args.tables.max_region_file_bytes,
         events: EventLimits {
             per_second: args.events_per_second,
             burst: args.events_burst,

@@ -15,7 +15,7 @@ use super::error::CidrProblem;
 /// because `10.0.0.1/8` almost always means the writer expected something other than
 /// 10.0.0.0/8, and silently widening it would hide the slip.
 pub(super) fn parse_cidr(text: &str) -> Result<IpNetwork, CidrProblem> {
-    let syntax = || CidrProblem::Syntax(text.to_owned());
+    let syntax = || CidrProblem::Syntax(super::trusted::excerpt(text));
     let cidr = datafence_common::cidr::parse(text).map_err(|e| match e {
         cidr::CidrError::Syntax => syntax(),
         cidr::CidrError::PrefixTooLong { len, max } => CidrProblem::PrefixTooLong {

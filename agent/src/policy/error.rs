@@ -103,6 +103,29 @@ pub(super) enum Problem {
     },
     #[error("cannot read region file {path}: {source}")]
     ReadRegionFile { path: String, source: io::Error },
+    #[error("and {0} more lines of this file are not CIDRs either; is it a region file?")]
+    MoreUnreadableLines(usize),
+    #[error("cannot read {path}: {source}")]
+    ReadFile { path: String, source: io::Error },
+    #[error("{path} is {kind}, not a regular file; only regular files are read")]
+    NotRegularFile { path: String, kind: &'static str },
+    #[error(
+        "{path} is {size} bytes, over the limit of {limit} bytes; raise the limit with {flag} if the file is meant to be this large"
+    )]
+    FileTooLarge {
+        path: String,
+        size: u64,
+        limit: u64,
+        flag: &'static str,
+    },
+    #[error(
+        "refusing {what} {path}: it {detail}. Files a policy is read from, and every directory above them up to the policy's directory, must be owned by root (or the agent's user) and writable by no one else, or whoever can write them changes what the host enforces"
+    )]
+    UntrustedFile {
+        path: String,
+        what: &'static str,
+        detail: String,
+    },
     #[error("region `{name}` is not defined ({defined})")]
     UndefinedRegion { name: String, defined: String },
     #[error(

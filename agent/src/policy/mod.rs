@@ -45,6 +45,7 @@ mod compile;
 mod error;
 mod model;
 mod raw;
+mod trusted;
 mod validate;
 
 #[cfg(test)]
@@ -60,6 +61,7 @@ pub use model::{
     CGROUP_NOT_YET, CgroupNote, Class, ClassSummary, InterfacesSummary, Listed, LoadedPolicy, Mode,
     Region, RegionSummary, Selectors, Summary, UnknownRule, Written,
 };
+pub use trusted::{DEFAULT_MAX_POLICY_BYTES, DEFAULT_MAX_REGION_FILE_BYTES};
 
 /// Where the policy is checked against the running system and the datapath's sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,10 @@ pub struct LoadOptions {
     /// Region prefixes allowed per address family, the size of one slot of the region
     /// tries. Default [`DEFAULT_TABLE_CAPACITY`].
     pub table_capacity: u32,
+    /// The largest policy file read (`--max-policy-bytes`).
+    pub max_policy_bytes: u64,
+    /// The largest region file read (`--max-region-file-bytes`).
+    pub max_region_file_bytes: u64,
 }
 
 impl Default for LoadOptions {
@@ -77,6 +83,8 @@ impl Default for LoadOptions {
         Self {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             table_capacity: DEFAULT_TABLE_CAPACITY,
+            max_policy_bytes: DEFAULT_MAX_POLICY_BYTES,
+            max_region_file_bytes: DEFAULT_MAX_REGION_FILE_BYTES,
         }
     }
 }
@@ -87,7 +95,7 @@ impl Default for LoadOptions {
 /// one; past that every mistake is collected. Region files and cgroups are read while
 /// validating, so the result describes the system at the time of the call.
 pub fn load_policy(path: &Path, opts: &LoadOptions) -> Result<LoadedPolicy, PolicyErrors> {
-    let text = validate::read(path)?;
+    let text = validate::read(path, opts)?;
     parse_policy_str(&text, path, opts)
 }
 

@@ -10,7 +10,6 @@ mod selectors;
 pub(super) use selectors::RawMatch;
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use datafence_common::{
@@ -27,6 +26,7 @@ use super::cidr::parse_cidr;
 use super::error::{PolicyError, PolicyErrors, Problem};
 use super::model::{Class, LoadedPolicy, Mode, Region, UnknownRule};
 use super::raw::{RawClass, RawPolicy};
+use super::trusted::{SizeLimit, read_trusted};
 
 /// A position in one of the files a policy is read from. Files are numbered so the
 /// origin of each of possibly millions of region prefixes costs a few bytes.
@@ -52,8 +52,15 @@ fn at<T>(s: &Spanned<T>) -> Pos {
     }
 }
 
-/// Reads the policy file as text; [`parse`] does the rest.
-pub(super) fn read(path: &Path) -> Result<String, PolicyErrors> {
+/// The directory a policy's region files are relative to, and its trust boundary.
+fn policy_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+}
+
+/// Reads the policy file as text, if it may be trusted; [`parse`] does the rest.
+pub(super) fn read(path: &Path, opts: &LoadOptions) -> Result<String, PolicyErrors> {
     let whole_file = |problem: Problem| {
         PolicyErrors(vec![PolicyError {
             file: path.to_owned(),
@@ -62,7 +69,16 @@ pub(super) fn read(path: &Path) -> Result<String, PolicyErrors> {
             message: problem.to_string(),
         }])
     };
-    let bytes = fs::read(path).map_err(|e| whole_file(Problem::ReadPolicy(e)))?;
+    let limit = SizeLimit {
+        bytes: opts.max_policy_bytes,
+        flag: "--max-policy-bytes",
+    };
+    let bytes = read_trusted(path, &policy_dir(path), limit).map_err(|problem| {
+        whole_file(match problem {
+            Problem::ReadFile { source, .. } => Problem::ReadPolicy(source),
+            other => other,
+        })
+    })?;
     String::from_utf8(bytes).map_err(|_| whole_file(Problem::NotUtf8("the policy file".to_owned())))
 }
 
@@ -88,7 +104,7 @@ pub(super) fn parse(
     hasher.update(text.as_bytes());
     let mut v = Validator {
         opts,
-        dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+        dir: policy_dir(path),
         files: vec![path.to_owned()],
         errors: Vec::new(),
         hasher,

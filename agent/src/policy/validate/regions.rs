@@ -2,7 +2,6 @@
 //! a prefix belongs to one region only.
 #![forbid(unsafe_code)]
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use datafence_common::MAX_REGIONS;
@@ -14,7 +13,13 @@ use serde_saphyr::Spanned;
 use sha2::Digest;
 
 use super::{Pos, Validator, at, clamp};
-use crate::policy::{cidr::parse_cidr, error::Problem, model::Region, raw::RawRegion};
+use crate::policy::{
+    cidr::parse_cidr,
+    error::{CidrProblem, Problem},
+    model::Region,
+    raw::RawRegion,
+    trusted::{SizeLimit, read_trusted},
+};
 
 /// One region prefix as read. Claims are sorted once all are read, which finds a prefix
 /// written twice in far less memory than a hash of millions of prefixes.
@@ -79,13 +84,14 @@ pub(super) enum RegionFile {
 
 /// Reads and parses one region file: one CIDR per line; `#` starts a comment, blank lines
 /// are skipped. Needs nothing from the validator, so files are read in parallel.
-pub(super) fn read_region_file(path: &Path) -> RegionFile {
-    let bytes = match fs::read(path) {
+pub(super) fn read_region_file(path: &Path, policy_dir: &Path, limit: SizeLimit) -> RegionFile {
+    let bytes = match read_trusted(path, policy_dir, limit) {
         Ok(b) => b,
-        Err(source) => {
+        Err(Problem::ReadFile { source, .. }) => {
             let path = path.display().to_string();
             return RegionFile::Failed(Problem::ReadRegionFile { path, source });
         }
+        Err(problem) => return RegionFile::Failed(problem),
     };
     let Ok(text) = std::str::from_utf8(&bytes) else {
         let what = format!("region file {}", path.display());
@@ -121,13 +127,17 @@ impl Validator<'_> {
         // Region files hold nearly all of a large policy: read and parse them on every
         // core, then record them in order.
         let dir = self.dir.clone();
+        let limit = SizeLimit {
+            bytes: self.opts.max_region_file_bytes,
+            flag: "--max-region-file-bytes",
+        };
         let mut read: std::collections::VecDeque<RegionFile> = raw
             .value
             .values()
             .flat_map(|r| r.files.iter())
             .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|f| read_region_file(&dir.join(&f.value)))
+            .map(|f| read_region_file(&dir.join(&f.value), &dir, limit))
             .collect::<Vec<_>>()
             .into();
         let mut set = RegionSet::default();
@@ -253,6 +263,7 @@ impl Validator<'_> {
         drop(bytes);
         self.files.push(path);
         let file_index = clamp(self.files.len() as u64 - 1);
+        let mut unreadable: Option<(Pos, usize)> = None;
         for (line, column, parsed) in lines {
             let pos = Pos {
                 file: file_index,
@@ -261,8 +272,23 @@ impl Validator<'_> {
             };
             match parsed {
                 Ok(net) => record_prefix(set, region, net, pos),
-                Err(p) => self.error(pos, p.into()),
+                // One line that is not a CIDR is quoted; a file of them (not a region
+                // file at all) is counted, not printed.
+                Err(CidrProblem::Syntax(_)) if unreadable.is_some() => {
+                    unreadable = unreadable.map(|(at, n)| (at, n + 1));
+                }
+                Err(p) => {
+                    if matches!(p, CidrProblem::Syntax(_)) {
+                        unreadable = Some((pos, 0));
+                    }
+                    self.error(pos, p.into());
+                }
             }
+        }
+        if let Some((pos, more)) = unreadable
+            && more > 0
+        {
+            self.error(pos, Problem::MoreUnreadableLines(more));
         }
     }
 }

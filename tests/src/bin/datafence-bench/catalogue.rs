@@ -333,6 +333,7 @@ pub(crate) fn parse_policy(path: &Path, n: usize) -> Result<policy::LoadedPolicy
         &policy::LoadOptions {
             cgroup_root: datafence::cgroups::cgroup2_root(),
             table_capacity: table_capacity(n),
+            ..Default::default()
         },
     )
     .map_err(|e| anyhow!("policy {}: {e}", path.display()))
