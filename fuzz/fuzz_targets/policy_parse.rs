@@ -83,6 +83,7 @@ fn scratch() -> &'static Scratch {
                 cgroup_root,
                 // Small, so the "region table full" check is reachable too.
                 table_capacity: 16,
+                ..LoadOptions::default()
             },
         }
     })

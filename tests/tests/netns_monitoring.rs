@@ -664,6 +664,9 @@ fn the_watchdog_stops_when_the_agents_loops_stop_and_healthz_says_which() {
     let notify_path = scratch.dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
     let metrics = "127.0.0.1:9477";
+    // While this file exists, a debug build's policy read waits (see the agent's
+    // `stall_for_tests`).
+    let stall = scratch.dir.join("stall");
     let agent = RunningAgent::launch(
         &sandbox.host,
         &path,
@@ -678,6 +681,10 @@ fn the_watchdog_stops_when_the_agents_loops_stop_and_healthz_says_which() {
             env: vec![
                 ("NOTIFY_SOCKET".into(), notify_path.display().to_string()),
                 ("WATCHDOG_USEC".into(), "2000000".into()),
+                (
+                    "DATAFENCE_TEST_STALL_READ_WHILE".into(),
+                    stall.display().to_string(),
+                ),
             ],
             ..Launch::pins(test_pin_dir("watchdog"))
         },
@@ -699,20 +706,9 @@ fn the_watchdog_stops_when_the_agents_loops_stop_and_healthz_says_which() {
         assert!(h.body.contains(name), "{}", h.body);
     }
 
-    // Stall the agent for real: a reload that reads a region file which is a FIFO
-    // blocks inside the agent, holding the lock every loop needs.
-    let region = scratch.dir.join("regions.txt");
-    std::fs::write(
-        &path,
-        policy("a", false).replace(
-            "    cidrs: [198.51.100.0/24, \"2001:db8:100::/48\"]\n",
-            "    cidrs: [\"2001:db8:100::/48\"]\n    files: [regions.txt]\n",
-        ),
-    )
-    .expect("write policy");
-    let fifo = std::ffi::CString::new(region.to_str().expect("utf-8")).expect("path");
-    // SAFETY: mkfifo with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    // Stall the agent for real: a reload whose policy read waits, inside the agent,
+    // holding the lock every loop needs.
+    std::fs::write(&stall, "").expect("create the stall file");
     let (ns, runtime) = (sandbox.host.name.clone(), agent.runtime_dir.clone());
     let reload = std::thread::spawn(move || {
         command_in(&ns, agent_binary())
@@ -757,11 +753,7 @@ fn the_watchdog_stops_when_the_agents_loops_stop_and_healthz_says_which() {
     assert_eq!(m.status, 200);
 
     // Unblock: the reload finishes and the pings resume.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&region)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"198.51.100.0/24\n"))
-        .expect("feed the fifo");
+    std::fs::remove_file(&stall).expect("remove the stall file");
     let out = reload.join().expect("reload thread");
     assert!(
         out.status.success(),

@@ -54,6 +54,7 @@ pub(super) fn load_policy(
 }
 
 fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
+    stall_for_tests();
     policy::load_policy(
         &opts.policy_path,
         &policy::LoadOptions {
@@ -128,6 +129,20 @@ pub(super) fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached
         datapath.attach_xdp(&a.interface)
     } else {
         datapath.attach_tc(&a.interface)
+    }
+}
+
+/// Debug builds only: holds a policy read (and so a reload, with the agent's state
+/// locked) while the file `DATAFENCE_TEST_STALL_READ_WHILE` exists, for a minute at
+/// most. The watchdog test stalls every loop this way; a FIFO named as a region file did
+/// it once, and is now refused at once.
+fn stall_for_tests() {
+    #[cfg(debug_assertions)]
+    if let Some(flag) = std::env::var_os("DATAFENCE_TEST_STALL_READ_WHILE") {
+        let until = std::time::Instant::now() + std::time::Duration::from_mins(1);
+        while std::path::Path::new(&flag).exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
