@@ -99,6 +99,17 @@ fn a_symlink_to_an_unsafe_file_is_refused() {
     chmod(&target, 0o646);
     std::os::unix::fs::symlink(&target, scratch.dir.join("eu-west.txt")).expect("symlink");
     let policy = scratch.write("policy.yaml", &policy_with_region_file("eu-west.txt"));
+    // It leads out of the policy's directory,
+    let err = refused(&check(&policy, &[], QUICK));
+    assert!(err.contains(&target.display().to_string()), "{err}");
+    assert!(err.contains("is outside the policy's directory"), "{err}");
+    // and where it leads, anyone may write.
+    let included = format!(
+        "include_dirs: [{}]\n{}",
+        elsewhere.dir.display(),
+        policy_with_region_file("eu-west.txt")
+    );
+    let policy = scratch.write("policy.yaml", &included);
     let err = refused(&check(&policy, &[], QUICK));
     assert!(err.contains(&target.display().to_string()), "{err}");
     assert!(err.contains("mode 0646, writable by anyone"), "{err}");
@@ -161,4 +172,35 @@ fn a_file_that_is_not_a_region_file_is_quoted_once() {
         err.contains("and 49 more lines of this file are not CIDRs"),
         "{err}"
     );
+}
+
+#[test]
+fn a_region_file_outside_the_policys_directory_needs_include_dirs() {
+    let scratch = Scratch::new("hostile-outside");
+    let shared = Scratch::new("hostile-outside-shared");
+    let outside = shared.write("eu-west.txt", "198.51.100.0/24\n");
+    for named in [
+        outside.display().to_string(),
+        format!(
+            "../{}/eu-west.txt",
+            shared.dir.file_name().expect("a name").to_string_lossy()
+        ),
+    ] {
+        let policy = scratch.write("policy.yaml", &policy_with_region_file(&named));
+        let err = refused(&check(&policy, &[], QUICK));
+        assert!(err.contains("is outside the policy's directory"), "{err}");
+        assert!(err.contains("include_dirs"), "{err}");
+        let included = format!(
+            "include_dirs: [{}]\n{}",
+            shared.dir.display(),
+            policy_with_region_file(&named)
+        );
+        let policy = scratch.write("policy.yaml", &included);
+        let out = check(&policy, &[], QUICK);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

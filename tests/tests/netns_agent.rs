@@ -406,5 +406,33 @@ fn changes_to_the_policy_files_are_reloaded_and_other_files_ignored() {
     std::fs::write(&policy, "version: 1\nregions:\n").expect("write");
     std::fs::write(&policy, policy_text("enforce", &cgroup.path, true)).expect("write");
     wait_for(3);
+    // A region file outside the policy's directory, in a directory `include_dirs` lists,
+    // is watched as well.
+    let shared = Scratch::new("watch-shared");
+    shared.write("elsewhere.txt", "198.18.0.0/24\n");
+    let with_include = policy_text("enforce", &cgroup.path, true)
+        .replace(
+            "regions:\n",
+            &format!("include_dirs: [{}]\nregions:\n", shared.dir.display()),
+        )
+        .replace(
+            "  us-east:\n",
+            &format!(
+                "  elsewhere:\n    files: [{}]\n  us-east:\n",
+                shared.dir.join("elsewhere.txt").display()
+            ),
+        );
+    std::fs::write(&policy, with_include).expect("write");
+    wait_for(4);
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(5));
+    while !agent
+        .stderr()
+        .contains("watching an included directory for changes")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    shared.write("elsewhere.txt", "198.18.0.0/24\n198.18.1.0/24\n");
+    wait_for(5);
     agent.stop();
 }

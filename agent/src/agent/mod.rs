@@ -233,15 +233,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         warn!(error = %e, "cannot watch cgroups; recreated ones are followed at the periodic check only");
     }
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
-    let _watcher = if watch {
-        Some(watch::watch_policy(
-            &policy_path,
-            sources,
-            reload_tx.clone(),
-        )?)
-    } else {
-        None
-    };
+    if watch {
+        watch::watch_policy(&policy_path, sources, reload_tx.clone())?;
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -27,28 +27,32 @@ pub(super) fn watched_sources(policy: &LoadedPolicy) -> Vec<PathBuf> {
 /// tried.
 const WATCH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Watches the policy file's directory tree (region files live beside the policy) and
-/// asks for a reload once changes to the files the policy is read from settle. Other
-/// files in the tree (logs, editor swap files) are ignored, or a busy log would reload
-/// the policy over and over.
+/// Watches the policy file's directory tree (region files live beside the policy), and
+/// the directory of every other file the policy is read from (`include_dirs`), and asks
+/// for a reload once changes to those files settle. Other files (logs, editor swap
+/// files) are ignored, or a busy log would reload the policy over and over. The watcher
+/// lives on the thread that debounces; that thread also watches the directories of files
+/// a reload adds.
 pub(super) fn watch_policy(
     policy_path: &Path,
     sources: Arc<Mutex<Vec<PathBuf>>>,
     reload: tokio::sync::mpsc::Sender<&'static str>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+) -> anyhow::Result<()> {
     use notify::Watcher as _;
     let dir = policy_path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_owned();
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watched_sources = sources.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(e) = event else { return };
         if e.kind.is_access() {
             return;
         }
-        let watched = sources
+        let watched = watched_sources
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Editors and `git checkout` often replace a file by renaming a new one over it,
@@ -65,17 +69,62 @@ pub(super) fn watch_policy(
     watcher
         .watch(&dir, notify::RecursiveMode::Recursive)
         .with_context(|| format!("watching {}", dir.display()))?;
+    let mut outside = std::collections::HashSet::new();
+    watch_outside(&mut watcher, &dir, &sources, &mut outside);
+    let shown = dir.display().to_string();
     std::thread::Builder::new()
         .name("policy-watch".into())
         .spawn(move || {
-            while rx.recv().is_ok() {
-                // Debounce: wait until no event has arrived for a while.
-                while rx.recv_timeout(WATCH_DEBOUNCE).is_ok() {}
-                if reload.blocking_send("policy file changed").is_err() {
-                    break;
+            loop {
+                match rx.recv_timeout(RESCAN) {
+                    Ok(()) => {
+                        // Debounce: wait until no event has arrived for a while.
+                        while rx.recv_timeout(WATCH_DEBOUNCE).is_ok() {}
+                        if reload.blocking_send("policy file changed").is_err() {
+                            break;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 }
+                watch_outside(&mut watcher, &dir, &sources, &mut outside);
             }
         })?;
-    info!(dir = %dir.display(), "watching the policy for changes");
-    Ok(watcher)
+    info!(dir = %shown, "watching the policy for changes");
+    Ok(())
+}
+
+/// How often the watcher looks for directories a reload added to the policy's files: a
+/// few paths compared, so often.
+const RESCAN: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches the directory of each source outside the policy's tree, once.
+fn watch_outside(
+    watcher: &mut notify::RecommendedWatcher,
+    policy_dir: &Path,
+    sources: &Mutex<Vec<PathBuf>>,
+    outside: &mut std::collections::HashSet<PathBuf>,
+) {
+    use notify::Watcher as _;
+    let dirs: Vec<PathBuf> = sources
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_owned))
+        .filter(|d| !d.starts_with(policy_dir))
+        .collect();
+    for d in dirs {
+        if outside.contains(&d) {
+            continue;
+        }
+        match watcher.watch(&d, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                info!(dir = %d.display(), "watching an included directory for changes");
+                outside.insert(d);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch an included directory; its files are reloaded with the others");
+            }
+        }
+    }
 }

@@ -103,6 +103,10 @@ pub(super) enum Problem {
     },
     #[error("cannot read region file {path}: {source}")]
     ReadRegionFile { path: String, source: io::Error },
+    #[error(
+        "{path} is outside the policy's directory {dir}; list the directory that holds it in `include_dirs` to read it"
+    )]
+    OutsidePolicyDirs { path: String, dir: String },
     #[error("and {0} more lines of this file are not CIDRs either; is it a region file?")]
     MoreUnreadableLines(usize),
     #[error("cannot read {path}: {source}")]

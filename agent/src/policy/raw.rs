@@ -27,6 +27,8 @@ pub(super) struct RawPolicy {
     pub exempt: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub nat64: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub include_dirs: Vec<Spanned<String>>,
     pub regions: Spanned<IndexMap<Spanned<String>, RawRegion>>,
     pub data_classes: Spanned<IndexMap<Spanned<String>, RawClass>>,
 }

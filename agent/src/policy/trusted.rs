@@ -10,7 +10,7 @@ use std::{
     fs::{File, Metadata, OpenOptions},
     io::Read as _,
     os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use crate::policy::error::Problem;
@@ -26,11 +26,51 @@ pub(super) struct SizeLimit {
     pub flag: &'static str,
 }
 
-/// Reads `path`, a file of the policy whose directory is `policy_dir`, if it may be
+/// The directories a policy's files may come from: the policy file's own, then those its
+/// `include_dirs` lists; all canonical.
+#[derive(Clone, Debug)]
+pub(super) struct Roots(pub Vec<PathBuf>);
+
+impl Roots {
+    /// The policy file's directory alone.
+    pub fn of_policy(policy_dir: &Path) -> Self {
+        Self(vec![
+            std::fs::canonicalize(policy_dir).unwrap_or_else(|_| policy_dir.to_owned()),
+        ])
+    }
+
+    /// The root `target` (canonical) lies under, if any.
+    fn containing(&self, target: &Path) -> Option<&Path> {
+        self.0
+            .iter()
+            .find(|r| target.starts_with(r))
+            .map(PathBuf::as_path)
+    }
+}
+
+/// Checks a directory `include_dirs` names, and returns it canonical.
+pub(super) fn trusted_dir(path: &Path) -> Result<PathBuf, Problem> {
+    let io = |source| Problem::ReadFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = std::fs::canonicalize(path).map_err(io)?;
+    let meta = std::fs::metadata(&dir).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(Problem::NotRegularFile {
+            path: path.display().to_string(),
+            kind: "not a directory",
+        });
+    }
+    check_owner_and_mode(&dir.display().to_string(), &meta, "directory")?;
+    Ok(dir)
+}
+
+/// Reads `path`, a file of a policy whose files may come from `roots`, if it may be
 /// trusted; else says why not, naming the path.
 pub(super) fn read_trusted(
     path: &Path,
-    policy_dir: &Path,
+    roots: &Roots,
     limit: SizeLimit,
 ) -> Result<Vec<u8>, Problem> {
     let shown = || path.display().to_string();
@@ -54,8 +94,15 @@ pub(super) fn read_trusted(
     if meta.len() > limit.bytes {
         return Err(too_large(path, meta.len(), limit));
     }
+    let target = std::fs::canonicalize(path).map_err(io)?;
+    let Some(root) = roots.containing(&target) else {
+        return Err(Problem::OutsidePolicyDirs {
+            path: shown_with_target(path),
+            dir: roots.0[0].display().to_string(),
+        });
+    };
     check_owner_and_mode(&shown_with_target(path), &meta, "file")?;
-    check_directories(path, policy_dir)?;
+    check_directories(path, &target, root)?;
     read_bounded(file, path, limit)
 }
 
@@ -83,20 +130,18 @@ fn too_large(path: &Path, size: u64, limit: SizeLimit) -> Problem {
     }
 }
 
-/// The directories from the file's (its target's, for a symlink) up to the policy's
-/// directory, or only its own when it lies elsewhere.
-fn check_directories(path: &Path, policy_dir: &Path) -> Result<(), Problem> {
+/// The directories from the file's target (`target`, canonical) up to the root it lies
+/// under.
+fn check_directories(path: &Path, target: &Path, root: &Path) -> Result<(), Problem> {
     let io = |source| Problem::ReadFile {
         path: path.display().to_string(),
         source,
     };
-    let target = std::fs::canonicalize(path).map_err(io)?;
-    let top = std::fs::canonicalize(policy_dir).map_err(io)?;
     let mut dir = target.parent();
     while let Some(d) = dir {
         let meta = std::fs::metadata(d).map_err(io)?;
         check_owner_and_mode(&d.display().to_string(), &meta, "directory")?;
-        if d == top || !d.starts_with(&top) {
+        if d == root || !d.starts_with(root) {
             break;
         }
         dir = d.parent();
@@ -187,6 +232,26 @@ mod tests {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
 
+    fn roots_with(policy: &Path, included: &Path) -> Roots {
+        let mut roots = Roots::of_policy(policy);
+        roots
+            .0
+            .push(std::fs::canonicalize(included).expect("canonical"));
+        roots
+    }
+
+    #[test]
+    fn a_file_outside_the_policys_directories_is_refused() {
+        let dir = policy_dir();
+        let elsewhere = policy_dir();
+        let file = elsewhere.path().join("eu.txt");
+        std::fs::write(&file, "192.0.2.0/24\n").expect("write");
+        let e = read_trusted(&file, &Roots::of_policy(dir.path()), LIMIT).expect_err("outside");
+        assert!(e.to_string().contains("include_dirs"), "{e}");
+        read_trusted(&file, &roots_with(dir.path(), elsewhere.path()), LIMIT)
+            .expect("read once its directory is included");
+    }
+
     fn policy_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tempdir");
         set_mode(dir.path(), 0o755);
@@ -200,9 +265,10 @@ mod tests {
         let file = dir.path().join("regions/eu.txt");
         std::fs::write(&file, "192.0.2.0/24\n").expect("write");
         set_mode(&file, 0o644);
-        read_trusted(&file, dir.path(), LIMIT).expect("a safe file is read");
+        read_trusted(&file, &Roots::of_policy(dir.path()), LIMIT).expect("a safe file is read");
         set_mode(&file, 0o666);
-        let e = read_trusted(&file, dir.path(), LIMIT).expect_err("world-writable");
+        let e =
+            read_trusted(&file, &Roots::of_policy(dir.path()), LIMIT).expect_err("world-writable");
         assert!(
             e.to_string().contains("mode 0666, writable by anyone"),
             "{e}"
@@ -210,7 +276,8 @@ mod tests {
         assert!(e.to_string().contains("regions/eu.txt"), "{e}");
         set_mode(&file, 0o644);
         set_mode(&dir.path().join("regions"), 0o775);
-        let e = read_trusted(&file, dir.path(), LIMIT).expect_err("group-writable dir");
+        let e = read_trusted(&file, &Roots::of_policy(dir.path()), LIMIT)
+            .expect_err("group-writable dir");
         assert!(e.to_string().contains("directory"), "{e}");
         assert!(e.to_string().contains("writable by its group"), "{e}");
     }
@@ -224,7 +291,8 @@ mod tests {
         set_mode(&target, 0o666);
         let link = dir.path().join("eu.txt");
         std::os::unix::fs::symlink(&target, &link).expect("symlink");
-        let e = read_trusted(&link, dir.path(), LIMIT).expect_err("unsafe target");
+        let e = read_trusted(&link, &roots_with(dir.path(), elsewhere.path()), LIMIT)
+            .expect_err("unsafe target");
         assert!(e.to_string().contains("0666"), "{e}");
     }
 
@@ -237,7 +305,7 @@ mod tests {
             .status()
             .expect("mkfifo");
         assert!(status.success());
-        let e = read_trusted(&fifo, dir.path(), LIMIT).expect_err("a FIFO");
+        let e = read_trusted(&fifo, &Roots::of_policy(dir.path()), LIMIT).expect_err("a FIFO");
         assert!(
             e.to_string().contains("is a FIFO, not a regular file"),
             "{e}"
@@ -249,7 +317,7 @@ mod tests {
         let dir = policy_dir();
         let file = dir.path().join("big.txt");
         std::fs::write(&file, vec![b'#'; 1001]).expect("write");
-        let e = read_trusted(&file, dir.path(), LIMIT).expect_err("too large");
+        let e = read_trusted(&file, &Roots::of_policy(dir.path()), LIMIT).expect_err("too large");
         let m = e.to_string();
         assert!(m.contains("1001 bytes"), "{m}");
         assert!(m.contains("1000"), "{m}");

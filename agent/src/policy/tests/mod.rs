@@ -221,7 +221,7 @@ fn unknown_key_at_top_level() {
         errors("version: 1\nregions: {}\ndata_classes: {}\nexmept: []\n"),
         [
             "policy.yaml:4:1: unknown field `exmept`, expected one of version, mode, interfaces, \
-          exempt, nat64, regions, data_classes"
+          exempt, nat64, include_dirs, regions, data_classes"
         ]
     );
 }

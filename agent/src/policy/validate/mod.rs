@@ -26,7 +26,7 @@ use super::cidr::parse_cidr;
 use super::error::{PolicyError, PolicyErrors, Problem};
 use super::model::{Class, LoadedPolicy, Mode, Region, UnknownRule};
 use super::raw::{RawClass, RawPolicy};
-use super::trusted::{SizeLimit, read_trusted};
+use super::trusted::{Roots, SizeLimit, read_trusted, trusted_dir};
 
 /// A position in one of the files a policy is read from. Files are numbered so the
 /// origin of each of possibly millions of region prefixes costs a few bytes.
@@ -73,12 +73,13 @@ pub(super) fn read(path: &Path, opts: &LoadOptions) -> Result<String, PolicyErro
         bytes: opts.max_policy_bytes,
         flag: "--max-policy-bytes",
     };
-    let bytes = read_trusted(path, &policy_dir(path), limit).map_err(|problem| {
-        whole_file(match problem {
-            Problem::ReadFile { source, .. } => Problem::ReadPolicy(source),
-            other => other,
-        })
-    })?;
+    let bytes =
+        read_trusted(path, &Roots::of_policy(&policy_dir(path)), limit).map_err(|problem| {
+            whole_file(match problem {
+                Problem::ReadFile { source, .. } => Problem::ReadPolicy(source),
+                other => other,
+            })
+        })?;
     String::from_utf8(bytes).map_err(|_| whole_file(Problem::NotUtf8("the policy file".to_owned())))
 }
 
@@ -104,6 +105,7 @@ pub(super) fn parse(
     hasher.update(text.as_bytes());
     let mut v = Validator {
         opts,
+        roots: Roots::of_policy(&policy_dir(path)),
         dir: policy_dir(path),
         files: vec![path.to_owned()],
         errors: Vec::new(),
@@ -124,6 +126,8 @@ struct Validator<'a> {
     opts: &'a LoadOptions,
     /// Region files are relative to the policy file's directory.
     dir: PathBuf,
+    /// Where region files may come from: that directory and the policy's `include_dirs`.
+    roots: Roots,
     /// Indexed by [`Pos::file`].
     files: Vec<PathBuf>,
     errors: Vec<(Pos, PolicyError)>,
@@ -139,6 +143,17 @@ impl Validator<'_> {
             message: problem.to_string(),
         };
         self.errors.push((pos, error));
+    }
+
+    /// Adds each directory `include_dirs` lists (relative to the policy's directory, or
+    /// absolute) to where region files may come from, if it may be trusted.
+    fn include_dirs(&mut self, dirs: &[Spanned<String>]) {
+        for d in dirs {
+            match trusted_dir(&self.dir.join(&d.value)) {
+                Ok(dir) => self.roots.0.push(dir),
+                Err(problem) => self.error(at(d), problem),
+            }
+        }
     }
 
     fn describe(&self, pos: Pos) -> String {
@@ -165,6 +180,7 @@ impl Validator<'_> {
         };
         let exempt = self.exempt(raw.exempt.as_ref());
         let nat64_prefixes = self.nat64(&raw.nat64);
+        self.include_dirs(&raw.include_dirs);
         let regions = self.regions(&raw.regions);
         let classes = self.classes(&raw.data_classes, mode, &regions);
         let hasher = std::mem::take(&mut self.hasher);

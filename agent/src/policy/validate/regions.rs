@@ -18,7 +18,7 @@ use crate::policy::{
     error::{CidrProblem, Problem},
     model::Region,
     raw::RawRegion,
-    trusted::{SizeLimit, read_trusted},
+    trusted::{Roots, SizeLimit, read_trusted},
 };
 
 /// One region prefix as read. Claims are sorted once all are read, which finds a prefix
@@ -84,8 +84,8 @@ pub(super) enum RegionFile {
 
 /// Reads and parses one region file: one CIDR per line; `#` starts a comment, blank lines
 /// are skipped. Needs nothing from the validator, so files are read in parallel.
-pub(super) fn read_region_file(path: &Path, policy_dir: &Path, limit: SizeLimit) -> RegionFile {
-    let bytes = match read_trusted(path, policy_dir, limit) {
+pub(super) fn read_region_file(path: &Path, roots: &Roots, limit: SizeLimit) -> RegionFile {
+    let bytes = match read_trusted(path, roots, limit) {
         Ok(b) => b,
         Err(Problem::ReadFile { source, .. }) => {
             let path = path.display().to_string();
@@ -126,7 +126,7 @@ impl Validator<'_> {
         }
         // Region files hold nearly all of a large policy: read and parse them on every
         // core, then record them in order.
-        let dir = self.dir.clone();
+        let (dir, roots) = (self.dir.clone(), self.roots.clone());
         let limit = SizeLimit {
             bytes: self.opts.max_region_file_bytes,
             flag: "--max-region-file-bytes",
@@ -137,7 +137,7 @@ impl Validator<'_> {
             .flat_map(|r| r.files.iter())
             .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|f| read_region_file(&dir.join(&f.value), &dir, limit))
+            .map(|f| read_region_file(&dir.join(&f.value), &roots, limit))
             .collect::<Vec<_>>()
             .into();
         let mut set = RegionSet::default();
