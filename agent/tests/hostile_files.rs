@@ -5,11 +5,11 @@ use std::{
     fmt::Write as _,
     os::unix::fs::PermissionsExt as _,
     path::Path,
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output},
+    time::Duration,
 };
 
-use datafence_test_support::Scratch;
+use datafence_test_support::{Scratch, output_within};
 
 fn agent_binary() -> &'static str {
     env!("CARGO_BIN_EXE_datafence")
@@ -35,23 +35,13 @@ data_classes:
 
 /// `datafence check` on `policy`, which must exit within `limit`.
 fn check(policy: &Path, extra: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(agent_binary())
-        .arg("check")
-        .args(extra)
-        .arg(policy)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + limit;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("`datafence check` still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    output_within(
+        Command::new(agent_binary())
+            .arg("check")
+            .args(extra)
+            .arg(policy),
+        limit,
+    )
 }
 
 fn refused(out: &Output) -> String {

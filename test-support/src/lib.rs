@@ -1,5 +1,5 @@
 //! What datafence's tests share whether or not they need root: scratch directories,
-//! promtool's checks and the dashboard's queries. The tests that need no root (agent/tests) and the kernel tests
+//! commands bounded in time, promtool's checks and the dashboard's queries. The tests that need no root (agent/tests) and the kernel tests
 //! (tests/, the integration-tests crate) both use it; it depends on nothing of datafence,
 //! so the former build without the bench's eBPF object.
 
@@ -8,8 +8,29 @@ pub mod promtool;
 
 use std::{
     path::PathBuf,
+    process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
+
+/// Runs `cmd` and returns its output, failing the test if it has not exited within
+/// `limit`: a refusal must come at once, never after a wait.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
 
 static SCRATCH_COUNTER: AtomicU32 = AtomicU32::new(0);
 

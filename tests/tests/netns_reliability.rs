@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use datafence_test_support::output_within;
 use integration_tests::{
     Scratch,
     agent::{RunningAgent, test_pin_dir},
@@ -810,25 +811,6 @@ fn programs_bound_to_maps_that_are_gone_are_loaded_anew_not_adopted() {
     drop(agent);
 }
 
-/// Runs `cmd` and returns its output, failing the test if it has not exited within
-/// `limit`: a refusal must come at once, never after a wait.
-fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::process::Output {
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + patience(limit);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
-}
-
 /// A second agent on the same pin directory would write its own policy into the maps
 /// the first one enforces: it exits at once, naming the first.
 #[test]
@@ -852,7 +834,7 @@ fn a_second_agent_on_the_same_pins_exits_naming_the_first() {
             .arg(&other_policy)
             .arg("--pin-dir")
             .arg(&first.pin_dir),
-        Duration::from_secs(10),
+        patience(Duration::from_secs(10)),
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the second agent ran:\n{err}");
@@ -868,7 +850,7 @@ fn a_second_agent_on_the_same_pins_exits_naming_the_first() {
             .arg("detach")
             .arg("--pin-dir")
             .arg(&first.pin_dir),
-        Duration::from_secs(10),
+        patience(Duration::from_secs(10)),
     );
     assert!(
         !out.status.success(),
@@ -906,7 +888,7 @@ fn detach_leaves_pins_whose_lock_is_held() {
             .arg("detach")
             .arg("--pin-dir")
             .arg(&pins),
-        Duration::from_secs(10),
+        patience(Duration::from_secs(10)),
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "detach went ahead:\n{err}");

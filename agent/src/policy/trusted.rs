@@ -97,11 +97,11 @@ pub(super) fn read_trusted(
     let target = std::fs::canonicalize(path).map_err(io)?;
     let Some(root) = roots.containing(&target) else {
         return Err(Problem::OutsidePolicyDirs {
-            path: shown_with_target(path),
+            path: shown_with_target(path, &target),
             dir: roots.0[0].display().to_string(),
         });
     };
-    check_owner_and_mode(&shown_with_target(path), &meta, "file")?;
+    check_owner_and_mode(&shown_with_target(path, &target), &meta, "file")?;
     check_directories(path, &target, root)?;
     read_bounded(file, path, limit)
 }
@@ -149,13 +149,12 @@ fn check_directories(path: &Path, target: &Path, root: &Path) -> Result<(), Prob
     Ok(())
 }
 
-/// `path`, with the file it leads to when that is another (through symlinks).
-fn shown_with_target(path: &Path) -> String {
-    match std::fs::canonicalize(path) {
-        Ok(target) if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) => {
-            format!("{} (a symlink to {})", path.display(), target.display())
-        }
-        _ => path.display().to_string(),
+/// `path`, with `target` (its canonical path) when a symlink leads there.
+fn shown_with_target(path: &Path, target: &Path) -> String {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) {
+        format!("{} (a symlink to {})", path.display(), target.display())
+    } else {
+        path.display().to_string()
     }
 }
 

@@ -103,10 +103,11 @@ pub(super) fn parse(
 
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
+    let dir = policy_dir(path);
     let mut v = Validator {
         opts,
-        roots: Roots::of_policy(&policy_dir(path)),
-        dir: policy_dir(path),
+        roots: Roots::of_policy(&dir),
+        dir,
         files: vec![path.to_owned()],
         errors: Vec::new(),
         hasher,
