@@ -3,7 +3,23 @@
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
+
+/// The host's own link traffic that passes whatever the classes say, as bits of
+/// [`PolicyHeader::host_essentials`](crate::PolicyHeader::host_essentials); each has a
+/// policy switch (`host_essentials:`), on by default.
+pub mod host_essential {
+    /// DHCPv4 to the limited broadcast (255.255.255.255, UDP port 67) and DHCPv6 to
+    /// All_DHCP_Relay_Agents_and_Servers (ff02::1:2, UDP port 547).
+    pub const DHCP: u32 = 1 << 0;
+    /// ICMPv6 to interface- and link-scope multicast: neighbour and router
+    /// solicitations, and MLD reports.
+    pub const NEIGHBOR_DISCOVERY: u32 = 1 << 1;
+    /// Anything to link-scope multicast or the limited broadcast: 224.0.0.0/24 (mDNS,
+    /// VRRP, IGMP), 255.255.255.255, ff01::/16 and ff02::/16. Routers never forward them.
+    pub const LINK_MULTICAST: u32 = 1 << 2;
+    pub const ALL: u32 = DHCP | NEIGHBOR_DISCOVERY | LINK_MULTICAST;
+}
 
 /// NAT64 prefixes (RFC 6052, `/96`) a policy may declare, beside the well-known one.
 pub const MAX_NAT64_PREFIXES: usize = 4;

@@ -113,6 +113,10 @@ contract! {
         /// destination. A later fragment whose first was seen takes the first's verdict
         /// and reason instead.
         FragmentUnseen = 14 => "fragment_unseen",
+        /// The host's own link traffic that a built-in exemption lets pass (DHCP,
+        /// neighbour discovery, link-scope multicast and broadcast), unless the policy
+        /// turns that exemption off (`host_essentials:`).
+        ExemptHostEssential = 15 => "exempt_host_essential",
     }
 }
 
@@ -144,7 +148,7 @@ mod contract_tests {
         check(Verdict::ALL, |v| v as u8, Verdict::from_u8, Verdict::as_str);
         check(Hook::ALL, |h| h as u8, Hook::from_u8, Hook::as_str);
         assert_eq!(Reason::from_u8(0), None, "0 is no reason");
-        assert_eq!(REASON_COUNT, 15);
+        assert_eq!(REASON_COUNT, 16);
         let names = [
             "events_lost",
             "events_suppressed",

@@ -113,7 +113,9 @@ pub struct PolicyHeader {
     /// them; the first `n_nat64` are in use.
     pub n_nat64: u32,
     pub nat64: [[u32; 3]; MAX_NAT64_PREFIXES],
-    pub _pad: u32,
+    /// The [`host_essential`](crate::host_essential) kinds of the host's own link
+    /// traffic that pass before any class is consulted.
+    pub host_essentials: u32,
 }
 
 /// A mark selector entry of the [`ClassIndex`]: the classes whose mark list holds it.
@@ -211,7 +213,7 @@ impl Policy {
             v6_scan: 0,
             n_nat64: 0,
             nat64: [[0; 3]; MAX_NAT64_PREFIXES],
-            _pad: 0,
+            host_essentials: 0,
         },
         classes: [ClassSpec::EMPTY; MAX_CLASSES],
         index: ClassIndex::EMPTY,

@@ -84,6 +84,7 @@ pub const MAX_IPV6_EXT_HDRS: usize = 8;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_GRE: u8 = 47;
@@ -830,6 +831,53 @@ pub fn is_builtin_exempt(family: u8, dst: &[u8; 16]) -> bool {
     }
 }
 
+/// Which kinds of the host's own link traffic ([`host_essential`](crate::host_essential)
+/// bits) a frame is, judged by its destination, protocol and port alone. Each kind is
+/// addressed so that no router forwards it: it reaches the link and goes no further.
+/// (A DHCPv4 renewal unicast to its server is not among them: it is judged like any
+/// packet, and a client that gets no answer rebinds by broadcast, which is.)
+#[inline(always)]
+pub fn host_essential_kinds(frame: &ParsedFrame) -> u32 {
+    use crate::host_essential::{DHCP, LINK_MULTICAST, NEIGHBOR_DISCOVERY};
+    let dst = &frame.dst;
+    let udp_port = if frame.protocol_known
+        && frame.protocol == IPPROTO_UDP
+        && frame.ports == PortInfo::Known
+    {
+        frame.dst_port
+    } else {
+        0
+    };
+    match frame.family {
+        FAMILY_V4 => {
+            let dst = u32::from_be_bytes([dst[0], dst[1], dst[2], dst[3]]);
+            if dst == u32::MAX {
+                LINK_MULTICAST | if udp_port == 67 { DHCP } else { 0 }
+            } else if dst >> 8 == 0x00e0_0000 {
+                LINK_MULTICAST
+            } else {
+                0
+            }
+        }
+        // Scope is the low nibble of the second byte: 1 interface-local, 2 link-local.
+        FAMILY_V6 if dst[0] == 0xff && matches!(dst[1] & 0x0f, 1 | 2) => {
+            let icmpv6 = frame.protocol_known && frame.protocol == IPPROTO_ICMPV6;
+            LINK_MULTICAST
+                | if icmpv6 { NEIGHBOR_DISCOVERY } else { 0 }
+                | if udp_port == 547 && *dst == ALL_DHCP_RELAY_AGENTS_AND_SERVERS {
+                    DHCP
+                } else {
+                    0
+                }
+        }
+        _ => 0,
+    }
+}
+
+/// ff02::1:2 (RFC 8415, section 7.1).
+const ALL_DHCP_RELAY_AGENTS_AND_SERVERS: [u8; 16] =
+    [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0x02];
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -848,6 +896,69 @@ mod tests {
         p[16..20].copy_from_slice(&dst);
         p[22..24].copy_from_slice(&port.to_be_bytes());
         p
+    }
+
+    /// A frame as parsed, to `dst` by `protocol` and, for UDP, to `port`.
+    fn parsed(dst: &str, protocol: u8, port: u16) -> ParsedFrame {
+        let mut f = ParsedFrame::UNREAD;
+        f.kind = FrameKind::Ip;
+        (f.protocol, f.protocol_known, f.dst_known) = (protocol, true, true);
+        if protocol == IPPROTO_UDP {
+            (f.ports, f.dst_port) = (PortInfo::Known, port);
+        }
+        match dst.parse::<core::net::IpAddr>().expect("address") {
+            core::net::IpAddr::V4(a) => {
+                f.family = FAMILY_V4;
+                f.dst[..4].copy_from_slice(&a.octets());
+            }
+            core::net::IpAddr::V6(a) => {
+                f.family = FAMILY_V6;
+                f.dst = a.octets();
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn the_hosts_own_link_traffic_is_recognised_by_destination_protocol_and_port() {
+        use crate::host_essential::{DHCP, LINK_MULTICAST as LINK, NEIGHBOR_DISCOVERY as ND};
+        const ICMPV6: u8 = IPPROTO_ICMPV6;
+        for (dst, protocol, port, kinds) in [
+            ("255.255.255.255", IPPROTO_UDP, 67, DHCP | LINK),
+            ("255.255.255.255", IPPROTO_UDP, 68, LINK),
+            ("224.0.0.251", IPPROTO_UDP, 5353, LINK),
+            ("224.0.0.22", 2, 0, LINK),
+            ("ff02::1:2", IPPROTO_UDP, 547, DHCP | LINK),
+            ("ff02::1:2", IPPROTO_UDP, 548, LINK),
+            ("ff02::1:ff00:3", ICMPV6, 0, ND | LINK),
+            ("ff02::16", ICMPV6, 0, ND | LINK),
+            ("ff12::fb", IPPROTO_UDP, 5353, LINK),
+            ("ff01::1", ICMPV6, 0, ND | LINK),
+            // Wider scopes are routed on, and so judged.
+            ("224.0.1.1", IPPROTO_UDP, 123, 0),
+            ("239.1.2.3", IPPROTO_UDP, 5353, 0),
+            ("ff05::1:3", IPPROTO_UDP, 547, 0),
+            ("ff0e::1:2", IPPROTO_UDP, 547, 0),
+            // A DHCP server's unicast address, and subnet-directed broadcast.
+            ("192.0.2.1", IPPROTO_UDP, 67, 0),
+            ("192.0.2.255", IPPROTO_UDP, 67, 0),
+            ("2001:db8::1:2", IPPROTO_UDP, 547, 0),
+            ("2001:db8::1", ICMPV6, 0, 0),
+        ] {
+            let f = parsed(dst, protocol, port);
+            assert_eq!(
+                host_essential_kinds(&f),
+                kinds,
+                "{dst} protocol {protocol} port {port}"
+            );
+        }
+        // Unknown ports or protocol (a later fragment) are no DHCP.
+        let mut f = parsed("255.255.255.255", IPPROTO_UDP, 67);
+        f.ports = PortInfo::Unknown;
+        assert_eq!(host_essential_kinds(&f), LINK);
+        let mut f = parsed("ff02::1", ICMPV6, 0);
+        f.protocol_known = false;
+        assert_eq!(host_essential_kinds(&f), LINK);
     }
 
     #[test]

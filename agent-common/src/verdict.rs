@@ -9,7 +9,7 @@ use crate::{
     CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, MAX_CLASSES, MAX_NAT64_PREFIXES,
     Policy, PolicyHeader, REGION_NONE, Reason, RegionId, Verdict,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
-    parse::{FrameKind, ParsedFrame, fragment, is_builtin_exempt},
+    parse::{FrameKind, ParsedFrame, fragment, host_essential_kinds, is_builtin_exempt},
     selector,
 };
 
@@ -139,7 +139,8 @@ pub fn fragment_key(frame: &ParsedFrame) -> FragmentKey {
 
 /// Judges one frame against the policy in force. The steps, in order (docs/architecture.md,
 /// "The decision"): non-IP frames pass; loopback and link-local pass; with no policy
-/// loaded, everything passes; the policy's exemptions pass; a later fragment takes the
+/// loaded, everything passes; the host's own link traffic the policy leaves exempt
+/// passes; the policy's exemptions pass; a later fragment takes the
 /// verdict of its datagram's first fragment; the packet is classified, and unclassified
 /// traffic passes; a malformed frame a class claims is judged as malformed; a routed
 /// packet (its destination is only the next hop) by that hop's region and the class's
@@ -171,6 +172,12 @@ fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judg
     let generation = policy.header.generation;
     if policy.header.loaded == 0 {
         return Judgement::allow(Reason::NoPolicy, generation);
+    }
+    // Through `opaque`, as below: one branch, not one for each kind of traffic.
+    if final_dst_known
+        && lookups.opaque(host_essential_kinds(frame) & policy.header.host_essentials) != 0
+    {
+        return Judgement::allow(Reason::ExemptHostEssential, generation);
     }
     if final_dst_known && lookups.exempt(slot, policy, frame) {
         return Judgement::allow(Reason::ExemptPolicy, generation);

@@ -139,6 +139,37 @@ fn a_100_mb_policy_is_refused_naming_the_limit_and_the_flag() {
     assert!(err.contains("--max-region-file-bytes"), "{err}");
 }
 
+/// A policy past the parser's node limit is refused naming the limit, its flag and the
+/// way out (region files); raised, the same policy is read.
+#[test]
+fn a_policy_past_the_yaml_node_limit_is_refused_naming_the_limit_and_the_flag() {
+    let scratch = Scratch::new("hostile-nodes");
+    let mut cidrs = String::new();
+    for i in 0..300_000u32 {
+        let [_, a, b, c] = i.to_be_bytes();
+        write!(cidrs, "10.{a}.{b}.{c}/32, ").expect("write");
+    }
+    let text =
+        format!("version: 1\nregions:\n  eu-west:\n    cidrs: [{cidrs}]\ndata_classes: {{}}\n");
+    let policy = scratch.write("policy.yaml", &text);
+    let err = refused(&check(&policy, &[], QUICK));
+    assert!(err.contains("more than 250000 YAML nodes"), "{err}");
+    assert!(err.contains("--max-yaml-nodes"), "{err}");
+    assert!(err.contains("region files"), "{err}");
+    let out = check(
+        &policy,
+        &["--max-yaml-nodes", "400000"],
+        Duration::from_mins(1),
+    );
+    let out_text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out_text.contains("300000"), "{out_text}");
+}
+
 #[test]
 fn a_file_that_is_not_a_region_file_is_quoted_once() {
     let scratch = Scratch::new("hostile-passwd");

@@ -605,3 +605,130 @@ fn user_data_in_kernel_tunnels_to_a_denied_region_stops_at_the_uplink() {
         eprintln!("{kind}: tried");
     }
 }
+
+/// A class that claims all of the host's UDP and ICMPv6, allowed only to eu-west (which
+/// holds the uplink's on-link /64, so a neighbour there is reachable) and denied
+/// everything in no region; `{switches}` is its `host_essentials`.
+fn all_udp_policy(switches: &str) -> String {
+    format!(
+        r#"
+version: 1
+host_essentials: {switches}
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24, "2001:db8:100::/48", "2001:db8:1::/64"]
+  us-east:
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
+data_classes:
+  everything:
+    match:
+      protocols: [udp, icmpv6]
+    allow: [eu-west]
+    unknown: deny
+"#
+    )
+}
+
+/// Sends `count` datagrams from the host namespace to the link-scope multicast group or
+/// broadcast address `dst`, out of the uplink, and returns how many a receiver in the
+/// world namespace (a member of the group) got.
+fn link_scope_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> u32 {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6};
+    let dst: IpAddr = dst.parse().expect("dst");
+    let receiver = sandbox.world.run(move || {
+        let sock = match dst {
+            IpAddr::V4(group) => {
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
+                if group.is_multicast() {
+                    let on: Ipv4Addr = addr::WORLD_V4.parse().expect("address");
+                    sock.join_multicast_v4(&group, &on).expect("join");
+                }
+                sock
+            }
+            IpAddr::V6(group) => {
+                let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).expect("bind");
+                let dn0 = datafence::datapath::if_index("dn0").expect("dn0");
+                sock.join_multicast_v6(&group, dn0).expect("join");
+                sock
+            }
+        };
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .expect("timeout");
+        sock
+    });
+    sandbox.host.run(move || {
+        let (sock, to) = match dst {
+            IpAddr::V4(_) => {
+                // Bound to the uplink's address: the route to a broadcast or link-scope
+                // group is the interface that owns the source.
+                let sock = UdpSocket::bind((addr::HOST_V4, 0)).expect("bind");
+                sock.set_broadcast(true).expect("broadcast");
+                (sock, SocketAddr::new(dst, port))
+            }
+            IpAddr::V6(group) => {
+                let up0 = datafence::datapath::if_index("up0").expect("up0");
+                let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).expect("bind");
+                (sock, SocketAddr::V6(SocketAddrV6::new(group, port, 0, up0)))
+            }
+        };
+        for _ in 0..count {
+            // A denied datagram is an error on send: what counts is what arrived.
+            let _ = sock.send_to(b"host", to);
+        }
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 16];
+    while got < count && receiver.recv_from(&mut buf).is_ok() {
+        got += 1;
+    }
+    got
+}
+
+/// What reaches the world from the host under [`all_udp_policy`] with `switches`: DHCPv4,
+/// DHCPv6, mDNS over both families, and whether the host can resolve a new on-link
+/// neighbour's address (neighbour discovery) to send it UDP.
+fn host_link_traffic(label: &str, switches: &str) -> ([u32; 4], u32, u64) {
+    let sandbox = Sandbox::new(label);
+    let dp = attached(&sandbox, &all_udp_policy(switches));
+    let delivered = [
+        link_scope_delivered(&sandbox, "255.255.255.255", 67, 5),
+        link_scope_delivered(&sandbox, "ff02::1:2", 547, 5),
+        link_scope_delivered(&sandbox, "224.0.0.251", 5353, 5),
+        link_scope_delivered(&sandbox, "ff02::fb", 5353, 5),
+    ];
+    // No static neighbour for this address: the host must solicit it.
+    sandbox
+        .world
+        .ip("-6 addr add 2001:db8:1::3/64 dev dn0 nodad");
+    let to_new_neighbour = udp_delivered(&sandbox, "2001:db8:1::3", 7700, 5);
+    let exempt = packets_where(&dp, |k| k.reason == Reason::ExemptHostEssential as u8);
+    (delivered, to_new_neighbour, exempt)
+}
+
+/// The host's DHCP, neighbour discovery and link-scope multicast keep working under a
+/// class that claims all of its UDP and ICMPv6 and denies every destination in no
+/// region; with the policy's switches off, the same class stops all of it.
+#[test]
+fn dhcp_neighbour_discovery_and_multicast_from_the_host_pass_a_class_of_all_udp() {
+    require_root();
+    let (delivered, to_new_neighbour, exempt) = host_link_traffic("he", "{}");
+    assert_eq!(delivered, [5; 4], "DHCPv4, DHCPv6, mDNS over IPv4 and IPv6");
+    assert!(to_new_neighbour > 0, "the new neighbour was never resolved");
+    // 20 datagrams, and at least one neighbour solicitation.
+    assert!(
+        exempt >= 21,
+        "{exempt} packets counted as exempt_host_essential"
+    );
+
+    let off = "{dhcp: false, neighbor_discovery: false, link_multicast: false}";
+    let (delivered, to_new_neighbour, exempt) = host_link_traffic("hf", off);
+    assert_eq!(
+        delivered, [0; 4],
+        "switched off: DHCP and mDNS are the class's"
+    );
+    assert_eq!(
+        to_new_neighbour, 0,
+        "switched off: neighbour solicitations are denied"
+    );
+    assert_eq!(exempt, 0);
+}

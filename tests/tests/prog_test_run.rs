@@ -945,6 +945,81 @@ fn exemptions_come_before_classification() {
     );
 }
 
+/// The host's own link traffic (DHCP, neighbour discovery, link-scope multicast and
+/// broadcast) passes before a class that claims everything (the mark) and denies
+/// destinations in no region could deny it; traffic to wider multicast scopes, which
+/// routers forward, is judged. Each switch turned off hands its traffic back to the class.
+#[test]
+fn the_hosts_own_link_traffic_passes_unless_the_policy_switches_it_off() {
+    const ICMPV6: u8 = 58;
+    let udp = |dst: &str, port| {
+        let src = if dst.contains(':') { SRC6 } else { SRC4 };
+        Spec::udp(src, dst, port).build().bytes
+    };
+    let neighbor_solicitation = {
+        let mut spec = Spec::udp(SRC6, "ff02::1:ff00:3", 0);
+        spec.protocol = ICMPV6;
+        spec.payload = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        spec.build().bytes
+    };
+    let dhcp = [udp("255.255.255.255", 67), udp("ff02::1:2", 547)];
+    let link = [
+        udp("224.0.0.251", 5353),
+        udp("255.255.255.255", 9),
+        udp("ff02::fb", 5353),
+    ];
+    let routed_on = [
+        udp("239.1.2.3", 5353),
+        udp("224.0.1.1", 123),
+        udp("ff05::1:3", 547),
+    ];
+    let exempt = |frame: &Vec<u8>| {
+        (
+            TC,
+            frame.clone(),
+            0x10,
+            allow(CLASS_NONE, REGION_NONE, Reason::ExemptHostEssential),
+        )
+    };
+    let denied = |frame: &Vec<u8>| {
+        (
+            TC,
+            frame.clone(),
+            0x10,
+            deny(MARKED, REGION_NONE, Reason::UnknownDenied),
+        )
+    };
+
+    let mut dp = setup();
+    let mut cases: Vec<_> = dhcp.iter().chain(&link).map(exempt).collect();
+    cases.push(exempt(&neighbor_solicitation));
+    cases.extend(routed_on.iter().map(denied));
+    assert_cases(&mut dp, &cases);
+
+    let switched = |switches: &str| {
+        let yaml = POLICY.replace(
+            "mode: enforce\n",
+            &format!("mode: enforce\nhost_essentials: {switches}\n"),
+        );
+        datapath_with(&yaml, EventLimits::default()).0
+    };
+    let mut dp = switched("{dhcp: false, neighbor_discovery: false, link_multicast: false}");
+    let mut cases: Vec<_> = dhcp.iter().chain(&link).map(denied).collect();
+    cases.push(denied(&neighbor_solicitation));
+    assert_cases(&mut dp, &cases);
+
+    // Each switch alone: DHCP, but no other multicast; neighbour discovery, but not UDP.
+    let mut dp = switched("{neighbor_discovery: false, link_multicast: false}");
+    let mut cases: Vec<_> = dhcp.iter().map(exempt).collect();
+    cases.extend(link.iter().map(denied));
+    cases.push(denied(&neighbor_solicitation));
+    assert_cases(&mut dp, &cases);
+    let mut dp = switched("{dhcp: false, link_multicast: false}");
+    let mut cases: Vec<_> = dhcp.iter().chain(&link).map(denied).collect();
+    cases.push(exempt(&neighbor_solicitation));
+    assert_cases(&mut dp, &cases);
+}
+
 #[test]
 fn each_selector_kind_classifies() {
     let mut dp = setup();

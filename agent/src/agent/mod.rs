@@ -49,9 +49,10 @@ pub struct RunOptions {
     pub interfaces: Vec<String>,
     pub runtime_dir: PathBuf,
     pub table_capacity: u32,
-    /// Size limits of the policy file and region files.
+    /// Size limits of the policy file and region files, and the policy's YAML node limit.
     pub max_policy_bytes: u64,
     pub max_region_file_bytes: u64,
+    pub max_yaml_nodes: usize,
     pub events: EventLimits,
     pub cgroup_root: PathBuf,
     /// Serve /metrics and /healthz here.

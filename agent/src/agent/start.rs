@@ -62,6 +62,7 @@ fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
             table_capacity: opts.table_capacity,
             max_policy_bytes: opts.max_policy_bytes,
             max_region_file_bytes: opts.max_region_file_bytes,
+            max_yaml_nodes: opts.max_yaml_nodes,
         },
     )
     .map_err(|errors| AgentError::Policy {

@@ -146,6 +146,10 @@ pub(crate) struct TableArgs {
     /// The largest region file read, in bytes; a larger one is refused.
     #[arg(long, default_value_t = policy::DEFAULT_MAX_REGION_FILE_BYTES)]
     pub(crate) max_region_file_bytes: u64,
+    /// The most YAML nodes (scalars, lists and maps) a policy file may hold; region files
+    /// are not YAML and do not count.
+    #[arg(long, default_value_t = policy::DEFAULT_MAX_YAML_NODES)]
+    pub(crate) max_yaml_nodes: usize,
 }
 
 impl TableArgs {
@@ -155,6 +159,7 @@ impl TableArgs {
             table_capacity: self.table_capacity,
             max_policy_bytes: self.max_policy_bytes,
             max_region_file_bytes: self.max_region_file_bytes,
+            max_yaml_nodes: self.max_yaml_nodes,
         }
     }
 }

@@ -102,6 +102,7 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         table_capacity: args.tables.table_capacity,
         max_policy_bytes: args.tables.max_policy_bytes,
         max_region_file_bytes: args.tables.max_region_file_bytes,
+        max_yaml_nodes: args.tables.max_yaml_nodes,
         events: EventLimits {
             per_second: args.events_per_second,
             burst: args.events_burst,

@@ -44,6 +44,7 @@ impl LoadedPolicy {
         let mut policy = Policy::EMPTY;
         policy.header.loaded = 1;
         policy.header.n_classes = classes.len() as u32;
+        policy.header.host_essentials = self.host_essentials.bits();
         for (slot, prefix) in policy.header.nat64.iter_mut().zip(&self.nat64_prefixes) {
             *slot = datafence_common::verdict::nat64_words(&prefix.network().octets());
             policy.header.n_nat64 += 1;
@@ -260,6 +261,7 @@ mod tests {
             excluded_interfaces: Vec::new(),
             exempt: Vec::new(),
             nat64_prefixes: Vec::new(),
+            host_essentials: crate::policy::HostEssentials::default(),
             regions,
             classes,
         }

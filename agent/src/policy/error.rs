@@ -75,6 +75,14 @@ pub(super) enum Problem {
     /// Syntax and shape errors as the YAML parser words them for users.
     #[error("{0}")]
     Yaml(String),
+    #[error(
+        "the policy has more than {limit} YAML nodes (scalars, lists and maps); raise the limit with --max-yaml-nodes, or move long prefix lists into region files (`files:`), which are not YAML"
+    )]
+    TooManyYamlNodes { limit: usize },
+    #[error(
+        "the policy's YAML is over a limit of the parser's: {0}; a policy file is meant to be small, with long prefix lists in region files (`files:`)"
+    )]
+    YamlBudget(String),
     #[error("unsupported policy version {0}; this agent understands version 1")]
     Version(i128),
     #[error("invalid mode `{0}`: expected `enforce` or `audit`")]

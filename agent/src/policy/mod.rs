@@ -58,8 +58,8 @@ pub use compile::CompiledPolicy;
 pub use datafence_common::DEFAULT_TABLE_CAPACITY;
 pub use error::{PolicyError, PolicyErrors};
 pub use model::{
-    CGROUP_NOT_YET, CgroupNote, Class, ClassSummary, InterfacesSummary, Listed, LoadedPolicy, Mode,
-    Region, RegionSummary, Selectors, Summary, UnknownRule, Written,
+    CGROUP_NOT_YET, CgroupNote, Class, ClassSummary, HostEssentials, InterfacesSummary, Listed,
+    LoadedPolicy, Mode, Region, RegionSummary, Selectors, Summary, UnknownRule, Written,
 };
 pub use trusted::{DEFAULT_MAX_POLICY_BYTES, DEFAULT_MAX_REGION_FILE_BYTES};
 
@@ -76,7 +76,16 @@ pub struct LoadOptions {
     pub max_policy_bytes: u64,
     /// The largest region file read (`--max-region-file-bytes`).
     pub max_region_file_bytes: u64,
+    /// The most YAML nodes (scalars, lists and maps) a policy file may hold
+    /// (`--max-yaml-nodes`). Region files are not YAML and do not count.
+    pub max_yaml_nodes: usize,
 }
+
+/// Default of [`LoadOptions::max_yaml_nodes`]: serde-saphyr's own default, which bounds
+/// the memory a hostile file can make the parser use. A policy of 16 classes and inline
+/// prefix lists stays far below it; prefixes by the hundred thousand belong in region
+/// files.
+pub const DEFAULT_MAX_YAML_NODES: usize = 250_000;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -85,6 +94,7 @@ impl Default for LoadOptions {
             table_capacity: DEFAULT_TABLE_CAPACITY,
             max_policy_bytes: DEFAULT_MAX_POLICY_BYTES,
             max_region_file_bytes: DEFAULT_MAX_REGION_FILE_BYTES,
+            max_yaml_nodes: DEFAULT_MAX_YAML_NODES,
         }
     }
 }

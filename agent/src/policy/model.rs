@@ -286,8 +286,44 @@ pub struct LoadedPolicy {
     /// NAT64 `/96` prefixes besides the well-known `64:ff9b::/96`: a destination in one
     /// is judged by the IPv4 address in its last four bytes.
     pub nat64_prefixes: Vec<ipnetwork::Ipv6Network>,
+    /// Which built-in exemptions for the host's own link traffic are on.
+    pub host_essentials: HostEssentials,
     pub regions: Vec<Region>,
     pub classes: Vec<Class>,
+}
+
+/// The built-in exemptions for the host's own link traffic, each on unless the policy
+/// turns it off (`host_essentials:`). What each covers: [`datafence_common::host_essential`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HostEssentials {
+    pub dhcp: bool,
+    pub neighbor_discovery: bool,
+    pub link_multicast: bool,
+}
+
+impl Default for HostEssentials {
+    fn default() -> Self {
+        Self {
+            dhcp: true,
+            neighbor_discovery: true,
+            link_multicast: true,
+        }
+    }
+}
+
+impl HostEssentials {
+    /// As the datapath reads them: [`datafence_common::PolicyHeader::host_essentials`].
+    pub fn bits(self) -> u32 {
+        use datafence_common::host_essential::{DHCP, LINK_MULTICAST, NEIGHBOR_DISCOVERY};
+        [
+            (self.dhcp, DHCP),
+            (self.neighbor_discovery, NEIGHBOR_DISCOVERY),
+            (self.link_multicast, LINK_MULTICAST),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |bits, (_, bit)| bits | bit)
+    }
 }
 
 /// Something to know about a cgroup a class names, said by `check` and logged by the
@@ -423,6 +459,7 @@ impl LoadedPolicy {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            host_essentials: self.host_essentials,
             regions: self
                 .regions
                 .iter()
@@ -465,6 +502,8 @@ pub struct Summary {
     pub exempt: Vec<String>,
     /// Declared NAT64 prefixes (the well-known one is always in force).
     pub nat64: Vec<String>,
+    /// The built-in exemptions for the host's own link traffic that are on.
+    pub host_essentials: HostEssentials,
     pub regions: Vec<RegionSummary>,
     pub classes: Vec<ClassSummary>,
 }

@@ -29,6 +29,8 @@ pub(super) struct RawPolicy {
     pub nat64: Vec<Spanned<String>>,
     #[serde(default)]
     pub include_dirs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub host_essentials: RawHostEssentials,
     pub regions: Spanned<IndexMap<Spanned<String>, RawRegion>>,
     pub data_classes: Spanned<IndexMap<Spanned<String>, RawClass>>,
 }
@@ -42,6 +44,19 @@ pub(super) struct RawInterfaces {
     pub gateway: Vec<Spanned<String>>,
     #[serde(default)]
     pub exclude: Vec<Spanned<String>>,
+}
+
+/// The switches of the built-in exemptions for the host's own link traffic; each is on
+/// unless written `false`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHostEssentials {
+    #[serde(default)]
+    pub dhcp: Option<bool>,
+    #[serde(default)]
+    pub neighbor_discovery: Option<bool>,
+    #[serde(default)]
+    pub link_multicast: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use datafence_common::{
     MAX_CGROUP_ENTRIES, MAX_EXEMPT_ENTRIES, MAX_SRC_CIDR_ENTRIES, REGION_NONE, RegionId, SLOTS,
+    host_essential,
 };
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -216,12 +217,47 @@ fn class_defaults_fail_closed() {
 }
 
 #[test]
+fn host_essentials_are_on_unless_switched_off_one_by_one() {
+    let on = Env::new()
+        .load(&format!("version: 1\n{REGIONS}data_classes: {{}}\n"))
+        .unwrap();
+    assert_eq!(on.host_essentials, HostEssentials::default());
+    assert_eq!(
+        on.compile().policy.header.host_essentials,
+        host_essential::ALL
+    );
+    let off = Env::new()
+        .load(&format!(
+            "version: 1\nhost_essentials: {{dhcp: false, link_multicast: false}}\n{REGIONS}data_classes: {{}}\n"
+        ))
+        .unwrap();
+    assert_eq!(
+        off.host_essentials,
+        HostEssentials {
+            dhcp: false,
+            neighbor_discovery: true,
+            link_multicast: false
+        }
+    );
+    assert_eq!(
+        off.compile().policy.header.host_essentials,
+        host_essential::NEIGHBOR_DISCOVERY
+    );
+    assert_eq!(
+        errors("version: 1\nhost_essentials: {ntp: false}\nregions: {}\ndata_classes: {}\n"),
+        [
+            "policy.yaml:2:19: unknown field `ntp`, expected one of dhcp, neighbor_discovery, link_multicast"
+        ]
+    );
+}
+
+#[test]
 fn unknown_key_at_top_level() {
     assert_eq!(
         errors("version: 1\nregions: {}\ndata_classes: {}\nexmept: []\n"),
         [
             "policy.yaml:4:1: unknown field `exmept`, expected one of version, mode, interfaces, \
-          exempt, nat64, include_dirs, regions, data_classes"
+          exempt, nat64, include_dirs, host_essentials, regions, data_classes"
         ]
     );
 }

@@ -24,8 +24,8 @@ use sha2::{Digest, Sha256};
 use super::LoadOptions;
 use super::cidr::parse_cidr;
 use super::error::{PolicyError, PolicyErrors, Problem};
-use super::model::{Class, LoadedPolicy, Mode, Region, UnknownRule};
-use super::raw::{RawClass, RawPolicy};
+use super::model::{Class, HostEssentials, LoadedPolicy, Mode, Region, UnknownRule};
+use super::raw::{RawClass, RawHostEssentials, RawPolicy};
 use super::trusted::{Roots, SizeLimit, read_trusted, trusted_dir};
 
 /// A position in one of the files a policy is read from. Files are numbered so the
@@ -53,6 +53,31 @@ fn at<T>(s: &Spanned<T>) -> Pos {
 }
 
 /// The directory a policy's region files are relative to, and its trust boundary.
+/// The parser's limits: its defaults, but for the node limit, which is ours to state
+/// (`--max-yaml-nodes`), and those that follow from it and from the file's size limit.
+fn yaml_options(opts: &LoadOptions) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = opts.max_yaml_nodes;
+    // Every node is one event, or two for a list or map: the node limit is the one a
+    // user meets, not this one.
+    budget.max_events = budget.max_events.max(opts.max_yaml_nodes.saturating_mul(3));
+    let file_bytes = usize::try_from(opts.max_policy_bytes).unwrap_or(usize::MAX);
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(file_bytes);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// The switches as written; one left out is on.
+fn host_essentials(raw: &RawHostEssentials) -> HostEssentials {
+    let on = HostEssentials::default();
+    HostEssentials {
+        dhcp: raw.dhcp.unwrap_or(on.dhcp),
+        neighbor_discovery: raw.neighbor_discovery.unwrap_or(on.neighbor_discovery),
+        link_multicast: raw.link_multicast.unwrap_or(on.link_multicast),
+    }
+}
+
 fn policy_dir(path: &Path) -> PathBuf {
     path.parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -90,16 +115,32 @@ pub(super) fn parse(
     path: &Path,
     opts: &LoadOptions,
 ) -> Result<LoadedPolicy, PolicyErrors> {
-    let raw: RawPolicy = serde_saphyr::from_str(text).map_err(|e| {
-        let location = e.location();
-        let message = serde_saphyr::UserMessageFormatter.format_message(e.without_snippet());
-        PolicyErrors(vec![PolicyError {
-            file: path.to_owned(),
-            line: location.map_or(0, |l| l.line()),
-            column: location.map_or(0, |l| l.column()),
-            message: Problem::Yaml(message.into_owned()).to_string(),
-        }])
-    })?;
+    let raw: RawPolicy =
+        serde_saphyr::from_str_with_options(text, yaml_options(opts)).map_err(|e| {
+            let location = e.location();
+            let problem = match e.without_snippet() {
+                serde_saphyr::Error::Budget {
+                    breach: serde_saphyr::budget::BudgetBreach::Nodes { .. },
+                    ..
+                } => Problem::TooManyYamlNodes {
+                    limit: opts.max_yaml_nodes,
+                },
+                serde_saphyr::Error::Budget { breach, .. } => {
+                    Problem::YamlBudget(format!("{breach:?}"))
+                }
+                other => Problem::Yaml(
+                    serde_saphyr::UserMessageFormatter
+                        .format_message(other)
+                        .into_owned(),
+                ),
+            };
+            PolicyErrors(vec![PolicyError {
+                file: path.to_owned(),
+                line: location.map_or(0, |l| l.line()),
+                column: location.map_or(0, |l| l.column()),
+                message: problem.to_string(),
+            }])
+        })?;
 
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
@@ -196,6 +237,7 @@ impl Validator<'_> {
             excluded_interfaces,
             exempt,
             nat64_prefixes,
+            host_essentials: host_essentials(&raw.host_essentials),
             regions,
             classes,
         }
