@@ -25,8 +25,10 @@ use crate::{
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    /// `management`: addresses the caller manages the host from (its SSH client), which
-    /// the new policy must exempt.
+    /// `management`: networks the new policy must exempt, beyond `--management-cidr`.
+    /// Earlier CLIs sent their SSH client's address here; today's send none, since the
+    /// agent finds the established SSH sessions itself at every reload. Still honoured,
+    /// so an older CLI loses no protection.
     Reload {
         #[serde(default)]
         management: Vec<ipnetwork::IpNetwork>,

@@ -436,3 +436,189 @@ fn changes_to_the_policy_files_are_reloaded_and_other_files_ignored() {
     wait_for(5);
     agent.stop();
 }
+
+/// The port the stand-in for sshd listens on, given to the agent with `--ssh-port`.
+const SSH_PORT: u16 = 2222;
+
+/// A policy whose one class, `user-data`, takes every TCP segment the host sends from
+/// its uplink address (the replies of a session to the host among them) and may reach
+/// eu-west only. The sandbox's peer, 192.0.2.2, is in no region: `unknown` decides it.
+fn session_policy(unknown: &str, exempt: &str) -> String {
+    format!(
+        r"
+version: 1
+interfaces:
+  egress: [up0]
+exempt: [{exempt}]
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24]
+data_classes:
+  user-data:
+    match:
+      protocols: [tcp]
+      src_cidrs: [192.0.2.1/32]
+    allow: [eu-west]
+    unknown: {unknown}
+"
+    )
+}
+
+/// An established TCP session from the world namespace to a dual-stack listener of the
+/// host's (so the host's kernel lists it in `tcp6`, with IPv4-mapped addresses), as an
+/// SSH session to sshd would be. Returns the client's and the host's ends.
+fn open_session(sandbox: &Sandbox) -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = sandbox
+        .host
+        .run(|| std::net::TcpListener::bind(("::", SSH_PORT)).expect("bind the stand-in for sshd"));
+    let client = sandbox.world.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &format!("{}:{SSH_PORT}", addr::HOST_V4)
+                .parse()
+                .expect("addr"),
+            Duration::from_secs(2),
+        )
+        .expect("connect to the stand-in for sshd")
+    });
+    let (server, _) = listener.accept().expect("accept");
+    for end in [&client, &server] {
+        end.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+    }
+    (client, server)
+}
+
+/// Whether the session still carries a line each way.
+fn session_carries_data(
+    client: &mut std::net::TcpStream,
+    server: &mut std::net::TcpStream,
+) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut got = [0u8; 4];
+    client.write_all(b"ping").is_ok()
+        && server.read_exact(&mut got).is_ok()
+        && &got == b"ping"
+        && server.write_all(b"pong").is_ok()
+        && client.read_exact(&mut got).is_ok()
+        && &got == b"pong"
+}
+
+#[test]
+fn a_policy_that_would_cut_an_established_ssh_session_is_refused_at_every_reload() {
+    require_root();
+    let sandbox = Sandbox::new("ss");
+    let scratch = Scratch::new("ssh-session");
+    let policy = scratch.write("policy.yaml", &session_policy("allow", ""));
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &policy,
+        &["--ssh-port", &SSH_PORT.to_string()],
+    );
+    let generation = || agent.status_json()["policy"]["generation"].as_u64();
+    assert_eq!(generation(), Some(1));
+    let (mut client, mut server) = open_session(&sandbox);
+    assert!(session_carries_data(&mut client, &mut server));
+    let ends = format!(
+        "from {}:{} to {}:{SSH_PORT}",
+        addr::WORLD_V4,
+        client.local_addr().expect("client address").port(),
+        addr::HOST_V4
+    );
+    let session = format!("SSH session {ends}");
+    let named = |text: &str| {
+        text.contains("refusing policy")
+            && text.contains(&policy.display().to_string())
+            && text.contains(&session)
+            && text.contains(&format!("pid {}", std::process::id()))
+            && text.contains("class user-data, region none: unknown_denied")
+    };
+    let refusals = || agent.stderr().matches("refusing policy").count();
+    let wait_for_refusals = |want: usize| {
+        let deadline = std::time::Instant::now() + patience(Duration::from_secs(5));
+        while refusals() < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no refusal {want}:\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // The policy that denies the session's replies: 192.0.2.2 is in no region.
+    let cutting = session_policy("deny", "");
+
+    // At start: a second agent on the host with that policy exits at once, naming it.
+    let other = scratch.write("other/policy.yaml", &cutting);
+    let out = datafence_test_support::output_within(
+        sandbox
+            .host
+            .command(integration_tests::agent_binary())
+            .arg("--runtime-dir")
+            .arg(scratch.dir.join("other/run"))
+            .args(["run", "--no-pin", "--socket-ring", "off", "--policy"])
+            .arg(&other)
+            .args(["--ssh-port", &SSH_PORT.to_string()]),
+        patience(Duration::from_secs(30)),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains(&session), "{err}");
+
+    // The file watcher: the reload is refused and the policy in force stays.
+    std::fs::write(&policy, &cutting).expect("write");
+    wait_for_refusals(1);
+    assert!(named(&agent.stderr()), "{}", agent.stderr());
+    assert_eq!(generation(), Some(1));
+    assert!(
+        session_carries_data(&mut client, &mut server),
+        "the session is cut:\n{}",
+        agent.stderr()
+    );
+
+    // SIGHUP: the same.
+    // SAFETY: kill with a valid pid and signal.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    wait_for_refusals(2);
+    assert_eq!(generation(), Some(1));
+    assert!(session_carries_data(&mut client, &mut server));
+
+    // `datafence reload`, which sends no address of its own: refused, and told why.
+    let out = agent.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(named(&err), "{err}");
+    assert_eq!(generation(), Some(1));
+
+    // The same policy with the client's network exempt cuts nothing: accepted.
+    std::fs::write(&policy, session_policy("deny", "192.0.2.2/32")).expect("write");
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(5));
+    while generation() != Some(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reloaded:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(session_carries_data(&mut client, &mut server));
+    agent.stop();
+
+    // --allow-lockout-risk takes the cutting policy anyway, naming the session in a
+    // warning; and the session's replies are then dropped, as the refusals said.
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &other,
+        &["--ssh-port", &SSH_PORT.to_string(), "--allow-lockout-risk"],
+    );
+    let log = agent.stderr();
+    assert!(
+        log.contains("accepted with --allow-lockout-risk") && log.contains(&ends),
+        "{log}"
+    );
+    assert!(
+        !session_carries_data(&mut client, &mut server),
+        "the replies still flow"
+    );
+    agent.stop();
+}

@@ -14,7 +14,10 @@ use tracing::{error, info, warn};
 
 use super::{
     AgentError, RunOptions, rfc3339,
-    start::{Desired, attach, desired_attachments, load_policy, warn_unjudgeable},
+    start::{
+        Desired, attach, desired_attachments, load_policy, refuse_cutting_ssh_sessions,
+        warn_unjudgeable,
+    },
     watch::watched_sources,
 };
 use crate::{
@@ -87,6 +90,7 @@ impl Agent {
             return Ok(());
         }
         let compiled = policy.compile();
+        refuse_cutting_ssh_sessions(&self.opts, &policy, &compiled)?;
         // Credit what was counted so far to the names of the policy about to be replaced.
         self.sync_ledger()?;
         let report = self.datapath.apply(&compiled, self.opts.events)?;

@@ -61,9 +61,13 @@ pub struct RunOptions {
     /// bpffs directory for pinned links and maps; `None` makes enforcement end with the
     /// process (for trials only).
     pub pin_dir: Option<PathBuf>,
-    /// Networks the host is managed from (plus `SSH_CONNECTION`'s client): a policy that
-    /// does not exempt them is refused unless `allow_lockout_risk`.
+    /// Networks the host is managed from: a policy that does not exempt them is refused
+    /// unless `allow_lockout_risk`.
     pub management: Vec<IpNetwork>,
+    /// The ports SSH sessions are on (`--ssh-port`); empty: the ports sshd listens on,
+    /// and 22. A policy that would deny the replies of a session established on one of
+    /// them is refused unless `allow_lockout_risk`.
+    pub ssh_ports: Vec<u16>,
     pub allow_lockout_risk: bool,
     /// Reload when the policy file or a region file changes.
     pub watch: bool,
@@ -115,16 +119,29 @@ pub enum AgentError {
     NoInterfaces,
     #[error("cannot list the network interfaces: {0}")]
     ListInterfaces(std::io::Error),
-    #[error(
-        "policy {path} would lock this host out: its exempt list does not cover the management address {address}; add it to `exempt`, or pass --allow-lockout-risk if you are sure"
-    )]
-    LockoutRisk { path: String, address: IpNetwork },
+    #[error("{}", lockout_message(.path, .at_risk))]
+    LockoutRisk {
+        path: String,
+        at_risk: crate::lockout::AtRisk,
+    },
     #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelCheck),
     #[error("{0}")]
     TcAttach(String),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+}
+
+fn lockout_message(path: &str, at_risk: &crate::lockout::AtRisk) -> String {
+    use crate::lockout::AtRisk;
+    match at_risk {
+        AtRisk::ManagementNetwork(address) => format!(
+            "policy {path} would lock this host out: its exempt list does not cover the management address {address}; add it to `exempt`, or pass --allow-lockout-risk if you are sure"
+        ),
+        AtRisk::SshSession(cut) => format!(
+            "refusing policy {path}: it would deny the replies of the SSH session {cut}; exempt the client's network or pass --allow-lockout-risk"
+        ),
+    }
 }
 
 pub fn rfc3339(t: SystemTime) -> String {

@@ -24,7 +24,7 @@ use crate::{
     links::Link,
     lockout,
     metrics::CounterLedger,
-    policy::{self, LoadedPolicy},
+    policy::{self, CompiledPolicy, LoadedPolicy},
     sys::{release_free_memory, tune_allocator},
 };
 
@@ -43,7 +43,7 @@ pub(super) fn load_policy(
         if let Some(address) = lockout::uncovered(&policy.exempt, &management).first() {
             return Err(AgentError::LockoutRisk {
                 path: opts.policy_path.display().to_string(),
-                address: *address,
+                at_risk: lockout::AtRisk::ManagementNetwork(*address),
             });
         }
     }
@@ -51,6 +51,38 @@ pub(super) fn load_policy(
         warn!("{note}");
     }
     Ok(policy)
+}
+
+/// Refuses a policy that would deny the replies of an SSH session established right
+/// now, judged on the compiled policy about to be applied. With --allow-lockout-risk
+/// the policy is accepted and the session named in a warning. A host whose socket
+/// tables cannot be read is checked against the management networks only: refusing
+/// every policy there would leave it with none.
+pub(super) fn refuse_cutting_ssh_sessions(
+    opts: &RunOptions,
+    policy: &LoadedPolicy,
+    compiled: &CompiledPolicy,
+) -> Result<(), AgentError> {
+    let procfs = lockout::Procfs::new("/proc");
+    let sessions = match lockout::sessions::established(&opts.ssh_ports, &procfs) {
+        Ok(sessions) => sessions,
+        Err(e) => {
+            warn!(error = %e, "cannot list the SSH sessions; the policy is checked against the management networks only");
+            return Ok(());
+        }
+    };
+    let Some(cut) = lockout::first_cut_session(policy, compiled, &opts.cgroup_root, sessions)
+    else {
+        return Ok(());
+    };
+    if opts.allow_lockout_risk {
+        warn!(policy = %opts.policy_path.display(), session = %cut, "accepted with --allow-lockout-risk: this policy denies the replies of an SSH session");
+        return Ok(());
+    }
+    Err(AgentError::LockoutRisk {
+        path: opts.policy_path.display().to_string(),
+        at_risk: lockout::AtRisk::SshSession(Box::new(cut)),
+    })
 }
 
 fn read_policy(opts: &RunOptions) -> Result<LoadedPolicy, AgentError> {
@@ -155,6 +187,8 @@ fn stall_for_tests() {
 pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     tune_allocator();
     let policy = load_policy(&opts, &[])?;
+    let compiled = policy.compile();
+    refuse_cutting_ssh_sessions(&opts, &policy, &compiled)?;
     let Desired {
         attachments,
         unjudgeable,
@@ -183,7 +217,6 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         features = ?features.features.iter().filter(|f| f.available).map(|f| f.name.as_str()).collect::<Vec<_>>(),
         "kernel features"
     );
-    let compiled = policy.compile();
     // Built once: it sizes the datapath and is what `apply_built` writes.
     let v6 = crate::v6table::build(&compiled.regions_v6);
     let mut datapath = Datapath::load(&LoadOptions {

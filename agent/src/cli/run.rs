@@ -54,10 +54,16 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "DATAFENCE_TC_ATTACH", value_parser = ["auto", "tcx", "clsact"], default_value = "auto")]
     pub(crate) tc_attach: String,
     /// A network this host is managed from; the policy must exempt it. Repeatable.
-    /// The client address in SSH_CONNECTION counts too.
     #[arg(long = "management-cidr", value_name = "CIDR")]
     pub(crate) management_cidrs: Vec<ipnetwork::IpNetwork>,
-    /// Accept a policy that does not exempt the management addresses.
+    /// A port SSH sessions come in on. Repeatable. At start and at every reload, a
+    /// policy that would deny the replies of a session established on one of these
+    /// ports is refused. Default: the ports sshd listens on (where the agent can see
+    /// them), and 22.
+    #[arg(long = "ssh-port", value_name = "PORT")]
+    pub(crate) ssh_ports: Vec<u16>,
+    /// Accept a policy that does not exempt the management networks or that would
+    /// deny the replies of an established SSH session (it is named in a warning).
     #[arg(long)]
     pub(crate) allow_lockout_risk: bool,
     /// Do not reload when the policy file or a region file changes.
@@ -116,12 +122,8 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
             file_keep: args.violations_file_keep,
         },
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
-        management: args
-            .management_cidrs
-            .iter()
-            .copied()
-            .chain(datafence::lockout::ssh_client())
-            .collect(),
+        management: args.management_cidrs.clone(),
+        ssh_ports: args.ssh_ports.clone(),
         allow_lockout_risk: args.allow_lockout_risk,
         watch: !args.no_watch,
         monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
