@@ -89,3 +89,69 @@ pub fn is_cgroup2(dir: &Path) -> bool {
 }
 
 pub use datafence_sandbox::spawn_in_cgroup;
+
+/// Why a cgroup path from a request cannot be used to place a process.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupPathError {
+    #[error("cgroup {cgroup}: a cgroup path may not contain `.` or `..` components")]
+    Climbs { cgroup: String },
+    #[error("cgroup {cgroup} does not exist ({} is not a cgroup v2 directory)", .dir.display())]
+    Missing { cgroup: String, dir: PathBuf },
+}
+
+/// The directory of the cgroup `path` (as a policy and `explain --cgroup` write it,
+/// relative to the hierarchy mounted at `root`). Refuses `.` and `..` components, which
+/// could name a directory outside the hierarchy, and a cgroup that does not exist.
+pub fn cgroup_dir(root: &Path, path: &str) -> Result<PathBuf, CgroupPathError> {
+    let mut dir = root.to_owned();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            return Err(CgroupPathError::Climbs {
+                cgroup: path.to_owned(),
+            });
+        }
+        dir.push(part);
+    }
+    if !is_cgroup2(&dir) {
+        return Err(CgroupPathError::Missing {
+            cgroup: path.to_owned(),
+            dir,
+        });
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CgroupPathError, cgroup_dir};
+
+    #[test]
+    fn cgroup_dirs_stay_in_the_hierarchy_and_must_exist() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let service = root.path().join("system.slice/api.service");
+        std::fs::create_dir_all(&service).expect("mkdir");
+        std::fs::write(service.join("cgroup.controllers"), "").expect("write");
+        assert_eq!(
+            cgroup_dir(root.path(), "/system.slice/api.service").expect("exists"),
+            service
+        );
+        for climbing in ["/system.slice/../..", "/./system.slice", ".."] {
+            let err = cgroup_dir(root.path(), climbing).expect_err(climbing);
+            assert!(matches!(err, CgroupPathError::Climbs { .. }), "{err}");
+            assert!(err.to_string().contains(climbing), "{err}");
+        }
+        // A plain directory is not a cgroup.
+        let err = cgroup_dir(root.path(), "/system.slice").expect_err("no controllers file");
+        assert!(
+            err.to_string()
+                .contains("cgroup /system.slice does not exist"),
+            "{err}"
+        );
+        let err = cgroup_dir(root.path(), "/nope.slice").expect_err("missing");
+        assert!(
+            err.to_string()
+                .contains("cgroup /nope.slice does not exist"),
+            "{err}"
+        );
+    }
+}

@@ -3,6 +3,8 @@
 //! itself through `BPF_PROG_TEST_RUN` on a crafted frame.
 #![forbid(unsafe_code)]
 
+mod in_cgroup;
+
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -19,9 +21,12 @@ use datafence_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    cgroups::CgroupPathError,
     datapath::{Datapath, DatapathError, EventLimits, LoadOptions},
     policy::{CompiledPolicy, LoadedPolicy},
 };
+
+pub use in_cgroup::TEST_RUN_COMMAND;
 
 /// The traffic to explain, beyond its destination: the packet's selectors, as
 /// `datafence explain` takes them on its command line and the control socket carries them.
@@ -113,6 +118,10 @@ pub enum ExplainError {
     MixedFamilies { src: IpAddr, dst: IpAddr },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupPathError),
+    #[error("running the test packet in cgroup {cgroup}: {detail}")]
+    TestRunInCgroup { cgroup: String, detail: String },
     #[error(
         "the kernel's verdict for {address} ({kernel}) differs from userspace's ({userspace}); please report this"
     )]
@@ -397,6 +406,9 @@ pub fn craft_frame(query: &Query, address: IpAddr) -> Result<Vec<u8>, ExplainErr
 /// kernel.
 pub struct KernelOracle {
     datapath: Datapath,
+    /// Set by [`Self::run_in_query_cgroups`]; otherwise test frames run in this process's
+    /// cgroup.
+    in_cgroups: Option<in_cgroup::CgroupRunner>,
 }
 
 impl KernelOracle {
@@ -409,7 +421,22 @@ impl KernelOracle {
             ..LoadOptions::default()
         })?;
         datapath.apply_built(compiled, &v6, EventLimits::default())?;
-        Ok(Self { datapath })
+        Ok(Self {
+            datapath,
+            in_cgroups: None,
+        })
+    }
+
+    /// Runs each test frame in the cgroup its query names (a path under `cgroup_root`),
+    /// from a child process placed there: the kernel gives a test frame the cgroup of the
+    /// process that runs it. For the agent, which answers for callers in other cgroups
+    /// and cannot move itself. `pin_dir` is a bpffs directory for the entry program's
+    /// pin, which the child opens (default /sys/fs/bpf). A query without a cgroup runs in
+    /// this process's.
+    #[must_use]
+    pub fn run_in_query_cgroups(mut self, cgroup_root: PathBuf, pin_dir: Option<PathBuf>) -> Self {
+        self.in_cgroups = Some(in_cgroup::CgroupRunner::new(cgroup_root, pin_dir));
+        self
     }
 
     /// A copy loaded once, for asking about many policies in turn ([`Self::apply`]):
@@ -417,6 +444,7 @@ impl KernelOracle {
     pub fn with_capacity(options: &LoadOptions) -> Result<Self, ExplainError> {
         Ok(Self {
             datapath: Datapath::load(options)?,
+            in_cgroups: None,
         })
     }
 
@@ -448,7 +476,12 @@ impl KernelOracle {
     ) -> Result<(CounterKey, bool), ExplainError> {
         let frame = craft_frame(query, address)?;
         let before = self.datapath.counters()?;
-        let passed = self.datapath.test_run(Hook::TcEgress, &frame, query.mark)?;
+        let passed = match (&mut self.in_cgroups, query.cgroup.as_deref()) {
+            (Some(runner), Some(cgroup)) => {
+                runner.test_run(&mut self.datapath, cgroup, &frame, query.mark)?
+            }
+            _ => self.datapath.test_run(Hook::TcEgress, &frame, query.mark)?,
+        };
         let after = self.datapath.counters()?;
         let _ = self.datapath.drain_events()?;
         let mut moved = after.into_iter().filter(|(k, v)| {

@@ -53,5 +53,6 @@ fn real_main(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => cli::run::run(cli, args),
         Command::Status { json, pin_dir } => cli::status::status(cli, *json, pin_dir.as_deref()),
         Command::Reload { pin_dir } => cli::reload::reload(cli, pin_dir.as_deref()),
+        Command::TestRunInCgroup(args) => cli::explain::test_run_in_cgroup(args),
     }
 }

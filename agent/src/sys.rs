@@ -77,3 +77,162 @@ pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) has no arguments and cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// A process started inside a cgroup by `clone3(CLONE_INTO_CGROUP)`. The kernel checks
+/// that against the cgroup's own permissions, so it works where the agent sees the
+/// hierarchy through a read-only mount (systemd's `ProtectControlGroups=`), which makes
+/// writing a `cgroup.procs` file, the usual way in, fail with EROFS.
+pub struct CgroupChild {
+    pid: libc::pid_t,
+    reaped: bool,
+    pub stdin: Option<std::io::PipeWriter>,
+    pub stdout: Option<std::io::PipeReader>,
+    pub stderr: Option<std::io::PipeReader>,
+}
+
+/// `struct clone_args` of linux/sched.h, up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts `program` with `args` inside the cgroup whose directory is `cgroup_dir`, with
+/// its stdin, stdout and stderr piped to the returned handles and this process's
+/// environment.
+pub fn spawn_into_cgroup(
+    cgroup_dir: &std::path::Path,
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+) -> std::io::Result<CgroupChild> {
+    use std::{
+        ffi::CString,
+        os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    };
+    let c_string = |bytes: &[u8]| CString::new(bytes).map_err(std::io::Error::other);
+    let cgroup = std::fs::File::open(cgroup_dir)?;
+    let (stdin_read, stdin_write) = std::io::pipe()?;
+    let (stdout_read, stdout_write) = std::io::pipe()?;
+    let (stderr_read, stderr_write) = std::io::pipe()?;
+    // Everything the child needs is built here: between clone and exec, a copy of a
+    // process with other threads may only make async-signal-safe calls.
+    let path = c_string(program.as_os_str().as_bytes())?;
+    let argv_owned = std::iter::once(program.as_os_str())
+        .chain(args.iter().map(std::ffi::OsString::as_os_str))
+        .map(|a| c_string(a.as_bytes()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let envp_owned = std::env::vars_os()
+        .map(|(k, v)| c_string(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let argv: Vec<*const libc::c_char> = argv_owned
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = envp_owned
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let clone_args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    let (child_in, child_out, child_err) = (
+        stdin_read.as_raw_fd(),
+        stdout_write.as_raw_fd(),
+        stderr_write.as_raw_fd(),
+    );
+    // SAFETY: clone3 with no CLONE_VM gives the child a copy of this address space, in
+    // which `clone_args`, `path`, `argv` and `envp` stay valid. The child makes only
+    // async-signal-safe calls (dup2, execve, _exit) before it execs or exits; dup2 clears
+    // close-on-exec on the copies it makes, and every other descriptor of this process
+    // is close-on-exec.
+    let pid = unsafe {
+        let pid = libc::syscall(
+            libc::SYS_clone3,
+            &raw const clone_args,
+            std::mem::size_of::<CloneArgs>(),
+        );
+        if pid == 0 {
+            if libc::dup2(child_in, 0) < 0
+                || libc::dup2(child_out, 1) < 0
+                || libc::dup2(child_err, 2) < 0
+            {
+                libc::_exit(126);
+            }
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+        pid
+    };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(CgroupChild {
+        pid: pid as libc::pid_t,
+        reaped: false,
+        stdin: Some(stdin_write),
+        stdout: Some(stdout_read),
+        stderr: Some(stderr_read),
+    })
+}
+
+impl CgroupChild {
+    /// The child's exit status if it has exited, reaping it; `None` while it runs.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.wait_with(libc::WNOHANG)
+    }
+
+    /// Kills the child and reaps it.
+    pub fn kill_and_reap(&mut self) {
+        if !self.reaped {
+            // SAFETY: `pid` is this handle's own child, not yet reaped, so the id cannot
+            // have been reused.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let _ = self.wait_with(0);
+        }
+    }
+
+    fn wait_with(
+        &mut self,
+        options: libc::c_int,
+    ) -> std::io::Result<Option<std::process::ExitStatus>> {
+        use std::os::unix::process::ExitStatusExt as _;
+        if self.reaped {
+            return Err(std::io::Error::other("the child was already reaped"));
+        }
+        let mut status = 0;
+        // SAFETY: waits only for this handle's own child; `status` is a valid out pointer.
+        let ret = unsafe { libc::waitpid(self.pid, &raw mut status, options) };
+        match ret {
+            0 => Ok(None),
+            r if r < 0 => Err(std::io::Error::last_os_error()),
+            _ => {
+                self.reaped = true;
+                Ok(Some(std::process::ExitStatus::from_raw(status)))
+            }
+        }
+    }
+}
+
+impl Drop for CgroupChild {
+    /// Never leaves a zombie, nor a child that outlives its handle.
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}

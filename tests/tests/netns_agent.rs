@@ -344,6 +344,204 @@ fn explain_answers_from_the_agent_and_from_a_file_and_the_kernel_agrees() {
     agent.stop();
 }
 
+/// `explain --datapath` through the agent: the kernel gives a test packet the cgroup of
+/// the process that runs it, so the agent runs it in the cgroup asked about (or the
+/// caller's), not its own. Before, the kernel judged every such packet in the agent's
+/// cgroup and disagreed with userspace about a class selected by cgroup.
+#[test]
+fn explain_datapath_through_the_agent_runs_the_packet_in_the_cgroup_asked_about() {
+    require_root();
+    let sandbox = Sandbox::new("ec");
+    let scratch = Scratch::new("explain-cgroup");
+    let service = TestCgroup::new("explain-svc");
+    let agent_home = TestCgroup::new("explain-agent");
+    let policy = write_policy(&scratch, "enforce", &service.path, false);
+    let agent = RunningAgent::start(&sandbox.host, &policy, &[]);
+    // The agent in a cgroup of its own, which selects no class.
+    std::fs::write(agent_home.procs(), agent.child.id().to_string()).expect("move the agent");
+
+    let explain = |cgroup: Option<&str>, in_cgroup: Option<&TestCgroup>| {
+        let mut cmd =
+            integration_tests::netns::command_in(&agent.netns, integration_tests::agent_binary());
+        cmd.arg("--runtime-dir").arg(&agent.runtime_dir).args([
+            "explain",
+            "--json",
+            "--datapath",
+            "--proto",
+            "udp",
+        ]);
+        if let Some(cgroup) = cgroup {
+            cmd.args(["--cgroup", cgroup]);
+        }
+        cmd.arg(addr::US_V4);
+        if let Some(home) = in_cgroup {
+            datafence::cgroups::spawn_in_cgroup(&mut cmd, &home.procs()).expect("cgroup");
+        }
+        let out = cmd.output().expect("run datafence explain");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let answer = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
+        (out.status.success(), answer, stderr)
+    };
+    let brief = |answer: &serde_json::Value| {
+        [
+            answer["verdict"].as_str().unwrap_or_default().to_owned(),
+            answer["class"].as_str().unwrap_or("-").to_owned(),
+            answer["reason"].as_str().unwrap_or_default().to_owned(),
+        ]
+    };
+    let denied = ["deny", "api-service", "region_denied"];
+    let unclassified = ["allow", "-", "unclassified"];
+    let cases = [
+        (
+            "--cgroup of the class",
+            Some(service.path.as_str()),
+            None,
+            denied,
+        ),
+        (
+            "--cgroup of the agent",
+            Some(agent_home.path.as_str()),
+            None,
+            unclassified,
+        ),
+        // No --cgroup: the caller's cgroup, whatever the agent's.
+        ("the caller's cgroup", None, None, unclassified),
+        (
+            "the caller's cgroup, the class's",
+            None,
+            Some(&service),
+            denied,
+        ),
+    ];
+    for (what, cgroup, caller_in, want) in cases {
+        let (ok, answer, stderr) = explain(cgroup, caller_in);
+        assert!(ok, "{what}: the kernel and userspace must agree: {stderr}");
+        let answer = answer.unwrap_or_else(|| panic!("{what}: no JSON answer: {stderr}"));
+        assert_eq!(brief(&answer), want.map(str::to_owned), "{what}: {answer}");
+    }
+    // The pin the agent's child opened is gone.
+    let left: Vec<_> = std::fs::read_dir(&agent.pin_dir)
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("explain-"))
+        .collect();
+    assert!(left.is_empty(), "test-run pins left behind: {left:?}");
+
+    // A cgroup that does not exist, or a path that climbs out of the hierarchy, is an
+    // error that names it.
+    let missing = format!("/datafence-test-no-such-cgroup-{}", std::process::id());
+    let climbing = format!("{}/../..", service.path);
+    for bad in [missing.as_str(), climbing.as_str()] {
+        let (ok, _, stderr) = explain(Some(bad), None);
+        assert!(!ok, "--cgroup {bad} was accepted");
+        assert!(stderr.contains(&format!("cgroup {bad}")), "{bad}: {stderr}");
+    }
+    agent.stop();
+}
+
+/// The cgroup hierarchy mounted read-only at a directory of its own, as systemd's
+/// `ProtectControlGroups=yes` shows it to the agent; unmounted on drop.
+struct ReadOnlyCgroupView(PathBuf);
+
+impl ReadOnlyCgroupView {
+    fn new() -> Self {
+        // Not in a scratch directory, which is removed recursively: never recurse into
+        // the hierarchy.
+        let dir = std::env::temp_dir().join(format!("datafence-ro-cgroup-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let root = datafence::cgroups::cgroup2_root();
+        for args in [
+            vec![
+                "--bind".to_owned(),
+                root.display().to_string(),
+                dir.display().to_string(),
+            ],
+            vec![
+                "-o".to_owned(),
+                "remount,bind,ro".to_owned(),
+                dir.display().to_string(),
+            ],
+        ] {
+            let out = std::process::Command::new("mount")
+                .args(&args)
+                .output()
+                .expect("mount");
+            assert!(
+                out.status.success(),
+                "mount {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self(dir)
+    }
+}
+
+impl Drop for ReadOnlyCgroupView {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Under `ProtectControlGroups=yes` the agent cannot write any `cgroup.procs`; its
+/// test-run child still starts in the cgroup asked about, placed there by the kernel at
+/// clone (CLONE_INTO_CGROUP), which checks the cgroup and not the mount.
+#[test]
+fn explain_datapath_through_an_agent_that_sees_cgroups_read_only() {
+    require_root();
+    let sandbox = Sandbox::new("er");
+    let scratch = Scratch::new("explain-ro-cgroup");
+    let service = TestCgroup::new("explain-ro-svc");
+    let view = ReadOnlyCgroupView::new();
+    // Writing into the view is what the agent cannot do.
+    let err = std::fs::write(
+        view.0
+            .join(service.path.trim_start_matches('/'))
+            .join("cgroup.procs"),
+        "0",
+    )
+    .expect_err("the view is read-only");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let policy = write_policy(&scratch, "enforce", &service.path, false);
+    let root = view.0.display().to_string();
+    let agent = RunningAgent::start(&sandbox.host, &policy, &["--cgroup-root", &root]);
+    let out = integration_tests::netns::command_in(&agent.netns, integration_tests::agent_binary())
+        .arg("--runtime-dir")
+        .arg(&agent.runtime_dir)
+        .args([
+            "explain",
+            "--json",
+            "--datapath",
+            "--proto",
+            "udp",
+            "--cgroup",
+            &service.path,
+        ])
+        .arg(addr::US_V4)
+        .output()
+        .expect("run datafence explain");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the kernel and userspace must agree: {stderr}"
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON answer");
+    assert_eq!(
+        (
+            answer["verdict"].as_str(),
+            answer["class"].as_str(),
+            answer["reason"].as_str()
+        ),
+        (Some("deny"), Some("api-service"), Some("region_denied")),
+        "{answer}"
+    );
+    agent.stop();
+}
+
 #[test]
 fn unknown_interface_is_refused_by_name() {
     require_root();

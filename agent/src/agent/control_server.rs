@@ -54,7 +54,14 @@ async fn handle(shared: Shared, request: Request) -> Response {
                 let mut oracle = if datapath {
                     // The agent keeps no compiled prefix lists; compile them afresh.
                     match KernelOracle::new(&agent.policy.compile()) {
-                        Ok(o) => Some(o),
+                        // The caller's cgroup (the CLI sends its own when not told one),
+                        // not the agent's: the test frame is classified by the cgroup of
+                        // the process that runs it. The pin the child opens goes with the
+                        // agent's own, on a bpffs it may write.
+                        Ok(o) => Some(o.run_in_query_cgroups(
+                            cgroup_root.clone(),
+                            agent.datapath.pins().map(|p| p.root.clone()),
+                        )),
                         Err(e) => return Err(e.to_string()),
                     }
                 } else {

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    io::Read as _,
     net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -12,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use datafence::{
     control::{self, Request, Response},
+    datapath::Datapath,
     dirs,
     explain::{self, Explanation, KernelOracle, Query},
 };
@@ -39,6 +41,35 @@ pub(crate) struct ExplainArgs {
     pub(crate) tables: TableArgs,
 }
 
+/// The hidden command the agent runs in another cgroup for `explain --datapath --cgroup`
+/// (`datafence::explain::TEST_RUN_COMMAND`).
+#[derive(Args, Debug)]
+pub(crate) struct TestRunArgs {
+    /// The TC entry program, pinned on bpffs by the agent.
+    #[arg(long)]
+    pub(crate) program: PathBuf,
+    /// The packet's mark.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) mark: u32,
+}
+
+/// The largest frame read from stdin: an Ethernet frame the kernel would test-run.
+const MAX_TEST_FRAME: u64 = 64 * 1024;
+
+/// Runs the frame on stdin through the pinned program, in this process's cgroup, and
+/// prints the program's return value (a TC action) for the agent that started it.
+pub(crate) fn test_run_in_cgroup(args: &TestRunArgs) -> anyhow::Result<ExitCode> {
+    let mut frame = Vec::new();
+    std::io::stdin()
+        .take(MAX_TEST_FRAME)
+        .read_to_end(&mut frame)
+        .context("reading the frame from stdin")?;
+    let action = Datapath::test_run_pinned_tc(&args.program, &frame, args.mark)
+        .with_context(|| format!("test-running {}", args.program.display()))?;
+    println!("{action}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// This process's cgroup v2 path.
 pub(crate) fn own_cgroup() -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -50,7 +81,8 @@ pub(crate) fn own_cgroup() -> Option<String> {
 const IN_CGROUP_ENV: &str = "DATAFENCE_EXPLAIN_IN_CGROUP";
 
 /// `BPF_PROG_TEST_RUN` gives the test packet the calling process's cgroup, so to ask the
-/// kernel about another cgroup this command re-runs itself inside that cgroup.
+/// kernel about another cgroup with `--policy` this command re-runs itself inside that
+/// cgroup. (The agent places a process of its own there for its answers.)
 pub(crate) fn rerun_in_cgroup(cgroup_root: &Path, cgroup: &str) -> anyhow::Result<ExitCode> {
     let procs = cgroup_root
         .join(cgroup.trim_start_matches('/'))
@@ -102,13 +134,17 @@ pub(crate) fn explain_cmd(cli: &Cli, args: &ExplainArgs) -> anyhow::Result<ExitC
     if args.datapath {
         let own = own_cgroup();
         match &args.query.cgroup {
+            // With a policy file this process asks the kernel itself, so it must be in the
+            // cgroup; the agent runs the test packet in the cgroup it is sent.
             Some(wanted)
-                if own.as_deref() != Some(wanted.as_str())
+                if args.policy.is_some()
+                    && own.as_deref() != Some(wanted.as_str())
                     && std::env::var_os(IN_CGROUP_ENV).is_none() =>
             {
                 return rerun_in_cgroup(&cli.cgroup_root, wanted);
             }
             Some(_) => {}
+            // The caller's cgroup, this command's: the agent's own is not the caller's.
             None => query.cgroup = own,
         }
     }

@@ -20,7 +20,10 @@ use datafence::{
 };
 use datafence_common::DEFAULT_TABLE_CAPACITY;
 
-pub(crate) use self::{explain::ExplainArgs, run::RunArgs};
+pub(crate) use self::{
+    explain::{ExplainArgs, TestRunArgs},
+    run::RunArgs,
+};
 
 /// Keeps user-data packets inside the regions a policy approves, enforced in the kernel
 /// with eBPF on every egress interface.
@@ -134,6 +137,11 @@ pub(crate) enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Internal: runs the frame on stdin through a pinned TC program, in this process's
+    /// cgroup, and prints the program's return value. The agent starts it in the cgroup
+    /// `explain --datapath --cgroup` names.
+    #[command(name = datafence::explain::TEST_RUN_COMMAND, hide = true)]
+    TestRunInCgroup(TestRunArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,7 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use datafence_common::{
@@ -57,6 +57,14 @@ pub(super) fn read_stats(map: &Map) -> Result<Stats> {
     Ok(Stats { all })
 }
 
+/// The `__sk_buff` a test frame runs with. The kernel accepts a partial one; `len` and
+/// `pkt_type` must be zero and `mark` is the third u32.
+fn skb_ctx(mark: u32) -> [u8; 12] {
+    let mut ctx = [0u8; 12];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx
+}
+
 impl Datapath {
     /// Runs one frame through a program with `BPF_PROG_TEST_RUN`; returns whether the
     /// program let it pass.
@@ -74,15 +82,12 @@ impl Datapath {
         mark: u32,
         repeat: u32,
     ) -> Result<(bool, Duration)> {
-        // The kernel accepts a partial __sk_buff; `len` and `pkt_type` must be zero and
-        // `mark` is the third u32.
-        let mut skb_ctx = [0u8; 12];
-        skb_ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let ctx = skb_ctx(mark);
         match hook {
             Hook::TcEgress => {
                 let name = program_names::TC_EGRESS;
                 let (ret, took) =
-                    test_run_program(self.tc_entry()?, name, frame, Some(&skb_ctx), repeat)?;
+                    test_run_program(self.tc_entry()?, name, frame, Some(&ctx), repeat)?;
                 // TC_PASS is TC_ACT_UNSPEC (-1); the kernel hands back the raw u32.
                 Ok((ret.cast_signed() == datafence_common::TC_PASS, took))
             }
@@ -95,6 +100,39 @@ impl Datapath {
             // The kernel has no test run for socket programs: they judge calls, not frames.
             Hook::SockConnect | Hook::SockSendmsg => Err(DatapathError::NoTestRun(hook)),
         }
+    }
+
+    /// Pins the TC entry program at `path`, a file to be on bpffs, so that a process in
+    /// another cgroup can run frames through it ([`Self::test_run_pinned_tc`]): the
+    /// kernel gives a test frame the cgroup of the process that runs it. The caller
+    /// removes the pin; this datapath must live until the run is over, since its maps
+    /// hold the stages the entry program jumps to.
+    pub fn pin_tc_entry(&mut self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            super::pins::ensure_bpffs(dir)?;
+        }
+        self.tc_entry_mut()?
+            .pin(path)
+            .map_err(|source| DatapathError::Pin {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    /// Runs one frame through the TC entry program pinned at `path` (by
+    /// [`Self::pin_tc_entry`], in another process), as this process: its return value,
+    /// the TC action.
+    pub fn test_run_pinned_tc(path: &Path, frame: &[u8], mark: u32) -> Result<i32> {
+        let name = program_names::TC_EGRESS;
+        let program = aya::programs::SchedClassifier::from_pin(path).map_err(|source| {
+            DatapathError::Program {
+                program: name,
+                source,
+            }
+        })?;
+        let (ret, _) = test_run_program(&program, name, frame, Some(&skb_ctx(mark)), 1)?;
+        // The kernel hands back the raw u32; TC actions are signed (TC_ACT_UNSPEC is -1).
+        Ok(ret.cast_signed())
     }
 
     /// Counters summed over CPUs.
