@@ -17,6 +17,7 @@ pub mod dir24;
 pub mod dirs;
 pub mod explain;
 pub mod generations;
+pub mod host_services;
 pub mod kernel;
 pub mod links;
 pub mod liveness;

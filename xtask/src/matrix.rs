@@ -75,7 +75,14 @@ pub(crate) fn guest_binaries(binaries: &[TestBinary], names: &[String]) -> Resul
 /// host runs them. A test below checks that every file in tests/tests is in
 /// [`KERNEL_TESTS`] and every file in agent/tests in this list.
 #[cfg_attr(not(test), expect(dead_code, reason = "only the list check reads it"))]
-const HOST_ONLY_TESTS: &[&str] = &["cli", "deploy_assets", "docs", "hostile_files", "policies"];
+const HOST_ONLY_TESTS: &[&str] = &[
+    "cli",
+    "deploy_assets",
+    "docs",
+    "host_services",
+    "hostile_files",
+    "policies",
+];
 
 /// Tests of [`KERNEL_TESTS`] that a guest leaves to the other kernels; the reason is
 /// printed with the results.

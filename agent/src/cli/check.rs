@@ -5,7 +5,10 @@
 use std::{path::Path, process::ExitCode};
 
 use anyhow::Context as _;
-use datafence::{local_networks::DeniedSubnet, packet_bypass::UnitReport, policy::LoadedPolicy};
+use datafence::{
+    host_services::HostServices, local_networks::DeniedSubnet, packet_bypass::UnitReport,
+    policy::LoadedPolicy,
+};
 
 use super::{Cli, TableArgs, load, usage_error};
 
@@ -22,11 +25,27 @@ pub(crate) fn check(
                 .then(|| datafence::local_networks::on_this_host(&p))
                 .transpose()
                 .context("reading this host's interfaces and addresses")?;
+            // The host's own resolvers, time servers and cloud endpoints, read from "/".
+            let services = host
+                .then(|| {
+                    datafence::host_services::check(
+                        &p,
+                        &p.compile(),
+                        &cli.cgroup_root,
+                        Path::new("/"),
+                    )
+                })
+                .transpose()
+                .context("judging this host's resolvers, time servers and cloud endpoints")?;
             let units = datafence::packet_bypass::check_units(&p, &cli.cgroup_root);
             if json {
                 let mut out = serde_json::json!({"valid": true, "summary": p.summary()});
                 if let Some(local) = &local {
                     out["denied_local_networks"] = serde_json::to_value(local)?;
+                }
+                if let Some(services) = &services {
+                    out["host_services"] = serde_json::to_value(&services.findings)?;
+                    out["host_service_notes"] = serde_json::to_value(&services.notes)?;
                 }
                 out["packet_socket_units"] = serde_json::to_value(&units)?;
                 out["cgroup_notes"] = serde_json::to_value(p.cgroup_notes())?;
@@ -35,6 +54,9 @@ pub(crate) fn check(
                 print_summary(&p);
                 if let Some(local) = &local {
                     print_local_networks(local);
+                }
+                if let Some(services) = &services {
+                    print_host_services(services);
                 }
                 print_unit_report(&units);
                 for note in p.cgroup_notes() {
@@ -117,6 +139,27 @@ fn print_local_networks(denied: &[DeniedSubnet]) {
             d.region.as_deref().unwrap_or("(none)"),
             d.classes.join(", ")
         );
+    }
+}
+
+/// A summary line on stdout; each finding and note on stderr, like the other warnings.
+/// None changes the exit code: the policy is valid, the host may need an exemption.
+fn print_host_services(services: &HostServices) {
+    let denied = services.findings.iter().filter(|f| !f.is_audit()).count();
+    println!(
+        "host services: {} address(es) of resolvers, time servers and cloud endpoints checked; {}",
+        services.addresses,
+        match denied {
+            0 => "no class denies one".to_owned(),
+            n => format!("{n} of their services denied to a class (warnings on stderr)"),
+        }
+    );
+    for f in &services.findings {
+        let kind = if f.is_audit() { "note" } else { "warning" };
+        eprintln!("{kind}: {}", f.message());
+    }
+    for note in &services.notes {
+        eprintln!("note: {note}");
     }
 }
 

@@ -75,7 +75,9 @@ pub(crate) enum Command {
         json: bool,
         /// Also look at this host's interfaces (in this network namespace): list each
         /// connected subnet of an interface the policy attaches to that a class would
-        /// deny. On a bridge or veth toward local containers that is a false drop.
+        /// deny. On a bridge or veth toward local containers that is a false drop. And
+        /// warn when a class would deny the host's own DNS resolvers, time servers, or
+        /// cloud metadata and resolver addresses.
         #[arg(long, conflicts_with = "diff")]
         host: bool,
         #[command(flatten)]
