@@ -1,7 +1,10 @@
 //! The datapath attached to a real veth in a namespace sandbox, with real UDP and TCP
 //! traffic over IPv4 and IPv6.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, UdpSocket},
+};
 
 use datafence::datapath::{Datapath, EventLimits, LoadOptions};
 use datafence_common::{CounterKey, Reason};
@@ -632,9 +635,12 @@ data_classes:
 /// Sends `count` datagrams from the host namespace to the link-scope multicast group or
 /// broadcast address `dst`, out of the uplink, and returns how many a receiver in the
 /// world namespace (a member of the group) got.
-fn link_scope_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> u32 {
+fn link_scope_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> (u32, String) {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6};
     let dst: IpAddr = dst.parse().expect("dst");
+    if dst.is_ipv6() {
+        until_no_tentative_addresses(sandbox);
+    }
     let receiver = sandbox.world.run(move || {
         let sock = match dst {
             IpAddr::V4(group) => {
@@ -656,7 +662,7 @@ fn link_scope_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> 
             .expect("timeout");
         sock
     });
-    sandbox.host.run(move || {
+    let send_error = sandbox.host.run(move || {
         let (sock, to) = match dst {
             IpAddr::V4(_) => {
                 // Bound to the uplink's address: the route to a broadcast or link-scope
@@ -671,38 +677,69 @@ fn link_scope_delivered(sandbox: &Sandbox, dst: &str, port: u16, count: u32) -> 
                 (sock, SocketAddr::V6(SocketAddrV6::new(group, port, 0, up0)))
             }
         };
-        for _ in 0..count {
-            // A denied datagram is an error on send: what counts is what arrived.
-            let _ = sock.send_to(b"host", to);
-        }
+        // A denied datagram may be an error on send: what counts is what arrived; the
+        // first error is kept for the failure message.
+        (0..count)
+            .filter_map(|_| sock.send_to(b"host", to).err())
+            .map(|e| e.to_string())
+            .next()
+            .unwrap_or_default()
     });
     let mut got = 0;
     let mut buf = [0u8; 16];
     while got < count && receiver.recv_from(&mut buf).is_ok() {
         got += 1;
     }
-    got
+    (got, send_error)
+}
+
+/// Waits until neither end of the veth has an IPv6 address still in duplicate address
+/// detection: until then the kernel may pick no usable source for link-scope traffic.
+fn until_no_tentative_addresses(sandbox: &Sandbox) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for (ns, dev) in [(&sandbox.host, "up0"), (&sandbox.world, "dn0")] {
+        while !ns
+            .ip(&format!("-6 addr show dev {dev} tentative"))
+            .stdout
+            .is_empty()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 /// What reaches the world from the host under [`all_udp_policy`] with `switches`: DHCPv4,
 /// DHCPv6, mDNS over both families, and whether the host can resolve a new on-link
 /// neighbour's address (neighbour discovery) to send it UDP.
-fn host_link_traffic(label: &str, switches: &str) -> ([u32; 4], u32, u64) {
+fn host_link_traffic(label: &str, switches: &str) -> ([u32; 4], u32, u64, String) {
     let sandbox = Sandbox::new(label);
     let dp = attached(&sandbox, &all_udp_policy(switches));
-    let delivered = [
-        link_scope_delivered(&sandbox, "255.255.255.255", 67, 5),
-        link_scope_delivered(&sandbox, "ff02::1:2", 547, 5),
-        link_scope_delivered(&sandbox, "224.0.0.251", 5353, 5),
-        link_scope_delivered(&sandbox, "ff02::fb", 5353, 5),
-    ];
+    let mut delivered = [0; 4];
+    let mut notes = String::new();
+    for (i, (dst, port)) in [
+        ("255.255.255.255", 67),
+        ("ff02::1:2", 547),
+        ("224.0.0.251", 5353),
+        ("ff02::fb", 5353),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (got, send_error) = link_scope_delivered(&sandbox, dst, port, 5);
+        delivered[i] = got;
+        if !send_error.is_empty() {
+            write!(notes, "{dst}: {send_error}; ").expect("write");
+        }
+    }
     // No static neighbour for this address: the host must solicit it.
     sandbox
         .world
         .ip("-6 addr add 2001:db8:1::3/64 dev dn0 nodad");
     let to_new_neighbour = udp_delivered(&sandbox, "2001:db8:1::3", 7700, 5);
     let exempt = packets_where(&dp, |k| k.reason == Reason::ExemptHostEssential as u8);
-    (delivered, to_new_neighbour, exempt)
+    write!(notes, "counters: {:?}", dp.counters().expect("counters")).expect("write");
+    (delivered, to_new_neighbour, exempt, notes)
 }
 
 /// The host's DHCP, neighbour discovery and link-scope multicast keep working under a
@@ -711,8 +748,11 @@ fn host_link_traffic(label: &str, switches: &str) -> ([u32; 4], u32, u64) {
 #[test]
 fn dhcp_neighbour_discovery_and_multicast_from_the_host_pass_a_class_of_all_udp() {
     require_root();
-    let (delivered, to_new_neighbour, exempt) = host_link_traffic("he", "{}");
-    assert_eq!(delivered, [5; 4], "DHCPv4, DHCPv6, mDNS over IPv4 and IPv6");
+    let (delivered, to_new_neighbour, exempt, notes) = host_link_traffic("he", "{}");
+    assert_eq!(
+        delivered, [5; 4],
+        "DHCPv4, DHCPv6, mDNS over IPv4 and IPv6: {notes}"
+    );
     assert!(to_new_neighbour > 0, "the new neighbour was never resolved");
     // 20 datagrams, and at least one neighbour solicitation.
     assert!(
@@ -721,7 +761,7 @@ fn dhcp_neighbour_discovery_and_multicast_from_the_host_pass_a_class_of_all_udp(
     );
 
     let off = "{dhcp: false, neighbor_discovery: false, link_multicast: false}";
-    let (delivered, to_new_neighbour, exempt) = host_link_traffic("hf", off);
+    let (delivered, to_new_neighbour, exempt, _) = host_link_traffic("hf", off);
     assert_eq!(
         delivered, [0; 4],
         "switched off: DHCP and mDNS are the class's"
