@@ -10,13 +10,14 @@ pub const ABI_VERSION: u32 = 5;
 /// policy switch (`host_essentials:`), on by default.
 pub mod host_essential {
     /// DHCPv4 to the limited broadcast (255.255.255.255, UDP port 67) and DHCPv6 to
-    /// All_DHCP_Relay_Agents_and_Servers (ff02::1:2, UDP port 547).
+    /// All_DHCP_Relay_Agents_and_Servers (ff02::1:2, UDP port 547): the only traffic to
+    /// those two addresses that passes, since relays there forward it off the link.
     pub const DHCP: u32 = 1 << 0;
     /// ICMPv6 to interface- and link-scope multicast: neighbour and router
     /// solicitations, and MLD reports.
     pub const NEIGHBOR_DISCOVERY: u32 = 1 << 1;
-    /// Anything to link-scope multicast or the limited broadcast: 224.0.0.0/24 (mDNS,
-    /// VRRP, IGMP), 255.255.255.255, ff01::/16 and ff02::/16. Routers never forward them.
+    /// Anything to link-scope multicast: 224.0.0.0/24 (mDNS, VRRP, IGMPv3), ff01::/16
+    /// and ff02::/16 but for ff02::1:2. Routers never forward them.
     pub const LINK_MULTICAST: u32 = 1 << 2;
     pub const ALL: u32 = DHCP | NEIGHBOR_DISCOVERY | LINK_MULTICAST;
 }

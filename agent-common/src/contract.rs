@@ -114,8 +114,8 @@ contract! {
         /// and reason instead.
         FragmentUnseen = 14 => "fragment_unseen",
         /// The host's own link traffic that a built-in exemption lets pass (DHCP,
-        /// neighbour discovery, link-scope multicast and broadcast), unless the policy
-        /// turns that exemption off (`host_essentials:`).
+        /// neighbour discovery, link-scope multicast), unless the policy turns that
+        /// exemption off (`host_essentials:`).
         ExemptHostEssential = 15 => "exempt_host_essential",
     }
 }

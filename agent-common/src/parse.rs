@@ -834,11 +834,19 @@ pub fn is_builtin_exempt(family: u8, dst: &[u8; 16]) -> bool {
 /// Which kinds of the host's own link traffic ([`host_essential`](crate::host_essential)
 /// bits) a frame is, judged by its destination, protocol and port alone. Each kind is
 /// addressed so that no router forwards it: it reaches the link and goes no further.
-/// (A DHCPv4 renewal unicast to its server is not among them: it is judged like any
-/// packet, and a client that gets no answer rebinds by broadcast, which is.)
+/// Two exceptions are made for what a relay on the link does forward: the limited
+/// broadcast passes only as DHCP, and `ff02::1:2`, which DHCPv6 relays listen on, only as
+/// DHCPv6. (A DHCPv4 renewal unicast to its server is not among the kinds: it is judged
+/// like any packet, and a client that gets no answer rebinds by broadcast, which is.)
 #[inline(always)]
 pub fn host_essential_kinds(frame: &ParsedFrame) -> u32 {
     use crate::host_essential::{DHCP, LINK_MULTICAST, NEIGHBOR_DISCOVERY};
+    // Real DHCP, neighbour discovery and link protocols are never tunnelled, and a
+    // tunnel's protocol and ports here are its inner packet's, which an endpoint on the
+    // link would send on anywhere.
+    if frame.encapsulated {
+        return 0;
+    }
     let dst = &frame.dst;
     let udp_port = if frame.protocol_known
         && frame.protocol == IPPROTO_UDP
@@ -851,10 +859,10 @@ pub fn host_essential_kinds(frame: &ParsedFrame) -> u32 {
     match frame.family {
         FAMILY_V4 => {
             let dst = u32::from_be_bytes([dst[0], dst[1], dst[2], dst[3]]);
-            if dst == u32::MAX {
-                LINK_MULTICAST | if udp_port == 67 { DHCP } else { 0 }
-            } else if dst >> 8 == 0x00e0_0000 {
+            if dst >> 8 == 0x00e0_0000 {
                 LINK_MULTICAST
+            } else if dst == u32::MAX && udp_port == 67 {
+                DHCP
             } else {
                 0
             }
@@ -862,13 +870,13 @@ pub fn host_essential_kinds(frame: &ParsedFrame) -> u32 {
         // Scope is the low nibble of the second byte: 1 interface-local, 2 link-local.
         FAMILY_V6 if dst[0] == 0xff && matches!(dst[1] & 0x0f, 1 | 2) => {
             let icmpv6 = frame.protocol_known && frame.protocol == IPPROTO_ICMPV6;
-            LINK_MULTICAST
-                | if icmpv6 { NEIGHBOR_DISCOVERY } else { 0 }
-                | if udp_port == 547 && *dst == ALL_DHCP_RELAY_AGENTS_AND_SERVERS {
-                    DHCP
-                } else {
-                    0
-                }
+            let relay_group = *dst == ALL_DHCP_RELAY_AGENTS_AND_SERVERS;
+            let link = match (relay_group, udp_port) {
+                (false, _) => LINK_MULTICAST,
+                (true, 547) => DHCP,
+                (true, _) => 0,
+            };
+            link | if icmpv6 { NEIGHBOR_DISCOVERY } else { 0 }
         }
         _ => 0,
     }
@@ -924,12 +932,14 @@ mod tests {
         use crate::host_essential::{DHCP, LINK_MULTICAST as LINK, NEIGHBOR_DISCOVERY as ND};
         const ICMPV6: u8 = IPPROTO_ICMPV6;
         for (dst, protocol, port, kinds) in [
-            ("255.255.255.255", IPPROTO_UDP, 67, DHCP | LINK),
-            ("255.255.255.255", IPPROTO_UDP, 68, LINK),
+            ("255.255.255.255", IPPROTO_UDP, 67, DHCP),
+            // What a relay (an `ip helper-address`) forwards off the link.
+            ("255.255.255.255", IPPROTO_UDP, 68, 0),
+            ("255.255.255.255", IPPROTO_UDP, 53, 0),
             ("224.0.0.251", IPPROTO_UDP, 5353, LINK),
             ("224.0.0.22", 2, 0, LINK),
-            ("ff02::1:2", IPPROTO_UDP, 547, DHCP | LINK),
-            ("ff02::1:2", IPPROTO_UDP, 548, LINK),
+            ("ff02::1:2", IPPROTO_UDP, 547, DHCP),
+            ("ff02::1:2", IPPROTO_UDP, 548, 0),
             ("ff02::1:ff00:3", ICMPV6, 0, ND | LINK),
             ("ff02::16", ICMPV6, 0, ND | LINK),
             ("ff12::fb", IPPROTO_UDP, 5353, LINK),
@@ -955,10 +965,16 @@ mod tests {
         // Unknown ports or protocol (a later fragment) are no DHCP.
         let mut f = parsed("255.255.255.255", IPPROTO_UDP, 67);
         f.ports = PortInfo::Unknown;
-        assert_eq!(host_essential_kinds(&f), LINK);
+        assert_eq!(host_essential_kinds(&f), 0);
         let mut f = parsed("ff02::1", ICMPV6, 0);
         f.protocol_known = false;
         assert_eq!(host_essential_kinds(&f), LINK);
+        // A tunnel to a link-scope address is no kind at all, whatever it carries.
+        for dst in ["224.0.0.251", "255.255.255.255", "ff02::1"] {
+            let mut f = parsed(dst, IPPROTO_UDP, 67);
+            f.encapsulated = true;
+            assert_eq!(host_essential_kinds(&f), 0, "{dst}");
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct PolicyDiff {
     pub mode: Option<(String, String)>,
     pub exempt_added: Vec<String>,
     pub exempt_removed: Vec<String>,
+    /// `host_essentials` switches turned on, and turned off.
+    pub host_essentials_on: Vec<String>,
+    pub host_essentials_off: Vec<String>,
     pub regions_added: Vec<String>,
     pub regions_removed: Vec<String>,
     /// Regions present in both whose prefixes changed.
@@ -92,6 +95,21 @@ pub fn diff(old: &LoadedPolicy, new: &LoadedPolicy) -> PolicyDiff {
     );
     d.exempt_added = ne.difference(&oe).cloned().collect();
     d.exempt_removed = oe.difference(&ne).cloned().collect();
+    let switches = |p: &LoadedPolicy| {
+        let h = p.host_essentials;
+        [
+            ("dhcp", h.dhcp),
+            ("neighbor_discovery", h.neighbor_discovery),
+            ("link_multicast", h.link_multicast),
+        ]
+    };
+    for ((name, was), (_, is)) in switches(old).into_iter().zip(switches(new)) {
+        match (was, is) {
+            (false, true) => d.host_essentials_on.push(name.to_owned()),
+            (true, false) => d.host_essentials_off.push(name.to_owned()),
+            _ => {}
+        }
+    }
 
     let (or, nr) = (
         names(&old.regions, |r| &r.name),
@@ -174,6 +192,12 @@ pub fn render(d: &PolicyDiff) -> String {
     }
     for e in &d.exempt_removed {
         let _ = writeln!(out, "- exempt {e}");
+    }
+    for s in &d.host_essentials_on {
+        let _ = writeln!(out, "+ host essential {s}: passes before any class");
+    }
+    for s in &d.host_essentials_off {
+        let _ = writeln!(out, "- host essential {s}: judged by the classes");
     }
     for r in &d.regions_added {
         let _ = writeln!(out, "+ region {r}");

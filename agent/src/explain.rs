@@ -337,7 +337,7 @@ fn describe(
             format!("{address} is loopback or link-local, which is always allowed")
         }
         Reason::ExemptHostEssential => format!(
-            "{address} is link-scope multicast or broadcast, which the host's own DHCP, neighbour discovery and link protocols use; allowed unless the policy's host_essentials turns that off"
+            "{address} is link-scope multicast, or DHCP's broadcast or multicast address, which the host's own DHCP, neighbour discovery and link protocols use; allowed unless the policy's host_essentials turns that off"
         ),
         Reason::ExemptPolicy => {
             let by = policy

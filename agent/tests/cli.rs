@@ -27,6 +27,7 @@ data_classes:
 const NEW: &str = r#"
 version: 1
 mode: audit
+host_essentials: {link_multicast: false}
 exempt: [10.0.0.0/8, 192.0.2.0/24]
 regions:
   eu-west:
@@ -66,6 +67,11 @@ fn check_diff_shows_what_a_new_policy_would_change() {
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(d["mode"], serde_json::json!(["enforce", "audit"]));
     assert_eq!(d["exempt_added"], serde_json::json!(["192.0.2.0/24"]));
+    assert_eq!(
+        d["host_essentials_off"],
+        serde_json::json!(["link_multicast"])
+    );
+    assert_eq!(d["host_essentials_on"], serde_json::json!([]));
     assert_eq!(d["regions_added"], serde_json::json!(["eu-north"]));
     let eu = &d["regions_changed"][0];
     assert_eq!(eu["region"], "eu-west");
@@ -98,6 +104,10 @@ fn check_diff_shows_what_a_new_policy_would_change() {
         "{text}"
     );
     assert!(text.contains("+ region eu-north"), "{text}");
+    assert!(
+        text.contains("- host essential link_multicast: judged by the classes"),
+        "{text}"
+    );
 
     let same = Command::new(agent_binary())
         .args(["check", "--diff"])

@@ -39,8 +39,9 @@ pub struct Answer {
 }
 
 /// Every reason this model can give, so a test can hold them to the datapath's list.
-pub const REASONS: [&str; 7] = [
+pub const REASONS: [&str; 8] = [
     "exempt_builtin",
+    "exempt_host_essential",
     "exempt_policy",
     "unclassified",
     "region_allowed",
@@ -59,6 +60,9 @@ pub fn evaluate(policy: &LoadedPolicy, packet: &Packet) -> Answer {
     };
     if is_loopback_or_link_local(packet.dst) {
         return passes("exempt_builtin");
+    }
+    if is_host_essential(policy, packet) {
+        return passes("exempt_host_essential");
     }
     if policy.exempt.iter().any(|n| contains(n, packet.dst)) {
         return passes("exempt_policy");
@@ -101,6 +105,34 @@ fn mode_str(mode: Mode) -> &'static str {
     match mode {
         Mode::Enforce => "enforce",
         Mode::Audit => "audit",
+    }
+}
+
+/// The host's own link traffic, as docs/policy.md's `host_essentials` table has it.
+fn is_host_essential(policy: &LoadedPolicy, packet: &Packet) -> bool {
+    const UDP: u8 = 17;
+    const ICMPV6: u8 = 58;
+    let on = policy.host_essentials;
+    let udp_to = |port| packet.protocol == UDP && packet.dst_port == port;
+    match packet.dst {
+        IpAddr::V4(a) => {
+            let [first, second, third, _] = a.octets();
+            (on.link_multicast && (first, second, third) == (224, 0, 0))
+                || (on.dhcp && a.is_broadcast() && udp_to(67))
+        }
+        IpAddr::V6(a) => {
+            let scope = a.octets()[1] & 0x0f;
+            if !a.is_multicast() || !(scope == 1 || scope == 2) {
+                return false;
+            }
+            let dhcp_relays: std::net::Ipv6Addr = "ff02::1:2".parse().expect("address");
+            let link = if a == dhcp_relays {
+                on.dhcp && udp_to(547)
+            } else {
+                on.link_multicast
+            };
+            link || (on.neighbor_discovery && packet.protocol == ICMPV6)
+        }
     }
 }
 

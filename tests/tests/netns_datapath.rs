@@ -712,16 +712,18 @@ fn until_no_tentative_addresses(sandbox: &Sandbox) {
 /// What reaches the world from the host under [`all_udp_policy`] with `switches`: DHCPv4,
 /// DHCPv6, mDNS over both families, and whether the host can resolve a new on-link
 /// neighbour's address (neighbour discovery) to send it UDP.
-fn host_link_traffic(label: &str, switches: &str) -> ([u32; 4], u32, u64, String) {
+fn host_link_traffic(label: &str, switches: &str) -> ([u32; 5], u32, u64, String) {
     let sandbox = Sandbox::new(label);
     let dp = attached(&sandbox, &all_udp_policy(switches));
-    let mut delivered = [0; 4];
+    let mut delivered = [0; 5];
     let mut notes = String::new();
     for (i, (dst, port)) in [
         ("255.255.255.255", 67),
         ("ff02::1:2", 547),
         ("224.0.0.251", 5353),
         ("ff02::fb", 5353),
+        // NetBIOS datagrams: broadcast, but what a router's UDP helper forwards.
+        ("255.255.255.255", 138),
     ]
     .into_iter()
     .enumerate()
@@ -750,8 +752,9 @@ fn dhcp_neighbour_discovery_and_multicast_from_the_host_pass_a_class_of_all_udp(
     require_root();
     let (delivered, to_new_neighbour, exempt, notes) = host_link_traffic("he", "{}");
     assert_eq!(
-        delivered, [5; 4],
-        "DHCPv4, DHCPv6, mDNS over IPv4 and IPv6: {notes}"
+        delivered,
+        [5, 5, 5, 5, 0],
+        "DHCPv4, DHCPv6, mDNS over IPv4 and IPv6, and no other broadcast: {notes}"
     );
     assert!(to_new_neighbour > 0, "the new neighbour was never resolved");
     // 20 datagrams, and at least one neighbour solicitation.
@@ -763,7 +766,7 @@ fn dhcp_neighbour_discovery_and_multicast_from_the_host_pass_a_class_of_all_udp(
     let off = "{dhcp: false, neighbor_discovery: false, link_multicast: false}";
     let (delivered, to_new_neighbour, exempt, _) = host_link_traffic("hf", off);
     assert_eq!(
-        delivered, [0; 4],
+        delivered, [0; 5],
         "switched off: DHCP and mDNS are the class's"
     );
     assert_eq!(

@@ -963,15 +963,23 @@ fn the_hosts_own_link_traffic_passes_unless_the_policy_switches_it_off() {
         spec.build().bytes
     };
     let dhcp = [udp("255.255.255.255", 67), udp("ff02::1:2", 547)];
-    let link = [
-        udp("224.0.0.251", 5353),
-        udp("255.255.255.255", 9),
-        udp("ff02::fb", 5353),
-    ];
+    let link = [udp("224.0.0.251", 5353), udp("ff02::fb", 5353)];
+    // Routed on by routers, or by a relay on the link (a DHCP relay, an
+    // `ip helper-address` forwarding broadcasts to DNS or TFTP); and tunnels to the link,
+    // which an endpoint there sends on.
+    let vxlan_to_the_link = {
+        let inner = Spec::udp(SRC4, US4, 67).build().bytes;
+        let mut spec = Spec::udp(SRC4, "224.0.0.251", 4789);
+        spec.payload = [vec![0x08, 0, 0, 0, 0, 0, 42, 0], inner].concat();
+        spec.build().bytes
+    };
     let routed_on = [
         udp("239.1.2.3", 5353),
         udp("224.0.1.1", 123),
         udp("ff05::1:3", 547),
+        udp("255.255.255.255", 53),
+        udp("255.255.255.255", 69),
+        udp("ff02::1:2", 9),
     ];
     let exempt = |frame: &Vec<u8>| {
         (
@@ -995,6 +1003,14 @@ fn the_hosts_own_link_traffic_passes_unless_the_policy_switches_it_off() {
     cases.push(exempt(&neighbor_solicitation));
     cases.extend(routed_on.iter().map(denied));
     assert_cases(&mut dp, &cases);
+    // The tunnel is judged by its inner packet (UDP to port 67 in us-east), not exempt.
+    let o = run(&mut dp, TC, &vxlan_to_the_link, 0x10);
+    assert!(
+        !o.passed,
+        "a VXLAN packet to a link-scope group passed: {:?}",
+        o.reason
+    );
+    assert_ne!(o.reason, Reason::ExemptHostEssential);
 
     let switched = |switches: &str| {
         let yaml = POLICY.replace(

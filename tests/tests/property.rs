@@ -132,6 +132,9 @@ struct ClassGen {
 #[derive(Clone, Debug)]
 struct PolicyGen {
     mode: Option<&'static str>,
+    /// `host_essentials` switches (dhcp, neighbor_discovery, link_multicast); `None`
+    /// leaves the key out.
+    host_essentials: Option<(bool, bool, bool)>,
     exempt: Vec<IpNetwork>,
     regions: Vec<Vec<IpNetwork>>,
     classes: Vec<ClassGen>,
@@ -213,11 +216,12 @@ fn policy_gen(with_cgroups: bool) -> impl Strategy<Value = PolicyGen> {
     let exempt = vec(prop_oneof![v4_prefix(20..=32), v6_prefix(48..=128)], 0..=2);
     (
         select(vec![None, Some("enforce"), Some("audit")]),
+        proptest::option::of(any::<(bool, bool, bool)>()),
         exempt,
         vec(region, 1..=5),
         vec(class_gen(with_cgroups), 1..=4),
     )
-        .prop_map(|(mode, exempt, regions, classes)| {
+        .prop_map(|(mode, host_essentials, exempt, regions, classes)| {
             // Validation refuses one exact prefix in two regions, so the first keeps it.
             let mut seen = std::collections::HashSet::new();
             let regions = regions
@@ -231,6 +235,7 @@ fn policy_gen(with_cgroups: bool) -> impl Strategy<Value = PolicyGen> {
                 .collect();
             PolicyGen {
                 mode,
+                host_essentials,
                 exempt,
                 regions,
                 classes,
@@ -248,6 +253,13 @@ impl PolicyGen {
         let mut y = String::from("version: 1\n");
         if let Some(mode) = self.mode {
             writeln!(y, "mode: {mode}").unwrap();
+        }
+        if let Some((dhcp, nd, link)) = self.host_essentials {
+            writeln!(
+                y,
+                "host_essentials: {{dhcp: {dhcp}, neighbor_discovery: {nd}, link_multicast: {link}}}"
+            )
+            .unwrap();
         }
         if !self.exempt.is_empty() {
             writeln!(y, "exempt: {}", quoted(&self.exempt)).unwrap();
@@ -323,7 +335,8 @@ enum DstSeed {
     Listed(Index, u128, u8),
     /// Anywhere in the small blocks.
     Space(bool, u128),
-    /// Loopback or link-local.
+    /// Loopback or link-local; or link-scope multicast, the limited broadcast, or a
+    /// multicast group of wider scope (the host essentials and their near misses).
     Builtin(Index, u128),
     /// Anywhere at all, mostly far outside every region.
     Anywhere(bool, u128),
@@ -458,7 +471,17 @@ fn materialize(
         DstSeed::Listed(_, h, _) => in_net(&v4_space(), *h),
         DstSeed::Space(v6, h) => in_net(&space(*v6), *h),
         DstSeed::Builtin(i, h) => {
-            let builtin = ["127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10"];
+            let builtin = [
+                "127.0.0.0/8",
+                "169.254.0.0/16",
+                "::1/128",
+                "fe80::/10",
+                "224.0.0.0/23",
+                "255.255.255.255/32",
+                "ff02::1:2/128",
+                "ff00::/12",
+                "ff12::/16",
+            ];
             let n: IpNetwork = builtin[i.index(builtin.len())].parse().expect("prefix");
             in_net(&n, *h)
         }
