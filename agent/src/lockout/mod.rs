@@ -98,25 +98,55 @@ impl fmt::Display for CutSession {
     }
 }
 
+/// The DSCP values a session's replies may carry: none, and OpenSSH's default `IPQoS`
+/// (af21 for interactive sessions, cs1 for bulk transfers).
+const SSH_DSCP: [u8; 3] = [0, 18, 8];
+
 /// What the policy does to a session's replies: TCP from this host's end to the
-/// client's, sent from the cgroup sshd's sockets are charged to. `None` if the question
-/// cannot be put (it always can for a session read from the kernel's tables).
+/// client's, sent from the cgroup sshd's sockets are charged to, with each DSCP sshd may
+/// set. Where that cgroup could not be seen (the agent may not read sshd's `/proc`
+/// entries), the replies are judged as from no class's cgroup and from each cgroup a
+/// class names, so a class that could be sshd's is never missed. The first judgement
+/// that denies, else the last; `None` if none could be made, which is logged.
 pub fn judge_replies(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     session: &SshSession,
 ) -> Option<Explanation> {
-    let query = Query {
-        protocol: IPPROTO_TCP,
-        dst_port: session.remote.port(),
-        src: Some(session.local.ip()),
-        cgroup: session.cgroup.clone(),
-        mark: 0,
-        dscp: 0,
-        class: None,
+    let cgroups: Vec<Option<String>> = match &session.cgroup {
+        Some(cgroup) => vec![Some(cgroup.clone())],
+        None => std::iter::once(None)
+            .chain(policy.classes.iter().flat_map(|c| {
+                c.selectors
+                    .cgroups
+                    .iter()
+                    .map(|(path, _)| Some(path.clone()))
+            }))
+            .collect(),
     };
-    explain(policy, compiled, cgroup_root, &query, session.remote.ip()).ok()
+    let mut last = None;
+    for cgroup in cgroups {
+        for dscp in SSH_DSCP {
+            let query = Query {
+                protocol: IPPROTO_TCP,
+                dst_port: session.remote.port(),
+                src: Some(session.local.ip()),
+                cgroup: cgroup.clone(),
+                mark: 0,
+                dscp,
+                class: None,
+            };
+            match explain(policy, compiled, cgroup_root, &query, session.remote.ip()) {
+                Ok(e) if e.verdict == Verdict::Deny.as_str() => return Some(e),
+                Ok(e) => last = Some(e),
+                Err(e) => {
+                    tracing::warn!(%session, error = %e, "cannot judge the replies of an SSH session");
+                }
+            }
+        }
+    }
+    last
 }
 
 /// The first of `sessions` whose replies `policy` denies. An audit verdict lets them
@@ -222,6 +252,43 @@ data_classes:
         // Replies from an address no class selects are not user data.
         let other = vec![session("192.0.2.11:22", "203.0.113.7:51234")];
         assert_eq!(cut(&policy("enforce", ""), other), None);
+    }
+
+    /// A class by cgroup, or by sshd's DSCP, cuts a session whose cgroup the agent
+    /// could not see: judged as every cgroup a class names and every DSCP sshd sets.
+    #[test]
+    fn a_session_of_unknown_cgroup_is_judged_as_any_class_that_could_be_sshds() {
+        let root = crate::cgroups::cgroup2_root();
+        // A cgroup of its own for the class to name: a policy may not name the root.
+        let name = format!("datafence-test-lockout-{}", std::process::id());
+        std::fs::create_dir(root.join(&name)).expect("make a test cgroup (as root)");
+        let cgroups = format!("{{cgroups: [/{name}]}}");
+        for selector in [cgroups.as_str(), "{dscp: [18]}"] {
+            let text = format!(
+                "version: 1\nregions: {{}}\ndata_classes:\n  everything:\n    match: {selector}\n    unknown: deny\n"
+            );
+            let policy = crate::policy::parse_policy_str(
+                &text,
+                Path::new("/etc/datafence/policy.yaml"),
+                &crate::policy::LoadOptions {
+                    cgroup_root: root.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let compiled = policy.compile();
+            let mut unseen = session("192.0.2.10:22", "203.0.113.7:51234");
+            unseen.owner = None;
+            let got = first_cut_session(&policy, &compiled, &root, vec![unseen]);
+            assert_eq!(
+                got.map(|c| c.to_string()).as_deref(),
+                Some(
+                    "from 203.0.113.7:51234 to 192.0.2.10:22 (holder unknown, class everything, region none: unknown_denied)"
+                ),
+                "{selector}"
+            );
+        }
+        let _ = std::fs::remove_dir(root.join(&name));
     }
 
     #[test]
