@@ -10,6 +10,10 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// In the pin directory: a symlink to the runtime directory of the agent that owns the
 /// pins, so commands given `--pin-dir` find that agent and its state.
 pub const PINS_OWNER: &str = "agent";
+/// In the pin directory: the prefix of the entry program's pin that `explain --datapath`
+/// makes for its test-run child, removed when the answer is given. One left by an agent
+/// that died meanwhile is removed by the next agent of the directory, or by `detach`.
+pub const EXPLAIN_TEST_RUN_PREFIX: &str = "explain-test-run-";
 /// bpffs directory for pinned programs, links and maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/datafence";
 /// cgroup v2 mount that policy cgroup paths are relative to.

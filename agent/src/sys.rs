@@ -108,6 +108,9 @@ struct CloneArgs {
 }
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+/// The child starts with default signal handlers: until it execs, a signal must not run
+/// one of the parent's (tokio's) in the copy.
+const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 
 /// Starts `program` with `args` inside the cgroup whose directory is `cgroup_dir`, with
 /// its stdin, stdout and stderr piped to the returned handles and this process's
@@ -147,7 +150,7 @@ pub fn spawn_into_cgroup(
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let clone_args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags: CLONE_INTO_CGROUP | CLONE_CLEAR_SIGHAND,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
         ..CloneArgs::default()

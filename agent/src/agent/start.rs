@@ -238,6 +238,10 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         bench: false,
     })?;
     datapath.set_tc_kind(tc_kind);
+    if let Some(pins) = datapath.pins() {
+        // An earlier agent of these pins that died answering an explain left its copy.
+        pins.remove_explain_test_runs();
+    }
     let adopted_generation = datapath
         .policy_in_slot(datapath.active_slot()?)?
         .header

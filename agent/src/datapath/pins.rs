@@ -111,6 +111,25 @@ impl PinLayout {
         Self { root: root.into() }
     }
 
+    /// Removes the test-run pins `explain --datapath` left (see
+    /// [`EXPLAIN_TEST_RUN_PREFIX`](crate::dirs::EXPLAIN_TEST_RUN_PREFIX)): each holds a
+    /// whole private copy of the datapath in kernel memory. Only for the agent that holds
+    /// the directory's lock, or `detach`.
+    pub fn remove_explain_test_runs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name
+                .to_string_lossy()
+                .starts_with(crate::dirs::EXPLAIN_TEST_RUN_PREFIX)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     pub fn maps_dir(&self) -> PathBuf {
         self.root
             .join(format!("v{}", datafence_common::ABI_VERSION))
@@ -229,6 +248,7 @@ impl PinLayout {
             let _ = std::fs::remove_dir(parent);
         }
         let _ = std::fs::remove_file(self.root.join(crate::dirs::PINS_OWNER));
+        self.remove_explain_test_runs();
         let _ = std::fs::remove_dir(&self.root);
         detached.sort();
         Ok(detached)

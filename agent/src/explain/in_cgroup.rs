@@ -113,9 +113,11 @@ impl CgroupRunner {
             // time. bpffs refuses dots in names.
             static NEXT: AtomicU32 = AtomicU32::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = self
-                .pin_dir
-                .join(format!("explain-test-run-{}-{n}", std::process::id()));
+            let path = self.pin_dir.join(format!(
+                "{}{}-{n}",
+                crate::dirs::EXPLAIN_TEST_RUN_PREFIX,
+                std::process::id()
+            ));
             datapath.pin_tc_entry(&path)?;
             self.pin = Some(TestRunPin(path));
         }
