@@ -52,7 +52,6 @@ fn at<T>(s: &Spanned<T>) -> Pos {
     }
 }
 
-/// The directory a policy's region files are relative to, and its trust boundary.
 /// The parser's limits: its defaults, but for the node limit, which is ours to state
 /// (`--max-yaml-nodes`), and those that follow from it and from the file's size limit.
 fn yaml_options(opts: &LoadOptions) -> serde_saphyr::Options {
@@ -78,6 +77,7 @@ fn host_essentials(raw: &RawHostEssentials) -> HostEssentials {
     }
 }
 
+/// The directory a policy's region files are relative to, and its trust boundary.
 fn policy_dir(path: &Path) -> PathBuf {
     path.parent()
         .filter(|d| !d.as_os_str().is_empty())
