@@ -3,7 +3,7 @@
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// The host's own link traffic that passes whatever the classes say, as bits of
 /// [`PolicyHeader::host_essentials`](crate::PolicyHeader::host_essentials); each has a
@@ -44,28 +44,18 @@ pub const MAX_CGROUP_ENTRIES: u32 = 4096;
 pub const MAX_SRC_CIDR_ENTRIES: u32 = 65_536;
 /// Entries in each exemption trie (both slots together).
 pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
-/// Default region-table capacity per address family and per slot. The agent can raise it
-/// (`--table-capacity`); the maps hold two slots, so their max_entries is twice this.
+/// Default region-table capacity per address family and per slot: the prefixes a policy
+/// may list (`--table-capacity`).
 pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
-/// IPv4 regions live in a DIR-24-8 table: `DIR24` has one u32 per /24 and slot. An entry
-/// is a region id (0: none), or [`DIR_EXTENDED`] plus the index of a 256-entry group of
-/// u8 region ids in `DIR8`, for /24s that contain longer prefixes. A lookup costs one or
-/// two array reads whatever the number of prefixes.
-pub const DIR24_ENTRIES: u32 = 1 << 24;
-pub const DIR_EXTENDED: u32 = 1 << 31;
-/// Table entries per array value. The kernel stores array values at an 8-byte stride, so
-/// values of eight bytes keep the memory-mapped arrays dense.
-pub const DIR24_LANES: usize = 2;
-pub const DIR8_LANES: usize = 8;
-/// `DIR8` groups per slot by default: /24s that hold prefixes longer than /24. The cloud
-/// catalogue needs about 17,000; a million real-world prefixes about 250,000.
-pub const DEFAULT_DIR8_GROUPS: u32 = 32_768;
-/// Largest group count the agent accepts (256 bytes each, per slot).
-pub const MAX_DIR8_GROUPS: u32 = 1 << 22;
+/// Range entries per slot the IPv4 table has room for when nothing larger is asked:
+/// one per chunk of the smallest index and as many again (see [`v4`](crate::v4)).
+pub const DEFAULT_V4_SLOT_RANGES: u32 = 1 << 17;
+/// Largest range count per slot the agent accepts: above a full routing table's twice.
+pub const MAX_V4_SLOT_RANGES: u32 = 1 << 24;
 /// IPv6 table entries per slot by default: prefixes and the markers the length search
 /// needs (see [`v6`](crate::v6)). The table has twice as many places, at 24 bytes each.
 /// The agent sizes the table to the policy it starts with.
-pub const DEFAULT_V6_ENTRIES: u32 = 1 << 16;
+pub const DEFAULT_V6_ENTRIES: u32 = 1 << 12;
 /// Largest IPv6 entry count per slot the agent accepts.
 pub const MAX_V6_ENTRIES: u32 = 1 << 24;
 /// Lookups each cold benchmark run performs, on addresses drawn at random from a

@@ -20,6 +20,7 @@ mod names;
 pub mod parse;
 pub mod socket;
 pub mod stat;
+pub mod v4;
 pub mod v6;
 pub mod verdict;
 

@@ -5,7 +5,6 @@
 pub mod map_names {
     pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
     pub const POLICY: &str = "POLICY";
-    pub const REGIONS_V4: &str = "REGIONS_V4";
     pub const REGIONS_V6: &str = "REGIONS_V6";
     pub const EXEMPT_V4: &str = "EXEMPT_V4";
     pub const EXEMPT_V6: &str = "EXEMPT_V6";
@@ -16,8 +15,9 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
     pub const RATE_LIMIT: &str = "RATE_LIMIT";
-    pub const DIR24: &str = "DIR24";
-    pub const DIR8: &str = "DIR8";
+    /// The IPv4 range table: chunk index and ranges (see `datafence_common::v4`).
+    pub const V4_INDEX: &str = "V4_INDEX";
+    pub const V4_RANGES: &str = "V4_RANGES";
     pub const COUNTER_CACHE: &str = "COUNTER_CACHE";
     pub const V6_LENGTHS: &str = "V6_LENGTHS";
     /// The tail-call stage arrays, one per hook, and the jobs the entry programs hand
@@ -126,10 +126,9 @@ pub mod program_names {
 
 /// Read-only globals the loader sets; the verifier prunes the branches they rule out.
 pub mod globals {
-    /// 1: IPv4 regions in the DIR-24-8 table; 0: in the `REGIONS_V4` LPM trie.
-    pub const V4_DIR24: &str = "V4_DIR24";
-    /// `DIR8` groups per slot.
-    pub const DIR8_GROUPS: &str = "DIR8_GROUPS";
+    /// Index bits of the IPv4 range table, and its range entries per slot.
+    pub const V4_INDEX_BITS: &str = "V4_INDEX_BITS";
+    pub const V4_SLOT_RANGES: &str = "V4_SLOT_RANGES";
     /// log2 of the `REGIONS_V6` places per slot.
     pub const V6_TABLE_BITS: &str = "V6_TABLE_BITS";
 }

@@ -16,7 +16,7 @@
 //! bounded loop is verified in a few passes rather than once per path.
 //!
 //! The hash itself is an open-addressed table in a memory-mappable array (`REGIONS_V6`),
-//! which the agent fills with plain memory writes, like the IPv4 DIR-24-8 table. A probe
+//! which the agent fills with plain memory writes, like the IPv4 range table. A probe
 //! reads one 24-byte entry and, rarely, its neighbours: one cache miss, where a kernel
 //! hash map costs a bucket and an element. Robin Hood insertion keeps every entry within
 //! a few places of its home, and the slot's header records how far a lookup must scan.

@@ -18,7 +18,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MMAPABLE, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, xdp_action},
     helpers::{
         bpf_ktime_get_ns,
         generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
@@ -32,17 +32,17 @@ use aya_ebpf::{
 };
 use datafence_common::{
     COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey, ClassMask, CounterKey, CounterValue,
-    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, DIR_EXTENDED, DIR8_LANES,
-    DIR24_ENTRIES, DIR24_LANES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook, LpmDataV4,
-    LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS,
+    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_ENTRIES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook,
+    LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS,
     MAX_EXEMPT_ENTRIES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES, MAX_TRACKED_FRAGMENTS, Policy,
-    REGION_NONE, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
+    RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
     ViolationEvent,
     parse::{
         PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers, parse_ip_packet_headers,
         read_encapsulated, read_ipv4_options,
     },
     stage, stat,
+    v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
     v6::{V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode, v6_search, v6_table_get},
     verdict::{Judgement, Lookups, judge_frame},
 };
@@ -52,9 +52,6 @@ static ACTIVE_SLOT: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static POLICY: Array<Policy> = Array::with_max_entries(SLOTS, 0);
 // Region tables hold both slots; the agent sizes them to the policy at load time.
-#[map]
-static REGIONS_V4: LpmTrie<LpmDataV4, RegionId> =
-    LpmTrie::with_max_entries(SLOTS * DEFAULT_TABLE_CAPACITY, 0);
 // IPv6 regions: prefixes and markers of both slots in an open-addressed table, searched by
 // length (see `datafence_common::v6`). The agent sizes it and fills it through mmap.
 #[map]
@@ -74,8 +71,10 @@ static SRC_V6: LpmTrie<LpmDataV6, ClassMask> = LpmTrie::with_max_entries(MAX_SRC
 static CGROUP_CLASSES: HashMap<CgroupKey, ClassMask> =
     HashMap::with_max_entries(MAX_CGROUP_ENTRIES, 0);
 #[map]
+// Allocated as keys appear: a host sees a few dozen keys, and a preallocated map costs
+// every CPU's share of all 65,536 up front.
 static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
-    PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, 0);
+    PerCpuHashMap::with_max_entries(MAX_COUNTER_KEYS, BPF_F_NO_PREALLOC);
 /// Each CPU's counters for the keys it sees most, in front of `COUNTERS`: an array read
 /// the verifier inlines, where the hash costs a call and a hash of the key.
 #[map]
@@ -87,42 +86,39 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 #[map]
 static RATE_LIMIT: PerCpuArray<RateLimitState> = PerCpuArray::with_max_entries(1, 0);
-// The kernel lays array values out at an 8-byte stride; eight-byte values keep the
-// memory-mapped views dense arrays of u32 and u8.
+// The IPv4 range table of both slots (see `datafence_common::v4`): chunk index and
+// ranges. The kernel lays array values out at an 8-byte stride; values of two u32 keep
+// the memory-mapped views dense arrays of u32.
 #[map]
-static DIR24: Array<[u32; DIR24_LANES]> =
-    Array::with_max_entries(SLOTS * DIR24_ENTRIES / DIR24_LANES as u32, BPF_F_MMAPABLE);
+static V4_INDEX: Array<[u32; V4_LANES]> = Array::with_max_entries(
+    (SLOTS * ((1 << V4_MIN_INDEX_BITS) + 1)).div_ceil(V4_LANES as u32),
+    BPF_F_MMAPABLE,
+);
 #[map]
-static DIR8: Array<[u8; DIR8_LANES]> = Array::with_max_entries(
-    SLOTS * DEFAULT_DIR8_GROUPS * 256 / DIR8_LANES as u32,
+static V4_RANGES: Array<[u32; V4_LANES]> = Array::with_max_entries(
+    SLOTS * DEFAULT_V4_SLOT_RANGES / V4_LANES as u32,
     BPF_F_MMAPABLE,
 );
 
-/// Entry `index` of a DIR table.
+/// Entry `index` of a table of lanes.
 #[inline(always)]
-fn dir_entry<T: Copy, const N: usize>(table: &Array<[T; N]>, index: u32) -> Option<T> {
+fn lane_entry<T: Copy, const N: usize>(table: &Array<[T; N]>, index: u32) -> Option<T> {
     let lanes = table.get(index / N as u32)?;
     Some(lanes[(index % N as u32) as usize])
 }
 
 /// Set by the loader (see `datafence_common::globals`).
 #[unsafe(no_mangle)]
-static V4_DIR24: u8 = 1;
+static V4_INDEX_BITS: u32 = V4_MIN_INDEX_BITS;
 #[unsafe(no_mangle)]
-static DIR8_GROUPS: u32 = DEFAULT_DIR8_GROUPS;
+static V4_SLOT_RANGES: u32 = DEFAULT_V4_SLOT_RANGES;
 #[unsafe(no_mangle)]
 static V6_TABLE_BITS: u32 = (DEFAULT_V6_ENTRIES * V6_LOAD_DIVISOR).trailing_zeros();
 
 #[inline(always)]
-fn global_u8(v: &u8) -> u8 {
+fn global_u32(v: &u32) -> u32 {
     // SAFETY: a read of a plain global; volatile so the value the loader wrote into
     // .rodata is read rather than the compile-time initialiser.
-    unsafe { core::ptr::read_volatile(v) }
-}
-
-#[inline(always)]
-fn global_u32(v: &u32) -> u32 {
-    // SAFETY: as for `global_u8`.
     unsafe { core::ptr::read_volatile(v) }
 }
 
@@ -277,31 +273,18 @@ fn lookup_v6<V: Copy>(map: &LpmTrie<LpmDataV6, V>, slot: u32, addr: &[u8; 16]) -
     map.get(Key::new(SLOT_PREFIX_BITS + 128, data)).copied()
 }
 
-/// IPv4 region by DIR-24-8: one array read, two when the /24 holds longer prefixes.
-#[inline(always)]
-fn dir24_region(slot: u32, a: [u8; 4]) -> RegionId {
-    let top = (u32::from(a[0]) << 16) | (u32::from(a[1]) << 8) | u32::from(a[2]);
-    let Some(entry) = dir_entry(&DIR24, slot * DIR24_ENTRIES + top) else {
-        return RegionId::from(REGION_NONE);
-    };
-    if entry & DIR_EXTENDED == 0 {
-        return entry;
-    }
-    let group = entry & !DIR_EXTENDED;
-    let index = (slot * global_u32(&DIR8_GROUPS) + group) * 256 + u32::from(a[3]);
-    dir_entry(&DIR8, index).map_or(RegionId::from(REGION_NONE), RegionId::from)
-}
-
+/// IPv4 region: an index read and a short binary search over the chunk's ranges.
 #[inline(always)]
 fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
-    if global_u8(&V4_DIR24) != 0 {
-        return dir24_region(slot, a);
-    }
-    let data = datafence_common::lpm_data_v4(slot, a);
-    REGIONS_V4
-        .get(Key::new(SLOT_PREFIX_BITS + 32, data))
-        .copied()
-        .unwrap_or(RegionId::from(REGION_NONE))
+    let bits = global_u32(&V4_INDEX_BITS).clamp(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS);
+    let index_base = slot * ((1 << bits) + 1);
+    let range_base = slot * global_u32(&V4_SLOT_RANGES);
+    v4_lookup(
+        a,
+        bits,
+        |i| lane_entry(&V4_INDEX, index_base + i),
+        |i| lane_entry(&V4_RANGES, range_base + i),
+    )
 }
 
 #[inline(always)]

@@ -413,13 +413,8 @@ pub struct KernelOracle {
 
 impl KernelOracle {
     pub fn new(compiled: &CompiledPolicy) -> Result<Self, ExplainError> {
-        let needed = compiled.regions_v4.len().max(compiled.regions_v6.len()) as u32;
         let v6 = crate::v6table::build(&compiled.regions_v6);
-        let mut datapath = Datapath::load(&LoadOptions {
-            table_capacity: needed.max(16),
-            v6_entries: (v6.entries() as u32).max(16),
-            ..LoadOptions::default()
-        })?;
+        let mut datapath = Datapath::load(&LoadOptions::sized_for(compiled, &v6))?;
         datapath.apply_built(compiled, &v6, EventLimits::default())?;
         Ok(Self {
             datapath,

@@ -13,7 +13,6 @@ pub mod clsact;
 pub mod control;
 pub mod datapath;
 pub mod diff;
-pub mod dir24;
 pub mod dirs;
 pub mod explain;
 pub mod generations;
@@ -32,4 +31,5 @@ pub mod report;
     reason = "the agent's unsafe calls live here and only here"
 )]
 mod sys;
+pub mod v4table;
 pub mod v6table;

@@ -63,8 +63,8 @@ fn full_snapshot() -> Snapshot {
         prefixes_v4: 10,
         prefixes_v6: 5,
         last_reload_unix: 1_700_000_000.0,
-        map_memory: vec![("DIR24".into(), 1 << 26)],
-        maps: vec![("REGIONS_V4".into(), 10, 100)],
+        map_memory: vec![("V4_RANGES".into(), 1 << 20)],
+        maps: vec![("V4_RANGES".into(), 10, 100)],
         attachments: vec![datafence::metrics::HookState {
             interface: "eth0".into(),
             hook: "tc_egress".into(),

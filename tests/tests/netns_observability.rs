@@ -120,11 +120,12 @@ fn metrics_count_exactly_what_was_sent() {
         "datafence_policy_prefixes{family=\"ipv4\"} 2",
         "datafence_policy_last_reload_timestamp_seconds",
         "datafence_policy_reload_total{result=\"success\"} 0",
-        "datafence_map_entries{map=\"REGIONS_V4\"} 2",
-        "datafence_map_capacity{map=\"REGIONS_V4\"}",
+        "datafence_map_entries{map=\"V4_RANGES\"}",
+        "datafence_map_capacity{map=\"V4_RANGES\"}",
+        "datafence_map_entries{map=\"REGIONS_V6\"}",
         "datafence_programs_attached{interface=\"up0\",hook=\"tc_egress\"} 1",
         "datafence_build_info{",
-        "datafence_map_memory_bytes{map=\"DIR24\"}",
+        "datafence_map_memory_bytes{map=\"V4_INDEX\"}",
         "datafence_violations_total{class=\"user-data\",region=\"us-east\",verdict=\"deny\"} 48",
     ] {
         assert!(body.contains(name), "{name} missing from\n{body}");

@@ -1227,18 +1227,25 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
             .expect("apply");
         assert!(!tc(&mut dp, &to_us).passed);
     }
-    // A policy larger than the tables is refused whole; the strict policy stays.
+    // A policy larger than the tables is refused whole; the strict policy stays. 70,000
+    // separate host routes draw 140,000 range boundaries, past the 131,072 entries a
+    // datapath loaded with the default sizes has per slot.
     let mut huge = opened.compile();
-    huge.regions_v4 = (0..5000u32)
+    huge.regions_v4 = (0..70_000u32)
         .map(|i| {
-            let addr = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
-            (ipnetwork::Ipv4Network::new(addr, 24).unwrap(), 3)
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 4));
+            (ipnetwork::Ipv4Network::new(addr, 32).unwrap(), 3)
         })
         .collect();
+    let needed = datafence::v4table::Boundaries::of(&huge.regions_v4).entries(16);
+    assert!(needed > 205_000, "{needed}");
     let err = dp
         .apply(&huge, EventLimits::default())
         .expect_err("too large");
-    assert!(err.to_string().contains("REGIONS_V4"), "{err}");
+    let expected = format!(
+        "the IPv4 table needs {needed} range entries; the loaded datapath has room for 131072"
+    );
+    assert!(err.to_string().contains(&expected), "{err}");
     assert!(!tc(&mut dp, &to_us).passed);
     assert!(tc(&mut dp, &Spec::tcp(SRC4, EU4, 443).build()).passed);
     assert_eq!(dp.region_of(IpAddr::V4(US4.parse().unwrap())).unwrap(), 3);
@@ -1431,4 +1438,216 @@ fn a_missing_judge_stage_passes_and_is_counted() {
     );
     assert_eq!(dp.stats().expect("stats").get(stat::STAGE_MISSING), 1);
     layout.remove_all().expect("unpin");
+}
+
+/// A prefix list of either family: (network bits as a u128, prefix length, region).
+type Prefixes = Vec<(u128, u8, u32)>;
+
+/// The cloud catalogue in `policies/regions/cloud`, one region per file, each family
+/// apart: the real prefix-length mix, nested and adjacent prefixes included.
+fn cloud_catalogue() -> (Prefixes, Prefixes) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/regions/cloud");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for (i, file) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (_, _, entry) in datafence::policy::region_file_entries(&text) {
+            let Ok(c) = datafence_common::cidr::parse(entry) else {
+                continue;
+            };
+            let width = datafence_common::cidr::width(c.addr);
+            let bits = datafence_common::cidr::Cidr {
+                addr: c.network(),
+                ..c
+            }
+            .bits();
+            // A prefix in two files keeps the first, as the policy compiler refuses it.
+            if seen.insert((width, bits, c.len)) {
+                let out = if width == 32 { &mut v4 } else { &mut v6 };
+                out.push((bits, c.len, i as u32 + 1));
+            }
+        }
+    }
+    (v4, v6)
+}
+
+/// The longest-prefix match by trying every length, longest first.
+struct NaiveLpm {
+    width: u8,
+    by_len: std::collections::HashMap<(u8, u128), u32>,
+}
+
+impl NaiveLpm {
+    fn new(width: u8, prefixes: &Prefixes) -> Self {
+        let by_len = prefixes
+            .iter()
+            .map(|&(bits, len, region)| ((len, bits & Self::mask(width, len)), region))
+            .collect();
+        Self { width, by_len }
+    }
+
+    fn mask(width: u8, len: u8) -> u128 {
+        let all = if width == 32 {
+            u128::from(u32::MAX)
+        } else {
+            u128::MAX
+        };
+        match len {
+            0 => 0,
+            l if l >= width => all,
+            l => all & !(all >> l),
+        }
+    }
+
+    fn region(&self, addr: u128) -> u32 {
+        (0..=self.width)
+            .rev()
+            .find_map(|len| {
+                self.by_len
+                    .get(&(len, addr & Self::mask(self.width, len)))
+                    .copied()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Every prefix's first and last address and the ones either side, where a range table
+/// or a length search would go wrong.
+fn edge_probes(width: u8, prefixes: &Prefixes) -> Vec<u128> {
+    let top = if width == 32 {
+        u128::from(u32::MAX)
+    } else {
+        u128::MAX
+    };
+    let mut out = vec![0, top];
+    for &(bits, len, _) in prefixes {
+        let last = bits | (top & !NaiveLpm::mask(width, len));
+        out.extend([
+            bits.wrapping_sub(1) & top,
+            bits,
+            last,
+            last.wrapping_add(1) & top,
+        ]);
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn to_ip(width: u8, bits: u128) -> IpAddr {
+    if width == 32 {
+        IpAddr::V4(std::net::Ipv4Addr::from(bits as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bits))
+    }
+}
+
+/// The region tables hold what a naive longest-prefix match says, for every edge of
+/// every prefix, on the cloud catalogue's real mix, on dense host routes and on nested
+/// prefixes of every length: read back from the kernel's own arrays for all of them, and
+/// judged by the program in the kernel for a sample.
+#[test]
+fn kernel_region_tables_agree_with_a_naive_longest_prefix_match() {
+    use datafence::datapath::LoadOptions;
+    integration_tests::require_root();
+    let (cloud4, cloud6) = cloud_catalogue();
+    assert!(
+        cloud4.len() > 10_000 && cloud6.len() > 10_000,
+        "{} {}",
+        cloud4.len(),
+        cloud6.len()
+    );
+    let dense4: Prefixes = (0..70_000u128)
+        .map(|i| (0x0b00_0000 + i, 32, 1 + (i % 3) as u32))
+        .collect();
+    let base6 = u128::from("2a0f:1000::".parse::<Ipv6Addr>().unwrap());
+    let dense6: Prefixes = (0..70_000u128)
+        .map(|i| (base6 + i, 128, 1 + (i % 3) as u32))
+        .collect();
+    let nested = |width: u8, addr: u128| -> Prefixes {
+        (0..=width)
+            .map(|len| {
+                (
+                    addr & NaiveLpm::mask(width, len),
+                    len,
+                    1 + u32::from(len) % 3,
+                )
+            })
+            .collect()
+    };
+    let cases: [(&str, Prefixes, Prefixes); 3] = [
+        ("cloud catalogue", cloud4, cloud6),
+        ("dense host routes", dense4, dense6),
+        (
+            "nested /0 to /32 and /128",
+            nested(32, 0xcb00_714d),
+            nested(
+                128,
+                u128::from("2001:db8:aaaa::77".parse::<Ipv6Addr>().unwrap()),
+            ),
+        ),
+    ];
+    let template = integration_tests::policy_from_yaml(POLICY).compile();
+    for (name, v4, v6) in cases {
+        let mut policy = template.clone();
+        policy.regions_v4 = v4
+            .iter()
+            .map(|&(b, l, r)| {
+                (
+                    ipnetwork::Ipv4Network::new((b as u32).into(), l).unwrap(),
+                    r,
+                )
+            })
+            .collect();
+        policy.regions_v6 = v6
+            .iter()
+            .map(|&(b, l, r)| (ipnetwork::Ipv6Network::new(b.into(), l).unwrap(), r))
+            .collect();
+        let v6_table = datafence::v6table::build(&policy.regions_v6);
+        let mut dp = Datapath::load(&LoadOptions::sized_for(&policy, &v6_table)).expect("load");
+        dp.apply_built(&policy, &v6_table, EventLimits::default())
+            .expect("apply");
+        for (width, prefixes) in [(32u8, &v4), (128, &v6)] {
+            let naive = NaiveLpm::new(width, prefixes);
+            let probes = edge_probes(width, prefixes);
+            let stride = (probes.len() / 1000).max(1);
+            let (mut judged, mut skipped) = (0usize, 0usize);
+            for (i, &p) in probes.iter().enumerate() {
+                let addr = to_ip(width, p);
+                let want = naive.region(p);
+                let got = dp.region_of(addr).expect("region_of");
+                assert_eq!(got, want, "{name}: {addr} in the kernel's tables");
+                // About a thousand probes through the program itself: the https class
+                // looks the region up and counts it.
+                if i % stride != 0 {
+                    continue;
+                }
+                let src = if width == 32 { SRC4 } else { SRC6 };
+                let o = tc(&mut dp, &Spec::tcp(src, &addr.to_string(), 443).build());
+                if o.class != HTTPS {
+                    // Exempt, NAT64 or the host's own link traffic: judged before any
+                    // class, so no region to compare.
+                    skipped += 1;
+                    continue;
+                }
+                assert_eq!(
+                    u32::from(o.region),
+                    want,
+                    "{name}: {addr} judged in the kernel"
+                );
+                judged += 1;
+            }
+            assert!(
+                judged * 2 > probes.len() / stride && skipped * 10 <= judged,
+                "{name} /{width}: {judged} judged, {skipped} skipped"
+            );
+        }
+    }
 }

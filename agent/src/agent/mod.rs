@@ -73,9 +73,8 @@ pub struct RunOptions {
     pub watch: bool,
     /// How often attachments are verified (and repaired).
     pub monitor_interval: std::time::Duration,
-    pub v4_table: crate::datapath::V4Table,
-    pub dir8_groups: u32,
-    /// IPv6 table entries per slot (prefixes and search markers).
+    /// IPv6 table entries per slot (prefixes and search markers) to reserve at least,
+    /// beyond what the policy at start needs.
     pub v6_entries: u32,
     /// How TC egress programs are attached: "auto" (tcx where the kernel has it, else
     /// clsact), "tcx" or "clsact".

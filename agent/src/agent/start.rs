@@ -219,23 +219,15 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     );
     // Built once: it sizes the datapath and is what `apply_built` writes.
     let v6 = crate::v6table::build(&compiled.regions_v6);
+    let sized = LoadOptions::sized_for(&compiled, &v6);
     let mut datapath = Datapath::load(&LoadOptions {
         table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
-        v4_table: opts.v4_table,
-        // Room for the policy at hand and a quarter more before a restart is needed; each
-        // group costs 512 bytes of kernel memory (256 per slot).
-        dir8_groups: opts
-            .dir8_groups
-            .max(crate::dir24::count_groups(&compiled.regions_v4) as u32 * 5 / 4)
-            .min(datafence_common::MAX_DIR8_GROUPS),
-        // The same margin for the IPv6 table: 48 bytes per entry (24 per slot).
-        v6_entries: opts
+        v6_entries: sized
             .v6_entries
-            .max((v6.entries() * 5 / 4) as u32)
+            .max(opts.v6_entries)
             .min(datafence_common::MAX_V6_ENTRIES),
-        #[cfg(feature = "bench")]
-        bench: false,
+        ..sized
     })?;
     datapath.set_tc_kind(tc_kind);
     if let Some(pins) = datapath.pins() {

@@ -69,17 +69,10 @@ pub(crate) struct RunArgs {
     /// Do not reload when the policy file or a region file changes.
     #[arg(long)]
     pub(crate) no_watch: bool,
-    /// IPv4 region table: dir24 (constant-time DIR-24-8, 128 MiB plus groups) or trie
-    /// (the kernel LPM trie: smaller for small policies, slower as they grow).
-    #[arg(long, value_parser = ["dir24", "trie"], default_value = "dir24")]
-    pub(crate) v4_table: String,
-    /// DIR-24-8 groups per slot: /24s that hold prefixes longer than /24 (256 bytes
-    /// each, twice for the two slots). At least 1.25 times what the policy at start needs.
-    #[arg(long, default_value_t = datafence_common::DEFAULT_DIR8_GROUPS, value_name = "N")]
-    pub(crate) dir8_groups: u32,
     /// IPv6 table entries per slot: the policy's IPv6 prefixes plus the markers its
-    /// length search needs (usually under one per prefix). At least 1.25 times what the
-    /// policy at start needs.
+    /// length search needs (usually under one per prefix), to reserve at least. The
+    /// agent sizes the table to the policy at start, a sixteenth more, rounded up to a
+    /// power of two; pinned maps keep their size across restarts.
     #[arg(long, default_value_t = datafence_common::DEFAULT_V6_ENTRIES, value_name = "N")]
     pub(crate) v6_entries: u32,
     /// Seconds between checks that every program is still attached (and repairs).
@@ -127,12 +120,6 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         allow_lockout_risk: args.allow_lockout_risk,
         watch: !args.no_watch,
         monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
-        v4_table: if args.v4_table == "trie" {
-            datafence::datapath::V4Table::Trie
-        } else {
-            datafence::datapath::V4Table::Dir24
-        },
-        dir8_groups: args.dir8_groups,
         v6_entries: args.v6_entries,
         tc_attach: args.tc_attach.clone(),
         socket_ring: match &args.socket_ring {

@@ -58,9 +58,9 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "the IPv4 table needs {needed} groups for /24s that hold longer prefixes; it has {capacity} (raise --dir8-groups, up to {max})"
+        "the IPv4 table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it was first loaded with and a quarter more (pinned maps keep their size across restarts: `datafence detach`, then start the agent, to size them anew; up to {max})"
     )]
-    Dir8Full {
+    V4Full {
         needed: usize,
         capacity: usize,
         max: u32,

@@ -11,13 +11,14 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use datafence_common::{
-    DIR8_LANES, DIR24_ENTRIES, DIR24_LANES, LpmDataV4, LpmDataV6, MAX_DIR8_GROUPS, MAX_V6_ENTRIES,
-    SLOTS, globals, map_names, program_names, stage,
+    LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_ENTRIES, SLOTS, globals, map_names,
+    program_names, stage,
+    v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS},
     v6::{V6_LOAD_DIVISOR, V6Entry},
 };
 
 use super::{
-    Datapath, DatapathError, EBPF_OBJECT, LoadOptions, PinLayout, Result, TcKind, V4Table, map_err,
+    Datapath, DatapathError, EBPF_OBJECT, LoadOptions, PinLayout, Result, TcKind, map_err,
     maps::{self, Kind, Pin, SlotContents, Slots},
     object_digest,
     pin_lock::PinLock,
@@ -134,14 +135,9 @@ fn values(entries: u32, per_value: usize) -> u32 {
 /// pinned (adopted maps keep the sizes and layout they were made with; the programs
 /// must be told the same).
 struct Sizes {
-    v4_table: V4Table,
-    /// The `V4_DIR24` global: 1 when the DIR-24-8 table serves IPv4.
-    v4_dir24: u8,
-    dir8_groups: u32,
+    v4_index_bits: u32,
+    v4_slot_ranges: u32,
     v6_bits: u32,
-    /// DIR24 and DIR8 entries, all slots.
-    top_entries: u32,
-    group_entries: u32,
 }
 
 impl Sizes {
@@ -150,14 +146,19 @@ impl Sizes {
             pins.and_then(|p| aya::maps::MapInfo::from_pin(p.map(name)).ok())
                 .map(|i| i.max_entries())
         };
-        let v4_table = match adopted(map_names::DIR24) {
-            Some(1) => V4Table::Trie,
-            Some(_) => V4Table::Dir24,
-            None => opts.v4_table,
-        };
-        let dir8_groups = match adopted(map_names::DIR8) {
-            Some(n) if v4_table == V4Table::Dir24 => n * DIR8_LANES as u32 / (SLOTS * 256),
-            _ => opts.dir8_groups.min(MAX_DIR8_GROUPS),
+        let lanes = V4_LANES as u32;
+        let v4_index_bits = match adopted(map_names::V4_INDEX) {
+            // The largest index whose slots fit: SLOTS × (2^bits + 1) entries.
+            Some(values) => ((values * lanes / SLOTS).saturating_sub(1).max(1)).ilog2(),
+            None => opts.v4_index_bits,
+        }
+        .clamp(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS);
+        let v4_slot_ranges = match adopted(map_names::V4_RANGES) {
+            Some(values) => values * lanes / SLOTS,
+            None => opts
+                .v4_slot_ranges
+                .clamp(1 << v4_index_bits, MAX_V4_SLOT_RANGES)
+                .next_multiple_of(lanes),
         };
         let v6_bits = match adopted(map_names::REGIONS_V6) {
             Some(n) => (n / SLOTS).trailing_zeros(),
@@ -165,34 +166,33 @@ impl Sizes {
                 .next_power_of_two()
                 .trailing_zeros(),
         };
-        let (top_entries, group_entries) = match v4_table {
-            V4Table::Dir24 => (SLOTS * DIR24_ENTRIES, SLOTS * dir8_groups * 256),
-            // The trie serves IPv4; the arrays shrink to nothing.
-            V4Table::Trie => (1, 1),
-        };
         Self {
-            v4_table,
-            v4_dir24: u8::from(v4_table == V4Table::Dir24),
-            dir8_groups,
+            v4_index_bits,
+            v4_slot_ranges,
             v6_bits,
-            top_entries,
-            group_entries,
         }
     }
 
+    /// Index entries of all slots.
+    fn v4_index_entries(&self) -> u32 {
+        SLOTS * ((1 << self.v4_index_bits) + 1)
+    }
+
     /// A loader with the maps sized and the load-time globals set.
-    fn loader(&self, opts: &LoadOptions) -> EbpfLoader<'_> {
+    fn loader(&self) -> EbpfLoader<'_> {
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(
-                map_names::REGIONS_V4,
-                SLOTS.saturating_mul(opts.table_capacity),
-            )
             .map_max_entries(map_names::REGIONS_V6, SLOTS << self.v6_bits)
-            .map_max_entries(map_names::DIR24, values(self.top_entries, DIR24_LANES))
-            .map_max_entries(map_names::DIR8, values(self.group_entries, DIR8_LANES))
-            .override_global(globals::V4_DIR24, &self.v4_dir24, true)
-            .override_global(globals::DIR8_GROUPS, &self.dir8_groups, true)
+            .map_max_entries(
+                map_names::V4_INDEX,
+                values(self.v4_index_entries(), V4_LANES),
+            )
+            .map_max_entries(
+                map_names::V4_RANGES,
+                values(SLOTS * self.v4_slot_ranges, V4_LANES),
+            )
+            .override_global(globals::V4_INDEX_BITS, &self.v4_index_bits, true)
+            .override_global(globals::V4_SLOT_RANGES, &self.v4_slot_ranges, true)
             .override_global(globals::V6_TABLE_BITS, &self.v6_bits, true);
         loader
     }
@@ -255,7 +255,7 @@ impl Datapath {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let pins = opts.pin_dir.as_ref().map(PinLayout::new);
         let sizes = Sizes::of(opts, pins.as_ref());
-        let mut loader = sizes.loader(opts);
+        let mut loader = sizes.loader();
         let pin_lock = match &pins {
             Some(layout) => Some(pin_maps(&mut loader, layout)?),
             None => None,
@@ -303,21 +303,17 @@ impl Datapath {
             set_stage_program(&mut ebpf, map_names::BENCH_STAGES, 0, stage)?;
         }
         let v6_table = mapped::<V6Entry>(&ebpf, map_names::REGIONS_V6, SLOTS << sizes.v6_bits)?;
-        let dir24 = match sizes.v4_table {
-            V4Table::Dir24 => Some((
-                mapped::<u32>(&ebpf, map_names::DIR24, sizes.top_entries)?,
-                mapped::<u8>(&ebpf, map_names::DIR8, sizes.group_entries)?,
-            )),
-            V4Table::Trie => None,
-        };
+        let v4_index = mapped::<u32>(&ebpf, map_names::V4_INDEX, sizes.v4_index_entries())?;
+        let v4_ranges = mapped::<u32>(&ebpf, map_names::V4_RANGES, SLOTS * sizes.v4_slot_ranges)?;
         let mut dp = Self {
             ebpf,
             reused,
             table_capacity: opts.table_capacity,
             pins,
-            v4_table: sizes.v4_table,
-            dir24,
-            dir8_groups: sizes.dir8_groups,
+            v4_index_bits: sizes.v4_index_bits,
+            v4_slot_ranges: sizes.v4_slot_ranges,
+            v4_index,
+            v4_ranges,
             v6_bits: sizes.v6_bits,
             v6_table,
             slot_contents: [SlotContents::default(); 2],
@@ -329,24 +325,18 @@ impl Datapath {
             },
         };
         if dp.pins.is_some() {
-            dp.adopt_sizes()?;
+            dp.adopt_contents();
         }
         Ok(dp)
     }
 
-    /// Learns the real size and contents of adopted maps, which an earlier agent may have
-    /// created with another table capacity.
-    fn adopt_sizes(&mut self) -> Result<()> {
-        let name = map_names::REGIONS_V4;
-        let max = match self.map(name)? {
-            Map::LpmTrie(data) => data.info().map_err(map_err(name))?.max_entries(),
-            _ => return Err(DatapathError::MissingMap(name)),
-        };
-        self.table_capacity = max / SLOTS;
+    /// Learns the contents of adopted maps, which an earlier agent wrote.
+    fn adopt_contents(&mut self) {
         for slot in 0..SLOTS {
             let v6_used = self.v6_slot(slot).iter().filter(|e| e[2] != 0).count();
             let mut c = SlotContents::default();
             c.set(map_names::REGIONS_V6, v6_used);
+            c.set(map_names::V4_RANGES, self.v4_ranges_used(slot));
             for m in maps::MAPS
                 .iter()
                 .filter(|m| matches!(m.slots, Slots::Keyed { .. }))
@@ -362,12 +352,11 @@ impl Datapath {
             }
             self.slot_contents[slot as usize] = c;
         }
-        Ok(())
     }
 
-    /// How IPv4 regions are looked up (adopted maps decide, not the options).
-    pub fn v4_table(&self) -> V4Table {
-        self.v4_table
+    /// The IPv4 range table's index bits (adopted maps decide, not the options).
+    pub fn v4_index_bits(&self) -> u32 {
+        self.v4_index_bits
     }
 
     pub fn pins(&self) -> Option<&PinLayout> {

@@ -46,12 +46,10 @@ pub enum Pin {
 /// How many entries one slot may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerSlot {
-    /// `--table-capacity` prefixes.
-    TableCapacity,
     /// The IPv6 table's entries, search markers included (`--v6-entries`).
     V6Entries,
-    /// DIR-8 groups, not entries: each holds 256 (`--dir8-groups`).
-    Dir8Groups,
+    /// The IPv4 table's range entries, sized to the policy the agent starts with.
+    V4Ranges,
     /// A fixed share of the map's entries (which the eBPF object sets).
     Share { total: u32 },
 }
@@ -119,12 +117,6 @@ pub const MAPS: &[MapSpec] = &{
     [
         spec(n::ACTIVE_SLOT, Array, Maps, Shared),
         spec(n::POLICY, Array, Maps, Ranged),
-        spec(
-            n::REGIONS_V4,
-            LpmV4,
-            Maps,
-            keyed(PerSlot::TableCapacity, |c| c.regions_v4.len()),
-        ),
         spec(n::REGIONS_V6, Array, Maps, RangedUsage(PerSlot::V6Entries)),
         spec(n::V6_LENGTHS, Array, Maps, Ranged),
         spec(
@@ -157,8 +149,8 @@ pub const MAPS: &[MapSpec] = &{
             Maps,
             keyed(share(MAX_CGROUP_ENTRIES), |c| c.cgroups.len()),
         ),
-        spec(n::DIR24, Array, Maps, Ranged),
-        spec(n::DIR8, Array, Maps, RangedUsage(PerSlot::Dir8Groups)),
+        spec(n::V4_INDEX, Array, Maps, Ranged),
+        spec(n::V4_RANGES, Array, Maps, RangedUsage(PerSlot::V4Ranges)),
         spec(n::COUNTERS, PerCpuHash, Maps, Shared),
         spec(n::COUNTER_CACHE, PerCpuArray, Maps, Shared),
         spec(n::STATS, PerCpuArray, Maps, Shared),

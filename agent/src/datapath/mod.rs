@@ -37,7 +37,10 @@ mod sys;
 use std::{path::PathBuf, time::Duration};
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
-use datafence_common::{DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, stat};
+use datafence_common::{
+    DEFAULT_TABLE_CAPACITY, DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_ENTRIES, MAX_V4_SLOT_RANGES,
+    MAX_V6_ENTRIES, stat, v4::V4_MIN_INDEX_BITS,
+};
 
 pub use attach::TcKind;
 #[cfg(feature = "bench")]
@@ -52,6 +55,8 @@ pub(crate) use sys::tcx_egress_program_ids;
 pub use sys::{if_index, if_name};
 
 use datafence_common::v6::V6Entry;
+
+use crate::{policy::CompiledPolicy, v6table::V6Table};
 
 /// The eBPF object built by agent/build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -92,10 +97,10 @@ pub struct LoadOptions {
     /// agent; `None` for a private datapath (tests, `explain --datapath`) that vanishes
     /// with the process.
     pub pin_dir: Option<PathBuf>,
-    /// How IPv4 regions are looked up.
-    pub v4_table: V4Table,
-    /// DIR-24-8 groups per slot for /24s holding longer prefixes.
-    pub dir8_groups: u32,
+    /// Index bits of the IPv4 range table (see `datafence_common::v4`).
+    pub v4_index_bits: u32,
+    /// IPv4 range entries per slot.
+    pub v4_slot_ranges: u32,
     /// IPv6 table entries per slot: prefixes and search markers.
     pub v6_entries: u32,
     /// Load the bench's object ([`EBPF_BENCH_OBJECT`]) and its benchmark programs as well
@@ -109,8 +114,8 @@ impl Default for LoadOptions {
         Self {
             table_capacity: DEFAULT_TABLE_CAPACITY,
             pin_dir: None,
-            v4_table: V4Table::Dir24,
-            dir8_groups: DEFAULT_DIR8_GROUPS,
+            v4_index_bits: V4_MIN_INDEX_BITS,
+            v4_slot_ranges: DEFAULT_V4_SLOT_RANGES,
             v6_entries: DEFAULT_V6_ENTRIES,
             #[cfg(feature = "bench")]
             bench: false,
@@ -118,14 +123,24 @@ impl Default for LoadOptions {
     }
 }
 
-/// The IPv4 region table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum V4Table {
-    /// DIR-24-8: constant-time lookups; 128 MiB of table (both slots) plus 256 bytes per
-    /// group and slot.
-    Dir24,
-    /// The kernel LPM trie: small for small policies, slower as they grow.
-    Trie,
+impl LoadOptions {
+    /// Options with the region tables sized for `compiled`, and room to grow before a
+    /// restart is needed: a quarter more IPv4 ranges (8 bytes each, 4 per slot), a
+    /// sixteenth more IPv6 entries (96 bytes each, 48 per slot).
+    pub fn sized_for(compiled: &CompiledPolicy, v6: &V6Table) -> Self {
+        let v4 = crate::v4table::Boundaries::of(&compiled.regions_v4);
+        let bits = v4.index_bits();
+        Self {
+            v4_index_bits: bits,
+            v4_slot_ranges: (v4.entries(bits) * 5 / 4)
+                .max(DEFAULT_V4_SLOT_RANGES as usize)
+                .min(MAX_V4_SLOT_RANGES as usize) as u32,
+            // The table rounds its places up to a power of two, which usually leaves more
+            // room than this.
+            v6_entries: ((v6.entries() * 17 / 16) as u32).clamp(DEFAULT_V6_ENTRIES, MAX_V6_ENTRIES),
+            ..Self::default()
+        }
+    }
 }
 
 /// How an attachment came about.
@@ -192,10 +207,12 @@ pub struct Datapath {
     reused: Option<reuse::Reused>,
     table_capacity: u32,
     pins: Option<PinLayout>,
-    v4_table: V4Table,
-    /// The DIR-24-8 arrays, mapped: all slots' top-level entries, and all slots' groups.
-    dir24: Option<(sys::MappedArray<u32>, sys::MappedArray<u8>)>,
-    dir8_groups: u32,
+    /// The IPv4 range table's index bits, and its range entries per slot.
+    v4_index_bits: u32,
+    v4_slot_ranges: u32,
+    /// The IPv4 range table, mapped: all slots' index entries, and all slots' ranges.
+    v4_index: sys::MappedArray<u32>,
+    v4_ranges: sys::MappedArray<u32>,
     /// log2 of the `REGIONS_V6` places per slot; the slot holds half as many entries.
     v6_bits: u32,
     /// `REGIONS_V6`, mapped: all slots' places.

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use datafence_common::{
-    CgroupKey, ClassMask, DIR24_ENTRIES, LpmDataV4, LpmDataV6, MAX_DIR8_GROUPS, MAX_V6_ENTRIES,
-    Policy, RegionId, SLOT_PREFIX_BITS, SLOTS, lpm_data_v4, lpm_data_v6, map_names,
+    CgroupKey, ClassMask, LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_ENTRIES, Policy,
+    RegionId, SLOT_PREFIX_BITS, SLOTS, lpm_data_v4, lpm_data_v6, map_names,
     v6::{V6_EMPTY_NODE, V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode},
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
@@ -19,8 +19,8 @@ use super::{
     maps::{self, Kind, PerSlot, SlotContents, Slots},
 };
 use crate::{
-    dir24,
     policy::CompiledPolicy,
+    v4table::{self, Boundaries},
     v6table::{self, V6Table},
 };
 
@@ -95,6 +95,15 @@ impl Datapath {
             .generation
             .wrapping_add(1);
         self.check_capacity(compiled)?;
+        let v4 = Boundaries::of(&compiled.regions_v4);
+        let v4_needed = v4.entries(self.v4_index_bits);
+        if v4_needed > self.v4_slot_ranges as usize {
+            return Err(DatapathError::V4Full {
+                needed: v4_needed,
+                capacity: self.v4_slot_ranges as usize,
+                max: MAX_V4_SLOT_RANGES,
+            });
+        }
         if v6.entries() > self.v6_capacity() as usize {
             return Err(DatapathError::V6Full {
                 needed: v6.entries(),
@@ -104,7 +113,7 @@ impl Datapath {
         }
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
-        let placement = match self.fill_slot(target, compiled, v6) {
+        let placement = match self.fill_slot(target, compiled, &v4, v6) {
             Ok(p) => p,
             Err(err) => {
                 // Leave nothing half-written behind; the error that matters is the first.
@@ -112,9 +121,8 @@ impl Datapath {
                 return Err(err);
             }
         };
-        let groups = self.slot_contents[target as usize].get(map_names::DIR8);
         let mut contents = SlotContents::of(compiled);
-        contents.set(map_names::DIR8, groups);
+        contents.set(map_names::V4_RANGES, v4_needed);
         contents.set(map_names::REGIONS_V6, v6.entries());
         self.slot_contents[target as usize] = contents;
         let mut policy = compiled.policy;
@@ -144,16 +152,14 @@ impl Datapath {
     /// Entries one slot of a map may hold.
     fn per_slot(&self, p: PerSlot) -> u32 {
         match p {
-            PerSlot::TableCapacity => self.table_capacity,
             PerSlot::V6Entries => self.v6_capacity(),
-            PerSlot::Dir8Groups => self.dir8_groups,
+            PerSlot::V4Ranges => self.v4_slot_ranges,
             PerSlot::Share { total } => total,
         }
     }
 
     /// Checks that the policy fits each keyed map's share of a slot. The IPv6 table is
-    /// checked in `apply_built`, with its markers counted; the DIR-8 groups as the
-    /// table is filled.
+    /// checked in `apply_built`, with its markers counted, and so are the IPv4 ranges.
     fn check_capacity(&self, c: &CompiledPolicy) -> Result<()> {
         for m in maps::MAPS {
             if let Slots::Keyed { per_slot, compiled } = m.slots {
@@ -203,6 +209,34 @@ impl Datapath {
         &self.v6_table.as_slice()[self.v6_range(slot)]
     }
 
+    /// The ranges of one slot's IPv4 index and range entries.
+    fn v4_slot_ranges(&self, slot: u32) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (per_index, per_ranges) = (
+            v4table::index_entries(self.v4_index_bits),
+            self.v4_slot_ranges as usize,
+        );
+        let s = slot as usize;
+        (
+            s * per_index..(s + 1) * per_index,
+            s * per_ranges..(s + 1) * per_ranges,
+        )
+    }
+
+    /// One slot's IPv4 index and range entries.
+    pub(super) fn v4_slot(&self, slot: u32) -> (&[u32], &[u32]) {
+        let (index, ranges) = self.v4_slot_ranges(slot);
+        (
+            &self.v4_index.as_slice()[index],
+            &self.v4_ranges.as_slice()[ranges],
+        )
+    }
+
+    /// Range entries a slot's IPv4 table uses: the index's last entry.
+    pub(super) fn v4_ranges_used(&self, slot: u32) -> usize {
+        let (index, _) = self.v4_slot(slot);
+        index.last().map_or(0, |&n| n as usize)
+    }
+
     fn v6_slot_mut(&mut self, slot: u32) -> &mut [V6Entry] {
         let range = self.v6_range(slot);
         &mut self.v6_table.as_mut_slice()[range]
@@ -212,31 +246,21 @@ impl Datapath {
         &mut self,
         slot: u32,
         c: &CompiledPolicy,
+        v4: &Boundaries,
         v6: &V6Table,
     ) -> Result<v6table::Placement> {
-        match &mut self.dir24 {
-            Some((top, groups)) => {
-                let top_slot = DIR24_ENTRIES as usize;
-                let group_slot = self.dir8_groups as usize * 256;
-                let s = slot as usize;
-                let top = &mut top.as_mut_slice()[s * top_slot..(s + 1) * top_slot];
-                let groups = &mut groups.as_mut_slice()[s * group_slot..(s + 1) * group_slot];
-                let used = dir24::fill(top, groups, &c.regions_v4).map_err(|e| {
-                    DatapathError::Dir8Full {
-                        needed: e.needed,
-                        capacity: e.capacity,
-                        max: MAX_DIR8_GROUPS,
-                    }
-                })?;
-                self.slot_contents[s].set(map_names::DIR8, used);
-            }
-            None => insert_v4(
-                self.map_mut(map_names::REGIONS_V4)?,
-                map_names::REGIONS_V4,
-                slot,
-                &c.regions_v4,
-            )?,
-        }
+        let (index, ranges) = self.v4_slot_ranges(slot);
+        v4table::fill(
+            &mut self.v4_index.as_mut_slice()[index],
+            &mut self.v4_ranges.as_mut_slice()[ranges],
+            v4,
+            self.v4_index_bits,
+        )
+        .map_err(|e| DatapathError::V4Full {
+            needed: e.needed,
+            capacity: e.capacity,
+            max: MAX_V4_SLOT_RANGES,
+        })?;
         let placement =
             v6table::place(self.v6_slot_mut(slot), v6).map_err(|e| DatapathError::V6Crowded {
                 entries: e.entries,
@@ -296,8 +320,8 @@ impl Datapath {
     }
 
     /// Removes every entry a slot owns from the shared tables. The ranged arrays the slot
-    /// writer rewrites whole (DIR-24-8, the policy) need nothing; the IPv6 table's places
-    /// and search tree are emptied.
+    /// writer rewrites whole (the IPv4 table, the policy) need nothing; the IPv6 table's
+    /// places and search tree are emptied.
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
         self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
         self.v6_slot_mut(slot).fill([0; 3]);
@@ -337,23 +361,9 @@ impl Datapath {
     pub fn region_of(&self, addr: IpAddr) -> Result<RegionId> {
         let slot = self.active_slot()?;
         let found = match addr {
-            IpAddr::V4(a) if self.dir24.is_some() => {
-                let Some((top, groups)) = &self.dir24 else {
-                    unreachable!()
-                };
-                let (ts, gs) = (DIR24_ENTRIES as usize, self.dir8_groups as usize * 256);
-                let s = slot as usize;
-                Ok(dir24::lookup(
-                    &top.as_slice()[s * ts..(s + 1) * ts],
-                    &groups.as_slice()[s * gs..(s + 1) * gs],
-                    a,
-                ))
-            }
             IpAddr::V4(a) => {
-                let name = map_names::REGIONS_V4;
-                let t: LpmTrie<&MapData, LpmDataV4, RegionId> =
-                    LpmTrie::try_from(self.map(name)?).map_err(map_err(name))?;
-                t.get(&lpm_key_v4(slot, a, 32), 0)
+                let (index, ranges) = self.v4_slot(slot);
+                Ok(v4table::lookup(index, ranges, self.v4_index_bits, a))
             }
             IpAddr::V6(a) => {
                 let header = self.policy_in_slot(slot)?.header;

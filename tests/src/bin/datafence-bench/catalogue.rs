@@ -288,43 +288,21 @@ pub(crate) fn table_capacity(n: usize) -> u32 {
     DEFAULT_TABLE_CAPACITY.max((n + 16).next_power_of_two() as u32)
 }
 
-/// Options sized for a compiled policy: the region table capacity, and DIR-24-8 groups for
-/// every /24 that holds longer prefixes.
-/// When the IPv4 prefixes need more DIR-24-8 groups than the table can address, the
-/// datapath is measured with its other IPv4 table, the LPM trie, and the reason recorded.
+/// Options sized for a compiled policy, as the agent sizes its datapath at start.
 pub(crate) fn load_options(n: usize, compiled: &CompiledPolicy, bench: bool) -> LoadOptions {
+    let v6 = datafence::v6table::build(&compiled.regions_v6);
     LoadOptions {
         table_capacity: table_capacity(n),
-        dir8_groups: dir8_groups(compiled),
-        v6_entries: v6_entries(compiled),
-        v4_table: v4_table(compiled).0,
         bench,
-        ..Default::default()
+        ..LoadOptions::sized_for(compiled, &v6)
     }
 }
 
-pub(crate) fn v6_entries(compiled: &CompiledPolicy) -> u32 {
-    let needed = datafence::v6table::build(&compiled.regions_v6).entries() as u32;
-    DEFAULT_V6_ENTRIES.max(needed + 16)
-}
-
-pub(crate) fn dir8_groups(compiled: &CompiledPolicy) -> u32 {
-    let needed = datafence::dir24::count_groups(&compiled.regions_v4) as u32;
-    DEFAULT_DIR8_GROUPS.max(needed + 16).min(MAX_DIR8_GROUPS)
-}
-
-pub(crate) fn v4_table(compiled: &CompiledPolicy) -> (V4Table, String) {
-    let needed = datafence::dir24::count_groups(&compiled.regions_v4);
-    if needed > MAX_DIR8_GROUPS as usize {
-        (
-            V4Table::Trie,
-            format!(
-                "trie: DIR-24-8 cannot hold it ({needed} /24s with longer prefixes, at most {MAX_DIR8_GROUPS} groups)"
-            ),
-        )
-    } else {
-        (V4Table::Dir24, format!("dir24 ({needed} groups)"))
-    }
+/// How the IPv4 table is laid out for a policy: its range entries and index bits.
+pub(crate) fn v4_table(compiled: &CompiledPolicy) -> String {
+    let b = datafence::v4table::Boundaries::of(&compiled.regions_v4);
+    let bits = b.index_bits();
+    format!("ranges ({} entries, {bits} index bits)", b.entries(bits))
 }
 
 pub(crate) fn parse_policy(path: &Path, n: usize) -> Result<policy::LoadedPolicy> {

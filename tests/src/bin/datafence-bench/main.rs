@@ -37,12 +37,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use datafence::{
-    datapath::{BenchProgram, COLD_LOOKUPS_PER_RUN, Datapath, EventLimits, LoadOptions, V4Table},
+    datapath::{BenchProgram, COLD_LOOKUPS_PER_RUN, Datapath, EventLimits, LoadOptions},
     policy::{self, CompiledPolicy},
 };
-use datafence_common::{
-    DEFAULT_DIR8_GROUPS, DEFAULT_TABLE_CAPACITY, DEFAULT_V6_ENTRIES, Hook, MAX_DIR8_GROUPS,
-};
+use datafence_common::{DEFAULT_TABLE_CAPACITY, Hook};
 use integration_tests::{
     Scratch,
     frames::{self, Spec},

@@ -15,25 +15,12 @@ pub(crate) fn agent_size(
     let files = write_policy(cat, &set, &format!("bench-agent-{n}"))?;
     let capacity = table_capacity(n).to_string();
     let compiled = parse_policy(&files.path, n)?.compile();
-    let groups = dir8_groups(&compiled).to_string();
-    let v4 = if v4_table(&compiled).0 == V4Table::Trie {
-        "trie"
-    } else {
-        "dir24"
-    };
     let agent = BenchAgent::start(
         sb,
         args,
         &files.path,
         &files.scratch.dir,
-        &[
-            "--table-capacity",
-            &capacity,
-            "--dir8-groups",
-            &groups,
-            "--v4-table",
-            v4,
-        ],
+        &["--table-capacity", &capacity],
         Duration::from_mins(3).min(budget.left()),
     )?;
     let pid = agent.child.id();
@@ -76,7 +63,7 @@ pub(crate) fn agent_size(
     Ok(AgentFigures {
         size: n,
         ready_s: ready.as_secs_f64(),
-        v4_table: v4_table(&compiled).1,
+        v4_table: v4_table(&compiled),
         rss_bytes: idle_rss,
         rss_anon_bytes: anon,
         rss_file_bytes: file,

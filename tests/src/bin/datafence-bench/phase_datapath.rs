@@ -267,7 +267,7 @@ pub(crate) fn datapath_case(
         size: n,
         prefixes_v4: compiled.regions_v4.len(),
         prefixes_v6: compiled.regions_v6.len(),
-        v4_table: v4_table(&compiled).1,
+        v4_table: v4_table(&compiled),
         frames: FRAMES_PER_FAMILY * 2,
         repeat: args.repeat,
         rounds: args.rounds,

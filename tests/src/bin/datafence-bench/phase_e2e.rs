@@ -383,7 +383,7 @@ fn e2e_ebpf_filters(
         (Ok(attached), t) => {
             let setup = DatafenceSetup {
                 load_apply_attach_s: t.as_secs_f64(),
-                v4_table: v4_table(compiled).1,
+                v4_table: v4_table(compiled),
             };
             run.record("datafence", Some(&setup), None, Some(&baselines), rows)?;
             drop(attached);

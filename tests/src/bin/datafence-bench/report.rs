@@ -218,14 +218,12 @@ fn print_datapath_hot(rows: &[DatapathRow]) {
         }
     }
     for f in rows.iter().filter_map(DatapathRow::figures) {
-        if f.v4_table.starts_with("trie") {
-            println!(
-                "  note: {} {}: IPv4 table {}",
-                f.shape,
-                human_size(f.size),
-                f.v4_table
-            );
-        }
+        println!(
+            "  note: {} {}: IPv4 table {}",
+            f.shape,
+            human_size(f.size),
+            f.v4_table
+        );
     }
 }
 

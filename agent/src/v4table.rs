@@ -1,0 +1,347 @@
+//! Builds the IPv4 range table (`datafence_common::v4`) from a policy's prefixes, and
+//! writes it into one slot of the memory-mapped arrays with plain memory writes: a
+//! million prefixes cost a sort and a pass, not a million syscalls.
+#![forbid(unsafe_code)]
+
+use datafence_common::{
+    REGION_NONE, RegionId,
+    v4::{V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup, v4_range},
+};
+use ipnetwork::Ipv4Network;
+
+/// Where the regions change, in address order: each boundary's first address and the
+/// region from there to the next boundary. The first starts at 0.0.0.0; no two
+/// neighbours share a region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Boundaries(Vec<(u32, RegionId)>);
+
+/// The table needs more range entries than the datapath has room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangesExhausted {
+    pub needed: usize,
+    pub capacity: usize,
+}
+
+impl Boundaries {
+    /// The boundaries the longest-prefix match of `prefixes` draws. Prefixes may nest
+    /// and come in any order; one listed twice keeps its last region.
+    pub fn of(prefixes: &[(Ipv4Network, RegionId)]) -> Self {
+        let mut sorted: Vec<(u32, u64, RegionId)> = prefixes
+            .iter()
+            .map(|(net, region)| {
+                let start = u32::from(net.network());
+                let end = u64::from(start) + (1u64 << (32 - u32::from(net.prefix()))) - 1;
+                (start, end, *region)
+            })
+            .collect();
+        // Outer prefixes first where starts tie, so inner ones open after them.
+        sorted.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+        let mut out = Self(vec![(0, RegionId::from(REGION_NONE))]);
+        // Open prefixes, innermost last: (last address, region).
+        let mut open: Vec<(u64, RegionId)> = Vec::new();
+        for (start, end, region) in sorted {
+            out.close_before(&mut open, u64::from(start));
+            out.mark(u64::from(start), region);
+            open.push((end, region));
+        }
+        out.close_before(&mut open, 1 << 32);
+        out
+    }
+
+    /// Closes the open prefixes that end before `at`, marking where each hands back to
+    /// the one it nests in.
+    fn close_before(&mut self, open: &mut Vec<(u64, RegionId)>, at: u64) {
+        while let Some(&(end, _)) = open.last() {
+            if end >= at {
+                break;
+            }
+            open.pop();
+            let outer = open.last().map_or(RegionId::from(REGION_NONE), |o| o.1);
+            self.mark(end + 1, outer);
+        }
+    }
+
+    /// From `at` on, the region is `region` (until the next mark).
+    fn mark(&mut self, at: u64, region: RegionId) {
+        let Ok(at) = u32::try_from(at) else {
+            return; // the end of the address space
+        };
+        if let Some(last) = self.0.last_mut()
+            && last.0 == at
+        {
+            last.1 = region;
+            // The replaced boundary may now repeat the one before it.
+            if self.0.len() > 1 && self.0[self.0.len() - 2].1 == region {
+                self.0.pop();
+            }
+            return;
+        }
+        if self.0.last().is_some_and(|last| last.1 == region) {
+            return;
+        }
+        self.0.push((at, region));
+    }
+
+    /// Boundaries drawn: ranges before chunking.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Index bits for a datapath sized to these boundaries: about four ranges to a chunk
+    /// (a binary search in one cache line), within the bounds the lookup accepts.
+    pub fn index_bits(&self) -> u32 {
+        let per_chunk_log2 = 2;
+        (usize::BITS - self.len().max(1).leading_zeros())
+            .saturating_sub(per_chunk_log2)
+            .clamp(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS)
+    }
+
+    /// Range entries the table takes with `bits` index bits: one per chunk, and one per
+    /// boundary inside a chunk.
+    pub fn entries(&self, bits: u32) -> usize {
+        let inside = (1u32 << (32 - bits)) - 1;
+        (1usize << bits) + self.0.iter().filter(|(at, _)| at & inside != 0).count()
+    }
+}
+
+/// Index entries of one slot's table: one per chunk and one past the last.
+pub const fn index_entries(bits: u32) -> usize {
+    (1usize << bits) + 1
+}
+
+/// Writes the table into one slot: `index` holds at least [`index_entries`] entries and
+/// `ranges` is the slot's room for range entries. Returns the range entries used.
+pub fn fill(
+    index: &mut [u32],
+    ranges: &mut [u32],
+    boundaries: &Boundaries,
+    bits: u32,
+) -> Result<usize, RangesExhausted> {
+    let needed = boundaries.entries(bits);
+    if needed > ranges.len() || index.len() < index_entries(bits) {
+        return Err(RangesExhausted {
+            needed,
+            capacity: ranges.len(),
+        });
+    }
+    let low = 32 - bits;
+    let all = &boundaries.0;
+    let mut used = 0usize;
+    // The boundary in force at the current chunk's first address.
+    let mut at = 0usize;
+    for chunk in 0..(1u64 << bits) {
+        let first = (chunk << low) as u32;
+        let next = (chunk + 1) << low;
+        while at + 1 < all.len() && all[at + 1].0 <= first {
+            at += 1;
+        }
+        index[chunk as usize] = used as u32;
+        ranges[used] = v4_range(0, all[at].1);
+        used += 1;
+        while at + 1 < all.len() && u64::from(all[at + 1].0) < next {
+            at += 1;
+            ranges[used] = v4_range(all[at].0 - first, all[at].1);
+            used += 1;
+        }
+    }
+    index[1 << bits] = used as u32;
+    Ok(used)
+}
+
+/// Looks an address up in one slot's table, as the datapath does.
+pub fn lookup(index: &[u32], ranges: &[u32], bits: u32, addr: std::net::Ipv4Addr) -> RegionId {
+    v4_lookup(
+        addr.octets(),
+        bits,
+        |i| index.get(i as usize).copied(),
+        |i| ranges.get(i as usize).copied(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    /// The longest-prefix match by reading every prefix.
+    fn naive(prefixes: &[(Ipv4Network, RegionId)], addr: Ipv4Addr) -> RegionId {
+        prefixes
+            .iter()
+            .filter(|(n, _)| n.contains(addr))
+            .max_by_key(|(n, _)| n.prefix())
+            .map_or(0, |(_, r)| *r)
+    }
+
+    struct Table {
+        bits: u32,
+        index: Vec<u32>,
+        ranges: Vec<u32>,
+    }
+
+    fn build(prefixes: &[(Ipv4Network, RegionId)], bits: u32) -> Table {
+        let b = Boundaries::of(prefixes);
+        let mut index = vec![0; index_entries(bits)];
+        let mut ranges = vec![0; b.entries(bits)];
+        let used = fill(&mut index, &mut ranges, &b, bits).unwrap();
+        assert_eq!(used, ranges.len(), "entries() counts what fill writes");
+        Table {
+            bits,
+            index,
+            ranges,
+        }
+    }
+
+    fn at(t: &Table, a: Ipv4Addr) -> RegionId {
+        lookup(&t.index, &t.ranges, t.bits, a)
+    }
+
+    /// Addresses where a lookup can go wrong: each prefix's first and last address and
+    /// their neighbours, and chunk edges.
+    fn edges(prefixes: &[(Ipv4Network, RegionId)]) -> Vec<Ipv4Addr> {
+        let mut out = vec![Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST];
+        for (n, _) in prefixes {
+            let (first, last) = (u32::from(n.network()), u32::from(n.broadcast()));
+            for a in [
+                first.wrapping_sub(1),
+                first,
+                first.wrapping_add(1),
+                last.wrapping_sub(1),
+                last,
+                last.wrapping_add(1),
+                first & 0xffff_0000,
+                (first & 0xffff_0000).wrapping_sub(1),
+            ] {
+                out.push(Ipv4Addr::from(a));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn most_specific_prefix_wins_and_neighbours_merge() {
+        let prefixes = vec![
+            (net("198.51.100.128/25"), 3),
+            (net("198.51.0.0/16"), 1),
+            (net("198.51.100.0/24"), 2),
+            (net("198.51.100.200/32"), 4),
+            (net("198.52.0.0/16"), 1),
+            (net("0.0.0.0/0"), 7),
+        ];
+        let t = build(&prefixes, 16);
+        for a in edges(&prefixes) {
+            assert_eq!(at(&t, a), naive(&prefixes, a), "{a}");
+        }
+        assert_eq!(at(&t, "198.51.100.200".parse().unwrap()), 4);
+        assert_eq!(at(&t, "203.0.113.1".parse().unwrap()), 7);
+        // 198.51/16 and 198.52/16 are one region: no boundary between them.
+        let b = Boundaries::of(&prefixes);
+        assert!(
+            !b.0.iter()
+                .any(|(s, _)| *s == u32::from(Ipv4Addr::new(198, 52, 0, 0)))
+        );
+    }
+
+    #[test]
+    fn an_empty_policy_is_one_range_per_chunk_in_no_region() {
+        let t = build(&[], 16);
+        assert_eq!(t.ranges.len(), 1 << 16);
+        assert_eq!(at(&t, Ipv4Addr::new(192, 0, 2, 1)), 0);
+    }
+
+    #[test]
+    fn a_table_too_large_for_its_room_is_refused_with_the_numbers() {
+        let prefixes = vec![(net("10.0.0.1/32"), 1), (net("10.0.1.1/32"), 1)];
+        let b = Boundaries::of(&prefixes);
+        let mut index = vec![0; index_entries(16)];
+        let mut ranges = vec![0; (1 << 16) + 2];
+        assert_eq!(
+            fill(&mut index, &mut ranges, &b, 16),
+            Err(RangesExhausted {
+                needed: (1 << 16) + 4,
+                capacity: (1 << 16) + 2
+            })
+        );
+    }
+
+    #[test]
+    fn nested_prefixes_of_every_length_from_0_to_32() {
+        // One address inside /0 ... /32, each length its own region in turn.
+        let base = u32::from(Ipv4Addr::new(203, 0, 113, 77));
+        let prefixes: Vec<(Ipv4Network, RegionId)> = (0..=32u8)
+            .map(|len| {
+                let n = Ipv4Network::new(Ipv4Addr::from(base), len).unwrap();
+                (
+                    Ipv4Network::new(n.network(), len).unwrap(),
+                    1 + u32::from(len) % 5,
+                )
+            })
+            .collect();
+        for bits in [16, 18, 20] {
+            let t = build(&prefixes, bits);
+            for a in edges(&prefixes) {
+                assert_eq!(at(&t, a), naive(&prefixes, a), "{a} with {bits} bits");
+            }
+        }
+    }
+
+    #[test]
+    fn dense_host_routes_fill_a_whole_chunk() {
+        // 65,536 host routes of alternating regions: one chunk of 65,536 ranges, the
+        // deepest binary search the lookup makes.
+        let prefixes: Vec<(Ipv4Network, RegionId)> = (0..1u32 << 16)
+            .map(|i| {
+                (
+                    Ipv4Network::new(Ipv4Addr::from(0x0b00_0000 | i), 32).unwrap(),
+                    1 + i % 3,
+                )
+            })
+            .collect();
+        let t = build(&prefixes, 16);
+        for i in (0..1u32 << 16).step_by(97).chain([0, 1, 65_534, 65_535]) {
+            let a = Ipv4Addr::from(0x0b00_0000 | i);
+            assert_eq!(at(&t, a), 1 + i % 3, "{a}");
+        }
+        assert_eq!(at(&t, Ipv4Addr::new(11, 1, 0, 0)), 0);
+        assert_eq!(at(&t, Ipv4Addr::new(10, 255, 255, 255)), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn agrees_with_a_naive_longest_prefix_match(
+            raw in proptest::collection::vec((any::<u32>(), 0u8..=32, 1u32..=255), 1..80),
+            probes in proptest::collection::vec(any::<u32>(), 200),
+            bits in V4_MIN_INDEX_BITS..=V4_MAX_INDEX_BITS,
+        ) {
+            // Most prefixes inside 10.0.0.0/8 so they nest and collide often.
+            let mut prefixes: Vec<(Ipv4Network, RegionId)> = Vec::new();
+            for (i, (addr, len, region)) in raw.into_iter().enumerate() {
+                let addr = if i % 4 == 0 { addr } else { 0x0a00_0000 | (addr & 0x00ff_ffff) };
+                let n = Ipv4Network::new(Ipv4Addr::from(addr), len).unwrap();
+                let n = Ipv4Network::new(n.network(), len).unwrap();
+                if !prefixes.iter().any(|(p, _)| *p == n) {
+                    prefixes.push((n, region));
+                }
+            }
+            let t = build(&prefixes, bits);
+            for a in edges(&prefixes) {
+                prop_assert_eq!(at(&t, a), naive(&prefixes, a), "{}", a);
+            }
+            for p in probes {
+                let a = Ipv4Addr::from(0x0a00_0000 | (p & 0x00ff_ffff));
+                prop_assert_eq!(at(&t, a), naive(&prefixes, a), "{}", a);
+            }
+        }
+    }
+}
