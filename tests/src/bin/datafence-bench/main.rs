@@ -40,7 +40,7 @@ use datafence::{
     datapath::{BenchProgram, COLD_LOOKUPS_PER_RUN, Datapath, EventLimits, LoadOptions},
     policy::{self, CompiledPolicy},
 };
-use datafence_common::{DEFAULT_TABLE_CAPACITY, Hook};
+use datafence_common::{DEFAULT_TABLE_CAPACITY, Hook, map_names};
 use integration_tests::{
     Scratch,
     frames::{self, Spec},
@@ -61,6 +61,7 @@ mod report;
 mod results;
 mod stats;
 mod sys;
+mod tables_compared;
 
 use args::*;
 use catalogue::*;
@@ -74,6 +75,7 @@ use report::*;
 use results::*;
 use stats::*;
 use sys::*;
+use tables_compared::*;
 
 pub(crate) const USAGE: &str = "\
 datafence-bench: datafence's performance, side by side (run as root; see `cargo xtask bench`)
@@ -218,7 +220,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         });
     }
     let memcg_label = memcg.as_ref().map_or("unavailable", |m| m.label);
-    let report = Report {
+    let mut report = Report {
         machine,
         commit: args.commit.clone(),
         quick: args.quick,
@@ -232,12 +234,15 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         catalogue_reload: catalogue,
         scrape_interference: scraping,
         sockets,
+        tables_compared: Vec::new(),
         targets,
         skipped,
         elapsed_s: budget.elapsed().as_secs_f64(),
         loadavg_start: load_start,
         loadavg_end: loadavg(),
     };
+    // Put together from the figures above, so built once they are all in the report.
+    report.tables_compared = tables_compared(&report);
     print_report(&report);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -209,6 +209,15 @@ pub(crate) fn map_memory_figures(mem: &[(String, u64)]) -> (BTreeMap<String, u64
     (per_map, total, policy)
 }
 
+/// The LPM baseline tries' kernel memory, per family, from the maps' memory.
+fn bench_lpm_kernel_bytes(mem: &[(String, u64)]) -> PerFamily<Option<u64>> {
+    let bytes_of = |name: &str| mem.iter().find(|(n, _)| n == name).map(|(_, b)| *b);
+    PerFamily {
+        ipv4: bytes_of(map_names::BENCH_LPM_V4),
+        ipv6: bytes_of(map_names::BENCH_LPM_V6),
+    }
+}
+
 pub(crate) struct DatapathCase {
     pub(crate) shape: Shape,
     pub(crate) size: usize,
@@ -241,6 +250,8 @@ pub(crate) fn datapath_case(
     // The baseline tries hold the same prefixes and region ids as datafence's tables.
     let (filled, fill_t) = timed(|| dp.fill_bench_lpm(&compiled.regions_v4, &compiled.regions_v6));
     filled.context("filling the LPM baseline tries")?;
+    // Read now: the control runs read every map before the fill, with the tries empty.
+    let lpm_bytes = bench_lpm_kernel_bytes(&dp.map_memory());
 
     let mut rng = Rng(0x00f4_a3e5 ^ n as u64);
     let frames = make_frames(&set, &compiled, &mut rng);
@@ -285,6 +296,7 @@ pub(crate) fn datapath_case(
             memcg_bytes: summarize(&control.memcg_delta),
             rss_peak_growth_bytes: summarize(&control.rss_peak),
             bench_lpm_fill_s: fill_t.as_secs_f64(),
+            bench_lpm_kernel_bytes: lpm_bytes,
         },
     };
     drop(files.scratch);

@@ -141,6 +141,7 @@ pub(crate) fn print_report(r: &Report) {
     print_agent(r);
     print_catalogue_reload(r);
     print_scrape_interference(r);
+    print_tables_compared(r);
     match &r.sockets {
         Some(Outcome::Measured(figures)) => print_socket(figures),
         Some(Outcome::Failed { error }) => println!("\nsocket ring: failed: {error}"),
@@ -494,6 +495,6 @@ fn print_scrape_interference(r: &Report) {
 /// Whether two rows were measured at the same hit rate: both are copies of one of
 /// [`HIT_RATES`], never computed, so exact comparison is right.
 #[expect(clippy::float_cmp, reason = "copies of the same constants, see above")]
-fn same_hit_rate(a: f64, b: f64) -> bool {
+pub(crate) fn same_hit_rate(a: f64, b: f64) -> bool {
     a == b
 }

@@ -28,6 +28,10 @@ pub(crate) struct Report {
     /// The socket ring's cost to a process's calls; `None` when the phase did not run.
     #[serde(default)]
     pub(crate) sockets: Option<Outcome<super::SocketFigures>>,
+    /// The "Tables compared" section: per size of the real mix, each implementation's
+    /// kernel memory and cost, from the figures above. Empty in older files.
+    #[serde(default)]
+    pub(crate) tables_compared: Vec<TablesComparedRow>,
     pub(crate) targets: Vec<Goal>,
     pub(crate) skipped: Vec<String>,
     pub(crate) elapsed_s: f64,
@@ -102,7 +106,7 @@ pub(crate) struct DatapathFigures {
     pub(crate) control: ControlFigures,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub(crate) struct PerFamily<T> {
     pub(crate) ipv4: T,
     pub(crate) ipv6: T,
@@ -159,6 +163,10 @@ pub(crate) struct ControlFigures {
     pub(crate) memcg_bytes: Option<Summary>,
     pub(crate) rss_peak_growth_bytes: Option<Summary>,
     pub(crate) bench_lpm_fill_s: f64,
+    /// The LPM baseline tries' kernel memory once filled (`kernel_bytes_per_map` is read
+    /// before the fill, when they are empty). Absent in older files.
+    #[serde(default)]
+    pub(crate) bench_lpm_kernel_bytes: PerFamily<Option<u64>>,
 }
 
 /// Phase 2, one size, filter and hit rate.
@@ -270,6 +278,36 @@ pub(crate) struct AgentFigures {
     pub(crate) rss_after_violations_bytes: u64,
     pub(crate) violations_per_s: Option<Summary>,
     pub(crate) cpu_percent_of_one_core: Option<Summary>,
+}
+
+/// One row of "Tables compared": one size of the real mix and one family, or both
+/// families together for the memory that is only measured over both.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct TablesComparedRow {
+    pub(crate) size: usize,
+    /// "ipv4", "ipv6", or "ipv4+ipv6": the sum over both families, the only row with
+    /// ipset's and nft's memory, which the run measures over both of their sets at once.
+    pub(crate) family: String,
+    pub(crate) datafence: TableFigures,
+    pub(crate) lpm_trie: TableFigures,
+    pub(crate) ipset: TableFigures,
+    pub(crate) nft: TableFigures,
+}
+
+/// One implementation's figures in a row of "Tables compared"; `None` where the run has
+/// no such figure (not measured for this implementation or family, failed, or skipped).
+#[derive(Default, Serialize, Deserialize)]
+pub(crate) struct TableFigures {
+    /// Kernel memory of the table(s). datafence and the LPM trie: the maps' memlock
+    /// (datafence's region arrays hold both policy slots); ipset: its "Size in memory";
+    /// nft: the memory cgroup's growth over the load.
+    pub(crate) kernel_bytes: Option<u64>,
+    /// Median ns per lookup of a random address inside the prefixes, in a
+    /// `BPF_PROG_TEST_RUN` loop less the empty loop: datafence and the LPM trie only.
+    pub(crate) cold_ns_per_lookup: Option<f64>,
+    /// ns a packet costs end to end over the paired no-filter bursts, from the medians
+    /// (1e9/pps − 1e9/pps no filter), IPv4 traffic at 0% hits: not a lookup in isolation.
+    pub(crate) e2e_ns_per_packet: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize)]
