@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroups::CgroupPathError,
-    datapath::{Datapath, DatapathError, EventLimits, LoadOptions},
+    datapath::{Datapath, DatapathError, EventLimits, LoadOptions, RegionTables},
     policy::{CompiledPolicy, LoadedPolicy},
 };
 
@@ -413,9 +413,9 @@ pub struct KernelOracle {
 
 impl KernelOracle {
     pub fn new(compiled: &CompiledPolicy) -> Result<Self, ExplainError> {
-        let v6 = crate::v6table::build(&compiled.regions_v6);
-        let mut datapath = Datapath::load(&LoadOptions::sized_for(compiled, &v6))?;
-        datapath.apply_built(compiled, &v6, EventLimits::default())?;
+        let tables = RegionTables::of(compiled);
+        let mut datapath = Datapath::load(&LoadOptions::sized_for(&tables))?;
+        datapath.apply_built(compiled, &tables, EventLimits::default())?;
         Ok(Self {
             datapath,
             in_cgroups: None,

@@ -1610,9 +1610,9 @@ fn kernel_region_tables_agree_with_a_naive_longest_prefix_match() {
             .iter()
             .map(|&(b, l, r)| (ipnetwork::Ipv6Network::new(b.into(), l).unwrap(), r))
             .collect();
-        let v6_table = datafence::v6table::build(&policy.regions_v6);
-        let mut dp = Datapath::load(&LoadOptions::sized_for(&policy, &v6_table)).expect("load");
-        dp.apply_built(&policy, &v6_table, EventLimits::default())
+        let tables = datafence::datapath::RegionTables::of(&policy);
+        let mut dp = Datapath::load(&LoadOptions::sized_for(&tables)).expect("load");
+        dp.apply_built(&policy, &tables, EventLimits::default())
             .expect("apply");
         for (width, prefixes) in [(32u8, &v4), (128, &v6)] {
             let naive = NaiveLpm::new(width, prefixes);

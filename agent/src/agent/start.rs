@@ -17,7 +17,8 @@ use super::{AgentError, RunOptions, core::Agent, watch::watched_sources};
 use crate::{
     control::{self as control, Attachment, SocketRingStatus},
     datapath::{
-        Attached, Datapath, DatapathError, Framing, LoadOptions, PinLayout, TcKind, if_index,
+        Attached, Datapath, DatapathError, Framing, LoadOptions, PinLayout, RegionTables, TcKind,
+        if_index,
     },
     generations::{GenerationNames, Generations},
     kernel::KernelFeatures,
@@ -217,9 +218,9 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         features = ?features.features.iter().filter(|f| f.available).map(|f| f.name.as_str()).collect::<Vec<_>>(),
         "kernel features"
     );
-    // Built once: it sizes the datapath and is what `apply_built` writes.
-    let v6 = crate::v6table::build(&compiled.regions_v6);
-    let sized = LoadOptions::sized_for(&compiled, &v6);
+    // Built once: they size the datapath and are what `apply_built` writes.
+    let tables = RegionTables::of(&compiled);
+    let sized = LoadOptions::sized_for(&tables);
     let mut datapath = Datapath::load(&LoadOptions {
         table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
@@ -238,8 +239,8 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         .policy_in_slot(datapath.active_slot()?)?
         .header
         .generation;
-    let report = datapath.apply_built(&compiled, &v6, opts.events)?;
-    drop(v6);
+    let report = datapath.apply_built(&compiled, &tables, opts.events)?;
+    drop(tables);
     let mut compiled = compiled;
     compiled.release_prefixes();
     release_free_memory();

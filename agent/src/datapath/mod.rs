@@ -56,7 +56,7 @@ pub use sys::{if_index, if_name};
 
 use datafence_common::v6::V6Entry;
 
-use crate::{policy::CompiledPolicy, v6table::V6Table};
+use crate::{policy::CompiledPolicy, v4table::Boundaries, v6table::V6Table};
 
 /// The eBPF object built by agent/build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -123,21 +123,38 @@ impl Default for LoadOptions {
     }
 }
 
+/// A policy's region tables as the slot writer takes them: the IPv4 range boundaries and
+/// the IPv6 length-search table. Built once, they size the datapath at start and are
+/// what [`Datapath::apply_built`] writes.
+pub struct RegionTables {
+    pub v4: Boundaries,
+    pub v6: V6Table,
+}
+
+impl RegionTables {
+    pub fn of(compiled: &CompiledPolicy) -> Self {
+        Self {
+            v4: Boundaries::of(&compiled.regions_v4),
+            v6: crate::v6table::build(&compiled.regions_v6),
+        }
+    }
+}
+
 impl LoadOptions {
-    /// Options with the region tables sized for `compiled`, and room to grow before a
+    /// Options with the region tables sized for `tables`, and room to grow before a
     /// restart is needed: a quarter more IPv4 ranges (8 bytes each, 4 per slot), a
     /// sixteenth more IPv6 entries (96 bytes each, 48 per slot).
-    pub fn sized_for(compiled: &CompiledPolicy, v6: &V6Table) -> Self {
-        let v4 = crate::v4table::Boundaries::of(&compiled.regions_v4);
-        let bits = v4.index_bits();
+    pub fn sized_for(tables: &RegionTables) -> Self {
+        let bits = tables.v4.index_bits();
         Self {
             v4_index_bits: bits,
-            v4_slot_ranges: (v4.entries(bits) * 5 / 4)
+            v4_slot_ranges: (tables.v4.entries(bits) * 5 / 4)
                 .max(DEFAULT_V4_SLOT_RANGES as usize)
                 .min(MAX_V4_SLOT_RANGES as usize) as u32,
             // The table rounds its places up to a power of two, which usually leaves more
             // room than this.
-            v6_entries: ((v6.entries() * 17 / 16) as u32).clamp(DEFAULT_V6_ENTRIES, MAX_V6_ENTRIES),
+            v6_entries: ((tables.v6.entries() * 17 / 16) as u32)
+                .clamp(DEFAULT_V6_ENTRIES, MAX_V6_ENTRIES),
             ..Self::default()
         }
     }

@@ -15,7 +15,7 @@ use datafence_common::{
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::{
-    ApplyReport, Datapath, DatapathError, EventLimits, Result, SLOT_GRACE, map_err,
+    ApplyReport, Datapath, DatapathError, EventLimits, RegionTables, Result, SLOT_GRACE, map_err,
     maps::{self, Kind, PerSlot, SlotContents, Slots},
 };
 use crate::{
@@ -76,17 +76,19 @@ impl Datapath {
     /// Writes `compiled` into the inactive slot, then makes it active in one map write.
     /// On any error the active slot is untouched, so the last good policy stays in force.
     pub fn apply(&mut self, compiled: &CompiledPolicy, events: EventLimits) -> Result<ApplyReport> {
-        self.apply_built(compiled, &v6table::build(&compiled.regions_v6), events)
+        self.apply_built(compiled, &RegionTables::of(compiled), events)
     }
 
-    /// [`Self::apply`] with the policy's IPv6 table already built (`v6table::build` of
-    /// `compiled.regions_v6`), for a caller that built it to size the datapath.
+    /// [`Self::apply`] with the policy's region tables already built
+    /// ([`RegionTables::of`] `compiled`), for a caller that built them to size the
+    /// datapath.
     pub fn apply_built(
         &mut self,
         compiled: &CompiledPolicy,
-        v6: &V6Table,
+        tables: &RegionTables,
         events: EventLimits,
     ) -> Result<ApplyReport> {
+        let (v4, v6) = (&tables.v4, &tables.v6);
         let active = self.active_slot()?;
         let target = 1 - active;
         let generation = self
@@ -95,7 +97,6 @@ impl Datapath {
             .generation
             .wrapping_add(1);
         self.check_capacity(compiled)?;
-        let v4 = Boundaries::of(&compiled.regions_v4);
         let v4_needed = v4.entries(self.v4_index_bits);
         if v4_needed > self.v4_slot_ranges as usize {
             return Err(DatapathError::V4Full {
@@ -113,7 +114,7 @@ impl Datapath {
         }
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
-        let placement = match self.fill_slot(target, compiled, &v4, v6) {
+        let placement = match self.fill_slot(target, compiled, v4, v6) {
             Ok(p) => p,
             Err(err) => {
                 // Leave nothing half-written behind; the error that matters is the first.
@@ -210,7 +211,7 @@ impl Datapath {
     }
 
     /// The ranges of one slot's IPv4 index and range entries.
-    fn v4_slot_ranges(&self, slot: u32) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    fn v4_slot_spans(&self, slot: u32) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let (per_index, per_ranges) = (
             v4table::index_entries(self.v4_index_bits),
             self.v4_slot_ranges as usize,
@@ -224,7 +225,7 @@ impl Datapath {
 
     /// One slot's IPv4 index and range entries.
     pub(super) fn v4_slot(&self, slot: u32) -> (&[u32], &[u32]) {
-        let (index, ranges) = self.v4_slot_ranges(slot);
+        let (index, ranges) = self.v4_slot_spans(slot);
         (
             &self.v4_index.as_slice()[index],
             &self.v4_ranges.as_slice()[ranges],
@@ -249,7 +250,7 @@ impl Datapath {
         v4: &Boundaries,
         v6: &V6Table,
     ) -> Result<v6table::Placement> {
-        let (index, ranges) = self.v4_slot_ranges(slot);
+        let (index, ranges) = self.v4_slot_spans(slot);
         v4table::fill(
             &mut self.v4_index.as_mut_slice()[index],
             &mut self.v4_ranges.as_mut_slice()[ranges],

@@ -290,11 +290,10 @@ pub(crate) fn table_capacity(n: usize) -> u32 {
 
 /// Options sized for a compiled policy, as the agent sizes its datapath at start.
 pub(crate) fn load_options(n: usize, compiled: &CompiledPolicy, bench: bool) -> LoadOptions {
-    let v6 = datafence::v6table::build(&compiled.regions_v6);
     LoadOptions {
         table_capacity: table_capacity(n),
         bench,
-        ..LoadOptions::sized_for(compiled, &v6)
+        ..LoadOptions::sized_for(&datafence::datapath::RegionTables::of(compiled))
     }
 }
 
