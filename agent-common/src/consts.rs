@@ -47,9 +47,10 @@ pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
 /// Default region-table capacity per address family and per slot: the prefixes a policy
 /// may list (`--table-capacity`).
 pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
-/// Range entries per slot the IPv4 table has room for when nothing larger is asked:
-/// one per chunk of the smallest index and as many again (see [`v4`](crate::v4)).
-pub const DEFAULT_V4_SLOT_RANGES: u32 = 1 << 17;
+/// Range entries per slot the IPv4 table has room for at least (256 KiB): a small
+/// policy's table, and room for it to grow to tens of thousands of prefixes before a
+/// restart is needed (see [`v4`](crate::v4)).
+pub const DEFAULT_V4_SLOT_RANGES: u32 = 1 << 16;
 /// Largest range count per slot the agent accepts: above a full routing table's twice.
 pub const MAX_V4_SLOT_RANGES: u32 = 1 << 24;
 /// IPv6 table entries per slot by default: prefixes and the markers the length search

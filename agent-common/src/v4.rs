@@ -10,19 +10,22 @@
 //! one range, starting at its first address, so a lookup is one index read and a short
 //! binary search that always ends on a range.
 //!
-//! A range is one `u32`: its first address within the chunk in the high 16 bits, its
-//! region in the low 16. With `bits` at least 16 the offset fits, and comparing whole
-//! entries orders them by start.
+//! A range is one `u32`: its first address within the chunk in the high 24 bits, its
+//! region (at most [`MAX_REGIONS`](crate::MAX_REGIONS)) in the low 8. With `bits` at
+//! least 8 the offset fits, and comparing whole entries orders them by start.
 
 use crate::{REGION_NONE, RegionId};
 
-/// Fewest and most index bits the agent builds: 16 keeps every offset within a range
-/// entry's 16 bits; 20 is a 4 MiB index, past which a bigger index stops paying.
-pub const V4_MIN_INDEX_BITS: u32 = 16;
+/// Fewest and most index bits the agent builds: 12 is a 16 KiB index for small policies;
+/// 20 is a 4 MiB index, past which a bigger index stops paying.
+pub const V4_MIN_INDEX_BITS: u32 = 12;
 pub const V4_MAX_INDEX_BITS: u32 = 20;
-/// Most steps a binary search takes: a chunk of `1 << (32 - 16)` ranges is halved 16
+/// Most steps a binary search takes: a chunk of `1 << (32 - 12)` ranges is halved 20
 /// times.
 pub const V4_MAX_SEARCH_STEPS: u32 = 32 - V4_MIN_INDEX_BITS;
+/// Bits of a range entry that hold the region.
+const REGION_BITS: u32 = 8;
+const REGION_MASK: u32 = (1 << REGION_BITS) - 1;
 
 /// Table entries per array value. The kernel stores array values at an 8-byte stride, so
 /// values of two entries keep the memory-mapped arrays dense.
@@ -31,7 +34,7 @@ pub const V4_LANES: usize = 2;
 /// A range entry: first address within its chunk, and region.
 #[inline(always)]
 pub const fn v4_range(offset: u32, region: RegionId) -> u32 {
-    (offset << 16) | (region & 0xffff)
+    (offset << REGION_BITS) | (region & REGION_MASK)
 }
 
 /// The chunk of an address and the address's offset within it, for `bits` index bits.
@@ -59,7 +62,7 @@ pub fn v4_lookup(
     };
     // The last range whose start is at or below the offset: compare with the offset
     // followed by the largest region, so a range starting at the offset counts.
-    let key = (offset << 16) | 0xffff;
+    let key = (offset << REGION_BITS) | REGION_MASK;
     let mut step = 0;
     while step < V4_MAX_SEARCH_STEPS && hi > lo + 1 {
         let mid = lo + (hi - lo) / 2;
@@ -70,5 +73,8 @@ pub fn v4_lookup(
         }
         step += 1;
     }
-    range(lo).map_or(none, |entry| entry & 0xffff)
+    range(lo).map_or(none, |entry| entry & REGION_MASK)
 }
+
+const _: () = assert!(crate::MAX_REGIONS <= REGION_MASK as usize);
+const _: () = assert!(32 - V4_MIN_INDEX_BITS + REGION_BITS <= 32);

@@ -287,7 +287,7 @@ mod tests {
                 )
             })
             .collect();
-        for bits in [16, 18, 20] {
+        for bits in [V4_MIN_INDEX_BITS, 16, V4_MAX_INDEX_BITS] {
             let t = build(&prefixes, bits);
             for a in edges(&prefixes) {
                 assert_eq!(at(&t, a), naive(&prefixes, a), "{a} with {bits} bits");
@@ -297,8 +297,8 @@ mod tests {
 
     #[test]
     fn dense_host_routes_fill_a_whole_chunk() {
-        // 65,536 host routes of alternating regions: one chunk of 65,536 ranges, the
-        // deepest binary search the lookup makes.
+        // 65,536 host routes of alternating regions, all in one chunk of the smallest
+        // index: the deepest binary search the lookup makes.
         let prefixes: Vec<(Ipv4Network, RegionId)> = (0..1u32 << 16)
             .map(|i| {
                 (
@@ -307,7 +307,7 @@ mod tests {
                 )
             })
             .collect();
-        let t = build(&prefixes, 16);
+        let t = build(&prefixes, V4_MIN_INDEX_BITS);
         for i in (0..1u32 << 16).step_by(97).chain([0, 1, 65_534, 65_535]) {
             let a = Ipv4Addr::from(0x0b00_0000 | i);
             assert_eq!(at(&t, a), 1 + i % 3, "{a}");

@@ -1228,7 +1228,7 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
         assert!(!tc(&mut dp, &to_us).passed);
     }
     // A policy larger than the tables is refused whole; the strict policy stays. 70,000
-    // separate host routes draw 140,000 range boundaries, past the 131,072 entries a
+    // separate host routes draw 140,000 range boundaries, past the 65,536 entries a
     // datapath loaded with the default sizes has per slot.
     let mut huge = opened.compile();
     huge.regions_v4 = (0..70_000u32)
@@ -1237,13 +1237,14 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
             (ipnetwork::Ipv4Network::new(addr, 32).unwrap(), 3)
         })
         .collect();
-    let needed = datafence::v4table::Boundaries::of(&huge.regions_v4).entries(16);
-    assert!(needed > 205_000, "{needed}");
+    let needed = datafence::v4table::Boundaries::of(&huge.regions_v4)
+        .entries(datafence_common::v4::V4_MIN_INDEX_BITS);
+    assert!(needed > 140_000, "{needed}");
     let err = dp
         .apply(&huge, EventLimits::default())
         .expect_err("too large");
     let expected = format!(
-        "the IPv4 table needs {needed} range entries; the loaded datapath has room for 131072"
+        "the IPv4 table needs {needed} range entries; the loaded datapath has room for 65536"
     );
     assert!(err.to_string().contains(&expected), "{err}");
     assert!(!tc(&mut dp, &to_us).passed);
