@@ -92,7 +92,9 @@ pub(crate) fn catalogue_reload(sb: &Sandbox, args: &Args) -> Result<CatalogueRel
     let original = std::fs::read_to_string(policies.join("eu-cloud.yaml"))
         .context("reading policies/eu-cloud.yaml")?;
     let scratch = Scratch::new("bench-catalogue");
-    std::os::unix::fs::symlink(policies.join("regions"), scratch.dir.join("regions"))?;
+    // Copied, not linked: the agent refuses region files whose real path is outside the
+    // policy's directory.
+    copy_dir(&policies.join("regions"), &scratch.dir.join("regions"))?;
     let policy = scratch.write("eu-cloud.yaml", &original);
     let agent = BenchAgent::start(sb, args, &policy, &scratch.dir, &[], Duration::from_mins(1))?;
     let compiled = parse_policy(&policy, 0)?.compile();
@@ -201,4 +203,19 @@ impl Drop for BenchAgent<'_> {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Copies the files and directories under `from` to `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
