@@ -7,8 +7,8 @@
 //! boundaries a policy draws, not with the address space. The top `bits` bits of an
 //! address pick a *chunk*; the chunk's ranges are one sorted run in `V4_RANGES`, and
 //! `V4_INDEX[chunk]` and `V4_INDEX[chunk + 1]` bound the run. Every chunk has at least
-//! one range, starting at its first address, so a lookup is one index read and a short
-//! binary search that always ends on a range.
+//! one range, starting at its first address, so a lookup is two neighbouring index reads
+//! and a short binary search that always ends on a range.
 //!
 //! A range is one `u32`: its first address within the chunk in the high 24 bits, its
 //! region (at most [`MAX_REGIONS`](crate::MAX_REGIONS)) in the low 8. With `bits` at

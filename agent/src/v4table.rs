@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 /// Where the regions change, in address order: each boundary's first address and the
 /// region from there to the next boundary. The first starts at 0.0.0.0; no two
 /// neighbours share a region.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Boundaries(Vec<(u32, RegionId)>);
 
 /// The table needs more range entries than the datapath has room for.
@@ -298,7 +298,7 @@ mod tests {
     #[test]
     fn dense_host_routes_fill_a_whole_chunk() {
         // 65,536 host routes of alternating regions, all in one chunk of the smallest
-        // index: the deepest binary search the lookup makes.
+        // index.
         let prefixes: Vec<(Ipv4Network, RegionId)> = (0..1u32 << 16)
             .map(|i| {
                 (
@@ -314,6 +314,24 @@ mod tests {
         }
         assert_eq!(at(&t, Ipv4Addr::new(11, 1, 0, 0)), 0);
         assert_eq!(at(&t, Ipv4Addr::new(10, 255, 255, 255)), 0);
+    }
+
+    #[test]
+    fn the_deepest_search_reaches_both_ends_of_a_full_chunk() {
+        // One chunk of the smallest index with a range at every address: 2^20 ranges,
+        // the most a chunk can hold, so the search takes every step it is allowed.
+        let per_chunk = 1u32 << (32 - V4_MIN_INDEX_BITS);
+        let mut index = vec![per_chunk; index_entries(V4_MIN_INDEX_BITS)];
+        index[0] = 0;
+        let ranges: Vec<u32> = (0..per_chunk).map(|i| v4_range(i, 1 + i % 7)).collect();
+        for offset in [0, 1, 2, per_chunk / 2, per_chunk - 2, per_chunk - 1] {
+            let addr = Ipv4Addr::from(offset);
+            assert_eq!(
+                lookup(&index, &ranges, V4_MIN_INDEX_BITS, addr),
+                1 + offset % 7,
+                "{addr}"
+            );
+        }
     }
 
     proptest! {

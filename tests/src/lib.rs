@@ -111,11 +111,7 @@ pub fn load_policy_file(path: &Path) -> LoadedPolicy {
 pub fn datapath_with(yaml: &str, limits: EventLimits) -> (Datapath, LoadedPolicy) {
     require_root();
     let policy = policy_from_yaml(yaml);
-    let mut dp = Datapath::load(&LoadOptions {
-        table_capacity: 4096,
-        ..Default::default()
-    })
-    .expect("load datapath");
+    let mut dp = Datapath::load(&LoadOptions::default()).expect("load datapath");
     dp.apply(&policy.compile(), limits).expect("apply policy");
     (dp, policy)
 }

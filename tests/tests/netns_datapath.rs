@@ -48,11 +48,7 @@ fn packets_where(dp: &Datapath, keep: impl Fn(&CounterKey) -> bool) -> u64 {
 fn attached(sandbox: &Sandbox, yaml: &str) -> Datapath {
     let compiled = policy_from_yaml(yaml).compile();
     sandbox.host.run(move || {
-        let mut dp = Datapath::load(&LoadOptions {
-            table_capacity: 1024,
-            ..Default::default()
-        })
-        .expect("load");
+        let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
         dp.apply(&compiled, EventLimits::default()).expect("apply");
         dp.attach_tc("up0").expect("attach");
         dp

@@ -1163,11 +1163,7 @@ fn xdp_judges_forwarded_frames_with_the_same_logic() {
 #[test]
 fn nothing_is_dropped_before_a_policy_is_loaded() {
     integration_tests::require_root();
-    let mut dp = Datapath::load(&datafence::datapath::LoadOptions {
-        table_capacity: 16,
-        ..Default::default()
-    })
-    .expect("load");
+    let mut dp = Datapath::load(&datafence::datapath::LoadOptions::default()).expect("load");
     let o = tc(&mut dp, &Spec::tcp(SRC4, US4, 443).build());
     assert_outcome(&o, allow(CLASS_NONE, REGION_NONE, Reason::NoPolicy));
 }
@@ -1274,7 +1270,6 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
     let mut policy = integration_tests::policy_from_yaml(POLICY).compile();
     policy.regions_v6 = nested.clone();
     let mut dp = Datapath::load(&LoadOptions {
-        table_capacity: 4096,
         v6_entries: 256,
         ..Default::default()
     })
@@ -1344,7 +1339,6 @@ fn counters_stay_exact_when_the_cache_is_full() {
     integration_tests::require_root();
     let pins = integration_tests::agent::test_pin_dir("counter-cache");
     let mut dp = Datapath::load(&LoadOptions {
-        table_capacity: 4096,
         pin_dir: Some(pins.clone()),
         ..Default::default()
     })
@@ -1407,7 +1401,6 @@ fn a_missing_judge_stage_passes_and_is_counted() {
     integration_tests::require_root();
     let pins = integration_tests::agent::test_pin_dir("stage-missing");
     let mut dp = Datapath::load(&datafence::datapath::LoadOptions {
-        table_capacity: 4096,
         pin_dir: Some(pins.clone()),
         ..Default::default()
     })
@@ -1613,8 +1606,13 @@ fn kernel_region_tables_agree_with_a_naive_longest_prefix_match() {
             .collect();
         let tables = datafence::datapath::RegionTables::of(&policy);
         let mut dp = Datapath::load(&LoadOptions::sized_for(&tables)).expect("load");
-        dp.apply_built(&policy, &tables, EventLimits::default())
-            .expect("apply");
+        // Twice, so the table checked is the one in slot 0, at the stride's offset 0,
+        // after slot 1 was written and then cleared.
+        for _ in 0..2 {
+            dp.apply_built(&policy, &tables, EventLimits::default())
+                .expect("apply");
+        }
+        assert_eq!(dp.active_slot().unwrap(), 0, "{name}");
         for (width, prefixes) in [(32u8, &v4), (128, &v6)] {
             let naive = NaiveLpm::new(width, prefixes);
             let probes = edge_probes(width, prefixes);
@@ -1651,4 +1649,83 @@ fn kernel_region_tables_agree_with_a_naive_longest_prefix_match() {
             );
         }
     }
+}
+
+/// Pinned region tables sized for a large policy keep their size when a datapath that
+/// asks for the defaults adopts them: it learns index bits and room from the pins, reads
+/// the tables where the kernel does, and a reload through it writes the other slot at
+/// the same stride.
+#[test]
+fn adopted_region_tables_keep_the_size_they_were_made_with() {
+    use datafence::datapath::{LoadOptions, PinLayout, RegionTables};
+    use datafence_common::{map_names, v4::V4_MIN_INDEX_BITS};
+    integration_tests::require_root();
+    let pins = integration_tests::agent::test_pin_dir("adopted-tables");
+    let mut policy = integration_tests::policy_from_yaml(POLICY).compile();
+    // 100,000 host routes in 100.64.0.0/10, every other address, eu-west and us-east in
+    // turn: past the default room and the smallest index.
+    let route = |i: u32| std::net::Ipv4Addr::from(0x6440_0000 + 2 * i);
+    let region = |i: u32| {
+        if i.is_multiple_of(2) {
+            EU_WEST
+        } else {
+            US_EAST
+        }
+    };
+    policy.regions_v4.extend((0..100_000u32).map(|i| {
+        (
+            ipnetwork::Ipv4Network::new(route(i), 32).unwrap(),
+            u32::from(region(i)),
+        )
+    }));
+    let tables = RegionTables::of(&policy);
+    let sized = LoadOptions::sized_for(&tables);
+    assert!(sized.v4_index_bits > V4_MIN_INDEX_BITS, "{sized:?}");
+    let pinned = |opts: LoadOptions| {
+        Datapath::load(&LoadOptions {
+            pin_dir: Some(pins.clone()),
+            ..opts
+        })
+        .expect("load with pins")
+    };
+    let mut first = pinned(sized.clone());
+    first
+        .apply_built(&policy, &tables, EventLimits::default())
+        .expect("apply");
+    drop(first);
+
+    let mut dp = pinned(LoadOptions::default());
+    assert_eq!(dp.v4_index_bits(), sized.v4_index_bits);
+    let v4_usage = |dp: &Datapath| {
+        dp.map_usage()
+            .into_iter()
+            .find(|(m, _, _)| m == map_names::V4_RANGES)
+            .map(|(_, used, cap)| (used, cap))
+            .unwrap()
+    };
+    let entries = tables.v4.entries(sized.v4_index_bits) as u64;
+    let room = 2 * u64::from(sized.v4_slot_ranges.next_multiple_of(2));
+    assert_eq!(v4_usage(&dp), (entries, room));
+    for round in 0..2 {
+        for i in (0..100_000u32).step_by(997).chain([0, 1, 99_998, 99_999]) {
+            let addr = route(i);
+            let want = region(i);
+            assert_eq!(
+                dp.region_of(IpAddr::V4(addr)).unwrap(),
+                u32::from(want),
+                "{addr}, round {round}"
+            );
+            let o = tc(&mut dp, &Spec::tcp(SRC4, &addr.to_string(), 443).build());
+            assert_eq!((o.class, o.region), (HTTPS, want), "{addr}, round {round}");
+            // The address between two routes is in no region.
+            let gap = std::net::Ipv4Addr::from(u32::from(addr) + 1);
+            assert_eq!(dp.region_of(IpAddr::V4(gap)).unwrap(), 0, "{gap}");
+        }
+        // A reload through the adopted datapath: the other slot, the same layout.
+        dp.apply_built(&policy, &tables, EventLimits::default())
+            .expect("reload");
+    }
+    assert_eq!(v4_usage(&dp), (2 * entries, room));
+    drop(dp);
+    let _ = PinLayout::new(&pins).remove_all();
 }

@@ -709,11 +709,7 @@ fn kernel_userspace_and_reference_agree() {
     // would: loading is the slow part, seconds per load in the kernel matrix's emulated
     // guests. The counter it bumps gives class and region besides verdict and reason.
     let oracle = std::cell::RefCell::new(
-        KernelOracle::with_capacity(&LoadOptions {
-            table_capacity: 64,
-            ..Default::default()
-        })
-        .expect("load the datapath"),
+        KernelOracle::with_capacity(&LoadOptions::default()).expect("load the datapath"),
     );
     run(&mut runner, strategy, |spec, seeds| {
         let yaml = spec.to_yaml();

@@ -73,6 +73,9 @@ pub struct RunOptions {
     pub watch: bool,
     /// How often attachments are verified (and repaired).
     pub monitor_interval: std::time::Duration,
+    /// IPv4 range entries per slot to reserve at least, beyond what the policy at start
+    /// needs.
+    pub v4_ranges: u32,
     /// IPv6 table entries per slot (prefixes and search markers) to reserve at least,
     /// beyond what the policy at start needs.
     pub v6_entries: u32,

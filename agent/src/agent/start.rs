@@ -222,8 +222,11 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     let tables = RegionTables::of(&compiled);
     let sized = LoadOptions::sized_for(&tables);
     let mut datapath = Datapath::load(&LoadOptions {
-        table_capacity: opts.table_capacity,
         pin_dir: opts.pin_dir.clone(),
+        v4_slot_ranges: sized
+            .v4_slot_ranges
+            .max(opts.v4_ranges)
+            .min(datafence_common::MAX_V4_SLOT_RANGES),
         v6_entries: sized
             .v6_entries
             .max(opts.v6_entries)

@@ -148,7 +148,8 @@ pub(crate) enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct TableArgs {
-    /// Region prefixes the datapath holds per address family.
+    /// Region prefixes a policy may list per address family; a larger policy is
+    /// refused. The datapath's tables are sized to the policy itself.
     #[arg(long, default_value_t = DEFAULT_TABLE_CAPACITY)]
     pub(crate) table_capacity: u32,
     /// The largest policy file read, in bytes; a larger one is refused.

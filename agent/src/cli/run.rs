@@ -69,6 +69,12 @@ pub(crate) struct RunArgs {
     /// Do not reload when the policy file or a region file changes.
     #[arg(long)]
     pub(crate) no_watch: bool,
+    /// IPv4 range entries per slot to reserve at least (4 bytes each, twice for the two
+    /// slots): a range is a stretch of addresses in one region. The agent sizes the table
+    /// to the policy at start and a quarter more; pinned maps keep their size across
+    /// restarts, so reserve here for a policy that will grow.
+    #[arg(long, default_value_t = datafence_common::DEFAULT_V4_SLOT_RANGES, value_name = "N")]
+    pub(crate) v4_ranges: u32,
     /// IPv6 table entries per slot: the policy's IPv6 prefixes plus the markers its
     /// length search needs (usually under one per prefix), to reserve at least. The
     /// agent sizes the table to the policy at start, a sixteenth more, rounded up to a
@@ -120,6 +126,7 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         allow_lockout_risk: args.allow_lockout_risk,
         watch: !args.no_watch,
         monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
+        v4_ranges: args.v4_ranges,
         v6_entries: args.v6_entries,
         tc_attach: args.tc_attach.clone(),
         socket_ring: match &args.socket_ring {

@@ -58,7 +58,7 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "the IPv4 table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it was first loaded with and a quarter more (pinned maps keep their size across restarts: `datafence detach`, then start the agent, to size them anew; up to {max})"
+        "the IPv4 table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it was first loaded with and a quarter more, or to --v4-ranges (pinned maps keep their size across restarts: `datafence detach`, then start the agent, to size them anew; up to {max})"
     )]
     V4Full {
         needed: usize,

@@ -308,7 +308,6 @@ impl Datapath {
         let mut dp = Self {
             ebpf,
             reused,
-            table_capacity: opts.table_capacity,
             pins,
             v4_index_bits: sizes.v4_index_bits,
             v4_slot_ranges: sizes.v4_slot_ranges,
@@ -361,10 +360,6 @@ impl Datapath {
 
     pub fn pins(&self) -> Option<&PinLayout> {
         self.pins.as_ref()
-    }
-
-    pub fn table_capacity(&self) -> u32 {
-        self.table_capacity
     }
 
     pub(super) fn map(&self, name: &'static str) -> Result<&Map> {

@@ -38,8 +38,8 @@ use std::{path::PathBuf, time::Duration};
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 use datafence_common::{
-    DEFAULT_TABLE_CAPACITY, DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_ENTRIES, MAX_V4_SLOT_RANGES,
-    MAX_V6_ENTRIES, stat, v4::V4_MIN_INDEX_BITS,
+    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_ENTRIES, MAX_V4_SLOT_RANGES, MAX_V6_ENTRIES, stat,
+    v4::V4_MIN_INDEX_BITS,
 };
 
 pub use attach::TcKind;
@@ -91,8 +91,6 @@ type Result<T, E = DatapathError> = std::result::Result<T, E>;
 /// Settings fixed when the object is loaded.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Region prefixes per address family and per slot.
-    pub table_capacity: u32,
     /// bpffs directory where maps and links are pinned so that enforcement outlives the
     /// agent; `None` for a private datapath (tests, `explain --datapath`) that vanishes
     /// with the process.
@@ -112,7 +110,6 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            table_capacity: DEFAULT_TABLE_CAPACITY,
             pin_dir: None,
             v4_index_bits: V4_MIN_INDEX_BITS,
             v4_slot_ranges: DEFAULT_V4_SLOT_RANGES,
@@ -222,7 +219,6 @@ pub struct Datapath {
     /// The programs an earlier agent of this build left loaded, adopted instead of the
     /// object's (which then stay unloaded); `None` when this agent loaded its own.
     reused: Option<reuse::Reused>,
-    table_capacity: u32,
     pins: Option<PinLayout>,
     /// The IPv4 range table's index bits, and its range entries per slot.
     v4_index_bits: u32,

@@ -321,11 +321,15 @@ impl Datapath {
     }
 
     /// Removes every entry a slot owns from the shared tables. The ranged arrays the slot
-    /// writer rewrites whole (the IPv4 table, the policy) need nothing; the IPv6 table's
-    /// places and search tree are emptied.
+    /// writer rewrites whole need nothing but the IPv4 index, which is zeroed (the ranges
+    /// it points at are then unreachable); the IPv6 table's places and search tree are
+    /// emptied.
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
         self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
         self.v6_slot_mut(slot).fill([0; 3]);
+        // An index of zeros is an empty table, and counts no ranges for `map_usage`.
+        let (index, _) = self.v4_slot_spans(slot);
+        self.v4_index.as_mut_slice()[index].fill(0);
         for m in maps::MAPS
             .iter()
             .filter(|m| matches!(m.slots, Slots::Keyed { .. }))

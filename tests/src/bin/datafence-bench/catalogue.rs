@@ -289,9 +289,8 @@ pub(crate) fn table_capacity(n: usize) -> u32 {
 }
 
 /// Options sized for a compiled policy, as the agent sizes its datapath at start.
-pub(crate) fn load_options(n: usize, compiled: &CompiledPolicy, bench: bool) -> LoadOptions {
+pub(crate) fn load_options(compiled: &CompiledPolicy, bench: bool) -> LoadOptions {
     LoadOptions {
-        table_capacity: table_capacity(n),
         bench,
         ..LoadOptions::sized_for(&datafence::datapath::RegionTables::of(compiled))
     }

@@ -245,7 +245,7 @@ pub(crate) fn datapath_case(
         10_001..=200_000 => 3,
         _ => 1,
     };
-    let (control, mut dp) = control_runs(n, &compiled, reps, memcg)?;
+    let (control, mut dp) = control_runs(&compiled, reps, memcg)?;
 
     // The baseline tries hold the same prefixes and region ids as datafence's tables.
     let (filled, fill_t) = timed(|| dp.fill_bench_lpm(&compiled.regions_v4, &compiled.regions_v6));
@@ -319,7 +319,6 @@ struct ControlRuns {
 /// Loads the datapath `reps` times, applying and reloading the policy each time, and
 /// returns the figures and the last datapath.
 fn control_runs(
-    n: usize,
     compiled: &Arc<CompiledPolicy>,
     reps: usize,
     memcg: Option<&MemCg>,
@@ -341,7 +340,7 @@ fn control_runs(
         let before = memcg.and_then(MemCg::usage);
         let rss_before = proc_status_kib("self", "VmRSS:").unwrap_or(0);
         reset_peak_rss();
-        let (loaded, t) = timed(|| Datapath::load(&load_options(n, compiled, true)));
+        let (loaded, t) = timed(|| Datapath::load(&load_options(compiled, true)));
         let mut d = loaded.context("loading the datapath")?;
         object_t.push(t.as_secs_f64() * 1e3);
         let (applied, t) = timed(|| d.apply(compiled, limits));

@@ -155,18 +155,13 @@ pub(crate) enum TcProgram {
     Empty,
 }
 
-pub(crate) fn attach_datafence(
-    ns: &NetNs,
-    compiled: Arc<CompiledPolicy>,
-    n: usize,
-) -> Result<Attached> {
-    attach(ns, compiled, n, TcProgram::Datafence)
+pub(crate) fn attach_datafence(ns: &NetNs, compiled: Arc<CompiledPolicy>) -> Result<Attached> {
+    attach(ns, compiled, TcProgram::Datafence)
 }
 
 pub(crate) fn attach(
     ns: &NetNs,
     compiled: Arc<CompiledPolicy>,
-    n: usize,
     program: TcProgram,
 ) -> Result<Attached> {
     let path = format!("/run/netns/{}", ns.name);
@@ -177,7 +172,7 @@ pub(crate) fn attach(
             let file = File::open(&path)?;
             datafence_sandbox::enter(&file).context("setns")?;
             let empty = program == TcProgram::Empty;
-            let mut dp = Datapath::load(&load_options(n, &compiled, empty))?;
+            let mut dp = Datapath::load(&load_options(&compiled, empty))?;
             dp.apply(&compiled, EventLimits::default())?;
             if empty {
                 dp.attach_bench_empty("up0")?;
@@ -370,7 +365,7 @@ fn e2e_ebpf_filters(
 ) -> Result<()> {
     // The empty program: how much of any TC filter's cost is the hook itself.
     let baselines = run.paired_baselines()?;
-    match attach(&run.sb.host, compiled.clone(), run.n, TcProgram::Empty) {
+    match attach(&run.sb.host, compiled.clone(), TcProgram::Empty) {
         Ok(attached) => {
             run.record("empty-tc", None, None, Some(&baselines), rows)?;
             drop(attached);
@@ -379,7 +374,7 @@ fn e2e_ebpf_filters(
     }
 
     let baselines = run.paired_baselines()?;
-    match timed(|| attach_datafence(&run.sb.host, compiled.clone(), run.n)) {
+    match timed(|| attach_datafence(&run.sb.host, compiled.clone())) {
         (Ok(attached), t) => {
             let setup = DatafenceSetup {
                 load_apply_attach_s: t.as_secs_f64(),

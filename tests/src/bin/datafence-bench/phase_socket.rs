@@ -143,11 +143,11 @@ pub(crate) fn socket_phase(cat: &Catalogue, args: &Args) -> Result<SocketFigures
     };
     measure(SETTINGS[0], &cgroups.child("other"))?;
     {
-        let mut dp = Datapath::load(&load_options(n, &compiled, true))?;
+        let mut dp = Datapath::load(&load_options(&compiled, true))?;
         dp.attach_empty_socket_programs(&cgroups.top)?;
         measure(SETTINGS[1], &cgroups.child("other"))?;
     }
-    let mut dp = Datapath::load(&load_options(n, &compiled, false))?;
+    let mut dp = Datapath::load(&load_options(&compiled, false))?;
     dp.apply(&compiled, EventLimits::default())?;
     dp.attach_socket_ring(&cgroups.top)?;
     measure(SETTINGS[2], &cgroups.child("other"))?;
