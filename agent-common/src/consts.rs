@@ -44,8 +44,8 @@ pub const MAX_CGROUP_ENTRIES: u32 = 4096;
 pub const MAX_SRC_CIDR_ENTRIES: u32 = 65_536;
 /// Entries in each exemption trie (both slots together).
 pub const MAX_EXEMPT_ENTRIES: u32 = 16_384;
-/// Default region-table capacity per address family and per slot: the prefixes a policy
-/// may list (`--table-capacity`).
+/// The region prefixes a policy may list per address family, by default
+/// (`--table-capacity`). It sizes no map: the region tables follow the policy.
 pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
 /// Range entries per slot the IPv4 table has room for at least (256 KiB): a small
 /// policy's table, and room for it to grow to tens of thousands of prefixes before a
