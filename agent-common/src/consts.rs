@@ -3,7 +3,7 @@
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// The host's own link traffic that passes whatever the classes say, as bits of
 /// [`PolicyHeader::host_essentials`](crate::PolicyHeader::host_essentials); each has a
@@ -53,12 +53,12 @@ pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
 pub const DEFAULT_V4_SLOT_RANGES: u32 = 1 << 16;
 /// Largest range count per slot the agent accepts: above a full routing table's twice.
 pub const MAX_V4_SLOT_RANGES: u32 = 1 << 24;
-/// IPv6 table entries per slot by default: prefixes and the markers the length search
-/// needs (see [`v6`](crate::v6)). The table has twice as many places, at 24 bytes each.
-/// The agent sizes the table to the policy it starts with.
-pub const DEFAULT_V6_ENTRIES: u32 = 1 << 12;
-/// Largest IPv6 entry count per slot the agent accepts.
-pub const MAX_V6_ENTRIES: u32 = 1 << 24;
+/// Range entries per slot the IPv6 table has room for at least (128 KiB): two for each
+/// chunk of the smallest index (see [`v6`](crate::v6)).
+pub const DEFAULT_V6_SLOT_RANGES: u32 = 1 << 13;
+/// Largest IPv6 range count per slot the agent accepts (256 MiB a slot); it bounds the
+/// lookup's binary search.
+pub const MAX_V6_SLOT_RANGES: u32 = 1 << 24;
 /// Lookups each cold benchmark run performs, on addresses drawn at random from a
 /// pre-filled array (`BENCH_ADDRS_*`).
 pub const COLD_LOOKUPS_PER_RUN: u32 = 16;

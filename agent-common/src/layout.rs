@@ -105,9 +105,8 @@ pub struct PolicyHeader {
     /// Prefixes in the slot's exemption tables, so packets skip an empty table's lookup.
     pub exempt_v4: u32,
     pub exempt_v6: u32,
-    /// Seed of the slot's IPv6 table hash, and how many entries a lookup scans at most.
-    pub v6_seed: u32,
-    pub v6_scan: u32,
+    /// Unused; keeps the header's size.
+    pub _reserved: [u32; 2],
     /// The NAT64 `/96` prefixes the policy declares (beside the well-known one), each as
     /// its first 12 bytes read as three native-endian words, as the datapath compares
     /// them; the first `n_nat64` are in use.
@@ -209,8 +208,7 @@ impl Policy {
             generation: 0,
             exempt_v4: 0,
             exempt_v6: 0,
-            v6_seed: 0,
-            v6_scan: 0,
+            _reserved: [0; 2],
             n_nat64: 0,
             nat64: [[0; 3]; MAX_NAT64_PREFIXES],
             host_essentials: 0,
@@ -449,8 +447,6 @@ mod pod {
     unsafe impl aya::Pod for RateLimitState {}
     // SAFETY: as for ClassSpec.
     unsafe impl aya::Pod for ViolationEvent {}
-    // SAFETY: as for ClassSpec.
-    unsafe impl aya::Pod for crate::v6::V6LengthNode {}
 }
 
 impl ViolationEvent {

@@ -5,7 +5,6 @@
 pub mod map_names {
     pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
     pub const POLICY: &str = "POLICY";
-    pub const REGIONS_V6: &str = "REGIONS_V6";
     pub const EXEMPT_V4: &str = "EXEMPT_V4";
     pub const EXEMPT_V6: &str = "EXEMPT_V6";
     pub const SRC_V4: &str = "SRC_V4";
@@ -18,8 +17,10 @@ pub mod map_names {
     /// The IPv4 range table: chunk index and ranges (see `datafence_common::v4`).
     pub const V4_INDEX: &str = "V4_INDEX";
     pub const V4_RANGES: &str = "V4_RANGES";
+    /// The IPv6 range table (see `datafence_common::v6`).
+    pub const V6_INDEX: &str = "V6_INDEX";
+    pub const V6_RANGES: &str = "V6_RANGES";
     pub const COUNTER_CACHE: &str = "COUNTER_CACHE";
-    pub const V6_LENGTHS: &str = "V6_LENGTHS";
     /// The tail-call stage arrays, one per hook, and the jobs the entry programs hand
     /// their stages.
     pub const TC_STAGES: &str = "TC_STAGES";
@@ -129,6 +130,7 @@ pub mod globals {
     /// Index bits of the IPv4 range table, and its range entries per slot.
     pub const V4_INDEX_BITS: &str = "V4_INDEX_BITS";
     pub const V4_SLOT_RANGES: &str = "V4_SLOT_RANGES";
-    /// log2 of the `REGIONS_V6` places per slot.
-    pub const V6_TABLE_BITS: &str = "V6_TABLE_BITS";
+    /// The same for the IPv6 range table.
+    pub const V6_INDEX_BITS: &str = "V6_INDEX_BITS";
+    pub const V6_SLOT_RANGES: &str = "V6_SLOT_RANGES";
 }

@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use datafence_common::{
     COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey, ClassMask, CounterKey, CounterValue,
-    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_ENTRIES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook,
+    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_SLOT_RANGES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook,
     LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS,
     MAX_EXEMPT_ENTRIES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES, MAX_TRACKED_FRAGMENTS, Policy,
     RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
@@ -43,7 +43,7 @@ use datafence_common::{
     },
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
-    v6::{V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode, v6_search, v6_table_get},
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Range, v6_lookup},
     verdict::{Judgement, Lookups, judge_frame},
 };
 
@@ -51,14 +51,6 @@ use datafence_common::{
 static ACTIVE_SLOT: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static POLICY: Array<Policy> = Array::with_max_entries(SLOTS, 0);
-// Region tables hold both slots; the agent sizes them to the policy at load time.
-// IPv6 regions: prefixes and markers of both slots in an open-addressed table, searched by
-// length (see `datafence_common::v6`). The agent sizes it and fills it through mmap.
-#[map]
-static REGIONS_V6: Array<V6Entry> =
-    Array::with_max_entries(SLOTS * DEFAULT_V6_ENTRIES * V6_LOAD_DIVISOR, BPF_F_MMAPABLE);
-#[map]
-static V6_LENGTHS: Array<V6LengthNode> = Array::with_max_entries(SLOTS * V6_TREE_NODES, 0);
 #[map]
 static EXEMPT_V4: LpmTrie<LpmDataV4, u32> = LpmTrie::with_max_entries(MAX_EXEMPT_ENTRIES, 0);
 #[map]
@@ -99,6 +91,16 @@ static V4_RANGES: Array<[u32; V4_LANES]> = Array::with_max_entries(
     SLOTS * DEFAULT_V4_SLOT_RANGES / V4_LANES as u32,
     BPF_F_MMAPABLE,
 );
+// The IPv6 range table of both slots (see `datafence_common::v6`), laid out as IPv4's;
+// a range entry is 16 bytes, one to a value.
+#[map]
+static V6_INDEX: Array<[u32; V4_LANES]> = Array::with_max_entries(
+    (SLOTS * ((1 << V6_MIN_INDEX_BITS) + 1)).div_ceil(V4_LANES as u32),
+    BPF_F_MMAPABLE,
+);
+#[map]
+static V6_RANGES: Array<V6Range> =
+    Array::with_max_entries(SLOTS * DEFAULT_V6_SLOT_RANGES, BPF_F_MMAPABLE);
 
 /// Entry `index` of a table of lanes.
 #[inline(always)]
@@ -113,7 +115,9 @@ static V4_INDEX_BITS: u32 = V4_MIN_INDEX_BITS;
 #[unsafe(no_mangle)]
 static V4_SLOT_RANGES: u32 = DEFAULT_V4_SLOT_RANGES;
 #[unsafe(no_mangle)]
-static V6_TABLE_BITS: u32 = (DEFAULT_V6_ENTRIES * V6_LOAD_DIVISOR).trailing_zeros();
+static V6_INDEX_BITS: u32 = V6_MIN_INDEX_BITS;
+#[unsafe(no_mangle)]
+static V6_SLOT_RANGES: u32 = DEFAULT_V6_SLOT_RANGES;
 
 #[inline(always)]
 fn global_u32(v: &u32) -> u32 {
@@ -287,27 +291,28 @@ fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
     )
 }
 
+/// IPv6 region: as for IPv4.
 #[inline(always)]
-fn region_v6(policy: &Policy, slot: u32, a: &[u8; 16]) -> RegionId {
-    let bits = global_u32(&V6_TABLE_BITS);
-    let mask = (1u32 << (bits & 31)) - 1;
-    let base = slot << (bits & 31);
-    let (seed, scan) = (policy.header.v6_seed, policy.header.v6_scan);
-    v6_search(
+fn region_v6(slot: u32, a: &[u8; 16]) -> RegionId {
+    let bits = global_u32(&V6_INDEX_BITS).clamp(V6_MIN_INDEX_BITS, V6_MAX_INDEX_BITS);
+    let index_base = slot * ((1 << bits) + 1);
+    let range_base = slot * global_u32(&V6_SLOT_RANGES);
+    v6_lookup(
         a,
-        |node| V6_LENGTHS.get(slot * V6_TREE_NODES + node).copied(),
-        |key| v6_table_get(key, seed, mask, scan, |i| REGIONS_V6.get(base + i).copied()),
+        bits,
+        |i| lane_entry(&V6_INDEX, index_base + i),
+        |i| V6_RANGES.get(range_base + i).copied(),
     )
 }
 
 /// The region of a destination, or `REGION_NONE`. The one place that knows how region
 /// tables are stored, so the lookup structure can change behind it.
 #[inline(always)]
-fn region_of(policy: &Policy, slot: u32, frame: &ParsedFrame) -> RegionId {
+fn region_of(slot: u32, frame: &ParsedFrame) -> RegionId {
     if frame.family == FAMILY_V4 {
         region_v4(slot, frame.dst_v4())
     } else {
-        region_v6(policy, slot, &frame.dst)
+        region_v6(slot, &frame.dst)
     }
 }
 
@@ -391,8 +396,8 @@ impl<C: Fn(u32) -> ClassMask> Lookups for KernelLookups<C> {
     }
 
     #[inline(always)]
-    fn region(&self, slot: u32, policy: &Policy, frame: &ParsedFrame) -> RegionId {
-        region_of(policy, slot, frame)
+    fn region(&self, slot: u32, _policy: &Policy, frame: &ParsedFrame) -> RegionId {
+        region_of(slot, frame)
     }
 
     #[inline(always)]

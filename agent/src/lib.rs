@@ -25,6 +25,7 @@ pub mod lockout;
 pub mod metrics;
 pub mod packet_bypass;
 pub mod policy;
+pub mod rangetable;
 pub mod report;
 #[allow(
     unsafe_code,

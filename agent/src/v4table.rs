@@ -4,152 +4,30 @@
 #![forbid(unsafe_code)]
 
 use datafence_common::{
-    REGION_NONE, RegionId,
+    RegionId,
     v4::{V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup, v4_range},
 };
-use ipnetwork::Ipv4Network;
 
-/// Where the regions change, in address order: each boundary's first address and the
-/// region from there to the next boundary. The first starts at 0.0.0.0; no two
-/// neighbours share a region.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Boundaries(Vec<(u32, RegionId)>);
+pub use crate::rangetable::{RangesExhausted, index_entries};
 
-/// The table needs more range entries than the datapath has room for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RangesExhausted {
-    pub needed: usize,
-    pub capacity: usize,
+/// The IPv4 table's boundaries.
+pub type Boundaries = crate::rangetable::Boundaries<u32>;
+
+/// Index bits for a datapath sized to `boundaries`.
+pub fn index_bits(boundaries: &Boundaries) -> u32 {
+    boundaries.index_bits(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS)
 }
 
-impl Boundaries {
-    /// The boundaries the longest-prefix match of `prefixes` draws. Prefixes may nest
-    /// and come in any order; one listed twice keeps its last region.
-    pub fn of(prefixes: &[(Ipv4Network, RegionId)]) -> Self {
-        let mut sorted: Vec<(u32, u64, RegionId)> = prefixes
-            .iter()
-            .map(|(net, region)| {
-                let start = u32::from(net.network());
-                let end = u64::from(start) + (1u64 << (32 - u32::from(net.prefix()))) - 1;
-                (start, end, *region)
-            })
-            .collect();
-        // Outer prefixes first where starts tie, so inner ones open after them.
-        sorted.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
-        let mut out = Self(vec![(0, RegionId::from(REGION_NONE))]);
-        // Open prefixes, innermost last: (last address, region).
-        let mut open: Vec<(u64, RegionId)> = Vec::new();
-        for (start, end, region) in sorted {
-            out.close_before(&mut open, u64::from(start));
-            out.mark(u64::from(start), region);
-            open.push((end, region));
-        }
-        out.close_before(&mut open, 1 << 32);
-        out
-    }
-
-    /// Closes the open prefixes that end before `at`, marking where each hands back to
-    /// the one it nests in.
-    fn close_before(&mut self, open: &mut Vec<(u64, RegionId)>, at: u64) {
-        while let Some(&(end, _)) = open.last() {
-            if end >= at {
-                break;
-            }
-            open.pop();
-            let outer = open.last().map_or(RegionId::from(REGION_NONE), |o| o.1);
-            self.mark(end + 1, outer);
-        }
-    }
-
-    /// From `at` on, the region is `region` (until the next mark).
-    fn mark(&mut self, at: u64, region: RegionId) {
-        let Ok(at) = u32::try_from(at) else {
-            return; // the end of the address space
-        };
-        if let Some(last) = self.0.last_mut()
-            && last.0 == at
-        {
-            last.1 = region;
-            // The replaced boundary may now repeat the one before it.
-            if self.0.len() > 1 && self.0[self.0.len() - 2].1 == region {
-                self.0.pop();
-            }
-            return;
-        }
-        if self.0.last().is_some_and(|last| last.1 == region) {
-            return;
-        }
-        self.0.push((at, region));
-    }
-
-    /// Boundaries drawn: ranges before chunking.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Index bits for a datapath sized to these boundaries: about four ranges to a chunk
-    /// (a binary search in one cache line), within the bounds the lookup accepts.
-    pub fn index_bits(&self) -> u32 {
-        let per_chunk_log2 = 2;
-        (usize::BITS - self.len().max(1).leading_zeros())
-            .saturating_sub(per_chunk_log2)
-            .clamp(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS)
-    }
-
-    /// Range entries the table takes with `bits` index bits: one per chunk, and one per
-    /// boundary inside a chunk.
-    pub fn entries(&self, bits: u32) -> usize {
-        let inside = (1u32 << (32 - bits)) - 1;
-        (1usize << bits) + self.0.iter().filter(|(at, _)| at & inside != 0).count()
-    }
-}
-
-/// Index entries of one slot's table: one per chunk and one past the last.
-pub const fn index_entries(bits: u32) -> usize {
-    (1usize << bits) + 1
-}
-
-/// Writes the table into one slot: `index` holds at least [`index_entries`] entries and
-/// `ranges` is the slot's room for range entries. Returns the range entries used.
+/// Writes the table into one slot (see [`crate::rangetable::fill`]).
 pub fn fill(
     index: &mut [u32],
     ranges: &mut [u32],
     boundaries: &Boundaries,
     bits: u32,
 ) -> Result<usize, RangesExhausted> {
-    let needed = boundaries.entries(bits);
-    if needed > ranges.len() || index.len() < index_entries(bits) {
-        return Err(RangesExhausted {
-            needed,
-            capacity: ranges.len(),
-        });
-    }
-    let low = 32 - bits;
-    let all = &boundaries.0;
-    let mut used = 0usize;
-    // The boundary in force at the current chunk's first address.
-    let mut at = 0usize;
-    for chunk in 0..(1u64 << bits) {
-        let first = (chunk << low) as u32;
-        let next = (chunk + 1) << low;
-        while at + 1 < all.len() && all[at + 1].0 <= first {
-            at += 1;
-        }
-        index[chunk as usize] = used as u32;
-        ranges[used] = v4_range(0, all[at].1);
-        used += 1;
-        while at + 1 < all.len() && u64::from(all[at + 1].0) < next {
-            at += 1;
-            ranges[used] = v4_range(all[at].0 - first, all[at].1);
-            used += 1;
-        }
-    }
-    index[1 << bits] = used as u32;
-    Ok(used)
+    crate::rangetable::fill(index, ranges, boundaries, bits, |start, first, region| {
+        v4_range(start - first, region)
+    })
 }
 
 /// Looks an address up in one slot's table, as the datapath does.
@@ -166,6 +44,7 @@ pub fn lookup(index: &[u32], ranges: &[u32], bits: u32, addr: std::net::Ipv4Addr
 mod tests {
     use std::net::Ipv4Addr;
 
+    use ipnetwork::Ipv4Network;
     use proptest::prelude::*;
 
     use super::*;
@@ -247,8 +126,8 @@ mod tests {
         // 198.51/16 and 198.52/16 are one region: no boundary between them.
         let b = Boundaries::of(&prefixes);
         assert!(
-            !b.0.iter()
-                .any(|(s, _)| *s == u32::from(Ipv4Addr::new(198, 52, 0, 0)))
+            !b.iter()
+                .any(|(s, _)| s == u32::from(Ipv4Addr::new(198, 52, 0, 0)))
         );
     }
 

@@ -1,390 +1,226 @@
-//! Builds the IPv6 region table: the hash entries (prefixes and their markers) and the
-//! length-search tree that `datafence_common::v6::v6_search` walks.
+//! Builds the IPv6 range table (`datafence_common::v6`) from a policy's prefixes, as
+//! `v4table` does for IPv4: the same boundaries and chunks, with 16-byte entries.
 #![forbid(unsafe_code)]
 
 use datafence_common::{
-    REGION_NONE, RegionId,
-    v6::{
-        V6_EMPTY_NODE, V6_MAX_PROBES, V6_MAX_SCAN, V6_NODE_END, V6_TREE_NODES, V6Entry,
-        V6LengthNode, V6PrefixKey, v6_hash, v6_meta,
-    },
+    RegionId,
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Range, v6_lookup, v6_range},
 };
-use ipnetwork::Ipv6Network;
-use rayon::slice::ParallelSliceMut as _;
 
-/// An IPv6 table, ready to be placed in a slot.
-#[derive(Clone, Debug, Default)]
-pub struct V6Table {
-    /// The search tree, `V6_TREE_NODES` long; the root is node 0.
-    pub nodes: Vec<V6LengthNode>,
-    /// Hash entries: the prefixes and their markers, each once.
-    pub keys: Vec<V6PrefixKey>,
-    pub values: Vec<RegionId>,
+pub use crate::rangetable::{RangesExhausted, index_entries};
+
+/// The IPv6 table's boundaries.
+pub type Boundaries = crate::rangetable::Boundaries<u128>;
+
+/// Index bits for a datapath sized to `boundaries`.
+pub fn index_bits(boundaries: &Boundaries) -> u32 {
+    boundaries.index_bits(V6_MIN_INDEX_BITS, V6_MAX_INDEX_BITS)
 }
 
-impl V6Table {
-    /// Hash entries, markers included: what counts against the map's capacity.
-    pub fn entries(&self) -> usize {
-        self.keys.len()
-    }
+/// Writes the table into one slot (see [`crate::rangetable::fill`]).
+pub fn fill(
+    index: &mut [u32],
+    ranges: &mut [V6Range],
+    boundaries: &Boundaries,
+    bits: u32,
+) -> Result<usize, RangesExhausted> {
+    crate::rangetable::fill(index, ranges, boundaries, bits, |start, _, region| {
+        v6_range(start, region)
+    })
 }
 
-/// How a table was laid out in its slot: what the slot's policy header records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Placement {
-    pub seed: u32,
-    pub scan: u32,
-}
-
-/// No seed placed every entry within `V6_MAX_SCAN` places of its home.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TableCrowded {
-    pub entries: usize,
-    pub places: usize,
-}
-
-/// Seeds tried before a table is refused. At the load factor the agent keeps (at most one
-/// half) a single seed nearly always does.
-const SEEDS: u32 = 16;
-
-/// Writes the table's entries into one slot's places (a power of two of them), by Robin
-/// Hood insertion: an entry that has come further from its home takes the place of one
-/// that has come a shorter way, which keeps every scan short.
-pub fn place(slot: &mut [V6Entry], table: &V6Table) -> Result<Placement, TableCrowded> {
-    debug_assert!(slot.len().is_power_of_two());
-    let mask = slot.len() - 1;
-    let crowded = TableCrowded {
-        entries: table.entries(),
-        places: slot.len(),
-    };
-    if table.entries() > slot.len() {
-        return Err(crowded);
-    }
-    'seeds: for seed in 0..SEEDS {
-        slot.fill([0; 3]);
-        let home = |e: &V6Entry| {
-            let key = V6PrefixKey {
-                len: (e[2] >> 32) as u32 - 1,
-                hi: e[0],
-                lo: e[1],
-            };
-            (v6_hash(&key, seed) as u32 as usize) & mask
-        };
-        let mut longest = 0;
-        for (key, &region) in table.keys.iter().zip(&table.values) {
-            let mut moving: V6Entry = [key.hi, key.lo, v6_meta(key.len, region)];
-            let mut at = home(&moving);
-            let mut distance = 0;
-            loop {
-                if distance >= V6_MAX_SCAN as usize {
-                    continue 'seeds;
-                }
-                let here = &mut slot[at];
-                if here[2] == 0 {
-                    *here = moving;
-                    longest = longest.max(distance);
-                    break;
-                }
-                let theirs = (at.wrapping_sub(home(here))) & mask;
-                if theirs < distance {
-                    std::mem::swap(here, &mut moving);
-                    longest = longest.max(distance);
-                    distance = theirs;
-                }
-                at = (at + 1) & mask;
-                distance += 1;
-            }
-        }
-        return Ok(Placement {
-            seed,
-            scan: longest as u32 + 1,
-        });
-    }
-    slot.fill([0; 3]);
-    Err(crowded)
-}
-
-fn truncate(bits: u128, len: u8) -> u128 {
-    match len {
-        0 => 0,
-        128.. => bits,
-        l => bits & (u128::MAX << (128 - u32::from(l))),
-    }
-}
-
-/// Builds a balanced search tree over `lengths[lo..hi]` into `nodes`, numbering nodes in
-/// preorder so the root is node 0. Returns the subtree's root, or `V6_NODE_END`.
-fn build_tree(lengths: &[u8], lo: usize, hi: usize, nodes: &mut Vec<V6LengthNode>) -> u8 {
-    if lo >= hi {
-        return V6_NODE_END;
-    }
-    let mid = lo + (hi - lo) / 2;
-    let at = nodes.len();
-    nodes.push(V6LengthNode {
-        len: lengths[mid],
-        ..V6_EMPTY_NODE
-    });
-    let on_miss = build_tree(lengths, lo, mid, nodes);
-    let on_hit = build_tree(lengths, mid + 1, hi, nodes);
-    nodes[at].on_hit = on_hit;
-    nodes[at].on_miss = on_miss;
-    at as u8
-}
-
-/// The shorter lengths a search for a prefix of length `len` hits on its way down: a
-/// prefix must leave a marker at each.
-fn marker_lengths(nodes: &[V6LengthNode], len: u8) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    for _ in 0..V6_MAX_PROBES {
-        let Some(n) = nodes.get(at) else { break };
-        let next = match n.len.cmp(&len) {
-            std::cmp::Ordering::Less => {
-                out.push(n.len);
-                n.on_hit
-            }
-            std::cmp::Ordering::Greater => n.on_miss,
-            std::cmp::Ordering::Equal => break,
-        };
-        if next == V6_NODE_END {
-            break;
-        }
-        at = usize::from(next);
-    }
-    out
-}
-
-fn key(len: u8, bits: u128) -> V6PrefixKey {
-    V6PrefixKey {
-        len: u32::from(len),
-        hi: (bits >> 64) as u64,
-        lo: bits as u64,
-    }
-}
-
-/// The table for a set of prefixes, ready to be placed in either slot. `prefixes` may
-/// nest; no prefix appears twice (validation refuses a prefix claimed by two regions).
-pub fn build(prefixes: &[(Ipv6Network, RegionId)]) -> V6Table {
-    let mut sorted: Vec<(u128, u8, RegionId)> = prefixes
-        .iter()
-        .map(|(net, region)| (u128::from(net.network()), net.prefix(), *region))
-        .collect();
-    sorted.par_sort_unstable();
-    let mut lengths: Vec<u8> = sorted.iter().map(|p| p.1).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    let mut nodes = Vec::with_capacity(V6_TREE_NODES as usize);
-    build_tree(&lengths, 0, lengths.len(), &mut nodes);
-    let markers: Vec<Vec<u8>> = (0..=128u8).map(|l| marker_lengths(&nodes, l)).collect();
-    nodes.resize(V6_TREE_NODES as usize, V6_EMPTY_NODE);
-
-    let mut table = V6Table {
-        nodes,
-        keys: Vec::with_capacity(sorted.len() * 2),
-        values: Vec::with_capacity(sorted.len() * 2),
-    };
-    // In (address, length) order every prefix follows the prefixes that contain it, and
-    // the keys emitted at any one length never decrease, so a repeat is always the key
-    // emitted just before at that length.
-    let mut last_at_length: Vec<Option<u128>> = vec![None; 129];
-    // The prefixes containing the current one, shortest first.
-    let mut enclosing: Vec<(u128, u8, RegionId)> = Vec::new();
-    for &(bits, len, region) in &sorted {
-        while let Some(&(b, l, _)) = enclosing.last() {
-            if l <= len && truncate(bits, l) == b {
-                break;
-            }
-            enclosing.pop();
-        }
-        let mut emit = |len: u8, bits: u128, value: RegionId| {
-            let last = &mut last_at_length[usize::from(len)];
-            if *last != Some(bits) {
-                *last = Some(bits);
-                table.keys.push(key(len, bits));
-                table.values.push(value);
-            }
-        };
-        emit(len, bits, region);
-        for &m in &markers[usize::from(len)] {
-            // The marker's best match: the longest enclosing prefix no longer than it.
-            let best = enclosing
-                .iter()
-                .rev()
-                .find(|(_, l, _)| *l <= m)
-                .map_or(RegionId::from(REGION_NONE), |p| p.2);
-            emit(m, truncate(bits, m), best);
-        }
-        enclosing.push((bits, len, region));
-    }
-    table
+/// Looks an address up in one slot's table, as the datapath does.
+pub fn lookup(index: &[u32], ranges: &[V6Range], bits: u32, addr: std::net::Ipv6Addr) -> RegionId {
+    v6_lookup(
+        &addr.octets(),
+        bits,
+        |i| index.get(i as usize).copied(),
+        |i| ranges.get(i as usize).copied(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, net::Ipv6Addr};
+    use std::net::Ipv6Addr;
 
-    use datafence_common::v6::{v6_search, v6_table_get};
+    use ipnetwork::Ipv6Network;
     use proptest::prelude::*;
 
     use super::*;
-
-    /// Looks up through a plain hash of the entries, and through the placed table, which
-    /// must agree.
-    fn lookup(table: &V6Table, addr: Ipv6Addr) -> RegionId {
-        let hash: HashMap<V6PrefixKey, RegionId> = table
-            .keys
-            .iter()
-            .copied()
-            .zip(table.values.iter().copied())
-            .collect();
-        let by_hash = v6_search(
-            &addr.octets(),
-            |i| table.nodes.get(i as usize).copied(),
-            |k| hash.get(k).copied(),
-        );
-        let places = (table.entries() * 2).next_power_of_two().max(16);
-        let mut slot = vec![[0u64; 3]; places];
-        let p = place(&mut slot, table).expect("placed");
-        let by_table = v6_search(
-            &addr.octets(),
-            |i| table.nodes.get(i as usize).copied(),
-            |k| {
-                v6_table_get(k, p.seed, places as u32 - 1, p.scan, |i| {
-                    slot.get(i as usize).copied()
-                })
-            },
-        );
-        assert_eq!(by_hash, by_table, "{addr}");
-        by_table
-    }
-
-    fn naive(prefixes: &[(Ipv6Network, RegionId)], addr: Ipv6Addr) -> RegionId {
-        prefixes
-            .iter()
-            .filter(|(n, _)| n.contains(addr))
-            .max_by_key(|(n, _)| n.prefix())
-            .map_or(0, |p| p.1)
-    }
 
     fn net(s: &str) -> Ipv6Network {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn a_full_table_places_every_entry_close_to_home() {
-        let prefixes: Vec<(Ipv6Network, RegionId)> = (0..50_000u128)
-            .map(|i| {
-                (
-                    Ipv6Network::new(Ipv6Addr::from((0x2001_0db8u128 << 96) | (i << 64)), 64)
-                        .unwrap(),
-                    1,
-                )
-            })
-            .collect();
-        let t = build(&prefixes);
-        let mut slot = vec![[0u64; 3]; (t.entries() * 2).next_power_of_two()];
-        let p = place(&mut slot, &t).expect("placed");
-        assert!(p.scan <= V6_MAX_SCAN);
-        assert_eq!(slot.iter().filter(|e| e[2] != 0).count(), t.entries());
-        let mut tiny = vec![[0u64; 3]; 16];
-        assert_eq!(
-            place(&mut tiny, &t),
-            Err(TableCrowded {
-                entries: t.entries(),
-                places: 16
-            })
-        );
+    /// The longest-prefix match by reading every prefix.
+    fn naive(prefixes: &[(Ipv6Network, RegionId)], addr: Ipv6Addr) -> RegionId {
+        prefixes
+            .iter()
+            .filter(|(n, _)| n.contains(addr))
+            .max_by_key(|(n, _)| n.prefix())
+            .map_or(0, |(_, r)| *r)
+    }
+
+    struct Table {
+        bits: u32,
+        index: Vec<u32>,
+        ranges: Vec<V6Range>,
+    }
+
+    fn build(prefixes: &[(Ipv6Network, RegionId)], bits: u32) -> Table {
+        let b = Boundaries::of(prefixes);
+        let mut index = vec![0; index_entries(bits)];
+        let mut ranges = vec![[0; 2]; b.entries(bits)];
+        let used = fill(&mut index, &mut ranges, &b, bits).unwrap();
+        assert_eq!(used, ranges.len(), "entries() counts what fill writes");
+        Table {
+            bits,
+            index,
+            ranges,
+        }
+    }
+
+    fn at(t: &Table, a: Ipv6Addr) -> RegionId {
+        lookup(&t.index, &t.ranges, t.bits, a)
+    }
+
+    /// Addresses where a lookup can go wrong: each prefix's first and last address and
+    /// their neighbours, and the edges of the chunks of the widest index.
+    fn edges(prefixes: &[(Ipv6Network, RegionId)]) -> Vec<Ipv6Addr> {
+        let mut out = vec![Ipv6Addr::UNSPECIFIED, Ipv6Addr::from(u128::MAX)];
+        let chunk = u128::MAX << (128 - V6_MAX_INDEX_BITS);
+        for (n, _) in prefixes {
+            let first = u128::from(n.network());
+            let last = first | (u128::MAX.checked_shr(n.prefix().into()).unwrap_or(0));
+            for a in [
+                first.wrapping_sub(1),
+                first,
+                first.wrapping_add(1),
+                last.wrapping_sub(1),
+                last,
+                last.wrapping_add(1),
+                first & chunk,
+                (first & chunk).wrapping_sub(1),
+            ] {
+                out.push(Ipv6Addr::from(a));
+            }
+        }
+        out
     }
 
     #[test]
-    fn empty_table_finds_nothing() {
-        let t = build(&[]);
-        assert_eq!(t.nodes[0], V6_EMPTY_NODE);
-        assert_eq!(lookup(&t, "2001:db8::1".parse().unwrap()), 0);
-    }
-
-    #[test]
-    fn nested_prefixes_resolve_to_the_longest() {
-        let p = vec![
+    fn most_specific_prefix_wins_and_neighbours_merge() {
+        let prefixes = vec![
             (net("2001:db8::/32"), 1),
             (net("2001:db8:1::/48"), 2),
             (net("2001:db8:1:2::/64"), 3),
             (net("2001:db8:1:2::7/128"), 4),
-            (net("::/0"), 5),
+            (net("2001:db9::/32"), 1),
+            (net("::/0"), 7),
         ];
-        let t = build(&p);
-        for (addr, want) in [
-            ("2001:db8:1:2::7", 4),
-            ("2001:db8:1:2::8", 3),
-            ("2001:db8:1:3::", 2),
-            ("2001:db8:2::", 1),
-            ("2001:db9::", 5),
-        ] {
-            assert_eq!(lookup(&t, addr.parse().unwrap()), want, "{addr}");
+        let t = build(&prefixes, 16);
+        for a in edges(&prefixes) {
+            assert_eq!(at(&t, a), naive(&prefixes, a), "{a}");
         }
+        assert_eq!(at(&t, "2001:db8:1:2::7".parse().unwrap()), 4);
+        assert_eq!(at(&t, "2001:db8:1:2::8".parse().unwrap()), 3);
+        assert_eq!(at(&t, "3fff::1".parse().unwrap()), 7);
+        // 2001:db8::/32 and 2001:db9::/32 are one region: no boundary between them.
+        let b = Boundaries::of(&prefixes);
+        let db9 = u128::from("2001:db9::".parse::<Ipv6Addr>().unwrap());
+        assert!(!b.iter().any(|(s, _)| s == db9));
     }
 
     #[test]
-    fn a_marker_without_an_enclosing_prefix_finds_nothing() {
-        // /64 leaves a marker at /48 (the root of lengths 32, 48, 64): an address that
-        // shares only those 48 bits must not match anything.
-        let p = vec![(net("2001:db8:1:2::/64"), 3), (net("2400::/32"), 1)];
-        let t = build(&p);
-        assert_eq!(lookup(&t, "2001:db8:1:9::".parse().unwrap()), 0);
-        assert_eq!(lookup(&t, "2001:db8:1:2::1".parse().unwrap()), 3);
+    fn an_empty_policy_is_one_range_per_chunk_in_no_region() {
+        let t = build(&[], V6_MIN_INDEX_BITS);
+        assert_eq!(t.ranges.len(), 1 << V6_MIN_INDEX_BITS);
+        assert_eq!(at(&t, "2001:db8::1".parse().unwrap()), 0);
     }
 
     #[test]
-    fn every_length_fits_the_probe_budget() {
-        let p: Vec<(Ipv6Network, RegionId)> = (0..=128u8)
-            .map(|l| {
+    fn nested_prefixes_of_every_length_from_0_to_128() {
+        // One address inside /0 ... /128, each length its own region in turn.
+        let base: Ipv6Addr = "2001:db8:5:6:7:8:9:a".parse().unwrap();
+        let prefixes: Vec<(Ipv6Network, RegionId)> = (0..=128u8)
+            .map(|len| {
+                let n = Ipv6Network::new(base, len).unwrap();
                 (
-                    Ipv6Network::new(Ipv6Addr::UNSPECIFIED, l).unwrap(),
-                    u32::from(l) + 1,
+                    Ipv6Network::new(n.network(), len).unwrap(),
+                    1 + u32::from(len) % 5,
                 )
             })
             .collect();
-        let t = build(&p);
-        for l in 0..=128u32 {
-            let addr = if l == 128 {
-                Ipv6Addr::UNSPECIFIED
-            } else {
-                Ipv6Addr::from(1u128 << (127 - l))
-            };
-            assert_eq!(lookup(&t, addr), l + 1, "/{l}");
+        for bits in [V6_MIN_INDEX_BITS, 16, V6_MAX_INDEX_BITS] {
+            let t = build(&prefixes, bits);
+            for a in edges(&prefixes) {
+                assert_eq!(at(&t, a), naive(&prefixes, a), "{a} with {bits} bits");
+            }
         }
     }
 
-    fn arb_prefix() -> impl Strategy<Value = (Ipv6Network, RegionId)> {
-        // A few base addresses, so prefixes nest and share markers.
-        (
-            0..4u128,
-            any::<u128>(),
-            prop::sample::select(vec![
-                0u8, 8, 16, 29, 32, 33, 40, 44, 48, 56, 60, 64, 96, 127, 128,
-            ]),
-            1..5u32,
-        )
-            .prop_map(|(base, noise, len, region)| {
-                let bits = (base << 120) | (noise >> 8);
-                let net = Ipv6Network::new(Ipv6Addr::from(truncate(bits, len)), len).unwrap();
-                (net, region)
+    #[test]
+    fn dense_host_routes_fill_a_whole_chunk() {
+        // 65,536 host routes of alternating regions, all in one chunk: they differ only
+        // in the low 8 bits of the address and the bits above, which the entries keep.
+        let base = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
+        let host = |i: u128| Ipv6Addr::from(base | (i << 4) | (i & 0xf));
+        let prefixes: Vec<(Ipv6Network, RegionId)> = (0..1u128 << 16)
+            .map(|i| (Ipv6Network::new(host(i), 128).unwrap(), 1 + (i % 3) as u32))
+            .collect();
+        let t = build(&prefixes, V6_MIN_INDEX_BITS);
+        for i in (0..1u128 << 16).step_by(97).chain([0, 1, 65_534, 65_535]) {
+            let a = host(i);
+            assert_eq!(at(&t, a), 1 + (i % 3) as u32, "{a}");
+            let beside = Ipv6Addr::from(u128::from(a) ^ 0x100_0000);
+            assert_eq!(at(&t, beside), naive(&prefixes, beside), "{beside}");
+        }
+    }
+
+    #[test]
+    fn a_table_too_large_for_its_room_is_refused_with_the_numbers() {
+        let prefixes = vec![(net("2001:db8::1/128"), 1)];
+        let b = Boundaries::of(&prefixes);
+        let mut index = vec![0; index_entries(V6_MIN_INDEX_BITS)];
+        let mut ranges = vec![[0; 2]; 1 << V6_MIN_INDEX_BITS];
+        assert_eq!(
+            fill(&mut index, &mut ranges, &b, V6_MIN_INDEX_BITS),
+            Err(RangesExhausted {
+                needed: (1 << V6_MIN_INDEX_BITS) + 2,
+                capacity: 1 << V6_MIN_INDEX_BITS,
             })
+        );
+    }
+
+    fn arb_prefix() -> impl Strategy<Value = (Ipv6Network, RegionId)> {
+        // A few base addresses, so prefixes nest; every length, the long ones most.
+        (0..4u128, any::<u128>(), 0u8..=128, 1..6u32).prop_map(|(base, noise, len, region)| {
+            let bits = (0x2001_0db8u128 << 96) | (base << 88) | (noise >> 40);
+            let net = Ipv6Network::new(Ipv6Addr::from(bits), len).unwrap();
+            (Ipv6Network::new(net.network(), len).unwrap(), region)
+        })
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
-        fn search_matches_a_naive_longest_prefix_match(
-            raw in prop::collection::vec(arb_prefix(), 0..60),
-            probes in prop::collection::vec((0..4u128, any::<u128>()), 40),
+        fn agrees_with_a_naive_longest_prefix_match(
+            raw in prop::collection::vec(arb_prefix(), 0..80),
+            probes in prop::collection::vec((0..4u128, any::<u128>()), 100),
+            bits in V6_MIN_INDEX_BITS..=V6_MAX_INDEX_BITS,
         ) {
-            let mut seen = std::collections::HashSet::new();
-            let prefixes: Vec<_> = raw.into_iter().filter(|(n, _)| seen.insert(*n)).collect();
-            let t = build(&prefixes);
-            let mut candidates: Vec<Ipv6Addr> = prefixes.iter().map(|(n, _)| n.network()).collect();
-            candidates.extend(probes.iter().map(|&(b, n)| Ipv6Addr::from((b << 120) | (n >> 8))));
-            for addr in candidates {
-                prop_assert_eq!(lookup(&t, addr), naive(&prefixes, addr), "{}", addr);
+            let mut prefixes: Vec<(Ipv6Network, RegionId)> = Vec::new();
+            for (n, r) in raw {
+                if !prefixes.iter().any(|(p, _)| *p == n) {
+                    prefixes.push((n, r));
+                }
+            }
+            let t = build(&prefixes, bits);
+            let probes = probes
+                .iter()
+                .map(|&(b, n)| Ipv6Addr::from((0x2001_0db8u128 << 96) | (b << 88) | (n >> 40)));
+            for a in edges(&prefixes).into_iter().chain(probes) {
+                prop_assert_eq!(at(&t, a), naive(&prefixes, a), "{}", a);
             }
         }
     }

@@ -122,7 +122,7 @@ fn metrics_count_exactly_what_was_sent() {
         "datafence_policy_reload_total{result=\"success\"} 0",
         "datafence_map_entries{map=\"V4_RANGES\"}",
         "datafence_map_capacity{map=\"V4_RANGES\"}",
-        "datafence_map_entries{map=\"REGIONS_V6\"}",
+        "datafence_map_entries{map=\"V6_RANGES\"}",
         "datafence_programs_attached{interface=\"up0\",hook=\"tc_egress\"} 1",
         "datafence_build_info{",
         "datafence_map_memory_bytes{map=\"V4_INDEX\"}",

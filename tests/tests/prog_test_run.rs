@@ -1252,7 +1252,7 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
 /// the kernel's own hash, through reloads that clear the old slot, and a table that would
 /// overflow is refused whole.
 #[test]
-fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
+fn ipv6_ranges_hold_through_reloads_and_refuse_overflow() {
     use datafence::datapath::LoadOptions;
     use ipnetwork::Ipv6Network;
     integration_tests::require_root();
@@ -1269,16 +1269,14 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
         .collect();
     let mut policy = integration_tests::policy_from_yaml(POLICY).compile();
     policy.regions_v6 = nested.clone();
-    let mut dp = Datapath::load(&LoadOptions {
-        v6_entries: 256,
-        ..Default::default()
-    })
-    .expect("load");
-    let entries = datafence::v6table::build(&nested).entries() as u64;
+    let opts = LoadOptions::default();
+    let mut dp = Datapath::load(&opts).expect("load");
+    let entries = datafence::v6table::Boundaries::of(&nested).entries(opts.v6_index_bits) as u64;
+    let capacity = 2 * u64::from(opts.v6_slot_ranges);
     let v6_usage = |dp: &Datapath| {
         dp.map_usage()
             .into_iter()
-            .find(|(m, _, _)| m == "REGIONS_V6")
+            .find(|(m, _, _)| m == datafence_common::map_names::V6_RANGES)
             .map(|(_, used, cap)| (used, cap))
             .unwrap()
     };
@@ -1286,7 +1284,7 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
         dp.apply(&policy, EventLimits::default()).expect("apply");
         // Both slots hold the same table after the second apply, never more.
         let expected = entries * if round == 0 { 1 } else { 2 };
-        assert_eq!(v6_usage(&dp), (expected, 512), "round {round}");
+        assert_eq!(v6_usage(&dp), (expected, capacity), "round {round}");
         for len in 32..=127u32 {
             // The address whose bit `len` (counting from 0) is set leaves every prefix
             // longer than `len` bits: its longest match is the /len.
@@ -1308,12 +1306,13 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
             0
         );
     }
-    // 300 /64s do not fit 256 entries: refused whole, the nested table stays.
+    // 3,000 /64s with gaps between them draw 6,000 boundaries in one chunk, past the
+    // default room: refused whole, the nested table stays.
     let mut huge = policy.clone();
-    huge.regions_v6 = (0..300u128)
+    huge.regions_v6 = (0..3_000u128)
         .map(|i| {
             (
-                Ipv6Network::new(Ipv6Addr::from(base | (i << 64)), 64).unwrap(),
+                Ipv6Network::new(Ipv6Addr::from(base | (i << 65)), 64).unwrap(),
                 1,
             )
         })
@@ -1321,7 +1320,10 @@ fn ipv6_length_search_holds_through_reloads_and_refuses_overflow() {
     let err = dp
         .apply(&huge, EventLimits::default())
         .expect_err("too large");
-    assert!(err.to_string().contains("--v6-entries"), "{err}");
+    assert!(
+        err.to_string().contains("IPv6 table needs") && err.to_string().contains("--v6-ranges"),
+        "{err}"
+    );
     assert_eq!(v6_usage(&dp).0, entries * 2);
     let addr = Ipv6Addr::from(base | (1u128 << 60));
     assert_eq!(dp.region_of(IpAddr::V6(addr)).unwrap(), 67 % 3 + 1);
@@ -1658,7 +1660,7 @@ fn kernel_region_tables_agree_with_a_naive_longest_prefix_match() {
 #[test]
 fn adopted_region_tables_keep_the_size_they_were_made_with() {
     use datafence::datapath::{LoadOptions, PinLayout, RegionTables};
-    use datafence_common::{map_names, v4::V4_MIN_INDEX_BITS};
+    use datafence_common::{map_names, v4::V4_MIN_INDEX_BITS, v6::V6_MIN_INDEX_BITS};
     integration_tests::require_root();
     let pins = integration_tests::agent::test_pin_dir("adopted-tables");
     let mut policy = integration_tests::policy_from_yaml(POLICY).compile();
@@ -1678,9 +1680,18 @@ fn adopted_region_tables_keep_the_size_they_were_made_with() {
             u32::from(region(i)),
         )
     }));
+    // And as many IPv6 host routes in 2001:db8::/32, the same way.
+    let route6 = |i: u32| std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) + 2 * u128::from(i));
+    policy.regions_v6.extend((0..100_000u32).map(|i| {
+        (
+            ipnetwork::Ipv6Network::new(route6(i), 128).unwrap(),
+            u32::from(region(i)),
+        )
+    }));
     let tables = RegionTables::of(&policy);
     let sized = LoadOptions::sized_for(&tables);
     assert!(sized.v4_index_bits > V4_MIN_INDEX_BITS, "{sized:?}");
+    assert!(sized.v6_index_bits > V6_MIN_INDEX_BITS, "{sized:?}");
     let pinned = |opts: LoadOptions| {
         Datapath::load(&LoadOptions {
             pin_dir: Some(pins.clone()),
@@ -1695,17 +1706,22 @@ fn adopted_region_tables_keep_the_size_they_were_made_with() {
     drop(first);
 
     let mut dp = pinned(LoadOptions::default());
-    assert_eq!(dp.v4_index_bits(), sized.v4_index_bits);
-    let v4_usage = |dp: &Datapath| {
+    assert_eq!(dp.index_bits(), (sized.v4_index_bits, sized.v6_index_bits));
+    let usage = |dp: &Datapath, map: &str| {
         dp.map_usage()
             .into_iter()
-            .find(|(m, _, _)| m == map_names::V4_RANGES)
+            .find(|(m, _, _)| m == map)
             .map(|(_, used, cap)| (used, cap))
             .unwrap()
     };
+    let v4_usage = |dp: &Datapath| usage(dp, map_names::V4_RANGES);
+    let v6_usage = |dp: &Datapath| usage(dp, map_names::V6_RANGES);
     let entries = tables.v4.entries(sized.v4_index_bits) as u64;
     let room = 2 * u64::from(sized.v4_slot_ranges.next_multiple_of(2));
     assert_eq!(v4_usage(&dp), (entries, room));
+    let entries6 = tables.v6.entries(sized.v6_index_bits) as u64;
+    let room6 = 2 * u64::from(sized.v6_slot_ranges);
+    assert_eq!(v6_usage(&dp), (entries6, room6));
     for round in 0..2 {
         for i in (0..100_000u32).step_by(997).chain([0, 1, 99_998, 99_999]) {
             let addr = route(i);
@@ -1720,12 +1736,23 @@ fn adopted_region_tables_keep_the_size_they_were_made_with() {
             // The address between two routes is in no region.
             let gap = std::net::Ipv4Addr::from(u32::from(addr) + 1);
             assert_eq!(dp.region_of(IpAddr::V4(gap)).unwrap(), 0, "{gap}");
+            let addr6 = route6(i);
+            assert_eq!(
+                dp.region_of(IpAddr::V6(addr6)).unwrap(),
+                u32::from(want),
+                "{addr6}, round {round}"
+            );
+            let o = tc(&mut dp, &Spec::tcp(SRC6, &addr6.to_string(), 443).build());
+            assert_eq!((o.class, o.region), (HTTPS, want), "{addr6}, round {round}");
+            let gap6 = std::net::Ipv6Addr::from(u128::from(addr6) + 1);
+            assert_eq!(dp.region_of(IpAddr::V6(gap6)).unwrap(), 0, "{gap6}");
         }
         // A reload through the adopted datapath: the other slot, the same layout.
         dp.apply_built(&policy, &tables, EventLimits::default())
             .expect("reload");
     }
     assert_eq!(v4_usage(&dp), (2 * entries, room));
+    assert_eq!(v6_usage(&dp), (2 * entries6, room6));
     drop(dp);
     let _ = PinLayout::new(&pins).remove_all();
 }

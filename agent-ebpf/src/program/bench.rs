@@ -15,9 +15,7 @@ use datafence_common::{
     parse::{PacketBytes as _, parse_frame_headers},
 };
 
-use super::{
-    DirectBytes, POLICY, TC_JOB, active_slot, post_tc_job, region_v4, region_v6, take_job,
-};
+use super::{DirectBytes, TC_JOB, active_slot, post_tc_job, region_v4, region_v6, take_job};
 
 #[map]
 static BENCH_LPM_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_TABLE_CAPACITY, 0);
@@ -143,13 +141,10 @@ pub fn bench_cold_region_v4(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bench_cold_region_v6(_ctx: TcContext) -> i32 {
     let slot = active_slot();
-    let Some(policy) = POLICY.get(slot) else {
-        return TC_ACT_OK;
-    };
     let mut acc = 0u32;
     for _ in 0..COLD_LOOKUPS_PER_RUN {
         if let Some(a) = BENCH_ADDRS_V6.get(bench_index()) {
-            acc ^= region_v6(policy, slot, a);
+            acc ^= region_v6(slot, a);
         }
     }
     bench_verdict(acc)

@@ -76,9 +76,8 @@ pub struct RunOptions {
     /// IPv4 range entries per slot to reserve at least, beyond what the policy at start
     /// needs.
     pub v4_ranges: u32,
-    /// IPv6 table entries per slot (prefixes and search markers) to reserve at least,
-    /// beyond what the policy at start needs.
-    pub v6_entries: u32,
+    /// The same for IPv6.
+    pub v6_ranges: u32,
     /// How TC egress programs are attached: "auto" (tcx where the kernel has it, else
     /// clsact), "tcx" or "clsact".
     pub tc_attach: String,

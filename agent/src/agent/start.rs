@@ -227,10 +227,10 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             .v4_slot_ranges
             .max(opts.v4_ranges)
             .min(datafence_common::MAX_V4_SLOT_RANGES),
-        v6_entries: sized
-            .v6_entries
-            .max(opts.v6_entries)
-            .min(datafence_common::MAX_V6_ENTRIES),
+        v6_slot_ranges: sized
+            .v6_slot_ranges
+            .max(opts.v6_ranges)
+            .min(datafence_common::MAX_V6_SLOT_RANGES),
         ..sized
     })?;
     datapath.set_tc_kind(tc_kind);

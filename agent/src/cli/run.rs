@@ -75,12 +75,11 @@ pub(crate) struct RunArgs {
     /// restarts, so reserve here for a policy that will grow.
     #[arg(long, default_value_t = datafence_common::DEFAULT_V4_SLOT_RANGES, value_name = "N")]
     pub(crate) v4_ranges: u32,
-    /// IPv6 table entries per slot: the policy's IPv6 prefixes plus the markers its
-    /// length search needs (usually under one per prefix), to reserve at least. The
-    /// agent sizes the table to the policy at start, a sixteenth more, rounded up to a
-    /// power of two; pinned maps keep their size across restarts.
-    #[arg(long, default_value_t = datafence_common::DEFAULT_V6_ENTRIES, value_name = "N")]
-    pub(crate) v6_entries: u32,
+    /// IPv6 range entries per slot to reserve at least (16 bytes each, twice for the two
+    /// slots). The agent sizes the table to the policy at start and a sixteenth more;
+    /// pinned maps keep their size across restarts.
+    #[arg(long, default_value_t = datafence_common::DEFAULT_V6_SLOT_RANGES, value_name = "N")]
+    pub(crate) v6_ranges: u32,
     /// Seconds between checks that every program is still attached (and repairs).
     #[arg(long, default_value_t = 2, value_name = "SECONDS")]
     pub(crate) monitor_interval: u64,
@@ -127,7 +126,7 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         watch: !args.no_watch,
         monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
         v4_ranges: args.v4_ranges,
-        v6_entries: args.v6_entries,
+        v6_ranges: args.v6_ranges,
         tc_attach: args.tc_attach.clone(),
         socket_ring: match &args.socket_ring {
             Some(off) if off.as_os_str() == "off" => None,

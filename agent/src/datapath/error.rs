@@ -58,25 +58,15 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "the IPv4 table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it was first loaded with and a quarter more, or to --v4-ranges (pinned maps keep their size across restarts: `datafence detach`, then start the agent, to size them anew; up to {max})"
+        "the {family} table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it was first loaded with and some more, or to {flag} (pinned maps keep their size across restarts: `datafence detach`, then start the agent, to size them anew; up to {max})"
     )]
-    V4Full {
+    RangesFull {
+        family: &'static str,
+        flag: &'static str,
         needed: usize,
         capacity: usize,
         max: u32,
     },
-    #[error(
-        "the IPv6 table needs {needed} entries (prefixes and search markers); it has {capacity} (raise --v6-entries, up to {max})"
-    )]
-    V6Full {
-        needed: usize,
-        capacity: u32,
-        max: u32,
-    },
-    #[error(
-        "the IPv6 table could not place its {entries} entries in {places} places within the scan limit (raise --v6-entries)"
-    )]
-    V6Crowded { entries: usize, places: usize },
     #[error(
         "{holder} is running datafence on pin directory {path}: one agent per pin directory; stop it first (`systemctl stop datafence`)"
     )]

@@ -11,10 +11,10 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use datafence_common::{
-    LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_ENTRIES, SLOTS, globals, map_names,
+    LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_SLOT_RANGES, SLOTS, globals, map_names,
     program_names, stage,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS},
-    v6::{V6_LOAD_DIVISOR, V6Entry},
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Range},
 };
 
 use super::{
@@ -23,8 +23,21 @@ use super::{
     object_digest,
     pin_lock::PinLock,
     pins, program_err, program_mut,
+    range_arrays::{Family, RangeArrays},
     reuse::{self, Reused},
     sys,
+};
+
+/// The IPv4 and IPv6 range tables, as named in messages.
+const V4_FAMILY: Family = Family {
+    name: "IPv4",
+    flag: "--v4-ranges",
+    max_ranges: MAX_V4_SLOT_RANGES,
+};
+const V6_FAMILY: Family = Family {
+    name: "IPv6",
+    flag: "--v6-ranges",
+    max_ranges: MAX_V6_SLOT_RANGES,
 };
 
 /// The stages of each hook's program array: (array, index, program).
@@ -126,74 +139,136 @@ pub(super) fn set_stage(
     stages.set(index, program, 0).map_err(map_err(array))
 }
 
-/// Array values that hold `entries` table entries, `per_value` to a value (at least one).
-fn values(entries: u32, per_value: usize) -> u32 {
-    entries.div_ceil(per_value as u32).max(1)
+/// The sizes of one range table: from the options, or from maps an earlier agent pinned
+/// (adopted maps keep the sizes and layout they were made with; the programs must be
+/// told the same).
+#[derive(Clone, Copy)]
+struct TableSize {
+    index_bits: u32,
+    slot_ranges: u32,
 }
 
-/// The sizes of the region tables: from the options, or from maps an earlier agent
-/// pinned (adopted maps keep the sizes and layout they were made with; the programs
-/// must be told the same).
-struct Sizes {
-    v4_index_bits: u32,
-    v4_slot_ranges: u32,
-    v6_bits: u32,
+/// What sizes one family's table: its maps and globals, and the bounds.
+struct TableSpec {
+    index_map: &'static str,
+    ranges_map: &'static str,
+    index_bits_global: &'static str,
+    slot_ranges_global: &'static str,
+    /// Range entries per array value.
+    ranges_per_value: u32,
+    min_bits: u32,
+    max_bits: u32,
+    max_ranges: u32,
 }
 
-impl Sizes {
-    fn of(opts: &LoadOptions, pins: Option<&PinLayout>) -> Self {
+const V4_SPEC: TableSpec = TableSpec {
+    index_map: map_names::V4_INDEX,
+    ranges_map: map_names::V4_RANGES,
+    index_bits_global: globals::V4_INDEX_BITS,
+    slot_ranges_global: globals::V4_SLOT_RANGES,
+    ranges_per_value: V4_LANES as u32,
+    min_bits: V4_MIN_INDEX_BITS,
+    max_bits: V4_MAX_INDEX_BITS,
+    max_ranges: MAX_V4_SLOT_RANGES,
+};
+
+const V6_SPEC: TableSpec = TableSpec {
+    index_map: map_names::V6_INDEX,
+    ranges_map: map_names::V6_RANGES,
+    index_bits_global: globals::V6_INDEX_BITS,
+    slot_ranges_global: globals::V6_SLOT_RANGES,
+    ranges_per_value: 1,
+    min_bits: V6_MIN_INDEX_BITS,
+    max_bits: V6_MAX_INDEX_BITS,
+    max_ranges: MAX_V6_SLOT_RANGES,
+};
+
+impl TableSpec {
+    fn size(&self, bits: u32, ranges: u32, pins: Option<&PinLayout>) -> TableSize {
         let adopted = |name: &str| {
             pins.and_then(|p| aya::maps::MapInfo::from_pin(p.map(name)).ok())
                 .map(|i| i.max_entries())
         };
         let lanes = V4_LANES as u32;
-        let v4_index_bits = match adopted(map_names::V4_INDEX) {
+        let index_bits = match adopted(self.index_map) {
             // The largest index whose slots fit: SLOTS × (2^bits + 1) entries.
             Some(values) => ((values * lanes / SLOTS).saturating_sub(1).max(1)).ilog2(),
-            None => opts.v4_index_bits,
+            None => bits,
         }
-        .clamp(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS);
-        let v4_slot_ranges = match adopted(map_names::V4_RANGES) {
-            Some(values) => values * lanes / SLOTS,
-            None => opts
-                .v4_slot_ranges
-                .clamp(1 << v4_index_bits, MAX_V4_SLOT_RANGES)
-                .next_multiple_of(lanes),
+        .clamp(self.min_bits, self.max_bits);
+        let slot_ranges = match adopted(self.ranges_map) {
+            Some(values) => values * self.ranges_per_value / SLOTS,
+            None => ranges
+                .clamp(1 << index_bits, self.max_ranges)
+                .next_multiple_of(self.ranges_per_value),
         };
-        let v6_bits = match adopted(map_names::REGIONS_V6) {
-            Some(n) => (n / SLOTS).trailing_zeros(),
-            None => (opts.v6_entries.clamp(8, MAX_V6_ENTRIES) * V6_LOAD_DIVISOR)
-                .next_power_of_two()
-                .trailing_zeros(),
-        };
-        Self {
-            v4_index_bits,
-            v4_slot_ranges,
-            v6_bits,
+        TableSize {
+            index_bits,
+            slot_ranges,
         }
     }
 
+    /// Sizes the maps and sets the globals for `size`.
+    fn configure(&self, loader: &mut EbpfLoader<'_>, size: TableSize) {
+        loader
+            .map_max_entries(
+                self.index_map,
+                values(size.index_entries(), V4_LANES as u32),
+            )
+            .map_max_entries(
+                self.ranges_map,
+                values(SLOTS * size.slot_ranges, self.ranges_per_value),
+            );
+    }
+
+    /// Maps the table's arrays into memory.
+    fn map<E: Copy>(&self, ebpf: &Ebpf, family: Family, size: TableSize) -> Result<RangeArrays<E>> {
+        Ok(RangeArrays::new(
+            family,
+            size.index_bits,
+            size.slot_ranges,
+            mapped::<u32>(ebpf, self.index_map, size.index_entries())?,
+            mapped::<E>(ebpf, self.ranges_map, SLOTS * size.slot_ranges)?,
+        ))
+    }
+}
+
+impl TableSize {
     /// Index entries of all slots.
-    fn v4_index_entries(&self) -> u32 {
-        SLOTS * ((1 << self.v4_index_bits) + 1)
+    fn index_entries(self) -> u32 {
+        SLOTS * ((1 << self.index_bits) + 1)
+    }
+}
+
+/// Array values that hold `entries` table entries, `per_value` to a value (at least one).
+fn values(entries: u32, per_value: u32) -> u32 {
+    entries.div_ceil(per_value).max(1)
+}
+
+/// The sizes of both region tables.
+struct Sizes {
+    v4: TableSize,
+    v6: TableSize,
+}
+
+impl Sizes {
+    fn of(opts: &LoadOptions, pins: Option<&PinLayout>) -> Self {
+        Self {
+            v4: V4_SPEC.size(opts.v4_index_bits, opts.v4_slot_ranges, pins),
+            v6: V6_SPEC.size(opts.v6_index_bits, opts.v6_slot_ranges, pins),
+        }
     }
 
     /// A loader with the maps sized and the load-time globals set.
     fn loader(&self) -> EbpfLoader<'_> {
         let mut loader = EbpfLoader::new();
+        V4_SPEC.configure(&mut loader, self.v4);
+        V6_SPEC.configure(&mut loader, self.v6);
         loader
-            .map_max_entries(map_names::REGIONS_V6, SLOTS << self.v6_bits)
-            .map_max_entries(
-                map_names::V4_INDEX,
-                values(self.v4_index_entries(), V4_LANES),
-            )
-            .map_max_entries(
-                map_names::V4_RANGES,
-                values(SLOTS * self.v4_slot_ranges, V4_LANES),
-            )
-            .override_global(globals::V4_INDEX_BITS, &self.v4_index_bits, true)
-            .override_global(globals::V4_SLOT_RANGES, &self.v4_slot_ranges, true)
-            .override_global(globals::V6_TABLE_BITS, &self.v6_bits, true);
+            .override_global(V4_SPEC.index_bits_global, &self.v4.index_bits, true)
+            .override_global(V4_SPEC.slot_ranges_global, &self.v4.slot_ranges, true)
+            .override_global(V6_SPEC.index_bits_global, &self.v6.index_bits, true)
+            .override_global(V6_SPEC.slot_ranges_global, &self.v6.slot_ranges, true);
         loader
     }
 }
@@ -302,19 +377,14 @@ impl Datapath {
             // The one place of the bench's array, where its entry program jumps.
             set_stage_program(&mut ebpf, map_names::BENCH_STAGES, 0, stage)?;
         }
-        let v6_table = mapped::<V6Entry>(&ebpf, map_names::REGIONS_V6, SLOTS << sizes.v6_bits)?;
-        let v4_index = mapped::<u32>(&ebpf, map_names::V4_INDEX, sizes.v4_index_entries())?;
-        let v4_ranges = mapped::<u32>(&ebpf, map_names::V4_RANGES, SLOTS * sizes.v4_slot_ranges)?;
+        let v4 = V4_SPEC.map::<u32>(&ebpf, V4_FAMILY, sizes.v4)?;
+        let v6 = V6_SPEC.map::<V6Range>(&ebpf, V6_FAMILY, sizes.v6)?;
         let mut dp = Self {
             ebpf,
             reused,
             pins,
-            v4_index_bits: sizes.v4_index_bits,
-            v4_slot_ranges: sizes.v4_slot_ranges,
-            v4_index,
-            v4_ranges,
-            v6_bits: sizes.v6_bits,
-            v6_table,
+            v4,
+            v6,
             slot_contents: [SlotContents::default(); 2],
             _pin_lock: pin_lock,
             tc_kind: if crate::kernel::tcx_supported() {
@@ -332,10 +402,9 @@ impl Datapath {
     /// Learns the contents of adopted maps, which an earlier agent wrote.
     fn adopt_contents(&mut self) {
         for slot in 0..SLOTS {
-            let v6_used = self.v6_slot(slot).iter().filter(|e| e[2] != 0).count();
             let mut c = SlotContents::default();
-            c.set(map_names::REGIONS_V6, v6_used);
-            c.set(map_names::V4_RANGES, self.v4_ranges_used(slot));
+            c.set(map_names::V4_RANGES, self.v4.used(slot));
+            c.set(map_names::V6_RANGES, self.v6.used(slot));
             for m in maps::MAPS
                 .iter()
                 .filter(|m| matches!(m.slots, Slots::Keyed { .. }))
@@ -353,9 +422,10 @@ impl Datapath {
         }
     }
 
-    /// The IPv4 range table's index bits (adopted maps decide, not the options).
-    pub fn v4_index_bits(&self) -> u32 {
-        self.v4_index_bits
+    /// The range tables' index bits, IPv4 and IPv6 (adopted maps decide, not the
+    /// options).
+    pub fn index_bits(&self) -> (u32, u32) {
+        (self.v4.index_bits, self.v6.index_bits)
     }
 
     pub fn pins(&self) -> Option<&PinLayout> {

@@ -46,10 +46,10 @@ pub enum Pin {
 /// How many entries one slot may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerSlot {
-    /// The IPv6 table's entries, search markers included (`--v6-entries`).
-    V6Entries,
     /// The IPv4 table's range entries, sized to the policy the agent starts with.
     V4Ranges,
+    /// The same for IPv6.
+    V6Ranges,
     /// A fixed share of the map's entries (which the eBPF object sets).
     Share { total: u32 },
 }
@@ -117,8 +117,6 @@ pub const MAPS: &[MapSpec] = &{
     [
         spec(n::ACTIVE_SLOT, Array, Maps, Shared),
         spec(n::POLICY, Array, Maps, Ranged),
-        spec(n::REGIONS_V6, Array, Maps, RangedUsage(PerSlot::V6Entries)),
-        spec(n::V6_LENGTHS, Array, Maps, Ranged),
         spec(
             n::EXEMPT_V4,
             LpmV4,
@@ -151,6 +149,8 @@ pub const MAPS: &[MapSpec] = &{
         ),
         spec(n::V4_INDEX, Array, Maps, Ranged),
         spec(n::V4_RANGES, Array, Maps, RangedUsage(PerSlot::V4Ranges)),
+        spec(n::V6_INDEX, Array, Maps, Ranged),
+        spec(n::V6_RANGES, Array, Maps, RangedUsage(PerSlot::V6Ranges)),
         spec(n::COUNTERS, PerCpuHash, Maps, Shared),
         spec(n::COUNTER_CACHE, PerCpuArray, Maps, Shared),
         spec(n::STATS, PerCpuArray, Maps, Shared),

@@ -24,6 +24,7 @@ mod load;
 pub mod maps;
 mod pin_lock;
 mod pins;
+mod range_arrays;
 mod readout;
 mod reuse;
 mod slots;
@@ -38,8 +39,8 @@ use std::{path::PathBuf, time::Duration};
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 use datafence_common::{
-    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_ENTRIES, MAX_V4_SLOT_RANGES, MAX_V6_ENTRIES, stat,
-    v4::V4_MIN_INDEX_BITS,
+    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_SLOT_RANGES, MAX_V4_SLOT_RANGES, MAX_V6_SLOT_RANGES, stat,
+    v4::V4_MIN_INDEX_BITS, v6::V6_MIN_INDEX_BITS, v6::V6Range,
 };
 
 pub use attach::TcKind;
@@ -54,9 +55,7 @@ pub use socket_ring::{SOCKET_PROGRAMS, SOCKET_STAGES};
 pub(crate) use sys::tcx_egress_program_ids;
 pub use sys::{if_index, if_name};
 
-use datafence_common::v6::V6Entry;
-
-use crate::{policy::CompiledPolicy, v4table::Boundaries, v6table::V6Table};
+use crate::{policy::CompiledPolicy, v4table, v6table};
 
 /// The eBPF object built by agent/build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -99,8 +98,10 @@ pub struct LoadOptions {
     pub v4_index_bits: u32,
     /// IPv4 range entries per slot.
     pub v4_slot_ranges: u32,
-    /// IPv6 table entries per slot: prefixes and search markers.
-    pub v6_entries: u32,
+    /// Index bits of the IPv6 range table (see `datafence_common::v6`).
+    pub v6_index_bits: u32,
+    /// IPv6 range entries per slot.
+    pub v6_slot_ranges: u32,
     /// Load the bench's object ([`EBPF_BENCH_OBJECT`]) and its benchmark programs as well
     /// (`cargo xtask bench`); only for a private datapath (no `pin_dir`).
     #[cfg(feature = "bench")]
@@ -113,45 +114,47 @@ impl Default for LoadOptions {
             pin_dir: None,
             v4_index_bits: V4_MIN_INDEX_BITS,
             v4_slot_ranges: DEFAULT_V4_SLOT_RANGES,
-            v6_entries: DEFAULT_V6_ENTRIES,
+            v6_index_bits: V6_MIN_INDEX_BITS,
+            v6_slot_ranges: DEFAULT_V6_SLOT_RANGES,
             #[cfg(feature = "bench")]
             bench: false,
         }
     }
 }
 
-/// A policy's region tables as the slot writer takes them: the IPv4 range boundaries and
-/// the IPv6 length-search table. Built once, they size the datapath at start and are
-/// what [`Datapath::apply_built`] writes.
+/// A policy's region tables as the slot writer takes them: where each family's regions
+/// change. Built once, they size the datapath at start and are what
+/// [`Datapath::apply_built`] writes.
 pub struct RegionTables {
-    pub v4: Boundaries,
-    pub v6: V6Table,
+    pub v4: v4table::Boundaries,
+    pub v6: v6table::Boundaries,
 }
 
 impl RegionTables {
     pub fn of(compiled: &CompiledPolicy) -> Self {
         Self {
-            v4: Boundaries::of(&compiled.regions_v4),
-            v6: crate::v6table::build(&compiled.regions_v6),
+            v4: v4table::Boundaries::of(&compiled.regions_v4),
+            v6: v6table::Boundaries::of(&compiled.regions_v6),
         }
     }
 }
 
 impl LoadOptions {
     /// Options with the region tables sized for `tables`, and room to grow before a
-    /// restart is needed: a quarter more IPv4 ranges (8 bytes each, 4 per slot), a
-    /// sixteenth more IPv6 entries (96 bytes each, 48 per slot).
+    /// restart is needed: a quarter more IPv4 ranges (4 bytes each), a sixteenth more
+    /// IPv6 ranges (16 bytes each).
     pub fn sized_for(tables: &RegionTables) -> Self {
-        let bits = tables.v4.index_bits();
+        let v4_bits = v4table::index_bits(&tables.v4);
+        let v6_bits = v6table::index_bits(&tables.v6);
         Self {
-            v4_index_bits: bits,
-            v4_slot_ranges: (tables.v4.entries(bits) * 5 / 4)
+            v4_index_bits: v4_bits,
+            v4_slot_ranges: (tables.v4.entries(v4_bits) * 5 / 4)
                 .max(DEFAULT_V4_SLOT_RANGES as usize)
                 .min(MAX_V4_SLOT_RANGES as usize) as u32,
-            // The table rounds its places up to a power of two, which usually leaves more
-            // room than this.
-            v6_entries: ((tables.v6.entries() * 17 / 16) as u32)
-                .clamp(DEFAULT_V6_ENTRIES, MAX_V6_ENTRIES),
+            v6_index_bits: v6_bits,
+            v6_slot_ranges: (tables.v6.entries(v6_bits) * 17 / 16)
+                .max(DEFAULT_V6_SLOT_RANGES as usize)
+                .min(MAX_V6_SLOT_RANGES as usize) as u32,
             ..Self::default()
         }
     }
@@ -220,16 +223,9 @@ pub struct Datapath {
     /// object's (which then stay unloaded); `None` when this agent loaded its own.
     reused: Option<reuse::Reused>,
     pins: Option<PinLayout>,
-    /// The IPv4 range table's index bits, and its range entries per slot.
-    v4_index_bits: u32,
-    v4_slot_ranges: u32,
-    /// The IPv4 range table, mapped: all slots' index entries, and all slots' ranges.
-    v4_index: sys::MappedArray<u32>,
-    v4_ranges: sys::MappedArray<u32>,
-    /// log2 of the `REGIONS_V6` places per slot; the slot holds half as many entries.
-    v6_bits: u32,
-    /// `REGIONS_V6`, mapped: all slots' places.
-    v6_table: sys::MappedArray<V6Entry>,
+    /// The region tables, mapped.
+    v4: range_arrays::RangeArrays<u32>,
+    v6: range_arrays::RangeArrays<V6Range>,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [maps::SlotContents; 2],
     /// How TC egress programs are attached.

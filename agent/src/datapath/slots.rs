@@ -6,11 +6,10 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use datafence_common::{
-    CgroupKey, ClassMask, LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_ENTRIES, Policy,
-    RegionId, SLOT_PREFIX_BITS, SLOTS, lpm_data_v4, lpm_data_v6, map_names,
-    v6::{V6_EMPTY_NODE, V6_LOAD_DIVISOR, V6_TREE_NODES, V6Entry, V6LengthNode},
+    CgroupKey, ClassMask, LpmDataV4, LpmDataV6, Policy, RegionId, SLOT_PREFIX_BITS, SLOTS,
+    lpm_data_v4, lpm_data_v6, map_names,
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
@@ -18,11 +17,7 @@ use super::{
     ApplyReport, Datapath, DatapathError, EventLimits, RegionTables, Result, SLOT_GRACE, map_err,
     maps::{self, Kind, PerSlot, SlotContents, Slots},
 };
-use crate::{
-    policy::CompiledPolicy,
-    v4table::{self, Boundaries},
-    v6table::{self, V6Table},
-};
+use crate::{policy::CompiledPolicy, v4table, v6table};
 
 impl Datapath {
     /// The slot the programs read now.
@@ -97,42 +92,24 @@ impl Datapath {
             .generation
             .wrapping_add(1);
         self.check_capacity(compiled)?;
-        let v4_needed = v4.entries(self.v4_index_bits);
-        if v4_needed > self.v4_slot_ranges as usize {
-            return Err(DatapathError::V4Full {
-                needed: v4_needed,
-                capacity: self.v4_slot_ranges as usize,
-                max: MAX_V4_SLOT_RANGES,
-            });
-        }
-        if v6.entries() > self.v6_capacity() as usize {
-            return Err(DatapathError::V6Full {
-                needed: v6.entries(),
-                capacity: self.v6_capacity(),
-                max: MAX_V6_ENTRIES,
-            });
-        }
+        let v4_needed = self.v4.check_room(v4)?;
+        let v6_needed = self.v6.check_room(v6)?;
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
-        let placement = match self.fill_slot(target, compiled, v4, v6) {
-            Ok(p) => p,
-            Err(err) => {
-                // Leave nothing half-written behind; the error that matters is the first.
-                let _ = self.clear_slot(target);
-                return Err(err);
-            }
-        };
+        if let Err(err) = self.fill_slot(target, compiled, tables) {
+            // Leave nothing half-written behind; the error that matters is the first.
+            let _ = self.clear_slot(target);
+            return Err(err);
+        }
         let mut contents = SlotContents::of(compiled);
         contents.set(map_names::V4_RANGES, v4_needed);
-        contents.set(map_names::REGIONS_V6, v6.entries());
+        contents.set(map_names::V6_RANGES, v6_needed);
         self.slot_contents[target as usize] = contents;
         let mut policy = compiled.policy;
         policy.header.loaded = 1;
         policy.header.generation = generation;
         policy.header.events_per_sec = events.per_second;
         policy.header.events_burst = events.burst;
-        policy.header.v6_seed = placement.seed;
-        policy.header.v6_scan = placement.scan;
         let name = map_names::POLICY;
         let mut arr: Array<&mut MapData, Policy> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
@@ -153,8 +130,8 @@ impl Datapath {
     /// Entries one slot of a map may hold.
     fn per_slot(&self, p: PerSlot) -> u32 {
         match p {
-            PerSlot::V6Entries => self.v6_capacity(),
-            PerSlot::V4Ranges => self.v4_slot_ranges,
+            PerSlot::V4Ranges => self.v4.slot_ranges,
+            PerSlot::V6Ranges => self.v6.slot_ranges,
             PerSlot::Share { total } => total,
         }
     }
@@ -194,80 +171,9 @@ impl Datapath {
             .collect()
     }
 
-    /// IPv6 entries a slot can hold.
-    fn v6_capacity(&self) -> u32 {
-        (1u32 << self.v6_bits) / V6_LOAD_DIVISOR
-    }
-
-    /// The range of one slot's places in the IPv6 table.
-    fn v6_range(&self, slot: u32) -> std::ops::Range<usize> {
-        let places = 1usize << self.v6_bits;
-        let s = slot as usize;
-        s * places..(s + 1) * places
-    }
-
-    pub(super) fn v6_slot(&self, slot: u32) -> &[V6Entry] {
-        &self.v6_table.as_slice()[self.v6_range(slot)]
-    }
-
-    /// The ranges of one slot's IPv4 index and range entries.
-    fn v4_slot_spans(&self, slot: u32) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-        let (per_index, per_ranges) = (
-            v4table::index_entries(self.v4_index_bits),
-            self.v4_slot_ranges as usize,
-        );
-        let s = slot as usize;
-        (
-            s * per_index..(s + 1) * per_index,
-            s * per_ranges..(s + 1) * per_ranges,
-        )
-    }
-
-    /// One slot's IPv4 index and range entries.
-    pub(super) fn v4_slot(&self, slot: u32) -> (&[u32], &[u32]) {
-        let (index, ranges) = self.v4_slot_spans(slot);
-        (
-            &self.v4_index.as_slice()[index],
-            &self.v4_ranges.as_slice()[ranges],
-        )
-    }
-
-    /// Range entries a slot's IPv4 table uses: the index's last entry.
-    pub(super) fn v4_ranges_used(&self, slot: u32) -> usize {
-        let (index, _) = self.v4_slot(slot);
-        index.last().map_or(0, |&n| n as usize)
-    }
-
-    fn v6_slot_mut(&mut self, slot: u32) -> &mut [V6Entry] {
-        let range = self.v6_range(slot);
-        &mut self.v6_table.as_mut_slice()[range]
-    }
-
-    fn fill_slot(
-        &mut self,
-        slot: u32,
-        c: &CompiledPolicy,
-        v4: &Boundaries,
-        v6: &V6Table,
-    ) -> Result<v6table::Placement> {
-        let (index, ranges) = self.v4_slot_spans(slot);
-        v4table::fill(
-            &mut self.v4_index.as_mut_slice()[index],
-            &mut self.v4_ranges.as_mut_slice()[ranges],
-            v4,
-            self.v4_index_bits,
-        )
-        .map_err(|e| DatapathError::V4Full {
-            needed: e.needed,
-            capacity: e.capacity,
-            max: MAX_V4_SLOT_RANGES,
-        })?;
-        let placement =
-            v6table::place(self.v6_slot_mut(slot), v6).map_err(|e| DatapathError::V6Crowded {
-                entries: e.entries,
-                places: e.places,
-            })?;
-        self.write_v6_nodes(slot, &v6.nodes)?;
+    fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy, tables: &RegionTables) -> Result<()> {
+        self.v4.write(slot, &tables.v4, v4table::fill)?;
+        self.v6.write(slot, &tables.v6, v6table::fill)?;
         let exempt_v4: Vec<(Ipv4Network, u32)> = c.exempt_v4.iter().map(|n| (*n, 1)).collect();
         let exempt_v6: Vec<(Ipv6Network, u32)> = c.exempt_v6.iter().map(|n| (*n, 1)).collect();
         insert_v4(
@@ -305,31 +211,15 @@ impl Datapath {
             };
             cg.insert(key, mask, 0).map_err(map_err(name))?;
         }
-        Ok(placement)
-    }
-
-    /// Writes a slot's IPv6 search tree.
-    fn write_v6_nodes(&mut self, slot: u32, nodes: &[V6LengthNode]) -> Result<()> {
-        let name = map_names::V6_LENGTHS;
-        let mut arr: Array<&mut MapData, V6LengthNode> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for (i, node) in nodes.iter().enumerate() {
-            arr.set(slot * V6_TREE_NODES + i as u32, node, 0)
-                .map_err(map_err(name))?;
-        }
         Ok(())
     }
 
     /// Removes every entry a slot owns from the shared tables. The ranged arrays the slot
-    /// writer rewrites whole need nothing but the IPv4 index, which is zeroed (the ranges
-    /// it points at are then unreachable); the IPv6 table's places and search tree are
-    /// emptied.
+    /// writer rewrites whole need nothing but the range tables' indexes, which are zeroed
+    /// (the ranges they point at are then unreachable).
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        self.write_v6_nodes(slot, &[V6_EMPTY_NODE; V6_TREE_NODES as usize])?;
-        self.v6_slot_mut(slot).fill([0; 3]);
-        // An index of zeros is an empty table, and counts no ranges for `map_usage`.
-        let (index, _) = self.v4_slot_spans(slot);
-        self.v4_index.as_mut_slice()[index].fill(0);
+        self.v4.clear(slot);
+        self.v6.clear(slot);
         for m in maps::MAPS
             .iter()
             .filter(|m| matches!(m.slots, Slots::Keyed { .. }))
@@ -365,41 +255,16 @@ impl Datapath {
     /// The region the kernel's table gives `addr` in the active slot.
     pub fn region_of(&self, addr: IpAddr) -> Result<RegionId> {
         let slot = self.active_slot()?;
-        let found = match addr {
+        Ok(match addr {
             IpAddr::V4(a) => {
-                let (index, ranges) = self.v4_slot(slot);
-                Ok(v4table::lookup(index, ranges, self.v4_index_bits, a))
+                let (index, ranges) = self.v4.slot(slot);
+                v4table::lookup(index, ranges, self.v4.index_bits, a)
             }
             IpAddr::V6(a) => {
-                let header = self.policy_in_slot(slot)?.header;
-                let name = map_names::V6_LENGTHS;
-                let nodes: Array<&MapData, V6LengthNode> =
-                    Array::try_from(self.map(name)?).map_err(map_err(name))?;
-                let table = self.v6_slot(slot);
-                let mask = table.len() as u32 - 1;
-                Ok(datafence_common::v6::v6_search(
-                    &a.octets(),
-                    |i| nodes.get(&(slot * V6_TREE_NODES + i), 0).ok(),
-                    |k| {
-                        datafence_common::v6::v6_table_get(
-                            k,
-                            header.v6_seed,
-                            mask,
-                            header.v6_scan,
-                            |i| table.get(i as usize).copied(),
-                        )
-                    },
-                ))
+                let (index, ranges) = self.v6.slot(slot);
+                v6table::lookup(index, ranges, self.v6.index_bits, a)
             }
-        };
-        match found {
-            Ok(r) => Ok(r),
-            Err(MapError::KeyNotFound) => Ok(0),
-            Err(source) => Err(DatapathError::Map {
-                map: "REGIONS",
-                source,
-            }),
-        }
+        })
     }
 }
 

@@ -296,11 +296,19 @@ pub(crate) fn load_options(compiled: &CompiledPolicy, bench: bool) -> LoadOption
     }
 }
 
-/// How the IPv4 table is laid out for a policy: its range entries and index bits.
+/// How the range tables are laid out for a policy: range entries and index bits of each.
 pub(crate) fn v4_table(compiled: &CompiledPolicy) -> String {
-    let b = datafence::v4table::Boundaries::of(&compiled.regions_v4);
-    let bits = b.index_bits();
-    format!("ranges ({} entries, {bits} index bits)", b.entries(bits))
+    let v4 = datafence::v4table::Boundaries::of(&compiled.regions_v4);
+    let v6 = datafence::v6table::Boundaries::of(&compiled.regions_v6);
+    let (b4, b6) = (
+        datafence::v4table::index_bits(&v4),
+        datafence::v6table::index_bits(&v6),
+    );
+    format!(
+        "ranges (v4 {} entries, {b4} index bits; v6 {} entries, {b6} index bits)",
+        v4.entries(b4),
+        v6.entries(b6)
+    )
 }
 
 pub(crate) fn parse_policy(path: &Path, n: usize) -> Result<policy::LoadedPolicy> {

@@ -8,7 +8,7 @@ use super::*;
 
 /// datafence's region tables per family: the maps its cold region lookups read.
 const DATAFENCE_V4_TABLES: [&str; 2] = [map_names::V4_INDEX, map_names::V4_RANGES];
-const DATAFENCE_V6_TABLES: [&str; 2] = [map_names::REGIONS_V6, map_names::V6_LENGTHS];
+const DATAFENCE_V6_TABLES: [&str; 2] = [map_names::V6_INDEX, map_names::V6_RANGES];
 
 /// The end-to-end filters, as `phase_e2e` names them.
 const E2E_DATAFENCE: &str = "datafence";

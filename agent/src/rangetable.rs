@@ -1,0 +1,210 @@
+//! Builds the range tables of both families (`datafence_common::v4`, `v6`) from a
+//! policy's prefixes: where the regions change, in address order, and each chunk's run
+//! of ranges. The entry format is the family's; the rest is shared.
+#![forbid(unsafe_code)]
+
+use datafence_common::{REGION_NONE, RegionId};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+/// An address as a number: `u32` for IPv4, `u128` for IPv6.
+pub trait Address: Copy + Ord + Into<u128> {
+    const BITS: u32;
+    /// The address `value`, which fits.
+    fn narrow(value: u128) -> Self;
+}
+
+impl Address for u32 {
+    const BITS: u32 = 32;
+    fn narrow(value: u128) -> Self {
+        value as u32
+    }
+}
+
+impl Address for u128 {
+    const BITS: u32 = 128;
+    fn narrow(value: u128) -> Self {
+        value
+    }
+}
+
+/// A prefix of one family.
+pub trait Network: Copy {
+    type Addr: Address;
+    /// First address and prefix length.
+    fn start_and_len(&self) -> (u128, u32);
+}
+
+impl Network for Ipv4Network {
+    type Addr = u32;
+    fn start_and_len(&self) -> (u128, u32) {
+        (u32::from(self.network()).into(), self.prefix().into())
+    }
+}
+
+impl Network for Ipv6Network {
+    type Addr = u128;
+    fn start_and_len(&self) -> (u128, u32) {
+        (u128::from(self.network()), self.prefix().into())
+    }
+}
+
+/// The last address of the family.
+fn last_address<A: Address>() -> u128 {
+    u128::MAX >> (128 - A::BITS)
+}
+
+/// Where the regions change, in address order: each boundary's first address and the
+/// region from there to the next boundary. The first starts at address 0; no two
+/// neighbours share a region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boundaries<A>(Vec<(A, RegionId)>);
+
+/// The table needs more range entries than the datapath has room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangesExhausted {
+    pub needed: usize,
+    pub capacity: usize,
+}
+
+impl<A: Address> Boundaries<A> {
+    /// The boundaries the longest-prefix match of `prefixes` draws. Prefixes may nest
+    /// and come in any order; one listed twice keeps its last region.
+    pub fn of<N: Network<Addr = A>>(prefixes: &[(N, RegionId)]) -> Self {
+        let mut sorted: Vec<(u128, u128, RegionId)> = prefixes
+            .iter()
+            .map(|(net, region)| {
+                let (start, len) = net.start_and_len();
+                let hosts = last_address::<A>().checked_shr(len).unwrap_or(0);
+                (start, start | hosts, *region)
+            })
+            .collect();
+        // Outer prefixes first where starts tie, so inner ones open after them.
+        sorted.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+        let mut out = Self(vec![(A::narrow(0), RegionId::from(REGION_NONE))]);
+        // Open prefixes, innermost last: (last address, region).
+        let mut open: Vec<(u128, RegionId)> = Vec::new();
+        for (start, end, region) in sorted {
+            out.close_before(&mut open, Some(start));
+            out.mark(start, region);
+            open.push((end, region));
+        }
+        out.close_before(&mut open, None);
+        out
+    }
+
+    /// Closes the open prefixes that end before `at` (all of them for `None`, the end
+    /// of the address space), marking where each hands back to the one it nests in.
+    fn close_before(&mut self, open: &mut Vec<(u128, RegionId)>, at: Option<u128>) {
+        while let Some(&(end, _)) = open.last() {
+            if at.is_some_and(|at| end >= at) {
+                break;
+            }
+            open.pop();
+            let outer = open.last().map_or(RegionId::from(REGION_NONE), |o| o.1);
+            if end < last_address::<A>() {
+                self.mark(end + 1, outer);
+            }
+        }
+    }
+
+    /// From `at` on, the region is `region` (until the next mark).
+    fn mark(&mut self, at: u128, region: RegionId) {
+        let at = A::narrow(at);
+        if let Some(last) = self.0.last_mut()
+            && last.0 == at
+        {
+            last.1 = region;
+            // The replaced boundary may now repeat the one before it.
+            if self.0.len() > 1 && self.0[self.0.len() - 2].1 == region {
+                self.0.pop();
+            }
+            return;
+        }
+        if self.0.last().is_some_and(|last| last.1 == region) {
+            return;
+        }
+        self.0.push((at, region));
+    }
+
+    /// Boundaries drawn: ranges before chunking.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each boundary's first address and region, in address order.
+    pub fn iter(&self) -> impl Iterator<Item = (A, RegionId)> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// Index bits for a datapath sized to these boundaries: about four ranges to a chunk
+    /// (a binary search in one cache line), within `min..=max`.
+    pub fn index_bits(&self, min: u32, max: u32) -> u32 {
+        let per_chunk_log2 = 2;
+        (usize::BITS - self.len().max(1).leading_zeros())
+            .saturating_sub(per_chunk_log2)
+            .clamp(min, max)
+    }
+
+    /// Range entries the table takes with `bits` index bits: one per chunk, and one per
+    /// boundary inside a chunk.
+    pub fn entries(&self, bits: u32) -> usize {
+        let inside = last_address::<A>() >> bits;
+        (1usize << bits)
+            + self
+                .0
+                .iter()
+                .filter(|(at, _)| (*at).into() & inside != 0)
+                .count()
+    }
+}
+
+/// Index entries of one slot's table: one per chunk and one past the last.
+pub const fn index_entries(bits: u32) -> usize {
+    (1usize << bits) + 1
+}
+
+/// Writes the table into one slot: `index` holds at least [`index_entries`] entries and
+/// `ranges` is the slot's room for range entries. `entry(start, chunk_start, region)`
+/// makes the family's range entry. Returns the range entries used.
+pub fn fill<A: Address, E>(
+    index: &mut [u32],
+    ranges: &mut [E],
+    boundaries: &Boundaries<A>,
+    bits: u32,
+    entry: impl Fn(A, A, RegionId) -> E,
+) -> Result<usize, RangesExhausted> {
+    let needed = boundaries.entries(bits);
+    if needed > ranges.len() || index.len() < index_entries(bits) {
+        return Err(RangesExhausted {
+            needed,
+            capacity: ranges.len(),
+        });
+    }
+    let low = A::BITS - bits;
+    let all = &boundaries.0;
+    let mut used = 0usize;
+    // The boundary in force at the current chunk's first address.
+    let mut at = 0usize;
+    for chunk in 0..(1u32 << bits) {
+        let first = A::narrow(u128::from(chunk) << low);
+        // The next chunk's first address; `None` past the last chunk.
+        let next = (chunk + 1 < 1 << bits).then(|| A::narrow(u128::from(chunk + 1) << low));
+        while at + 1 < all.len() && all[at + 1].0 <= first {
+            at += 1;
+        }
+        index[chunk as usize] = used as u32;
+        ranges[used] = entry(first, first, all[at].1);
+        used += 1;
+        while at + 1 < all.len() && next.is_none_or(|next| all[at + 1].0 < next) {
+            at += 1;
+            ranges[used] = entry(all[at].0, first, all[at].1);
+            used += 1;
+        }
+    }
+    index[1 << bits] = used as u32;
+    Ok(used)
+}
