@@ -4,8 +4,8 @@
 //! The top `bits` bits of an address pick a chunk; `V6_INDEX[chunk]` and
 //! `V6_INDEX[chunk + 1]` bound the chunk's sorted run of ranges in `V6_RANGES`. A lookup
 //! is two neighbouring index reads and a binary search that always ends on a range. Real
-//! IPv6 policies are sparse and clustered, so most chunks hold one range and the busy
-//! ones a few dozen.
+//! IPv6 policies are sparse and clustered, so most chunks hold only the range that covers
+//! them and the busy ones hold the rest.
 //!
 //! A range is one 16-byte entry `[high, low]`: the 128-bit value `start << 8 | region`.
 //! Shifting drops the top 8 bits of the start, which are chunk bits (there are at least

@@ -193,7 +193,7 @@ mod tests {
     }
 
     fn arb_prefix() -> impl Strategy<Value = (Ipv6Network, RegionId)> {
-        // A few base addresses, so prefixes nest; every length, the long ones most.
+        // A few base addresses, so prefixes nest; every length from /0 to /128.
         (0..4u128, any::<u128>(), 0u8..=128, 1..6u32).prop_map(|(base, noise, len, region)| {
             let bits = (0x2001_0db8u128 << 96) | (base << 88) | (noise >> 40);
             let net = Ipv6Network::new(Ipv6Addr::from(bits), len).unwrap();

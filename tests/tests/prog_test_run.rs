@@ -1249,7 +1249,7 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
 }
 
 /// The IPv6 table across every prefix length: nested prefixes resolve to the longest, in
-/// the kernel's own hash, through reloads that clear the old slot, and a table that would
+/// the kernel's own range table, through reloads that clear the old slot, and a table that would
 /// overflow is refused whole.
 #[test]
 fn ipv6_ranges_hold_through_reloads_and_refuse_overflow() {
@@ -1514,8 +1514,8 @@ impl NaiveLpm {
     }
 }
 
-/// Every prefix's first and last address and the ones either side, where a range table
-/// or a length search would go wrong.
+/// Every prefix's first and last address and the ones either side, where a range table's
+/// boundaries would go wrong.
 fn edge_probes(width: u8, prefixes: &Prefixes) -> Vec<u128> {
     let top = if width == 32 {
         u128::from(u32::MAX)

@@ -136,8 +136,8 @@ impl Datapath {
         }
     }
 
-    /// Checks that the policy fits each keyed map's share of a slot. The IPv6 table is
-    /// checked in `apply_built`, with its markers counted, and so are the IPv4 ranges.
+    /// Checks that the policy fits each keyed map's share of a slot. The range tables of
+    /// both families are checked in `apply_built`, once their entries are counted.
     fn check_capacity(&self, c: &CompiledPolicy) -> Result<()> {
         for m in maps::MAPS {
             if let Slots::Keyed { per_slot, compiled } = m.slots {
