@@ -78,7 +78,14 @@ pub(crate) struct RunArgs {
     /// IPv6 range entries per slot to reserve at least (16 bytes each, twice for the two
     /// slots). The agent sizes the table to the policy at start and a sixteenth more;
     /// pinned maps keep their size across restarts.
-    #[arg(long, default_value_t = datafence_common::DEFAULT_V6_SLOT_RANGES, value_name = "N")]
+    // `--v6-entries` reserved room in the IPv6 table before it was a range table: an agent
+    // upgraded under a unit that still passes it must start, not fail on the flag.
+    #[arg(
+        long,
+        alias = "v6-entries",
+        default_value_t = datafence_common::DEFAULT_V6_SLOT_RANGES,
+        value_name = "N"
+    )]
     pub(crate) v6_ranges: u32,
     /// Seconds between checks that every program is still attached (and repairs).
     #[arg(long, default_value_t = 2, value_name = "SECONDS")]
@@ -140,4 +147,27 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(agent::run(opts))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::super::{Cli, Command};
+
+    #[test]
+    fn the_former_v6_entries_flag_reserves_ipv6_ranges() {
+        for flag in ["--v6-entries", "--v6-ranges"] {
+            let cli = Cli::try_parse_from(["datafence", "run", flag, "300000"]).expect(flag);
+            let Command::Run(args) = cli.command else {
+                panic!("{flag}: not the run command");
+            };
+            assert_eq!(args.v6_ranges, 300_000, "{flag}");
+        }
+        let cli = Cli::try_parse_from(["datafence", "run"]).expect("defaults");
+        let Command::Run(args) = cli.command else {
+            panic!("not the run command");
+        };
+        assert_eq!(args.v6_ranges, datafence_common::DEFAULT_V6_SLOT_RANGES);
+    }
 }
