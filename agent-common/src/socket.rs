@@ -138,8 +138,8 @@ impl<L: Lookups> Lookups for SocketLookups<'_, L> {
     }
 
     #[inline(always)]
-    fn region(&self, slot: u32, policy: &Policy, frame: &ParsedFrame) -> RegionId {
-        self.0.region(slot, policy, frame)
+    fn region(&self, slot: u32, frame: &ParsedFrame) -> RegionId {
+        self.0.region(slot, frame)
     }
 
     #[inline(always)]
@@ -205,7 +205,7 @@ mod tests {
         fn src_classes(&self, _: u32, _: &ParsedFrame) -> ClassMask {
             u32::MAX
         }
-        fn region(&self, _: u32, _: &Policy, frame: &ParsedFrame) -> RegionId {
+        fn region(&self, _: u32, frame: &ParsedFrame) -> RegionId {
             if frame.family == FAMILY_V4 && frame.dst[..3] == [203, 0, 113] {
                 self.region
             } else {

@@ -25,7 +25,7 @@ pub trait Lookups {
     /// Classes whose source-CIDR selector holds the source address.
     fn src_classes(&self, slot: u32, frame: &ParsedFrame) -> ClassMask;
     /// The destination's region, or [`REGION_NONE`].
-    fn region(&self, slot: u32, policy: &Policy, frame: &ParsedFrame) -> RegionId;
+    fn region(&self, slot: u32, frame: &ParsedFrame) -> RegionId;
     /// The class of a packet with these facts; `explain --class` overrides it.
     #[inline(always)]
     fn classify(&self, policy: &Policy, facts: &PacketFacts) -> u8 {
@@ -237,7 +237,7 @@ fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judg
     // Through `opaque`: the prefix comparisons' branches end here instead of each
     // splitting the region lookup after them.
     let nat64 = lookups.opaque(u32::from(is_nat64(&frame.dst, &policy.header))) != 0;
-    j.region = lookups.opaque(lookups.region(slot, policy, &nat64_target(frame, nat64)));
+    j.region = lookups.opaque(lookups.region(slot, &nat64_target(frame, nat64)));
     j.decision = judge(spec, j.region, frame.routed);
     if frame.fragment == fragment::LATER && j.decision.verdict != Verdict::Allow {
         j.decision.reason = Reason::FragmentUnseen;

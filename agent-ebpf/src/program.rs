@@ -396,7 +396,7 @@ impl<C: Fn(u32) -> ClassMask> Lookups for KernelLookups<C> {
     }
 
     #[inline(always)]
-    fn region(&self, slot: u32, _policy: &Policy, frame: &ParsedFrame) -> RegionId {
+    fn region(&self, slot: u32, frame: &ParsedFrame) -> RegionId {
         region_of(slot, frame)
     }
 

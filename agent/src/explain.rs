@@ -270,7 +270,7 @@ impl Lookups for PolicyLookups<'_> {
             .src_classes(address_of(frame.family, &frame.src))
     }
 
-    fn region(&self, _slot: u32, _policy: &Policy, frame: &ParsedFrame) -> RegionId {
+    fn region(&self, _slot: u32, frame: &ParsedFrame) -> RegionId {
         self.policy.region_of(address_of(frame.family, &frame.dst))
     }
 
