@@ -135,16 +135,22 @@ pub fn agent_binary() -> PathBuf {
 
 /// Detaches every BPF link attached with the given program, the way another tool (or
 /// an operator with bpftool) would.
+///
+/// The links are listed before any is detached: an agent that notices the detachment
+/// attaches a new link for the same program, and a lazy walk over link ids could reach
+/// that new link and detach it too.
 pub fn detach_links_of_program(prog_id: u32) -> usize {
     const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
     const BPF_LINK_DETACH: libc::c_long = 34;
+    let link_ids: Vec<u32> = aya::programs::loaded_links()
+        .flatten()
+        .filter(|info| info.program_id() == prog_id)
+        .map(|info| info.id())
+        .collect();
     let mut detached = 0;
-    for info in aya::programs::loaded_links().flatten() {
-        if info.program_id() != prog_id {
-            continue;
-        }
+    for link_id in link_ids {
         let mut attr = [0u32; 32];
-        attr[0] = info.id();
+        attr[0] = link_id;
         // SAFETY: bpf(2) with a zeroed attr buffer larger than the command's fields.
         let fd =
             unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_mut_ptr(), 128) };
