@@ -24,7 +24,7 @@ use integration_tests::{
 const MARK: u32 = 0x42;
 
 integration_tests::for_each_tc_attach!(
-    kill_9_and_restart_20_times_without_a_leak_or_a_false_drop,
+    kill_9_and_restart_repeatedly_without_a_leak_or_a_false_drop,
     reload_storm_never_yields_a_verdict_neither_policy_gives,
     a_program_detached_from_outside_is_attached_again,
     sigterm_leaves_enforcement_in_place_and_only_detach_removes_it,
@@ -227,8 +227,22 @@ impl Traffic {
     }
 }
 
-fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop(tc_attach: &str) {
+/// How many times the kill-and-restart test kills its agent: 20, or
+/// `DATAFENCE_TEST_RESTART_ROUNDS`, which the emulated guests set lower because each start
+/// there takes tens of seconds. Kept even, so that adopting and swapping rounds alternate in
+/// equal numbers.
+fn restart_rounds() -> u32 {
+    let rounds = std::env::var("DATAFENCE_TEST_RESTART_ROUNDS")
+        .ok()
+        .and_then(|value| value.parse::<u32>().ok())
+        .filter(|rounds| *rounds >= 2)
+        .unwrap_or(20);
+    rounds & !1
+}
+
+fn kill_9_and_restart_repeatedly_without_a_leak_or_a_false_drop(tc_attach: &str) {
     require_root();
+    let rounds = restart_rounds();
     let sandbox = Sandbox::new("kl");
     let scratch = Scratch::new("kill");
     let policy = write_policy(&scratch, &policy("", "192.0.2.2/32"));
@@ -237,7 +251,7 @@ fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop(tc_attach: &str) {
     let mut agent = RunningAgent::start_with_pins(&sandbox.host, &policy, &args, pins.clone());
     let mut program = one_program_attached_as(&sandbox, tc_attach);
     let traffic = Traffic::start(&sandbox);
-    for round in 0..20 {
+    for round in 0..rounds {
         agent.kill9();
         // Killed: the programs keep enforcing while nothing runs (a tcx link through
         // its pin, a clsact filter by itself).
@@ -282,7 +296,7 @@ fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop(tc_attach: &str) {
     std::thread::sleep(Duration::from_millis(200));
     let (sent_eu, got_eu, sent_us, leaked) = traffic.finish();
     println!(
-        "kill test: {sent_eu} sent to eu-west, {got_eu} arrived; {sent_us} sent to us-east, {leaked} leaked"
+        "kill test, {rounds} restarts: {sent_eu} sent to eu-west, {got_eu} arrived; {sent_us} sent to us-east, {leaked} leaked"
     );
     assert!(sent_us > 1000, "traffic flowed throughout ({sent_us})");
     assert_eq!(leaked, 0, "packets that should have been dropped arrived");
@@ -299,8 +313,9 @@ fn kill_9_and_restart_20_times_without_a_leak_or_a_false_drop(tc_attach: &str) {
     );
     let status = agent.status_json();
     assert_eq!(
-        status["policy"]["generation"], 21,
-        "each restart adopted and switched the policy"
+        status["policy"]["generation"],
+        u64::from(rounds) + 1,
+        "each of {rounds} restarts adopted and switched the policy"
     );
     agent.stop();
 }

@@ -128,12 +128,21 @@ impl GuestSkip {
 
 /// Settings of the guests' test runs that differ from the host's, as `(variable, value,
 /// why)`; the reason is printed with the results.
-const GUEST_ENV: &[(&str, &str, &str)] = &[(
-    "PROPTEST_CASES",
-    "8",
-    "property tests run 8 cases (24 on the host): each case compiles and applies a policy \
-     and runs its frames, which takes seconds emulated",
-)];
+const GUEST_ENV: &[(&str, &str, &str)] = &[
+    (
+        "PROPTEST_CASES",
+        "8",
+        "property tests run 8 cases (24 on the host): each case compiles and applies a \
+         policy and runs its frames, which takes seconds emulated",
+    ),
+    (
+        "DATAFENCE_TEST_RESTART_ROUNDS",
+        "6",
+        "the kill -9 test restarts its agent 6 times (20 on the host): each start loads and \
+         verifies the programs, which takes half a minute emulated, and this test was the \
+         last of its binary to finish on both kernels",
+    ),
+];
 
 /// `DATAFENCE_TEST_SLOWDOWN` in the guests: the tests stretch their waits (for an agent to
 /// start, a reload to land) by this factor. Emulated, with the verifier's work and the maps'
