@@ -3,7 +3,7 @@
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// The host's own link traffic that passes whatever the classes say, as bits of
 /// [`PolicyHeader::host_essentials`](crate::PolicyHeader::host_essentials); each has a
@@ -53,11 +53,11 @@ pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
 pub const DEFAULT_V4_SLOT_RANGES: u32 = 1 << 16;
 /// Largest range count per slot the agent accepts: above a full routing table's twice.
 pub const MAX_V4_SLOT_RANGES: u32 = 1 << 24;
-/// Range entries per slot the IPv6 table has room for at least (128 KiB): two for each
-/// chunk of the smallest index (see [`v6`](crate::v6)).
+/// Range entries per slot the IPv6 table has room for at least (128 KiB): two nodes for
+/// each chunk of the smallest index (see [`v6`](crate::v6)).
 pub const DEFAULT_V6_SLOT_RANGES: u32 = 1 << 13;
 /// Largest IPv6 range count per slot the agent accepts (256 MiB a slot); it bounds the
-/// lookup's binary search.
+/// depth of the lookup's B-trees.
 pub const MAX_V6_SLOT_RANGES: u32 = 1 << 24;
 /// Lookups each cold benchmark run performs, on addresses drawn at random from a
 /// pre-filled array (`BENCH_ADDRS_*`).

@@ -6,6 +6,14 @@
 //! "what would happen to this packet". Keeping one copy is what lets the property tests
 //! hold the kernel's answer and the userspace answer to the same result.
 #![no_std]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        unstable_features,
+        reason = "an empty asm! keeps the IPv6 search branch-free (see `opaque`)"
+    ),
+    feature(asm_experimental_arch)
+)]
 #![allow(
     clippy::pub_underscore_fields,
     reason = "the explicit padding of the #[repr(C)] kernel types is public so both sides can build them whole"
@@ -17,6 +25,7 @@ mod contract;
 pub mod decide;
 mod layout;
 mod names;
+mod opaque;
 pub mod parse;
 pub mod socket;
 pub mod stat;

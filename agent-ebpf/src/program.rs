@@ -43,7 +43,7 @@ use datafence_common::{
     },
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
-    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Range, v6_lookup},
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Node, v6_lookup},
     verdict::{Judgement, Lookups, judge_frame},
 };
 
@@ -92,15 +92,17 @@ static V4_RANGES: Array<[u32; V4_LANES]> = Array::with_max_entries(
     BPF_F_MMAPABLE,
 );
 // The IPv6 range table of both slots (see `datafence_common::v6`), laid out as IPv4's;
-// a range entry is 16 bytes, one to a value.
+// a value is a node of a chunk's B-tree, four 16-byte range entries.
 #[map]
 static V6_INDEX: Array<[u32; V4_LANES]> = Array::with_max_entries(
     (SLOTS * ((1 << V6_MIN_INDEX_BITS) + 1)).div_ceil(V4_LANES as u32),
     BPF_F_MMAPABLE,
 );
 #[map]
-static V6_RANGES: Array<V6Range> =
-    Array::with_max_entries(SLOTS * DEFAULT_V6_SLOT_RANGES, BPF_F_MMAPABLE);
+static V6_RANGES: Array<V6Node> = Array::with_max_entries(
+    SLOTS * DEFAULT_V6_SLOT_RANGES / V6_NODE_ENTRIES,
+    BPF_F_MMAPABLE,
+);
 
 /// Entry `index` of a table of lanes.
 #[inline(always)]
@@ -296,12 +298,12 @@ fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
 fn region_v6(slot: u32, a: &[u8; 16]) -> RegionId {
     let bits = global_u32(&V6_INDEX_BITS).clamp(V6_MIN_INDEX_BITS, V6_MAX_INDEX_BITS);
     let index_base = slot * ((1 << bits) + 1);
-    let range_base = slot * global_u32(&V6_SLOT_RANGES);
+    let node_base = slot * (global_u32(&V6_SLOT_RANGES) / V6_NODE_ENTRIES);
     v6_lookup(
         a,
         bits,
         |i| lane_entry(&V6_INDEX, index_base + i),
-        |i| V6_RANGES.get(range_base + i).copied(),
+        |i| V6_RANGES.get(node_base + i).copied(),
     )
 }
 

@@ -1,6 +1,7 @@
 //! Builds the range tables of both families (`datafence_common::v4`, `v6`) from a
 //! policy's prefixes: where the regions change, in address order, and each chunk's run
-//! of ranges. The entry format is the family's; the rest is shared.
+//! of ranges. The entry format and the layout of a run are the family's; the rest is
+//! shared.
 #![forbid(unsafe_code)]
 
 use datafence_common::{REGION_NONE, RegionId};
@@ -9,12 +10,21 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 /// An address as a number: `u32` for IPv4, `u128` for IPv6.
 pub trait Address: Copy + Ord + Into<u128> {
     const BITS: u32;
+    /// Range entries in a node of the family's search: a chunk's run is a whole number
+    /// of nodes. 1 for IPv4's sorted runs, a cache line for IPv6's B-trees.
+    const NODE_ENTRIES: usize;
+    /// About how many ranges a chunk should hold, as a power of two: a few for a binary
+    /// search in one cache line, more where a B-tree makes a long run cheap and every
+    /// chunk costs a whole node.
+    const CHUNK_RANGES_LOG2: u32;
     /// The address `value`, which fits.
     fn narrow(value: u128) -> Self;
 }
 
 impl Address for u32 {
     const BITS: u32 = 32;
+    const NODE_ENTRIES: usize = 1;
+    const CHUNK_RANGES_LOG2: u32 = 2;
     fn narrow(value: u128) -> Self {
         value as u32
     }
@@ -22,6 +32,8 @@ impl Address for u32 {
 
 impl Address for u128 {
     const BITS: u32 = 128;
+    const NODE_ENTRIES: usize = datafence_common::v6::V6_NODE_ENTRIES as usize;
+    const CHUNK_RANGES_LOG2: u32 = 4;
     fn narrow(value: u128) -> Self {
         value
     }
@@ -140,25 +152,48 @@ impl<A: Address> Boundaries<A> {
         self.0.iter().copied()
     }
 
-    /// Index bits for a datapath sized to these boundaries: about four ranges to a chunk
-    /// (a binary search in one cache line), within `min..=max`.
+    /// Index bits for a datapath sized to these boundaries: about
+    /// `2^CHUNK_RANGES_LOG2` ranges to a chunk, within `min..=max`.
     pub fn index_bits(&self, min: u32, max: u32) -> u32 {
-        let per_chunk_log2 = 2;
         (usize::BITS - self.len().max(1).leading_zeros())
-            .saturating_sub(per_chunk_log2)
+            .saturating_sub(A::CHUNK_RANGES_LOG2)
             .clamp(min, max)
     }
 
-    /// Range entries the table takes with `bits` index bits: one per chunk, and one per
-    /// boundary inside a chunk.
-    pub fn entries(&self, bits: u32) -> usize {
+    /// Ranges in each chunk that holds more than the one covering its first address,
+    /// in chunk order: (chunk, ranges).
+    fn busy_chunks(&self, bits: u32) -> impl Iterator<Item = (u128, usize)> + '_ {
+        let low = A::BITS - bits;
         let inside = last_address::<A>() >> bits;
-        (1usize << bits)
-            + self
-                .0
-                .iter()
-                .filter(|(at, _)| (*at).into() & inside != 0)
-                .count()
+        let mut starts = self
+            .0
+            .iter()
+            .map(|(at, _)| (*at).into())
+            .filter(move |at: &u128| at & inside != 0)
+            .map(move |at| at >> low)
+            .peekable();
+        std::iter::from_fn(move || {
+            let chunk = starts.next()?;
+            let mut ranges = 2;
+            while starts.next_if_eq(&chunk).is_some() {
+                ranges += 1;
+            }
+            Some((chunk, ranges))
+        })
+    }
+
+    /// Range entries the table takes with `bits` index bits: each chunk's ranges (the
+    /// one covering its first address, and one per boundary inside it), padded to whole
+    /// nodes.
+    pub fn entries(&self, bits: u32) -> usize {
+        let node = A::NODE_ENTRIES;
+        let mut quiet = 1usize << bits;
+        let mut entries = 0;
+        for (_, ranges) in self.busy_chunks(bits) {
+            quiet -= 1;
+            entries += ranges.div_ceil(node) * node;
+        }
+        entries + quiet * node
     }
 }
 
@@ -170,7 +205,7 @@ pub const fn index_entries(bits: u32) -> usize {
 /// Writes the table into one slot: `index` holds at least [`index_entries`] entries and
 /// `ranges` is the slot's room for range entries. `entry(start, chunk_start, region)`
 /// makes the family's range entry. Returns the range entries used.
-pub fn fill<A: Address, E>(
+pub fn fill<A: Address, E: Copy>(
     index: &mut [u32],
     ranges: &mut [E],
     boundaries: &Boundaries<A>,
@@ -187,6 +222,8 @@ pub fn fill<A: Address, E>(
     let low = A::BITS - bits;
     let all = &boundaries.0;
     let mut used = 0usize;
+    // One chunk's entries in address order.
+    let mut run: Vec<E> = Vec::new();
     // The boundary in force at the current chunk's first address.
     let mut at = 0usize;
     for chunk in 0..(1u32 << bits) {
@@ -196,15 +233,45 @@ pub fn fill<A: Address, E>(
         while at + 1 < all.len() && all[at + 1].0 <= first {
             at += 1;
         }
-        index[chunk as usize] = used as u32;
-        ranges[used] = entry(first, first, all[at].1);
-        used += 1;
+        run.clear();
+        run.push(entry(first, first, all[at].1));
         while at + 1 < all.len() && next.is_none_or(|next| all[at + 1].0 < next) {
             at += 1;
-            ranges[used] = entry(all[at].0, first, all[at].1);
-            used += 1;
+            run.push(entry(all[at].0, first, all[at].1));
         }
+        index[chunk as usize] = used as u32;
+        let len = run.len().div_ceil(A::NODE_ENTRIES) * A::NODE_ENTRIES;
+        lay_out(&run, &mut ranges[used..used + len], A::NODE_ENTRIES);
+        used += len;
     }
     index[1 << bits] = used as u32;
     Ok(used)
+}
+
+/// Lays a chunk's run of entries, in address order, out as its search reads them:
+/// sorted for nodes of one entry, else a static B-tree of `node`-entry nodes in which
+/// node `k`'s children are `k * (node + 1) + 1 ..`, filled in order. `out` is the run
+/// padded to whole nodes; the padding repeats the last entry, so the order holds and a
+/// search that ends on a copy finds the same range.
+fn lay_out<E: Copy>(run: &[E], out: &mut [E], node: usize) {
+    if node == 1 {
+        out.copy_from_slice(run);
+        return;
+    }
+    let last = run[run.len() - 1];
+    let mut sorted = run.iter().copied().chain(std::iter::repeat(last));
+    place(out, node, 0, &mut sorted);
+}
+
+/// Places node `k`'s subtree in order: each entry after the child left of it. The
+/// recursion is as deep as the tree, at most `V6_MAX_LEVELS`.
+fn place<E: Copy>(out: &mut [E], node: usize, k: usize, sorted: &mut impl Iterator<Item = E>) {
+    if k >= out.len() / node {
+        return;
+    }
+    for i in 0..node {
+        place(out, node, k * (node + 1) + i + 1, sorted);
+        out[k * node + i] = sorted.next().expect("the padding never ends");
+    }
+    place(out, node, k * (node + 1) + node + 1, sorted);
 }

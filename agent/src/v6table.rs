@@ -1,10 +1,11 @@
 //! Builds the IPv6 range table (`datafence_common::v6`) from a policy's prefixes, as
-//! `v4table` does for IPv4: the same boundaries and chunks, with 16-byte entries.
+//! `v4table` does for IPv4: the same boundaries and chunks, with 16-byte entries and
+//! each chunk's run a B-tree of cache-line nodes.
 #![forbid(unsafe_code)]
 
 use datafence_common::{
     RegionId,
-    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Range, v6_lookup, v6_range},
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Range, v6_lookup, v6_range},
 };
 
 pub use crate::rangetable::{RangesExhausted, index_entries};
@@ -35,7 +36,13 @@ pub fn lookup(index: &[u32], ranges: &[V6Range], bits: u32, addr: std::net::Ipv6
         &addr.octets(),
         bits,
         |i| index.get(i as usize).copied(),
-        |i| ranges.get(i as usize).copied(),
+        |i| {
+            let at = (i as usize).checked_mul(V6_NODE_ENTRIES as usize)?;
+            ranges
+                .get(at..at.checked_add(V6_NODE_ENTRIES as usize)?)?
+                .try_into()
+                .ok()
+        },
     )
 }
 
@@ -132,9 +139,9 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_policy_is_one_range_per_chunk_in_no_region() {
+    fn an_empty_policy_is_one_node_per_chunk_in_no_region() {
         let t = build(&[], V6_MIN_INDEX_BITS);
-        assert_eq!(t.ranges.len(), 1 << V6_MIN_INDEX_BITS);
+        assert_eq!(t.ranges.len(), 4 << V6_MIN_INDEX_BITS);
         assert_eq!(at(&t, "2001:db8::1".parse().unwrap()), 0);
     }
 
@@ -179,15 +186,17 @@ mod tests {
 
     #[test]
     fn a_table_too_large_for_its_room_is_refused_with_the_numbers() {
-        let prefixes = vec![(net("2001:db8::1/128"), 1)];
+        let prefixes = vec![(net("2001:db8::1/128"), 1), (net("2001:db8::3/128"), 1)];
         let b = Boundaries::of(&prefixes);
         let mut index = vec![0; index_entries(V6_MIN_INDEX_BITS)];
-        let mut ranges = vec![[0; 2]; 1 << V6_MIN_INDEX_BITS];
+        let mut ranges = vec![[0; 2]; 4 << V6_MIN_INDEX_BITS];
+        // Every chunk takes a node; the one holding the routes takes two for its five
+        // ranges.
         assert_eq!(
             fill(&mut index, &mut ranges, &b, V6_MIN_INDEX_BITS),
             Err(RangesExhausted {
-                needed: (1 << V6_MIN_INDEX_BITS) + 2,
-                capacity: 1 << V6_MIN_INDEX_BITS,
+                needed: (4 << V6_MIN_INDEX_BITS) + 4,
+                capacity: 4 << V6_MIN_INDEX_BITS,
             })
         );
     }

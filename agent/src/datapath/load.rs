@@ -14,7 +14,7 @@ use datafence_common::{
     LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_SLOT_RANGES, SLOTS, globals, map_names,
     program_names, stage,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS},
-    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Range},
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Range},
 };
 
 use super::{
@@ -156,6 +156,9 @@ struct TableSpec {
     slot_ranges_global: &'static str,
     /// Range entries per array value.
     ranges_per_value: u32,
+    /// Range entries per search node: a chunk takes at least one node, and a slot starts
+    /// on a node, so a node stays in one cache line.
+    node_entries: u32,
     min_bits: u32,
     max_bits: u32,
     max_ranges: u32,
@@ -167,6 +170,7 @@ const V4_SPEC: TableSpec = TableSpec {
     index_bits_global: globals::V4_INDEX_BITS,
     slot_ranges_global: globals::V4_SLOT_RANGES,
     ranges_per_value: V4_LANES as u32,
+    node_entries: 1,
     min_bits: V4_MIN_INDEX_BITS,
     max_bits: V4_MAX_INDEX_BITS,
     max_ranges: MAX_V4_SLOT_RANGES,
@@ -177,7 +181,8 @@ const V6_SPEC: TableSpec = TableSpec {
     ranges_map: map_names::V6_RANGES,
     index_bits_global: globals::V6_INDEX_BITS,
     slot_ranges_global: globals::V6_SLOT_RANGES,
-    ranges_per_value: 1,
+    ranges_per_value: V6_NODE_ENTRIES,
+    node_entries: V6_NODE_ENTRIES,
     min_bits: V6_MIN_INDEX_BITS,
     max_bits: V6_MAX_INDEX_BITS,
     max_ranges: MAX_V6_SLOT_RANGES,
@@ -199,8 +204,9 @@ impl TableSpec {
         let slot_ranges = match adopted(self.ranges_map) {
             Some(values) => values * self.ranges_per_value / SLOTS,
             None => ranges
-                .clamp(1 << index_bits, self.max_ranges)
-                .next_multiple_of(self.ranges_per_value),
+                .clamp(self.node_entries << index_bits, self.max_ranges)
+                .next_multiple_of(self.ranges_per_value)
+                .next_multiple_of(self.node_entries),
         };
         TableSize {
             index_bits,
