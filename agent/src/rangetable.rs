@@ -275,3 +275,59 @@ fn place<E: Copy>(out: &mut [E], node: usize, k: usize, sorted: &mut impl Iterat
     }
     place(out, node, k * (node + 1) + node + 1, sorted);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::lay_out;
+
+    /// Searches a laid-out tree of `node`-entry nodes the plain way: per node, count
+    /// the entries at or below `key`, remember the last of them, go to that child.
+    fn search(tree: &[u32], node: usize, key: u32) -> Option<u32> {
+        let (mut k, mut best) = (0, None);
+        while k < tree.len() / node {
+            let entries = &tree[k * node..(k + 1) * node];
+            let count = entries.iter().take_while(|e| **e <= key).count();
+            if count > 0 {
+                best = Some(entries[count - 1]);
+            }
+            k = k * (node + 1) + count + 1;
+        }
+        best
+    }
+
+    #[test]
+    fn every_key_finds_its_predecessor_in_trees_of_every_shape() {
+        const NODE: usize = 4;
+        // Up to 61 nodes: full and partial second, third and fourth levels.
+        for len in 1..=242usize {
+            let run: Vec<u32> = (0..len as u32).map(|i| 10 + 3 * i).collect();
+            let mut tree = vec![0; len.div_ceil(NODE) * NODE];
+            lay_out(&run, &mut tree, NODE);
+            let mut held = tree.clone();
+            held.sort_unstable();
+            let padding = tree.len() - len;
+            let mut want = run.clone();
+            want.extend(std::iter::repeat_n(run[len - 1], padding));
+            assert_eq!(
+                held, want,
+                "{len} ranges: the tree holds the run and its padding"
+            );
+            for key in 0..=run[len - 1] + 3 {
+                let predecessor = run.iter().copied().take_while(|e| *e <= key).last();
+                assert_eq!(
+                    search(&tree, NODE, key),
+                    predecessor,
+                    "{len} ranges, key {key}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_of_one_entry_keep_the_run_sorted() {
+        let run = [1u32, 5, 9];
+        let mut out = [0; 3];
+        lay_out(&run, &mut out, 1);
+        assert_eq!(out, run);
+    }
+}

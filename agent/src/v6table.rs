@@ -116,6 +116,21 @@ mod tests {
     }
 
     #[test]
+    fn a_cleared_index_finds_no_region_whatever_the_ranges_hold() {
+        let prefixes = vec![(net("::/0"), 3), (net("2001:db8::/32"), 1)];
+        let mut t = build(&prefixes, V6_MIN_INDEX_BITS);
+        assert_eq!(at(&t, "2001:db8::1".parse().unwrap()), 1);
+        t.index.fill(0);
+        for a in edges(&prefixes) {
+            assert_eq!(
+                at(&t, a),
+                RegionId::from(datafence_common::REGION_NONE),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
     fn most_specific_prefix_wins_and_neighbours_merge() {
         let prefixes = vec![
             (net("2001:db8::/32"), 1),

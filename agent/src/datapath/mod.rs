@@ -40,7 +40,8 @@ use std::{path::PathBuf, time::Duration};
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 use datafence_common::{
     DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_SLOT_RANGES, MAX_V4_SLOT_RANGES, MAX_V6_SLOT_RANGES, stat,
-    v4::V4_MIN_INDEX_BITS, v6::V6_MIN_INDEX_BITS, v6::V6Range,
+    v4::{V4_LANES, V4_MIN_INDEX_BITS},
+    v6::{V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Range},
 };
 
 pub use attach::TcKind;
@@ -142,7 +143,8 @@ impl RegionTables {
 impl LoadOptions {
     /// Options with the region tables sized for `tables`, and room to grow before a
     /// restart is needed: a quarter more IPv4 ranges (4 bytes each), a sixteenth more
-    /// IPv6 ranges (16 bytes each).
+    /// IPv6 ranges (16 bytes each). A slot holds whole array values (IPv4's two-range
+    /// lanes, IPv6's four-range nodes), so its size is what the loader will build.
     pub fn sized_for(tables: &RegionTables) -> Self {
         let v4_bits = v4table::index_bits(&tables.v4);
         let v6_bits = v6table::index_bits(&tables.v6);
@@ -150,11 +152,13 @@ impl LoadOptions {
             v4_index_bits: v4_bits,
             v4_slot_ranges: (tables.v4.entries(v4_bits) * 5 / 4)
                 .max(DEFAULT_V4_SLOT_RANGES as usize)
-                .min(MAX_V4_SLOT_RANGES as usize) as u32,
+                .min(MAX_V4_SLOT_RANGES as usize)
+                .next_multiple_of(V4_LANES) as u32,
             v6_index_bits: v6_bits,
             v6_slot_ranges: (tables.v6.entries(v6_bits) * 17 / 16)
                 .max(DEFAULT_V6_SLOT_RANGES as usize)
-                .min(MAX_V6_SLOT_RANGES as usize) as u32,
+                .min(MAX_V6_SLOT_RANGES as usize)
+                .next_multiple_of(V6_NODE_ENTRIES as usize) as u32,
             ..Self::default()
         }
     }
