@@ -1248,6 +1248,33 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
     assert_eq!(dp.region_of(IpAddr::V4(US4.parse().unwrap())).unwrap(), 3);
 }
 
+/// A reload returns once its policy is in force; the one after it waits until the slot
+/// it rewrites has been out of force for the grace, however soon it comes.
+#[test]
+fn the_slot_a_reload_switched_from_is_not_rewritten_within_the_grace() {
+    let (mut dp, _) = datapath_with(POLICY, EventLimits::default());
+    let to_us = Spec::tcp(SRC4, US4, 443).build();
+    let opened = integration_tests::policy_from_yaml(&POLICY.replace(
+        "allow: [eu-west, eu-north]",
+        "allow: [eu-west, eu-north, us-east]",
+    ))
+    .compile();
+    let strict = integration_tests::policy_from_yaml(POLICY).compile();
+    for _ in 0..3 {
+        let before_switch = std::time::Instant::now();
+        dp.apply(&opened, EventLimits::default()).expect("apply");
+        assert!(tc(&mut dp, &to_us).passed);
+        // Rewrites the slot the first apply switched away from.
+        dp.apply(&strict, EventLimits::default()).expect("apply");
+        let elapsed = before_switch.elapsed();
+        assert!(
+            elapsed >= datafence::datapath::SLOT_GRACE,
+            "the old slot was rewritten {elapsed:?} after it left force"
+        );
+        assert!(!tc(&mut dp, &to_us).passed);
+    }
+}
+
 /// The IPv6 table across every prefix length: nested prefixes resolve to the longest, in
 /// the kernel's own range table, through reloads that clear the old slot, and a table that would
 /// overflow is refused whole.

@@ -392,6 +392,7 @@ impl Datapath {
             v4,
             v6,
             slot_contents: [SlotContents::default(); 2],
+            slot_switched: std::time::Instant::now(),
             _pin_lock: pin_lock,
             tc_kind: if crate::kernel::tcx_supported() {
                 TcKind::Tcx

@@ -81,9 +81,10 @@ pub fn object_digest() -> &'static str {
     })
 }
 
-/// How long the agent waits after switching slots before it may rewrite the old one.
-/// A packet reads the active slot once and finishes within microseconds; this leaves a
-/// wide margin so no packet can still be walking a slot that is being cleared.
+/// How long after a slot switch the old slot stays untouched. A packet reads the active
+/// slot once and finishes within microseconds; this leaves a wide margin so no packet can
+/// still be walking a slot that is being cleared. The wait falls on the next reload, not
+/// on the one that switched: a reload returns as soon as the new policy is in force.
 pub const SLOT_GRACE: Duration = Duration::from_millis(20);
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -232,6 +233,9 @@ pub struct Datapath {
     v6: range_arrays::RangeArrays<V6Range>,
     /// What each slot holds, for map-pressure metrics without walking million-entry maps.
     slot_contents: [maps::SlotContents; 2],
+    /// When the active slot last changed, or when this datapath was made: a predecessor
+    /// may have switched just before it died.
+    slot_switched: std::time::Instant,
     /// How TC egress programs are attached.
     tc_kind: TcKind,
     /// The pin directory's lock, held while this datapath lives.

@@ -1,6 +1,6 @@
 //! The two-slot switch: a policy is written into the inactive slot, checked against
 //! each map's per-slot capacity first, then made active in one map write; the old slot
-//! is cleared before it is written again.
+//! is cleared before it is written again, no sooner than [`SLOT_GRACE`] after the switch.
 
 #![forbid(unsafe_code)]
 
@@ -94,6 +94,8 @@ impl Datapath {
         self.check_capacity(compiled)?;
         let v4_needed = self.v4.check_room(v4)?;
         let v6_needed = self.v6.check_room(v6)?;
+        // The target was active until the last switch: packets may still be reading it.
+        std::thread::sleep(SLOT_GRACE.saturating_sub(self.slot_switched.elapsed()));
         self.clear_slot(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
         if let Err(err) = self.fill_slot(target, compiled, tables) {
@@ -118,7 +120,7 @@ impl Datapath {
         let mut arr: Array<&mut MapData, u32> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         arr.set(0, target, 0).map_err(map_err(name))?;
-        std::thread::sleep(SLOT_GRACE);
+        self.slot_switched = std::time::Instant::now();
         Ok(ApplyReport {
             slot: target,
             generation,
