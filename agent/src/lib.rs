@@ -23,6 +23,7 @@ pub mod liveness;
 pub mod local_networks;
 pub mod lockout;
 pub mod metrics;
+mod netlink;
 pub mod packet_bypass;
 pub mod policy;
 pub mod rangetable;

@@ -13,6 +13,7 @@
 pub mod proc_net;
 pub mod processes;
 pub mod sessions;
+pub mod sock_diag;
 
 use std::{fmt, net::IpAddr, path::Path};
 

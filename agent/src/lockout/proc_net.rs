@@ -86,10 +86,18 @@ fn parse_endpoint(text: &str) -> Option<SocketAddr> {
     let ip = if words == 1 {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
     } else {
-        let v6 = Ipv6Addr::from(bytes);
-        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        unmapped(IpAddr::V6(Ipv6Addr::from(bytes)))
     };
     Some(SocketAddr::new(ip, port))
+}
+
+/// An IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) as the IPv4 address its
+/// packets carry; any other address as it is.
+pub fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
 }
 
 // The sample lines are real, taken on x86_64: the address words are in little-endian

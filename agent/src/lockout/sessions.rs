@@ -70,13 +70,26 @@ fn ssh_ports(configured: &[u16], sockets: &[TcpSocket], procfs: &Procfs) -> BTre
         .collect()
 }
 
+/// The TCP sockets of the agent's network namespace: over sock_diag, or from
+/// `/proc/net/tcp` where sock_diag cannot answer (its `tcp_diag` module missing and not
+/// loadable, or netlink filtered by a seccomp or LSM policy).
+fn tcp_sockets(procfs: &Procfs) -> Result<Vec<TcpSocket>, ReadError> {
+    match super::sock_diag::tcp_sockets() {
+        Ok(sockets) => Ok(sockets),
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag cannot list the TCP sockets; reading /proc/net/tcp");
+            read_tcp_sockets(&procfs.net())
+        }
+    }
+}
+
 /// The inbound SSH sessions of the agent's network namespace, with their holders and
 /// cgroups where those can be found.
 pub fn established(
     configured_ports: &[u16],
     procfs: &Procfs,
 ) -> Result<Vec<SshSession>, ReadError> {
-    let sockets = read_tcp_sockets(&procfs.net())?;
+    let sockets = tcp_sockets(procfs)?;
     let ports = ssh_ports(configured_ports, &sockets, procfs);
     let sessions: Vec<&TcpSocket> = inbound_to(&sockets, &ports).collect();
     if sessions.is_empty() {
