@@ -434,6 +434,40 @@ fn bad_entries_in_region_file() {
     );
 }
 
+/// A region file of several megabytes is parsed in pieces; a line's number counts every
+/// line before it, in every piece, comments and blank lines included.
+#[test]
+fn bad_entries_past_the_first_megabyte_are_named_by_their_own_line() {
+    let env = Env::new();
+    let mut text = String::new();
+    for i in 0..300_000u32 {
+        match i % 3 {
+            0 => writeln!(text, "# block {i}").unwrap(),
+            1 => writeln!(text, "10.{}.{}.0/24", (i >> 16) & 0xff, (i >> 8) & 0xff).unwrap(),
+            _ => text.push('\n'),
+        }
+    }
+    // Lines 300,001 and 300,003.
+    text.push_str("  10.255.255.1/24\n\nnonsense\n");
+    assert!(
+        text.len() > 2 * super::validate::PIECE_BYTES,
+        "{}",
+        text.len()
+    );
+    env.write("regions/big.txt", &text);
+    let errors =
+        env.errors("version: 1\nregions:\n  eu:\n    files: [regions/big.txt]\ndata_classes: {}\n");
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with("regions/big.txt:300001:3: `10.255.255.1/24` has host bits"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("regions/big.txt:300003:1: invalid CIDR `nonsense`"),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn region_file_prefix_clashing_with_another_region() {
     let env = Env::new();

@@ -7,6 +7,8 @@
 mod regions;
 mod selectors;
 
+#[cfg(test)]
+pub(in crate::policy) use regions::PIECE_BYTES;
 pub(super) use selectors::RawMatch;
 
 use std::collections::{HashMap, HashSet};

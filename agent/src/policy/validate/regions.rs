@@ -72,15 +72,19 @@ pub(super) enum RegionFile {
     Read {
         path: PathBuf,
         bytes: Vec<u8>,
-        /// (line, column, prefix) for each line that holds one.
-        lines: Vec<(
-            u32,
-            u32,
-            Result<IpNetwork, crate::policy::error::CidrProblem>,
-        )>,
+        /// (line, column, prefix) for each line that holds one, in file order.
+        prefixes: Vec<(u32, u32, IpNetwork)>,
+        /// (line, column, problem) for each line that does not, in file order. Apart from
+        /// the prefixes: a problem is several times a prefix's size, and a file of a
+        /// million prefixes has none.
+        problems: Vec<(u32, u32, CidrProblem)>,
     },
     Failed(Problem),
 }
+
+/// Bytes of region file text parsed as one piece: large files are cut into pieces at line
+/// ends and parsed on every core.
+pub(in crate::policy) const PIECE_BYTES: usize = 1 << 20;
 
 /// Reads and parses one region file: one CIDR per line; `#` starts a comment, blank lines
 /// are skipped. Needs nothing from the validator, so files are read in parallel.
@@ -97,14 +101,61 @@ pub(super) fn read_region_file(path: &Path, roots: &Roots, limit: SizeLimit) -> 
         let what = format!("region file {}", path.display());
         return RegionFile::Failed(Problem::NotUtf8(what));
     };
-    let lines = crate::policy::cidr::region_file_entries(text)
-        .map(|(line, column, entry)| (clamp(line as u64), clamp(column as u64), parse_cidr(entry)))
+    let pieces: Vec<_> = pieces(text)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|piece| {
+            let mut parsed = (Vec::new(), Vec::new());
+            for (line, column, entry) in crate::policy::cidr::region_file_entries(piece) {
+                let (line, column) = (clamp(line as u64), clamp(column as u64));
+                match parse_cidr(entry) {
+                    Ok(net) => parsed.0.push((line, column, net)),
+                    Err(problem) => parsed.1.push((line, column, problem)),
+                }
+            }
+            let lines = piece.bytes().filter(|&b| b == b'\n').count();
+            (parsed, clamp(lines as u64))
+        })
         .collect();
+    let mut prefixes = Vec::with_capacity(pieces.iter().map(|((p, _), _)| p.len()).sum());
+    let mut problems = Vec::new();
+    let mut lines_before = 0u32;
+    for ((piece_prefixes, piece_problems), lines) in pieces {
+        let shift = |line: u32| line.saturating_add(lines_before);
+        prefixes.extend(
+            piece_prefixes
+                .into_iter()
+                .map(|(l, c, net)| (shift(l), c, net)),
+        );
+        problems.extend(piece_problems.into_iter().map(|(l, c, p)| (shift(l), c, p)));
+        lines_before = lines_before.saturating_add(lines);
+    }
     RegionFile::Read {
         path: path.to_owned(),
         bytes,
-        lines,
+        prefixes,
+        problems,
     }
+}
+
+/// `text` in pieces of about [`PIECE_BYTES`], each ending at a line end or the text's
+/// end, so every line is whole in one piece.
+fn pieces(mut text: &str) -> impl Iterator<Item = &str> {
+    std::iter::from_fn(move || {
+        if text.is_empty() {
+            return None;
+        }
+        let end = match text.as_bytes().get(PIECE_BYTES..) {
+            None => text.len(),
+            Some(rest) => rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(text.len(), |at| PIECE_BYTES + at + 1),
+        };
+        let (piece, rest) = text.split_at(end);
+        text = rest;
+        Some(piece)
+    })
 }
 
 /// Regions as they are built: each prefix remembers its region and where it was written,
@@ -141,6 +192,14 @@ impl Validator<'_> {
             .collect::<Vec<_>>()
             .into();
         let mut set = RegionSet::default();
+        let read_prefixes: usize = read
+            .iter()
+            .map(|file| match file {
+                RegionFile::Read { prefixes, .. } => prefixes.len(),
+                RegionFile::Failed(_) => 0,
+            })
+            .sum();
+        set.claims.reserve(read_prefixes);
         for (index, (name, region)) in raw.value.iter().enumerate() {
             self.name("region", name);
             set.regions.push(Region {
@@ -255,33 +314,40 @@ impl Validator<'_> {
         file: &Spanned<String>,
         read: RegionFile,
     ) {
-        let (path, bytes, lines) = match read {
-            RegionFile::Read { path, bytes, lines } => (path, bytes, lines),
+        let (path, bytes, prefixes, problems) = match read {
+            RegionFile::Read {
+                path,
+                bytes,
+                prefixes,
+                problems,
+            } => (path, bytes, prefixes, problems),
             RegionFile::Failed(problem) => return self.error(at(file), problem),
         };
         self.hasher.update(&bytes);
         drop(bytes);
         self.files.push(path);
         let file_index = clamp(self.files.len() as u64 - 1);
+        let pos = |line, column| Pos {
+            file: file_index,
+            line,
+            column,
+        };
+        for (line, column, net) in prefixes {
+            record_prefix(set, region, net, pos(line, column));
+        }
         let mut unreadable: Option<(Pos, usize)> = None;
-        for (line, column, parsed) in lines {
-            let pos = Pos {
-                file: file_index,
-                line,
-                column,
-            };
-            match parsed {
-                Ok(net) => record_prefix(set, region, net, pos),
+        for (line, column, problem) in problems {
+            match problem {
                 // One line that is not a CIDR is quoted; a file of them (not a region
                 // file at all) is counted, not printed.
-                Err(CidrProblem::Syntax(_)) if unreadable.is_some() => {
+                CidrProblem::Syntax(_) if unreadable.is_some() => {
                     unreadable = unreadable.map(|(at, n)| (at, n + 1));
                 }
-                Err(p) => {
+                p => {
                     if matches!(p, CidrProblem::Syntax(_)) {
-                        unreadable = Some((pos, 0));
+                        unreadable = Some((pos(line, column), 0));
                     }
-                    self.error(pos, p.into());
+                    self.error(pos(line, column), p.into());
                 }
             }
         }
@@ -290,5 +356,26 @@ impl Validator<'_> {
         {
             self.error(pos, Problem::MoreUnreadableLines(more));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pieces hold whole lines, end to end, however the lines fall against the piece size.
+    #[test]
+    fn pieces_cut_only_at_line_ends_and_lose_nothing() {
+        let line = "198.51.100.0/24\n";
+        for extra in [0, 1, PIECE_BYTES / 2, PIECE_BYTES - 1] {
+            let mut text = line.repeat(2 * PIECE_BYTES / line.len() + 3);
+            text.push_str(&"x".repeat(extra));
+            let cut: Vec<&str> = pieces(&text).collect();
+            assert!(cut.len() >= 3, "{}", cut.len());
+            assert_eq!(cut.concat(), text);
+            assert!(cut[..cut.len() - 1].iter().all(|p| p.ends_with('\n')));
+        }
+        assert_eq!(pieces("").count(), 0);
+        assert_eq!(pieces("10.0.0.0/8").collect::<Vec<_>>(), ["10.0.0.0/8"]);
     }
 }
