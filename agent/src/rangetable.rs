@@ -6,6 +6,7 @@
 
 use datafence_common::{REGION_NONE, RegionId};
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use rayon::slice::ParallelSliceMut as _;
 
 /// An address as a number: `u32` for IPv4, `u128` for IPv6.
 pub trait Address: Copy + Ord + Into<u128> {
@@ -82,20 +83,23 @@ impl<A: Address> Boundaries<A> {
     /// The boundaries the longest-prefix match of `prefixes` draws. Prefixes may nest
     /// and come in any order; one listed twice keeps its last region.
     pub fn of<N: Network<Addr = A>>(prefixes: &[(N, RegionId)]) -> Self {
-        let mut sorted: Vec<(u128, u128, RegionId)> = prefixes
+        let mut sorted: Vec<(u128, u128, usize, RegionId)> = prefixes
             .iter()
-            .map(|(net, region)| {
+            .enumerate()
+            .map(|(at, (net, region))| {
                 let (start, len) = net.start_and_len();
                 let hosts = last_address::<A>().checked_shr(len).unwrap_or(0);
-                (start, start | hosts, *region)
+                (start, start | hosts, at, *region)
             })
             .collect();
-        // Outer prefixes first where starts tie, so inner ones open after them.
-        sorted.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+        // Outer prefixes first where starts tie, so inner ones open after them; a prefix
+        // listed twice in the order listed. Every key differs, so an unstable sort gives
+        // the one order, on every core.
+        sorted.par_sort_unstable_by_key(|&(start, end, at, _)| (start, std::cmp::Reverse(end), at));
         let mut out = Self(vec![(A::narrow(0), RegionId::from(REGION_NONE))]);
         // Open prefixes, innermost last: (last address, region).
         let mut open: Vec<(u128, RegionId)> = Vec::new();
-        for (start, end, region) in sorted {
+        for (start, end, _, region) in sorted {
             out.close_before(&mut open, Some(start));
             out.mark(start, region);
             open.push((end, region));

@@ -131,6 +131,26 @@ mod tests {
         );
     }
 
+    /// Boundaries are drawn on every core with an unstable sort; a prefix listed twice
+    /// still keeps the region it was listed with last, whatever else shares its start.
+    #[test]
+    fn a_prefix_listed_twice_keeps_its_last_region() {
+        for copies in [2u32, 3, 50] {
+            let mut prefixes = vec![(net("10.0.0.0/8"), 9), (net("10.1.0.0/16"), 8)];
+            prefixes.extend((1..=copies).map(|region| (net("10.0.0.0/16"), region)));
+            prefixes.push((net("10.0.0.0/24"), 7));
+            let t = build(&prefixes, 16);
+            assert_eq!(
+                at(&t, Ipv4Addr::new(10, 0, 1, 1)),
+                copies,
+                "{copies} copies"
+            );
+            assert_eq!(at(&t, Ipv4Addr::new(10, 0, 0, 1)), 7);
+            assert_eq!(at(&t, Ipv4Addr::new(10, 1, 0, 1)), 8);
+            assert_eq!(at(&t, Ipv4Addr::new(10, 2, 0, 1)), 9);
+        }
+    }
+
     #[test]
     fn an_empty_policy_is_one_range_per_chunk_in_no_region() {
         let t = build(&[], 16);

@@ -134,10 +134,11 @@ pub struct RegionTables {
 
 impl RegionTables {
     pub fn of(compiled: &CompiledPolicy) -> Self {
-        Self {
-            v4: v4table::Boundaries::of(&compiled.regions_v4),
-            v6: v6table::Boundaries::of(&compiled.regions_v6),
-        }
+        let (v4, v6) = rayon::join(
+            || v4table::Boundaries::of(&compiled.regions_v4),
+            || v6table::Boundaries::of(&compiled.regions_v6),
+        );
+        Self { v4, v6 }
     }
 }
 
