@@ -84,6 +84,7 @@ impl Agent {
     }
 
     pub(super) fn try_reload(&mut self, management: &[IpNetwork]) -> Result<(), AgentError> {
+        let started = std::time::Instant::now();
         let policy = load_policy(&self.opts, management)?;
         if policy.sha256 == self.policy.sha256 {
             // Nothing changed (a touch, or a watch event for an unrelated file).
@@ -94,7 +95,8 @@ impl Agent {
         // Credit what was counted so far to the names of the policy about to be replaced.
         self.sync_ledger()?;
         let report = self.datapath.apply(&compiled, self.opts.events)?;
-        info!(sha256 = %policy.sha256, generation = report.generation, "policy reloaded");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        info!(sha256 = %policy.sha256, generation = report.generation, ms = format!("{ms:.1}"), "policy reloaded");
         self.policy = policy;
         self.compiled = compiled;
         self.compiled.release_prefixes();
