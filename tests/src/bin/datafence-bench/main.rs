@@ -218,7 +218,15 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             unit: Some("ms".into()),
             pass: Some(t < 200.0),
         });
+        targets.push(Goal {
+            target: "compact tables: no-gap reload of the cloud catalogue < 60 ms".into(),
+            value: Some(t),
+            limit: 60.0,
+            unit: Some("ms".into()),
+            pass: Some(t < 60.0),
+        });
     }
+    targets.extend(compact_table_targets(&datapath_rows, &agent_rows));
     let memcg_label = memcg.as_ref().map_or("unavailable", |m| m.label);
     let mut report = Report {
         machine,

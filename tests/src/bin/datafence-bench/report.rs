@@ -128,6 +128,88 @@ pub(crate) fn other_targets(
     out
 }
 
+/// The targets of the compact-tables issue, where the run measured what they need: the
+/// 10-prefix and 1M real-mix policies. The cold-lookup ratios are against the kernel's LPM
+/// trie in the same run; IPv4's limit is what DIR-24-8 measured (11.7×), IPv6's is 13×.
+pub(crate) fn compact_table_targets(datapath: &[DatapathCase], agent: &[AgentRow]) -> Vec<Goal> {
+    let mut out = Vec::new();
+    let goal = |target: String, value: f64, limit: f64, unit: &str, pass: bool| Goal {
+        target: format!("compact tables: {target}"),
+        value: Some(value),
+        limit,
+        unit: (!unit.is_empty()).then(|| unit.to_owned()),
+        pass: Some(pass),
+    };
+    let real = |size: usize| {
+        datapath
+            .iter()
+            .find(|r| r.shape == Shape::Real && r.size == size)
+            .and_then(|r| r.row.figures())
+    };
+    let kernel_mib = |f: &DatapathFigures| {
+        f.control
+            .kernel_bytes_both_slots
+            .as_ref()
+            .map(|s| mib(s.median))
+    };
+    if let Some(m) = real(10).and_then(kernel_mib) {
+        out.push(goal(
+            "kernel memory, 10-prefix policy ≤ 4 MiB".into(),
+            m,
+            4.0,
+            "MiB",
+            m <= 4.0,
+        ));
+    }
+    if let Some(f) = real(1_000_000) {
+        if let Some(m) = kernel_mib(f) {
+            out.push(goal(
+                "kernel memory, 1M real mix ≤ 32 MiB".into(),
+                m,
+                32.0,
+                "MiB",
+                m <= 32.0,
+            ));
+        }
+        for (family, cold, limit) in [("IPv4", &f.cold.ipv4, 11.7), ("IPv6", &f.cold.ipv6, 13.0)] {
+            if let Some(r) = cold.lpm_over_datafence {
+                out.push(goal(
+                    format!("cold 1M real mix {family}: LPM trie ÷ datafence ≥ {limit}×"),
+                    r,
+                    limit,
+                    "",
+                    r >= limit,
+                ));
+            }
+        }
+        if let Some(apply) = &f.control.apply_s {
+            let t = f.control.parse_validate_s + f.control.compile_s + apply.median;
+            out.push(goal(
+                "1M real mix: read, compile and load ≤ 0.5 s".into(),
+                t,
+                0.5,
+                "s",
+                t <= 0.5,
+            ));
+        }
+    }
+    if let Some(row) = agent
+        .iter()
+        .filter_map(AgentRow::figures)
+        .find(|r| r.size == 1_000_000)
+    {
+        let m = mib(row.rss_bytes as f64);
+        out.push(goal(
+            "agent RSS at 1M, tables included ≤ 96 MiB".into(),
+            m,
+            96.0,
+            "MiB",
+            m <= 96.0,
+        ));
+    }
+    out
+}
+
 pub(crate) fn cell(s: &str, width: usize) -> String {
     format!("{s:>width$}")
 }
