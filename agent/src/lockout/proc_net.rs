@@ -12,7 +12,8 @@ pub const ESTABLISHED: u8 = 0x01;
 /// `st` of a listening socket (`TCP_LISTEN`).
 pub const LISTEN: u8 = 0x0A;
 
-/// One line of `/proc/net/tcp` or `/proc/net/tcp6`.
+/// One TCP socket, as a line of `/proc/net/tcp` or `/proc/net/tcp6` or a sock_diag answer
+/// gives it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
     /// IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 peers) are given as the

@@ -17,15 +17,10 @@ use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use super::proc_net::{TcpSocket, unmapped};
 
 /// The listening and established TCP sockets of the calling thread's network namespace,
-/// IPv4 and IPv6. A host without IPv6 answers the IPv6 dump with an error, which is not
-/// one here.
+/// IPv4 and IPv6.
 pub fn tcp_sockets() -> io::Result<Vec<TcpSocket>> {
     let mut sockets = dump_family(AF_INET, SocketId::new_v4())?;
-    match dump_family(AF_INET6, SocketId::new_v6()) {
-        Ok(v6) => sockets.extend(v6),
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
-        Err(e) => return Err(e),
-    }
+    sockets.extend(dump_family(AF_INET6, SocketId::new_v6())?);
     Ok(sockets)
 }
 

@@ -211,20 +211,18 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     })) = &catalogue
     {
         let t = reload.median * 1e3;
-        targets.push(Goal {
-            target: "no-gap reload of the cloud catalogue (eu-cloud.yaml) < 200 ms".into(),
-            value: Some(t),
-            limit: 200.0,
-            unit: Some("ms".into()),
-            pass: Some(t < 200.0),
-        });
-        targets.push(Goal {
-            target: "compact tables: no-gap reload of the cloud catalogue < 60 ms".into(),
-            value: Some(t),
-            limit: 60.0,
-            unit: Some("ms".into()),
-            pass: Some(t < 60.0),
-        });
+        targets.push(below(
+            "no-gap reload of the cloud catalogue (eu-cloud.yaml) < 200 ms".into(),
+            t,
+            200.0,
+            "ms",
+        ));
+        targets.push(below(
+            "compact tables: no-gap reload of the cloud catalogue < 60 ms".into(),
+            t,
+            60.0,
+            "ms",
+        ));
     }
     targets.extend(compact_table_targets(&datapath_rows, &agent_rows));
     let memcg_label = memcg.as_ref().map_or("unavailable", |m| m.label);
