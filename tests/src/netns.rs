@@ -241,24 +241,30 @@ pub fn udp_delivered_sized(
     size: usize,
 ) -> u32 {
     udp_delivered_with(sandbox, dst, port, count, |dst_addr| {
-        sandbox.host.run(move || {
-            let unspecified: SocketAddr = if dst_addr.is_ipv4() {
-                "0.0.0.0:0".parse().expect("addr")
-            } else {
-                "[::]:0".parse().expect("addr")
-            };
-            let sock = UdpSocket::bind(unspecified).expect("bind sender");
-            if mark != 0 {
-                set_mark(sock.as_raw_fd(), mark);
-            }
-            for i in 0..count {
-                let mut datagram = i.to_be_bytes().to_vec();
-                datagram.resize(size.max(4), 0x5a);
-                // A denied datagram may fail at send time: that is the point.
-                let _ = sock.send_to(&datagram, dst_addr);
-            }
-        });
+        send_from_host(sandbox, dst_addr, count, mark, size);
     })
+}
+
+/// Sends `count` datagrams of `size` bytes to `dst_addr` from a socket in the host
+/// namespace, with `SO_MARK` set to `mark` unless it is zero.
+pub fn send_from_host(sandbox: &Sandbox, dst_addr: SocketAddr, count: u32, mark: u32, size: usize) {
+    sandbox.host.run(move || {
+        let unspecified: SocketAddr = if dst_addr.is_ipv4() {
+            "0.0.0.0:0".parse().expect("addr")
+        } else {
+            "[::]:0".parse().expect("addr")
+        };
+        let sock = UdpSocket::bind(unspecified).expect("bind sender");
+        if mark != 0 {
+            set_mark(sock.as_raw_fd(), mark);
+        }
+        for i in 0..count {
+            let mut datagram = i.to_be_bytes().to_vec();
+            datagram.resize(size.max(4), 0x5a);
+            // A denied datagram may fail at send time: that is the point.
+            let _ = sock.send_to(&datagram, dst_addr);
+        }
+    });
 }
 
 /// Sends `count` datagrams from a separate process that runs in the host namespace and
@@ -302,6 +308,20 @@ pub fn udp_delivered_with(
     count: u32,
     send: impl FnOnce(SocketAddr),
 ) -> u32 {
+    udp_delivered_within(sandbox, dst, port, count, Duration::from_millis(300), send)
+}
+
+/// As [`udp_delivered_with`], waiting up to `quiet` for each next datagram: longer than
+/// the default where delivery waits on the kernel, such as neighbour discovery, whose
+/// solicitations are a second apart.
+pub fn udp_delivered_within(
+    sandbox: &Sandbox,
+    dst: &str,
+    port: u16,
+    count: u32,
+    quiet: Duration,
+    send: impl FnOnce(SocketAddr),
+) -> u32 {
     let dst_addr: SocketAddr = SocketAddr::new(dst.parse().expect("dst"), port);
     let receiver = sandbox.world.run(move || {
         // The previous receiver on this port may still be going away under load.
@@ -316,8 +336,7 @@ pub fn udp_delivered_with(
                 Err(e) => panic!("bind receiver {dst_addr}: {e}"),
             }
         };
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
+        sock.set_read_timeout(Some(quiet)).expect("timeout");
         sock
     });
     send(dst_addr);
