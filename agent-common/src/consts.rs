@@ -53,8 +53,8 @@ pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
 pub const DEFAULT_V4_SLOT_RANGES: u32 = 1 << 16;
 /// Largest range count per slot the agent accepts: above a full routing table's twice.
 pub const MAX_V4_SLOT_RANGES: u32 = 1 << 24;
-/// Range entries per slot the IPv6 table has room for at least (128 KiB): two nodes for
-/// each chunk of the smallest index (see [`v6`](crate::v6)).
+/// Range entries per slot the IPv6 table has room for at least (128 KiB): a small
+/// policy's table, and room for thousands of boundaries (see [`v6`](crate::v6)).
 pub const DEFAULT_V6_SLOT_RANGES: u32 = 1 << 13;
 /// Largest IPv6 range count per slot the agent accepts (256 MiB a slot); it bounds the
 /// depth of the lookup's B-trees.

@@ -20,7 +20,7 @@
 use crate::{REGION_NONE, RegionId, opaque::opaque};
 
 /// Fewest and most index bits the agent builds. Fewer than IPv4's: a B-tree search costs
-/// little more for a long run than for a short one, and every chunk takes a whole node.
+/// little more for a long run than for a short one, and a chunk in a region takes a node.
 pub const V6_MIN_INDEX_BITS: u32 = 10;
 pub const V6_MAX_INDEX_BITS: u32 = 20;
 /// Range entries in a node: one 64-byte cache line.
@@ -61,7 +61,7 @@ pub const fn v6_child(node: u32, branch: u32) -> u32 {
 /// The region of `addr` in one slot's table of `bits` index bits. `index(i)` reads index
 /// entry `i` of the slot and `node(i)` node `i`, range entries `4 i .. 4 i + 4`; the
 /// datapath passes map reads, the agent and the tests in-memory slices. A read that
-/// fails gives `REGION_NONE`, and so does a chunk without a node (an index of zeros).
+/// fails gives `REGION_NONE`, and so does a chunk of no nodes (its bounds equal).
 ///
 /// The search always reads [`V6_MAX_LEVELS`] levels, without a branch on a comparison,
 /// and leaves early only on a failed read: the verifier walks the rest of the program

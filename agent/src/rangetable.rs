@@ -4,6 +4,8 @@
 //! shared.
 #![forbid(unsafe_code)]
 
+use std::ops::Range;
+
 use datafence_common::{REGION_NONE, RegionId};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use rayon::slice::ParallelSliceMut as _;
@@ -16,8 +18,13 @@ pub trait Address: Copy + Ord + Into<u128> {
     const NODE_ENTRIES: usize;
     /// About how many ranges a chunk should hold, as a power of two: a few for a binary
     /// search in one cache line, more where a B-tree makes a long run cheap and every
-    /// chunk costs a whole node.
+    /// chunk in a region costs a whole node.
     const CHUNK_RANGES_LOG2: u32;
+    /// Whether the family's search finds no region in a chunk of no entries (its index
+    /// entry and the next one equal): a chunk wholly in no region then takes no room.
+    /// IPv6's B-tree search counts only the nodes between the bounds; IPv4's binary
+    /// search always reads the entry at the lower bound, so each of its chunks needs one.
+    const EMPTY_CHUNK_IS_NONE: bool;
     /// The address `value`, which fits.
     fn narrow(value: u128) -> Self;
 }
@@ -26,6 +33,7 @@ impl Address for u32 {
     const BITS: u32 = 32;
     const NODE_ENTRIES: usize = 1;
     const CHUNK_RANGES_LOG2: u32 = 2;
+    const EMPTY_CHUNK_IS_NONE: bool = false;
     fn narrow(value: u128) -> Self {
         value as u32
     }
@@ -35,6 +43,9 @@ impl Address for u128 {
     const BITS: u32 = 128;
     const NODE_ENTRIES: usize = datafence_common::v6::V6_NODE_ENTRIES as usize;
     const CHUNK_RANGES_LOG2: u32 = 4;
+    // Most of the 128-bit space is in no region: at a million real-mix prefixes, 7 of
+    // every 8 chunks lie outside 2000::/3, and a node each made 3.5 MiB of every slot.
+    const EMPTY_CHUNK_IS_NONE: bool = true;
     fn narrow(value: u128) -> Self {
         value
     }
@@ -164,25 +175,28 @@ impl<A: Address> Boundaries<A> {
             .clamp(min, max)
     }
 
-    /// Ranges in each chunk that holds more than the one covering its first address,
-    /// in chunk order: (chunk, ranges).
-    fn busy_chunks(&self, bits: u32) -> impl Iterator<Item = (u128, usize)> + '_ {
+    /// Each chunk's run of ranges, in chunk order: the chunk's first address, and the
+    /// boundaries `at..end` of which `at` covers that address and the rest start inside
+    /// the chunk. `None` for a chunk that takes no entries: wholly in no region, in a
+    /// family whose search reads that from an empty chunk.
+    fn chunk_runs(&self, bits: u32) -> impl Iterator<Item = Option<(A, Range<usize>)>> + '_ {
         let low = A::BITS - bits;
-        let inside = last_address::<A>() >> bits;
-        let mut starts = self
-            .0
-            .iter()
-            .map(|(at, _)| (*at).into())
-            .filter(move |at: &u128| at & inside != 0)
-            .map(move |at| at >> low)
-            .peekable();
-        std::iter::from_fn(move || {
-            let chunk = starts.next()?;
-            let mut ranges = 2;
-            while starts.next_if_eq(&chunk).is_some() {
-                ranges += 1;
+        let all = &self.0;
+        // The boundary in force at the current chunk's first address.
+        let mut at = 0usize;
+        (0..1u32 << bits).map(move |chunk| {
+            let first = A::narrow(u128::from(chunk) << low);
+            // The next chunk's first address; `None` past the last chunk.
+            let next = (chunk + 1 < 1 << bits).then(|| A::narrow(u128::from(chunk + 1) << low));
+            while at + 1 < all.len() && all[at + 1].0 <= first {
+                at += 1;
             }
-            Some((chunk, ranges))
+            let covering = at;
+            while at + 1 < all.len() && next.is_none_or(|next| all[at + 1].0 < next) {
+                at += 1;
+            }
+            let quiet_in_none = covering == at && all[at].1 == RegionId::from(REGION_NONE);
+            (!(A::EMPTY_CHUNK_IS_NONE && quiet_in_none)).then_some((first, covering..at + 1))
         })
     }
 
@@ -190,14 +204,10 @@ impl<A: Address> Boundaries<A> {
     /// one covering its first address, and one per boundary inside it), padded to whole
     /// nodes.
     pub fn entries(&self, bits: u32) -> usize {
-        let node = A::NODE_ENTRIES;
-        let mut quiet = 1usize << bits;
-        let mut entries = 0;
-        for (_, ranges) in self.busy_chunks(bits) {
-            quiet -= 1;
-            entries += ranges.div_ceil(node) * node;
-        }
-        entries + quiet * node
+        self.chunk_runs(bits)
+            .flatten()
+            .map(|(_, run)| run.len().div_ceil(A::NODE_ENTRIES) * A::NODE_ENTRIES)
+            .sum()
     }
 }
 
@@ -223,27 +233,22 @@ pub fn fill<A: Address, E: Copy>(
             capacity: ranges.len(),
         });
     }
-    let low = A::BITS - bits;
     let all = &boundaries.0;
     let mut used = 0usize;
     // One chunk's entries in address order.
     let mut run: Vec<E> = Vec::new();
-    // The boundary in force at the current chunk's first address.
-    let mut at = 0usize;
-    for chunk in 0..(1u32 << bits) {
-        let first = A::narrow(u128::from(chunk) << low);
-        // The next chunk's first address; `None` past the last chunk.
-        let next = (chunk + 1 < 1 << bits).then(|| A::narrow(u128::from(chunk + 1) << low));
-        while at + 1 < all.len() && all[at + 1].0 <= first {
-            at += 1;
-        }
+    for (chunk, covered) in boundaries.chunk_runs(bits).enumerate() {
+        index[chunk] = used as u32;
+        let Some((first, at)) = covered else {
+            continue;
+        };
         run.clear();
-        run.push(entry(first, first, all[at].1));
-        while at + 1 < all.len() && next.is_none_or(|next| all[at + 1].0 < next) {
-            at += 1;
-            run.push(entry(all[at].0, first, all[at].1));
-        }
-        index[chunk as usize] = used as u32;
+        run.push(entry(first, first, all[at.start].1));
+        run.extend(
+            all[at.start + 1..at.end]
+                .iter()
+                .map(|&(start, region)| entry(start, first, region)),
+        );
         let len = run.len().div_ceil(A::NODE_ENTRIES) * A::NODE_ENTRIES;
         lay_out(&run, &mut ranges[used..used + len], A::NODE_ENTRIES);
         used += len;

@@ -154,10 +154,38 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_policy_is_one_node_per_chunk_in_no_region() {
+    fn an_empty_policy_takes_no_nodes_and_finds_no_region() {
         let t = build(&[], V6_MIN_INDEX_BITS);
-        assert_eq!(t.ranges.len(), 4 << V6_MIN_INDEX_BITS);
-        assert_eq!(at(&t, "2001:db8::1".parse().unwrap()), 0);
+        assert!(t.ranges.is_empty());
+        for a in [
+            "::",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            assert_eq!(at(&t, a.parse().unwrap()), 0, "{a}");
+        }
+    }
+
+    #[test]
+    fn only_chunks_wholly_in_no_region_take_no_nodes() {
+        // At 10 index bits a chunk is a /10. 2001:db8::/32 lies inside one, among
+        // ranges in no region: one node. 4000::/2 is 256 whole chunks of one region:
+        // a node each. The other 767 chunks are wholly in no region: none.
+        let prefixes = vec![(net("2001:db8::/32"), 1), (net("4000::/2"), 2)];
+        let t = build(&prefixes, V6_MIN_INDEX_BITS);
+        assert_eq!(t.ranges.len(), 4 * (1 + 256));
+        let mut probes = edges(&prefixes);
+        // The first address of every chunk, and the last of the one before it.
+        for chunk in 0..1u128 << V6_MIN_INDEX_BITS {
+            let first = chunk << (128 - V6_MIN_INDEX_BITS);
+            probes.push(Ipv6Addr::from(first));
+            probes.push(Ipv6Addr::from(first.wrapping_sub(1)));
+        }
+        for a in probes {
+            assert_eq!(at(&t, a), naive(&prefixes, a), "{a}");
+        }
+        assert_eq!(at(&t, "2001:db8::1".parse().unwrap()), 1);
+        assert_eq!(at(&t, "7fff::1".parse().unwrap()), 2);
     }
 
     #[test]
@@ -204,14 +232,14 @@ mod tests {
         let prefixes = vec![(net("2001:db8::1/128"), 1), (net("2001:db8::3/128"), 1)];
         let b = Boundaries::of(&prefixes);
         let mut index = vec![0; index_entries(V6_MIN_INDEX_BITS)];
-        let mut ranges = vec![[0; 2]; 4 << V6_MIN_INDEX_BITS];
-        // Every chunk takes a node; the one holding the routes takes two for its five
-        // ranges.
+        let mut ranges = vec![[0; 2]; 4];
+        // The chunk holding the routes takes two nodes for its five ranges; the others,
+        // wholly in no region, none.
         assert_eq!(
             fill(&mut index, &mut ranges, &b, V6_MIN_INDEX_BITS),
             Err(RangesExhausted {
-                needed: (4 << V6_MIN_INDEX_BITS) + 4,
-                capacity: 4 << V6_MIN_INDEX_BITS,
+                needed: 8,
+                capacity: 4,
             })
         );
     }

@@ -1333,10 +1333,10 @@ fn ipv6_ranges_hold_through_reloads_and_refuse_overflow() {
             0
         );
     }
-    // 3,000 /64s with gaps between them draw 6,000 boundaries in one chunk, past the
+    // 5,000 /64s with gaps between them draw 10,000 boundaries in one chunk, past the
     // default room: refused whole, the nested table stays.
     let mut huge = policy.clone();
-    huge.regions_v6 = (0..3_000u128)
+    huge.regions_v6 = (0..5_000u128)
         .map(|i| {
             (
                 Ipv6Network::new(Ipv6Addr::from(base | (i << 65)), 64).unwrap(),
