@@ -91,6 +91,51 @@ fn fixture_dir() -> PathBuf {
 
 const REGIONS: &str = "regions:\n  eu:\n    cidrs: [192.0.2.0/24]\n";
 
+/// The hash covers the policy, then each region file in the order the regions name them,
+/// whatever order they are read and parsed in; and each region keeps its prefixes in
+/// the order written, file after file.
+#[test]
+fn the_hash_and_the_prefix_lists_follow_the_order_files_are_named_in() {
+    let env = Env::new();
+    let files = [
+        ("regions/b.txt", "2001:db8:b::/48\n198.51.100.0/25\n"),
+        (
+            "regions/a.txt",
+            "# a comment\n203.0.113.0/24\n2001:db8:a::/48\n",
+        ),
+        ("regions/c.txt", "192.0.2.0/24\n\n198.51.100.128/25\n"),
+    ];
+    for (rel, text) in files {
+        env.write(rel, text);
+    }
+    let yaml = "version: 1\nregions:\n  one:\n    files: [regions/b.txt, regions/a.txt]\n  two:\n    files: [regions/c.txt]\ndata_classes: {}\n";
+    let p = env.load(yaml).unwrap();
+    let mut hash = Sha256::new();
+    hash.update(yaml);
+    for (_, text) in files {
+        hash.update(text);
+    }
+    assert_eq!(p.sha256, hex::encode(hash.finalize()));
+    let v4 = |i: usize| {
+        p.regions[i]
+            .v4
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    let v6 = |i: usize| {
+        p.regions[i]
+            .v6
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(v4(0), ["198.51.100.0/25", "203.0.113.0/24"]);
+    assert_eq!(v6(0), ["2001:db8:b::/48", "2001:db8:a::/48"]);
+    assert_eq!(v4(1), ["192.0.2.0/24", "198.51.100.128/25"]);
+    assert!(v6(1).is_empty());
+}
+
 #[test]
 fn full_fixture_loads_as_documented() {
     let env = Env::new();
