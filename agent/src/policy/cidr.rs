@@ -56,6 +56,8 @@ pub(super) trait Prefix: Copy {
     const WIDTH: u8;
     fn len(&self) -> u8;
     fn bits(&self) -> u128;
+    /// The address as written, host bits and all: no mask to compute.
+    fn written_bits(&self) -> u128;
     fn addr_bits(addr: Self::Addr) -> u128;
 }
 
@@ -67,6 +69,9 @@ impl Prefix for Ipv4Network {
     }
     fn bits(&self) -> u128 {
         u128::from(u32::from(self.network()))
+    }
+    fn written_bits(&self) -> u128 {
+        u128::from(u32::from(self.ip()))
     }
     fn addr_bits(addr: Ipv4Addr) -> u128 {
         u128::from(u32::from(addr))
@@ -81,6 +86,9 @@ impl Prefix for Ipv6Network {
     }
     fn bits(&self) -> u128 {
         u128::from(self.network())
+    }
+    fn written_bits(&self) -> u128 {
+        u128::from(self.ip())
     }
     fn addr_bits(addr: Ipv6Addr) -> u128 {
         u128::from(addr)

@@ -55,8 +55,8 @@ impl LoadedPolicy {
         }
         policy.build_index();
 
-        let mut regions_v4 = Vec::new();
-        let mut regions_v6 = Vec::new();
+        let mut regions_v4 = Vec::with_capacity(self.regions.iter().map(|r| r.v4.len()).sum());
+        let mut regions_v6 = Vec::with_capacity(self.regions.iter().map(|r| r.v6.len()).sum());
         for region in &self.regions {
             let id = RegionId::from(region.id);
             regions_v4.extend(region.v4.iter().map(|&n| (n, id)));
@@ -139,8 +139,13 @@ fn class_spec(class: &Class, regions: usize) -> ClassSpec {
 /// Sorted as [`lpm`] needs; of two entries for one prefix the first is kept.
 /// Validation has already refused a prefix listed with two values, so which of equal
 /// entries survives does not matter, and the faster unstable sort will do.
+///
+/// Sorted by length, then by the address as written: the same order, since prefixes of
+/// one length are disjoint blocks and each address lies in its own block, and a prefix
+/// written with host bits sits beside its equals for the dedup. Not computing each
+/// network's mask in the comparisons halves the sort of a million prefixes.
 fn sorted_unique<P: Prefix + Send, T: Send>(mut entries: Vec<(P, T)>) -> Vec<(P, T)> {
-    entries.par_sort_unstable_by_key(|(p, _)| sort_key(p));
+    entries.par_sort_unstable_by_key(|(p, _)| (p.len(), p.written_bits()));
     entries.dedup_by_key(|(p, _)| sort_key(p));
     entries
 }
@@ -215,6 +220,31 @@ impl CompiledPolicy {
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    proptest::proptest! {
+        /// Prefixes written with host bits, several of one network among them, come out
+        /// in the order `lpm` needs, each network once.
+        #[test]
+        fn sorted_unique_orders_by_length_then_network_whatever_the_host_bits(
+            raw in proptest::collection::vec((0u32..64, 0u8..=32, any::<u32>()), 0..200),
+        ) {
+            let entries: Vec<(Ipv4Network, u32)> = raw
+                .iter()
+                .map(|&(net, len, host)| {
+                    // Few networks, so many entries share one: the top 6 bits vary.
+                    let addr = (net << 26) | (host >> 6);
+                    (Ipv4Network::new(Ipv4Addr::from(addr), len).unwrap(), net)
+                })
+                .collect();
+            let out = sorted_unique(entries.clone());
+            let keys: Vec<(u8, u128)> = out.iter().map(|(p, _)| sort_key(p)).collect();
+            prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "{:?}", keys);
+            let mut want: Vec<(u8, u128)> = entries.iter().map(|(p, _)| sort_key(p)).collect();
+            want.sort_unstable();
+            want.dedup();
+            prop_assert_eq!(keys, want);
+        }
+    }
 
     use datafence_common::{MODE_AUDIT, MODE_ENFORCE, MarkMatch, PortRange, bit_is_set, selector};
     use proptest::prelude::*;
