@@ -222,6 +222,7 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     proptest::proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
         /// Prefixes written with host bits, several of one network among them, come out
         /// in the order `lpm` needs, each network once.
         #[test]
