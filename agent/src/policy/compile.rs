@@ -221,6 +221,12 @@ impl CompiledPolicy {
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    use datafence_common::{MODE_AUDIT, MODE_ENFORCE, MarkMatch, PortRange, bit_is_set, selector};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::policy::model::{Mode, Region, Selectors};
+
     proptest::proptest! {
         #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
         /// Prefixes written with host bits, several of one network among them, come out
@@ -246,12 +252,6 @@ mod tests {
             prop_assert_eq!(keys, want);
         }
     }
-
-    use datafence_common::{MODE_AUDIT, MODE_ENFORCE, MarkMatch, PortRange, bit_is_set, selector};
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::policy::model::{Mode, Region, Selectors};
 
     fn class(id: u8) -> Class {
         Class {

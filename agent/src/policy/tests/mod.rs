@@ -91,6 +91,11 @@ fn fixture_dir() -> PathBuf {
 
 const REGIONS: &str = "regions:\n  eu:\n    cidrs: [192.0.2.0/24]\n";
 
+/// Prefixes as text, in list order.
+fn shown<T: ToString>(nets: &[T]) -> Vec<String> {
+    nets.iter().map(ToString::to_string).collect()
+}
+
 /// The hash covers the policy, then each region file in the order the regions name them,
 /// whatever order they are read and parsed in; and each region keeps its prefixes in
 /// the order written, file after file.
@@ -116,20 +121,8 @@ fn the_hash_and_the_prefix_lists_follow_the_order_files_are_named_in() {
         hash.update(text);
     }
     assert_eq!(p.sha256, hex::encode(hash.finalize()));
-    let v4 = |i: usize| {
-        p.regions[i]
-            .v4
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-    };
-    let v6 = |i: usize| {
-        p.regions[i]
-            .v6
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-    };
+    let v4 = |i: usize| shown(&p.regions[i].v4);
+    let v6 = |i: usize| shown(&p.regions[i].v6);
     assert_eq!(v4(0), ["198.51.100.0/25", "203.0.113.0/24"]);
     assert_eq!(v6(0), ["2001:db8:b::/48", "2001:db8:a::/48"]);
     assert_eq!(v4(1), ["192.0.2.0/24", "198.51.100.128/25"]);
