@@ -822,6 +822,123 @@ fn programs_bound_to_maps_that_are_gone_are_loaded_anew_not_adopted() {
     drop(agent);
 }
 
+/// The range entries per slot of the IPv4 table pinned under `pins`.
+fn pinned_v4_ranges(pins: &Path) -> u32 {
+    let map = pins
+        .join(format!("v{}", datafence_common::ABI_VERSION))
+        .join("maps")
+        .join(datafence_common::map_names::V4_RANGES);
+    let info = aya::maps::MapInfo::from_pin(&map).expect("the pinned IPv4 range array");
+    info.max_entries() * datafence_common::v4::V4_LANES as u32 / datafence_common::SLOTS
+}
+
+/// Pinned maps keep their size, so a policy that outgrew them used to be refused until
+/// `detach` (a gap). Now the next agent moves the old datapath aside, makes maps of the
+/// size the policy needs and moves every link to them: under traffic, nothing leaks and
+/// nothing is falsely dropped, and the counters and generations carry on.
+#[test]
+fn a_policy_that_outgrew_the_pinned_tables_gets_new_ones_with_no_gap() {
+    require_root();
+    let sandbox = Sandbox::new("og");
+    let scratch = Scratch::new("outgrow");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("outgrow");
+    let mut agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let room = pinned_v4_ranges(&pins);
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7703, 3, MARK),
+        0,
+        "enforcing"
+    );
+    let denied = [("region", "us-east"), ("verdict", "deny")];
+    assert_eq!(agent.packets(&denied), 3);
+    // 40,000 separate host routes draw 80,000 boundaries: past the room the first
+    // policy's tables were made with.
+    let hosts = (0..40_000u32)
+        .map(|i| format!("{}/32\n", std::net::Ipv4Addr::from(0x0a00_0000 + (i << 4))));
+    let eu_west: String = std::iter::once("198.51.100.0/24\n".to_owned())
+        .chain(hosts)
+        .collect();
+    assert!(80_000 > room, "the first tables have room for {room}");
+    let traffic = Traffic::start(&sandbox);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill9();
+    agent.keep_pins = true;
+    scratch.write("regions/eu-west.txt", &eu_west);
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let (sent_eu, got_eu, sent_us, leaked) = traffic.finish();
+    println!(
+        "outgrown tables: {sent_eu} sent to eu-west, {got_eu} arrived; {sent_us} sent to us-east, {leaked} leaked; room {room} -> {}",
+        pinned_v4_ranges(&pins)
+    );
+    let log = agent.stderr();
+    assert!(log.contains("outgrew the pinned region tables"), "{log}");
+    assert!(log.contains("unpinned the outgrown datapath"), "{log}");
+    assert!(
+        pinned_v4_ranges(&pins) >= 80_000,
+        "tables made at the policy's size"
+    );
+    let left: Vec<_> = std::fs::read_dir(&pins)
+        .expect("pins")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("outgrown-"))
+        .collect();
+    assert!(left.is_empty(), "the old datapath is unpinned: {left:?}");
+    assert!(sent_us > 1000, "traffic flowed throughout ({sent_us})");
+    assert_eq!(leaked, 0, "packets that should have been dropped arrived");
+    assert_eq!(got_eu, sent_eu, "false drops: {}", sent_eu - got_eu);
+    // The old programs counted the traffic of the second before the restart: without
+    // their counters the total would be short by at least that.
+    let total = agent.packets(&denied);
+    assert!(
+        total >= 3 + sent_us * 9 / 10 && total <= 3 + sent_us,
+        "denials to us-east: {total}, of 3 + {sent_us} sent"
+    );
+    assert_eq!(
+        agent.status_json()["policy"]["generation"],
+        2,
+        "the new maps number the policy after the old one's"
+    );
+    drop(agent);
+}
+
+/// An agent that died after moving an outgrown datapath aside, before unpinning it,
+/// leaves it behind; the next one unpins it once its own programs hold every link.
+#[test]
+fn an_outgrown_datapath_left_by_a_dead_agent_is_unpinned() {
+    require_root();
+    let sandbox = Sandbox::new("od");
+    let scratch = Scratch::new("outgrown-left");
+    let path = write_policy(&scratch, &policy("", "192.0.2.2/32"));
+    let pins = test_pin_dir("outgrown-left");
+    let old = pins
+        .join("outgrown-1")
+        .join(format!("v{}", datafence_common::ABI_VERSION))
+        .join("maps");
+    std::fs::create_dir_all(&old).expect("retired directory");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(old.join("POLICY"))
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "POLICY",
+        ])
+        .status()
+        .expect("bpftool");
+    assert!(created.success(), "bpftool map create");
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    assert!(
+        !pins.join("outgrown-1").exists(),
+        "the retired datapath is unpinned"
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7704, 3, MARK),
+        0,
+        "enforcing"
+    );
+    drop(agent);
+}
+
 /// A second agent on the same pin directory would write its own policy into the maps
 /// the first one enforces: it exits at once, naming the first.
 #[test]

@@ -1348,7 +1348,8 @@ fn ipv6_ranges_hold_through_reloads_and_refuse_overflow() {
         .apply(&huge, EventLimits::default())
         .expect_err("too large");
     assert!(
-        err.to_string().contains("IPv6 table needs") && err.to_string().contains("--v6-ranges"),
+        err.to_string().contains("IPv6 table needs")
+            && err.to_string().contains("Restart the agent"),
         "{err}"
     );
     assert_eq!(v6_usage(&dp).0, entries * 2);

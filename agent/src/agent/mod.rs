@@ -73,11 +73,6 @@ pub struct RunOptions {
     pub watch: bool,
     /// How often attachments are verified (and repaired).
     pub monitor_interval: std::time::Duration,
-    /// IPv4 range entries per slot to reserve at least, beyond what the policy at start
-    /// needs.
-    pub v4_ranges: u32,
-    /// The same for IPv6.
-    pub v6_ranges: u32,
     /// How TC egress programs are attached: "auto" (tcx where the kernel has it, else
     /// clsact), "tcx" or "clsact".
     pub tc_attach: String,

@@ -220,23 +220,40 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     );
     // Built once: they size the datapath and are what `apply_built` writes.
     let tables = RegionTables::of(&compiled);
-    let sized = LoadOptions::sized_for(&tables);
+    // Pinned tables keep their size: a policy that outgrew them gets new ones, sized to
+    // it, and the old datapath enforces until every link has moved to the new one.
+    let outgrown = opts
+        .pin_dir
+        .as_deref()
+        .and_then(|dir| crate::datapath::pinned_tables_outgrown(dir, &tables));
+    if let Some(o) = &outgrown {
+        info!(
+            family = o.family,
+            needed = o.needed,
+            room = o.room,
+            "the policy outgrew the pinned region tables: making them anew, with no gap in enforcement"
+        );
+    }
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: opts.pin_dir.clone(),
-        v4_slot_ranges: sized
-            .v4_slot_ranges
-            .max(opts.v4_ranges)
-            .min(datafence_common::MAX_V4_SLOT_RANGES),
-        v6_slot_ranges: sized
-            .v6_slot_ranges
-            .max(opts.v6_ranges)
-            .min(datafence_common::MAX_V6_SLOT_RANGES),
-        ..sized
+        retire_pinned: outgrown.is_some(),
+        ..LoadOptions::sized_for(&tables)
     })?;
     datapath.set_tc_kind(tc_kind);
     if let Some(pins) = datapath.pins() {
         // An earlier agent of these pins that died answering an explain left its copy.
         pins.remove_explain_test_runs();
+    }
+    // Datapaths moved aside for being outgrown (see `retire_pinned`): their generations
+    // and counters carry on in the new maps and in the metrics.
+    let retired = datapath.pins().map(PinLayout::retired).unwrap_or_default();
+    let retired_generation = retired
+        .iter()
+        .filter_map(|r| r.read().ok())
+        .map(|state| state.generation)
+        .max();
+    if let Some(last) = retired_generation {
+        datapath.continue_generations_after(last)?;
     }
     let adopted_generation = datapath
         .policy_in_slot(datapath.active_slot()?)?
@@ -258,6 +275,12 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             "adopted the enforcement an earlier agent left in place"
         );
     }
+    // Read once every link has moved: all the retired programs counted.
+    let retired_counters: Vec<_> = retired
+        .iter()
+        .filter_map(|r| r.read().ok())
+        .map(|state| state.counters)
+        .collect();
     if let Some(pins) = datapath.pins() {
         unpin_earlier_builds(pins);
     }
@@ -270,7 +293,11 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         "policy in force"
     );
     let mut ledger = CounterLedger::default();
-    // Counters the kernel kept from an earlier agent carry on from where they were.
+    // Counters the kernel kept from an earlier agent carry on from where they were,
+    // those of a retired datapath included.
+    for counters in &retired_counters {
+        super::core::credit(&mut ledger, counters, &policy);
+    }
     let kernel = datapath.counters()?;
     super::core::credit(&mut ledger, &kernel, &policy);
     let sources = Arc::new(Mutex::new(watched_sources(&policy)));
@@ -370,6 +397,13 @@ fn warn_units_with_packet_sockets(policy: &LoadedPolicy, cgroup_root: &Path) {
 /// maps of another ABI version and judge stages of another build. A failure is logged;
 /// it costs kernel memory, not enforcement.
 fn unpin_earlier_builds(pins: &PinLayout) {
+    match pins.remove_retired() {
+        Ok(removed) if !removed.is_empty() => {
+            info!(?removed, "unpinned the outgrown datapath");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not unpin the outgrown datapath"),
+    }
     match pins.remove_other_abi_versions() {
         Ok(removed) if !removed.is_empty() => {
             info!(?removed, "unpinned the maps of an earlier datapath version");

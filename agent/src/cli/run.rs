@@ -69,24 +69,14 @@ pub(crate) struct RunArgs {
     /// Do not reload when the policy file or a region file changes.
     #[arg(long)]
     pub(crate) no_watch: bool,
-    /// IPv4 range entries per slot to reserve at least (4 bytes each, twice for the two
-    /// slots): a range is a stretch of addresses in one region. The agent sizes the table
-    /// to the policy at start and a quarter more; pinned maps keep their size across
-    /// restarts, so reserve here for a policy that will grow.
-    #[arg(long, default_value_t = datafence_common::DEFAULT_V4_SLOT_RANGES, value_name = "N")]
-    pub(crate) v4_ranges: u32,
-    /// IPv6 range entries per slot to reserve at least (16 bytes each, twice for the two
-    /// slots). The agent sizes the table to the policy at start and a sixteenth more;
-    /// pinned maps keep their size across restarts.
-    // `--v6-entries` reserved room in the IPv6 table before it was a range table: an agent
-    // upgraded under a unit that still passes it must start, not fail on the flag.
-    #[arg(
-        long,
-        alias = "v6-entries",
-        default_value_t = datafence_common::DEFAULT_V6_SLOT_RANGES,
-        value_name = "N"
-    )]
-    pub(crate) v6_ranges: u32,
+    // `--v4-ranges`, `--v6-ranges` and `--v6-entries` reserved room in the region tables
+    // when pinned tables kept their size for good. The agent now sizes them to the policy
+    // and makes them anew at start when a policy outgrew them; a unit that still passes
+    // one must start, so they are read, and ignored with a warning.
+    #[arg(long, hide = true, value_name = "N")]
+    pub(crate) v4_ranges: Option<u32>,
+    #[arg(long, alias = "v6-entries", hide = true, value_name = "N")]
+    pub(crate) v6_ranges: Option<u32>,
     /// Seconds between checks that every program is still attached (and repairs).
     #[arg(long, default_value_t = 2, value_name = "SECONDS")]
     pub(crate) monitor_interval: u64,
@@ -103,6 +93,11 @@ pub(crate) struct RunArgs {
 
 /// Runs the agent until it is told to stop.
 pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    if args.v4_ranges.is_some() || args.v6_ranges.is_some() {
+        tracing::warn!(
+            "--v4-ranges and --v6-ranges are ignored: the region tables are sized to the policy, and made anew at start when a policy has outgrown them"
+        );
+    }
     let opts = RunOptions {
         policy_path: args.policy.clone(),
         interfaces: args.interfaces.clone(),
@@ -132,8 +127,6 @@ pub(crate) fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         allow_lockout_risk: args.allow_lockout_risk,
         watch: !args.no_watch,
         monitor_interval: std::time::Duration::from_secs(args.monitor_interval.max(1)),
-        v4_ranges: args.v4_ranges,
-        v6_ranges: args.v6_ranges,
         tc_attach: args.tc_attach.clone(),
         socket_ring: match &args.socket_ring {
             Some(off) if off.as_os_str() == "off" => None,
@@ -156,18 +149,18 @@ mod tests {
     use super::super::{Cli, Command};
 
     #[test]
-    fn the_former_v6_entries_flag_reserves_ipv6_ranges() {
-        for flag in ["--v6-entries", "--v6-ranges"] {
+    fn the_former_table_size_flags_are_still_accepted() {
+        for flag in ["--v4-ranges", "--v6-ranges", "--v6-entries"] {
             let cli = Cli::try_parse_from(["datafence", "run", flag, "300000"]).expect(flag);
             let Command::Run(args) = cli.command else {
                 panic!("{flag}: not the run command");
             };
-            assert_eq!(args.v6_ranges, 300_000, "{flag}");
+            assert_eq!(args.v4_ranges.or(args.v6_ranges), Some(300_000), "{flag}");
         }
         let cli = Cli::try_parse_from(["datafence", "run"]).expect("defaults");
         let Command::Run(args) = cli.command else {
             panic!("not the run command");
         };
-        assert_eq!(args.v6_ranges, datafence_common::DEFAULT_V6_SLOT_RANGES);
+        assert_eq!((args.v4_ranges, args.v6_ranges), (None, None));
     }
 }

@@ -58,11 +58,10 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "the {family} table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it was first loaded with and some more, or to {flag} (pinned maps keep their size across restarts: `datafence detach`, then start the agent, to size them anew; up to {max})"
+        "the {family} table needs {needed} range entries; the loaded datapath has room for {capacity}, sized to the policy it started with and some more. Restart the agent (`systemctl restart datafence`) to make the tables anew at this policy's size, with no gap in enforcement (up to {max} entries)"
     )]
     RangesFull {
         family: &'static str,
-        flag: &'static str,
         needed: usize,
         capacity: usize,
         max: u32,

@@ -31,12 +31,10 @@ use super::{
 /// The IPv4 and IPv6 range tables, as named in messages.
 const V4_FAMILY: Family = Family {
     name: "IPv4",
-    flag: "--v4-ranges",
     max_ranges: MAX_V4_SLOT_RANGES,
 };
 const V6_FAMILY: Family = Family {
     name: "IPv6",
-    flag: "--v6-ranges",
     max_ranges: MAX_V6_SLOT_RANGES,
 };
 
@@ -246,6 +244,44 @@ impl TableSize {
     }
 }
 
+/// A family whose pinned table has no room for a policy's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outgrown {
+    pub family: &'static str,
+    /// Range entries the policy needs per slot, with the pinned table's index.
+    pub needed: usize,
+    /// Range entries the pinned table has per slot.
+    pub room: u32,
+}
+
+/// The first family whose table pinned under `pin_dir` is too small for `tables`, as
+/// laid out with the index the pinned table has; `None` when both fit or nothing is
+/// pinned. Pinned maps keep their size, so a policy that outgrew them needs new ones
+/// ([`LoadOptions::retire_pinned`]).
+pub fn pinned_tables_outgrown(
+    pin_dir: &std::path::Path,
+    tables: &super::RegionTables,
+) -> Option<Outgrown> {
+    let layout = PinLayout::new(pin_dir);
+    let pinned = |spec: &TableSpec| {
+        [spec.index_map, spec.ranges_map]
+            .iter()
+            .all(|name| aya::maps::MapInfo::from_pin(layout.map(name)).is_ok())
+            .then(|| spec.size(spec.min_bits, 0, Some(&layout)))
+    };
+    let v4 = pinned(&V4_SPEC).map(|size| (V4_FAMILY, size, tables.v4.entries(size.index_bits)));
+    let v6 = pinned(&V6_SPEC).map(|size| (V6_FAMILY, size, tables.v6.entries(size.index_bits)));
+    [v4, v6]
+        .into_iter()
+        .flatten()
+        .find(|(_, size, needed)| *needed > size.slot_ranges as usize)
+        .map(|(family, size, needed)| Outgrown {
+            family: family.name,
+            needed,
+            room: size.slot_ranges,
+        })
+}
+
 /// Array values that hold `entries` table entries, `per_value` to a value (at least one).
 fn values(entries: u32, per_value: u32) -> u32 {
     entries.div_ceil(per_value).max(1)
@@ -279,18 +315,34 @@ impl Sizes {
     }
 }
 
-/// Creates the pin directories and tells the loader where each pinned map lives.
-/// Pinned maps that exist are reused as they are: the policy in force, its counters
-/// and queued events carry over to this agent.
-/// Takes the pin directory's lock first: nothing pinned is opened while another agent
-/// holds it.
-fn pin_maps(loader: &mut EbpfLoader<'_>, layout: &PinLayout) -> Result<PinLock> {
+/// Takes the pin directory's lock: nothing pinned is opened while another agent holds
+/// it. With `retire`, then moves the pinned datapath aside (see [`PinLayout::retire`]),
+/// so that this load makes its maps anew.
+fn lock_pins(layout: &PinLayout, retire: bool) -> Result<PinLock> {
     pins::ensure_bpffs(&layout.root)?;
     std::fs::create_dir_all(&layout.root).map_err(|source| DatapathError::PinDir {
         path: layout.root.clone(),
         source,
     })?;
     let lock = PinLock::acquire(&layout.root)?;
+    let pinned = layout.maps_dir();
+    if retire && pinned.exists() {
+        let retired = layout.retire().map_err(|source| DatapathError::PinDir {
+            path: pinned,
+            source,
+        })?;
+        tracing::info!(
+            retired = %retired.display(),
+            "moved the outgrown datapath aside; it enforces until every link has moved to the new one"
+        );
+    }
+    Ok(lock)
+}
+
+/// Creates the pin directories and tells the loader where each pinned map lives.
+/// Pinned maps that exist are reused as they are: the policy in force, its counters
+/// and queued events carry over to this agent.
+fn pin_maps(loader: &mut EbpfLoader<'_>, layout: &PinLayout) -> Result<()> {
     let stages = layout.stages_dir(object_digest());
     for dir in [layout.maps_dir(), layout.links_dir(), stages.clone()] {
         std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
@@ -304,7 +356,7 @@ fn pin_maps(loader: &mut EbpfLoader<'_>, layout: &PinLayout) -> Result<PinLock> 
     for m in maps::pinned(Pin::Stages) {
         loader.map_pin_path(m.name, stages.join(m.name));
     }
-    Ok(lock)
+    Ok(())
 }
 
 /// The object to load: the agent's, or with [`LoadOptions::bench`] the bench's.
@@ -335,12 +387,15 @@ impl Datapath {
     /// Loads the object and both programs into the kernel, without attaching anything.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let pins = opts.pin_dir.as_ref().map(PinLayout::new);
-        let sizes = Sizes::of(opts, pins.as_ref());
-        let mut loader = sizes.loader();
         let pin_lock = match &pins {
-            Some(layout) => Some(pin_maps(&mut loader, layout)?),
+            Some(layout) => Some(lock_pins(layout, opts.retire_pinned)?),
             None => None,
         };
+        let sizes = Sizes::of(opts, pins.as_ref());
+        let mut loader = sizes.loader();
+        if let Some(layout) = &pins {
+            pin_maps(&mut loader, layout)?;
+        }
         let mut ebpf = loader.load(object(opts))?;
         debug_assert!(
             ebpf.maps()

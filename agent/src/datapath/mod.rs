@@ -49,6 +49,7 @@ pub use attach::TcKind;
 pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
 pub use framing::Framing;
+pub use load::{Outgrown, pinned_tables_outgrown};
 pub use pin_lock::PinLock;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
@@ -104,6 +105,10 @@ pub struct LoadOptions {
     pub v6_index_bits: u32,
     /// IPv6 range entries per slot.
     pub v6_slot_ranges: u32,
+    /// Make the pinned maps anew instead of reusing them (see
+    /// [`pinned_tables_outgrown`]): the ones pinned now are moved aside, and go once
+    /// the new programs hold every link.
+    pub retire_pinned: bool,
     /// Load the bench's object ([`EBPF_BENCH_OBJECT`]) and its benchmark programs as well
     /// (`cargo xtask bench`); only for a private datapath (no `pin_dir`).
     #[cfg(feature = "bench")]
@@ -118,6 +123,7 @@ impl Default for LoadOptions {
             v4_slot_ranges: DEFAULT_V4_SLOT_RANGES,
             v6_index_bits: V6_MIN_INDEX_BITS,
             v6_slot_ranges: DEFAULT_V6_SLOT_RANGES,
+            retire_pinned: false,
             #[cfg(feature = "bench")]
             bench: false,
         }

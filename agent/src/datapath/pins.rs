@@ -248,6 +248,8 @@ impl PinLayout {
             let _ = std::fs::remove_dir(parent);
         }
         let _ = std::fs::remove_file(self.root.join(crate::dirs::PINS_OWNER));
+        // The links are gone, so nothing jumps through a retired stage array any more.
+        self.remove_retired()?;
         self.remove_explain_test_runs();
         let _ = std::fs::remove_dir(&self.root);
         detached.sort();
@@ -277,6 +279,54 @@ impl PinLayout {
             // the filesystem's references, not the programs'.
             std::fs::remove_dir_all(entry.path())?;
             removed.push(entry.path());
+        }
+        Ok(removed)
+    }
+}
+
+/// Where [`PinLayout::retire`] moves an outgrown datapath: `outgrown-<n>/` beside the
+/// live one, each a pin root of its own for [`PinLayout::read`].
+const RETIRED_PREFIX: &str = "outgrown-";
+
+impl PinLayout {
+    /// Moves this ABI's pinned maps and stage arrays aside, to a pin root of their own,
+    /// so that the next load makes new ones. Programs still attached keep what they hold
+    /// (a rename moves a pin, not the object), so they enforce the old policy until their
+    /// links move to programs bound to the new maps. Returns the retired root.
+    pub fn retire(&self) -> std::io::Result<PathBuf> {
+        let abi = format!("v{}", datafence_common::ABI_VERSION);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let retired = self.root.join(format!("{RETIRED_PREFIX}{stamp}"));
+        std::fs::create_dir(&retired)?;
+        std::fs::rename(self.root.join(&abi), retired.join(&abi))?;
+        Ok(retired)
+    }
+
+    /// The pin roots [`Self::retire`] made, oldest first.
+    pub fn retired(&self) -> Vec<PinLayout> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&self.root)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(RETIRED_PREFIX))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        found.into_iter().map(PinLayout::new).collect()
+    }
+
+    /// Unpins the retired datapaths. Only once this agent's programs hold every link:
+    /// a stage array that loses its last pin loses its entries, and an entry program
+    /// still jumping through it would pass packets unjudged.
+    pub fn remove_retired(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for retired in self.retired() {
+            std::fs::remove_dir_all(&retired.root)?;
+            removed.push(retired.root);
         }
         Ok(removed)
     }

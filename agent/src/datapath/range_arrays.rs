@@ -8,12 +8,11 @@ use std::ops::Range;
 use super::{DatapathError, sys::MappedArray};
 use crate::rangetable::{self, Address, Boundaries};
 
-/// What makes a family's table: its name in messages, the flag that reserves room, and
-/// the most range entries a slot may have.
+/// What makes a family's table: its name in messages and the most range entries a slot
+/// may have.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Family {
     pub name: &'static str,
-    pub flag: &'static str,
     pub max_ranges: u32,
 }
 
@@ -82,7 +81,6 @@ impl<E: Copy> RangeArrays<E> {
     fn full(&self, needed: usize) -> DatapathError {
         DatapathError::RangesFull {
             family: self.family.name,
-            flag: self.family.flag,
             needed,
             capacity: self.slot_ranges as usize,
             max: self.family.max_ranges,

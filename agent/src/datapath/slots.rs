@@ -68,6 +68,22 @@ impl Datapath {
         arr.get(&slot, 0).map_err(map_err(name))
     }
 
+    /// Numbers the next policy after `generation`, the last one a retired datapath held,
+    /// so that generations keep counting up across new maps. Only into a slot that holds
+    /// no policy, whose header the datapath does not read.
+    pub fn continue_generations_after(&mut self, generation: u32) -> Result<()> {
+        let active = self.active_slot()?;
+        let mut policy = self.policy_in_slot(active)?;
+        if policy.header.loaded != 0 {
+            return Ok(());
+        }
+        policy.header.generation = generation;
+        let name = map_names::POLICY;
+        let mut arr: Array<&mut MapData, Policy> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        arr.set(active, policy, 0).map_err(map_err(name))
+    }
+
     /// Writes `compiled` into the inactive slot, then makes it active in one map write.
     /// On any error the active slot is untouched, so the last good policy stays in force.
     pub fn apply(&mut self, compiled: &CompiledPolicy, events: EventLimits) -> Result<ApplyReport> {
