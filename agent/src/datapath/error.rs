@@ -67,6 +67,14 @@ pub enum DatapathError {
         max: u32,
     },
     #[error(
+        "the {family} table needs {needed} range entries, past the datapath's limit of {max} per slot (a range is a stretch of addresses in one region): list fewer or wider prefixes"
+    )]
+    RangesBeyondLimit {
+        family: &'static str,
+        needed: usize,
+        max: u32,
+    },
+    #[error(
         "{holder} is running datafence on pin directory {path}: one agent per pin directory; stop it first (`systemctl stop datafence`)"
     )]
     PinsInUse { path: PathBuf, holder: String },

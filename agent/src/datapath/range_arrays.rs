@@ -16,6 +16,26 @@ pub(super) struct Family {
     pub max_ranges: u32,
 }
 
+impl Family {
+    /// The error for a table that needs `needed` entries and has room for `capacity`:
+    /// a restart makes room up to the family's limit, and nothing past it.
+    fn full(&self, needed: usize, capacity: usize) -> DatapathError {
+        if needed > self.max_ranges as usize {
+            return DatapathError::RangesBeyondLimit {
+                family: self.name,
+                needed,
+                max: self.max_ranges,
+            };
+        }
+        DatapathError::RangesFull {
+            family: self.name,
+            needed,
+            capacity,
+            max: self.max_ranges,
+        }
+    }
+}
+
 pub(super) struct RangeArrays<E> {
     pub family: Family,
     pub index_bits: u32,
@@ -79,12 +99,7 @@ impl<E: Copy> RangeArrays<E> {
     }
 
     fn full(&self, needed: usize) -> DatapathError {
-        DatapathError::RangesFull {
-            family: self.family.name,
-            needed,
-            capacity: self.slot_ranges as usize,
-            max: self.family.max_ranges,
-        }
+        self.family.full(needed, self.slot_ranges as usize)
     }
 
     /// Writes `boundaries` into a slot with `fill` (the family's `fill`).
@@ -115,5 +130,29 @@ impl<E: Copy> RangeArrays<E> {
     pub fn clear(&mut self, slot: u32) {
         let (index, _) = self.spans(slot);
         self.index.as_mut_slice()[index].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Family;
+
+    #[test]
+    fn a_table_past_the_limit_is_refused_for_good_and_one_within_it_until_a_restart() {
+        let family = Family {
+            name: "IPv4",
+            max_ranges: 1000,
+        };
+        let within = family.full(1000, 800).to_string();
+        assert!(
+            within.contains("needs 1000 range entries") && within.contains("Restart the agent"),
+            "{within}"
+        );
+        let past = family.full(1001, 800).to_string();
+        assert!(
+            past.contains("needs 1001 range entries, past the datapath's limit of 1000")
+                && !past.contains("Restart"),
+            "{past}"
+        );
     }
 }
