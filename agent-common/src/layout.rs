@@ -326,7 +326,17 @@ pub struct CounterKey {
     pub verdict: u8,
     pub reason: u8,
     pub hook: u8,
-    pub _pad: [u8; 2],
+    /// Zero for what the programs count; [`CounterKey::CARRIED`] for what the agent
+    /// carried over from a datapath it retired (its tables outgrown). The programs never
+    /// count under such a key, so the agent writes it without racing them, and the
+    /// metrics add it to the others of the same labels. Two bytes, as the padding it
+    /// replaced, so the programs' code did not change.
+    pub origin: [u8; 2],
+}
+
+impl CounterKey {
+    /// [`CounterKey::origin`] of the counts carried over from a retired datapath.
+    pub const CARRIED: [u8; 2] = [1, 0];
 }
 
 #[repr(C)]

@@ -439,7 +439,7 @@ fn count(info: &HookInfo, j: &Judgement) {
         verdict: j.decision.verdict as u8,
         reason: j.decision.reason as u8,
         hook: info.hook as u8,
-        _pad: [0; 2],
+        origin: [0; 2],
     };
     if let Some(place) = COUNTER_CACHE.get_ptr_mut(key.cache_slot()) {
         // SAFETY: per-CPU value, written only by this CPU while the program runs.

@@ -181,7 +181,15 @@ pub fn counter_table(
     counters: impl IntoIterator<Item = (VerdictLabels, CounterValue)>,
 ) -> (Vec<CounterRow>, Totals) {
     let mut totals = Totals::default();
-    let mut rows: Vec<CounterRow> = counters
+    // One row per labels: a counter carried over from a retired datapath
+    // (`CounterKey::CARRIED`) has the labels of the one that goes on counting.
+    let mut merged = std::collections::BTreeMap::<VerdictLabels, CounterValue>::new();
+    for (labels, value) in counters {
+        let sum = merged.entry(labels).or_default();
+        sum.packets += value.packets;
+        sum.bytes += value.bytes;
+    }
+    let mut rows: Vec<CounterRow> = merged
         .into_iter()
         .map(|(labels, value)| {
             match labels.verdict.as_str() {
@@ -375,6 +383,35 @@ pub fn live_owner(pin_dir: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_of_the_same_labels_make_one_row() {
+        let labels = |verdict: &str| VerdictLabels {
+            interface: "eth0".into(),
+            hook: "tc".into(),
+            class: "user-data".into(),
+            region: "us-east".into(),
+            verdict: verdict.into(),
+            reason: "region_denied".into(),
+        };
+        let value = |packets| CounterValue {
+            packets,
+            bytes: packets * 100,
+        };
+        // What the programs count, and what was carried over under the same labels.
+        let (rows, totals) = counter_table([
+            (labels("deny"), value(3)),
+            (labels("allow"), value(1)),
+            (labels("deny"), value(40)),
+        ]);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let deny = rows
+            .iter()
+            .find(|r| r.labels.verdict == "deny")
+            .expect("deny");
+        assert_eq!((deny.packets, deny.bytes), (43, 4300));
+        assert_eq!((totals.deny, totals.allow), (43, 1));
+    }
 
     #[test]
     fn a_pin_dir_without_an_owner_addresses_no_agent() {

@@ -835,7 +835,8 @@ fn pinned_v4_ranges(pins: &Path) -> u32 {
 /// Pinned maps keep their size, so a policy that outgrew them used to be refused until
 /// `detach` (a gap). Now the next agent moves the old datapath aside, makes maps of the
 /// size the policy needs and moves every link to them: under traffic, nothing leaks and
-/// nothing is falsely dropped, and the counters and generations carry on.
+/// nothing is falsely dropped, and the counters and generations carry on. A policy that
+/// shrank far below its tables gets smaller ones the same way.
 #[test]
 fn a_policy_that_outgrew_the_pinned_tables_gets_new_ones_with_no_gap() {
     require_root();
@@ -852,14 +853,14 @@ fn a_policy_that_outgrew_the_pinned_tables_gets_new_ones_with_no_gap() {
     );
     let denied = [("region", "us-east"), ("verdict", "deny")];
     assert_eq!(agent.packets(&denied), 3);
-    // 40,000 separate host routes draw 80,000 boundaries: past the room the first
+    // 200,000 separate host routes draw 400,000 boundaries: past the room the first
     // policy's tables were made with.
-    let hosts = (0..40_000u32)
+    let hosts = (0..200_000u32)
         .map(|i| format!("{}/32\n", std::net::Ipv4Addr::from(0x0a00_0000 + (i << 4))));
     let eu_west: String = std::iter::once("198.51.100.0/24\n".to_owned())
         .chain(hosts)
         .collect();
-    assert!(80_000 > room, "the first tables have room for {room}");
+    assert!(400_000 > room, "the first tables have room for {room}");
     let traffic = Traffic::start(&sandbox);
     std::thread::sleep(Duration::from_secs(1));
     agent.kill9();
@@ -875,7 +876,7 @@ fn a_policy_that_outgrew_the_pinned_tables_gets_new_ones_with_no_gap() {
     assert!(log.contains("outgrew the pinned region tables"), "{log}");
     assert!(log.contains("unpinned the outgrown datapath"), "{log}");
     assert!(
-        pinned_v4_ranges(&pins) >= 80_000,
+        pinned_v4_ranges(&pins) >= 400_000,
         "tables made at the policy's size"
     );
     let left: Vec<_> = std::fs::read_dir(&pins)
@@ -900,6 +901,27 @@ fn a_policy_that_outgrew_the_pinned_tables_gets_new_ones_with_no_gap() {
         2,
         "the new maps number the policy after the old one's"
     );
+    // Shrunk back, the policy would leave the big tables mostly empty: the next start
+    // makes them at its size again.
+    let mut agent = agent;
+    agent.kill9();
+    agent.keep_pins = true;
+    scratch.write("regions/eu-west.txt", "198.51.100.0/24\n");
+    let agent = RunningAgent::start_with_pins(&sandbox.host, &path, &[], pins.clone());
+    let log = agent.stderr();
+    assert!(log.contains("far larger than the policy needs"), "{log}");
+    assert_eq!(
+        pinned_v4_ranges(&pins),
+        room,
+        "tables back at the first size"
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7705, 3, MARK),
+        0,
+        "enforcing"
+    );
+    assert_eq!(agent.packets(&denied), total + 3, "the counters carry on");
+    assert_eq!(agent.status_json()["policy"]["generation"], 3);
     drop(agent);
 }
 

@@ -17,8 +17,8 @@ use super::{AgentError, RunOptions, core::Agent, watch::watched_sources};
 use crate::{
     control::{self as control, Attachment, SocketRingStatus},
     datapath::{
-        Attached, Datapath, DatapathError, Framing, LoadOptions, PinLayout, RegionTables, TcKind,
-        if_index,
+        Attached, Datapath, DatapathError, Framing, LoadOptions, Misfit, PinLayout, RegionTables,
+        TcKind, if_index,
     },
     generations::{GenerationNames, Generations},
     kernel::KernelFeatures,
@@ -220,23 +220,39 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     );
     // Built once: they size the datapath and are what `apply_built` writes.
     let tables = RegionTables::of(&compiled);
-    // Pinned tables keep their size: a policy that outgrew them gets new ones, sized to
-    // it, and the old datapath enforces until every link has moved to the new one.
-    let outgrown = opts
+    // Pinned tables keep their size: a policy that outgrew them, or that they hold with
+    // room to waste, gets new ones sized to it; the old datapath enforces until every
+    // link has moved to the new one.
+    let misfit = opts
         .pin_dir
         .as_deref()
-        .and_then(|dir| crate::datapath::pinned_tables_outgrown(dir, &tables));
-    if let Some(o) = &outgrown {
-        info!(
-            family = o.family,
-            needed = o.needed,
-            room = o.room,
+        .and_then(|dir| crate::datapath::pinned_tables_misfit(dir, &tables));
+    match misfit {
+        Some(Misfit::Outgrown {
+            family,
+            needed,
+            room,
+        }) => info!(
+            family,
+            needed,
+            room,
             "the policy outgrew the pinned region tables: making them anew, with no gap in enforcement"
-        );
+        ),
+        Some(Misfit::Oversized {
+            family,
+            pinned_bytes,
+            wanted_bytes,
+        }) => info!(
+            family,
+            pinned_bytes,
+            wanted_bytes,
+            "the pinned region tables are far larger than the policy needs: making them anew, with no gap in enforcement"
+        ),
+        None => {}
     }
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: opts.pin_dir.clone(),
-        retire_pinned: outgrown.is_some(),
+        retire_pinned: misfit.is_some(),
         ..LoadOptions::sized_for(&tables)
     })?;
     datapath.set_tc_kind(tc_kind);
@@ -275,12 +291,13 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
             "adopted the enforcement an earlier agent left in place"
         );
     }
-    // Read once every link has moved: all the retired programs counted.
-    let retired_counters: Vec<_> = retired
-        .iter()
-        .filter_map(|r| r.read().ok())
-        .map(|state| state.counters)
-        .collect();
+    // Once every link has moved, all the retired programs counted carries on in this
+    // datapath's own counters, and so outlasts this agent too.
+    for state in retired.iter().filter_map(|r| r.read().ok()) {
+        if let Err(e) = datapath.carry_counters(&state.counters) {
+            warn!(error = %e, "could not carry the outgrown datapath's counters over: they start again from zero");
+        }
+    }
     if let Some(pins) = datapath.pins() {
         unpin_earlier_builds(pins);
     }
@@ -293,11 +310,7 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
         "policy in force"
     );
     let mut ledger = CounterLedger::default();
-    // Counters the kernel kept from an earlier agent carry on from where they were,
-    // those of a retired datapath included.
-    for counters in &retired_counters {
-        super::core::credit(&mut ledger, counters, &policy);
-    }
+    // Counters the kernel kept from an earlier agent carry on from where they were.
     let kernel = datapath.counters()?;
     super::core::credit(&mut ledger, &kernel, &policy);
     let sources = Arc::new(Mutex::new(watched_sources(&policy)));

@@ -74,6 +74,8 @@ pub enum DatapathError {
         needed: usize,
         max: u32,
     },
+    #[error("counting the possible CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
     #[error(
         "{holder} is running datafence on pin directory {path}: one agent per pin directory; stop it first (`systemctl stop datafence`)"
     )]

@@ -160,6 +160,8 @@ struct TableSpec {
     min_bits: u32,
     max_bits: u32,
     max_ranges: u32,
+    /// Bytes of one range entry.
+    entry_bytes: u32,
 }
 
 const V4_SPEC: TableSpec = TableSpec {
@@ -172,6 +174,7 @@ const V4_SPEC: TableSpec = TableSpec {
     min_bits: V4_MIN_INDEX_BITS,
     max_bits: V4_MAX_INDEX_BITS,
     max_ranges: MAX_V4_SLOT_RANGES,
+    entry_bytes: size_of::<u32>() as u32,
 };
 
 const V6_SPEC: TableSpec = TableSpec {
@@ -184,6 +187,7 @@ const V6_SPEC: TableSpec = TableSpec {
     min_bits: V6_MIN_INDEX_BITS,
     max_bits: V6_MAX_INDEX_BITS,
     max_ranges: MAX_V6_SLOT_RANGES,
+    entry_bytes: size_of::<V6Range>() as u32,
 };
 
 impl TableSpec {
@@ -245,40 +249,87 @@ impl TableSize {
 }
 
 /// A family whose pinned table has no room for a policy's.
+/// Why the region tables pinned now do not suit a policy, in one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outgrown {
-    pub family: &'static str,
-    /// Range entries the policy needs per slot, with the pinned table's index.
-    pub needed: usize,
-    /// Range entries the pinned table has per slot.
-    pub room: u32,
+pub enum Misfit {
+    /// The policy needs more range entries than the pinned table has per slot (with the
+    /// pinned table's index).
+    Outgrown {
+        family: &'static str,
+        needed: usize,
+        room: u32,
+    },
+    /// The pinned table takes more than four times the kernel memory, and at least
+    /// 1 MiB more, than the one the agent would make for the policy: what is left of
+    /// a policy that shrank.
+    Oversized {
+        family: &'static str,
+        pinned_bytes: u64,
+        wanted_bytes: u64,
+    },
 }
 
-/// The first family whose table pinned under `pin_dir` is too small for `tables`, as
-/// laid out with the index the pinned table has; `None` when both fit or nothing is
-/// pinned. Pinned maps keep their size, so a policy that outgrew them needs new ones
-/// ([`LoadOptions::retire_pinned`]).
-pub fn pinned_tables_outgrown(
+impl TableSpec {
+    /// Kernel memory of the table's arrays, both slots.
+    fn bytes(&self, size: TableSize) -> u64 {
+        let index = u64::from(size.index_entries()) * size_of::<u32>() as u64;
+        let ranges = u64::from(SLOTS) * u64::from(size.slot_ranges) * u64::from(self.entry_bytes);
+        index + ranges
+    }
+
+    /// How the table pinned in `layout` misfits a policy that needs `entries(bits)` range
+    /// entries with `bits` index bits, and for which the agent would make `wanted`.
+    fn misfit(
+        &self,
+        family: Family,
+        layout: &PinLayout,
+        wanted: TableSize,
+        entries: impl Fn(u32) -> usize,
+    ) -> Option<Misfit> {
+        let pinned = [self.index_map, self.ranges_map]
+            .iter()
+            .all(|name| aya::maps::MapInfo::from_pin(layout.map(name)).is_ok());
+        if !pinned {
+            return None;
+        }
+        let size = self.size(self.min_bits, 0, Some(layout));
+        let needed = entries(size.index_bits);
+        if needed > size.slot_ranges as usize {
+            return Some(Misfit::Outgrown {
+                family: family.name,
+                needed,
+                room: size.slot_ranges,
+            });
+        }
+        let (pinned_bytes, wanted_bytes) = (self.bytes(size), self.bytes(wanted));
+        (pinned_bytes > 4 * wanted_bytes && pinned_bytes - wanted_bytes >= 1 << 20).then_some(
+            Misfit::Oversized {
+                family: family.name,
+                pinned_bytes,
+                wanted_bytes,
+            },
+        )
+    }
+}
+
+/// How the region tables pinned under `pin_dir` misfit `tables`, the first family
+/// that does; `None` when both suit it or nothing is pinned. Pinned maps keep their
+/// size, so such a policy gets new ones ([`LoadOptions::retire_pinned`]).
+pub fn pinned_tables_misfit(
     pin_dir: &std::path::Path,
     tables: &super::RegionTables,
-) -> Option<Outgrown> {
+) -> Option<Misfit> {
     let layout = PinLayout::new(pin_dir);
-    let pinned = |spec: &TableSpec| {
-        [spec.index_map, spec.ranges_map]
-            .iter()
-            .all(|name| aya::maps::MapInfo::from_pin(layout.map(name)).is_ok())
-            .then(|| spec.size(spec.min_bits, 0, Some(&layout)))
-    };
-    let v4 = pinned(&V4_SPEC).map(|size| (V4_FAMILY, size, tables.v4.entries(size.index_bits)));
-    let v6 = pinned(&V6_SPEC).map(|size| (V6_FAMILY, size, tables.v6.entries(size.index_bits)));
-    [v4, v6]
-        .into_iter()
-        .flatten()
-        .find(|(_, size, needed)| *needed > size.slot_ranges as usize)
-        .map(|(family, size, needed)| Outgrown {
-            family: family.name,
-            needed,
-            room: size.slot_ranges,
+    let wanted = LoadOptions::sized_for(tables);
+    let wanted = Sizes::of(&wanted, None);
+    V4_SPEC
+        .misfit(V4_FAMILY, &layout, wanted.v4, |bits| {
+            tables.v4.entries(bits)
+        })
+        .or_else(|| {
+            V6_SPEC.misfit(V6_FAMILY, &layout, wanted.v6, |bits| {
+                tables.v6.entries(bits)
+            })
         })
 }
 

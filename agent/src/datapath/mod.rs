@@ -49,7 +49,7 @@ pub use attach::TcKind;
 pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
 pub use framing::Framing;
-pub use load::{Outgrown, pinned_tables_outgrown};
+pub use load::{Misfit, pinned_tables_misfit};
 pub use pin_lock::PinLock;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
@@ -106,7 +106,7 @@ pub struct LoadOptions {
     /// IPv6 range entries per slot.
     pub v6_slot_ranges: u32,
     /// Make the pinned maps anew instead of reusing them (see
-    /// [`pinned_tables_outgrown`]): the ones pinned now are moved aside, and go once
+    /// [`pinned_tables_misfit`]): the ones pinned now are moved aside, and go once
     /// the new programs hold every link.
     pub retire_pinned: bool,
     /// Load the bench's object ([`EBPF_BENCH_OBJECT`]) and its benchmark programs as well

@@ -147,6 +147,41 @@ impl Datapath {
         read_stats(self.map(map_names::STATS)?)
     }
 
+    /// Adds `counters`, what a retired datapath counted, to this one's under keys of
+    /// origin [`CounterKey::CARRIED`], so they outlast this agent as the rest do.
+    pub fn carry_counters(&mut self, counters: &[(CounterKey, CounterValue)]) -> Result<()> {
+        let mut carried = std::collections::BTreeMap::<CounterKey, CounterValue>::new();
+        for (key, value) in counters {
+            let sum = carried
+                .entry(CounterKey {
+                    origin: CounterKey::CARRIED,
+                    ..*key
+                })
+                .or_default();
+            sum.packets += value.packets;
+            sum.bytes += value.bytes;
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
+        let name = map_names::COUNTERS;
+        let mut map: PerCpuHashMap<&mut MapData, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (key, add) in carried {
+            // What an earlier carry left under the key, on whichever CPUs.
+            let mut total = add;
+            if let Ok(held) = map.get(&key, 0) {
+                for v in held.iter() {
+                    total.packets += v.packets;
+                    total.bytes += v.bytes;
+                }
+            }
+            let mut values = vec![CounterValue::default(); cpus];
+            values[0] = total;
+            let values = aya::maps::PerCpuValues::try_from(values).map_err(DatapathError::Cpus)?;
+            map.insert(key, values, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
     /// Reads every event waiting on the ring buffer, without blocking.
     pub fn drain_events(&mut self) -> Result<Vec<ViolationEvent>> {
         let name = map_names::EVENTS;

@@ -233,7 +233,7 @@ mod tests {
                 verdict: Verdict::Deny as u8,
                 reason: Reason::RegionDenied as u8,
                 hook: 0,
-                _pad: [0; 2],
+                origin: [0; 2],
             },
             CounterValue {
                 packets,
