@@ -25,7 +25,7 @@ pub const V6_MIN_INDEX_BITS: u32 = 10;
 pub const V6_MAX_INDEX_BITS: u32 = 20;
 /// Range entries in a node: one 64-byte cache line.
 pub const V6_NODE_ENTRIES: u32 = 4;
-/// Levels a search reads: a tree of [`MAX_V6_SLOT_RANGES`](crate::MAX_V6_SLOT_RANGES)
+/// Most levels a search reads: a tree of [`MAX_V6_SLOT_RANGES`](crate::MAX_V6_SLOT_RANGES)
 /// entries, 2^22 nodes of fan-out 5, is 11 levels deep.
 pub const V6_MAX_LEVELS: u32 = 11;
 /// Bits of a range entry's low word that hold the region.
@@ -63,11 +63,12 @@ pub const fn v6_child(node: u32, branch: u32) -> u32 {
 /// datapath passes map reads, the agent and the tests in-memory slices. A read that
 /// fails gives `REGION_NONE`, and so does a chunk of no nodes (its bounds equal).
 ///
-/// The search always reads [`V6_MAX_LEVELS`] levels, without a branch on a comparison,
-/// and leaves early only on a failed read: the verifier walks the rest of the program
-/// once per distinct way out of the search, and a search that could stop at any step
-/// gave Linux 6.1 over a million instructions to walk. A level below the tree reads the chunk's root again, from the
-/// cache, and changes nothing.
+/// The search reads one node per level of the chunk's tree, at most [`V6_MAX_LEVELS`],
+/// without a branch on a comparison: it stops where the tree ends, a branch on the
+/// tree's shape, or on a failed read. The verifier walks the rest of the program once per
+/// distinct state a way out of the search leaves, and the region found is the only value
+/// that lives on, with the same bounds at every level, so all these exits count as one;
+/// a search that stopped on a comparison gave Linux 6.1 over a million instructions.
 #[inline(always)]
 pub fn v6_lookup(
     addr: &[u8; 16],
@@ -105,20 +106,22 @@ pub fn v6_lookup(
     let mut level = 0;
     while level < V6_MAX_LEVELS {
         let at = pos.wrapping_sub(root);
-        // All ones while `at` is in the tree, else zero: a level below the tree reads
-        // the root again, counts none of it and stays below.
-        let in_tree = mask(below(u64::from(at), u64::from(nodes)));
+        // Below the tree: the search is done. A branch on the tree's shape, not on the
+        // key, and every such exit leaves the same state but the first level's.
+        if at >= nodes {
+            break;
+        }
         // A failed read ends the search: every such exit leaves the same state, so the
         // verifier walks the rest of the program once for all of them.
-        let Some(entries) = node(root.wrapping_add(at & in_tree as u32)) else {
+        let Some(entries) = node(root.wrapping_add(at)) else {
             return none;
         };
         // Entries of a node are in order, so those at or below the key come first.
         let le = [
-            at_or_below(entries[0]) & in_tree,
-            at_or_below(entries[1]) & in_tree,
-            at_or_below(entries[2]) & in_tree,
-            at_or_below(entries[3]) & in_tree,
+            at_or_below(entries[0]),
+            at_or_below(entries[1]),
+            at_or_below(entries[2]),
+            at_or_below(entries[3]),
         ];
         // Masks meet constants only in XOR: Linux 6.12 forks its walk in two at an AND
         // or OR of a constant into a value that may be 0 or all ones.
@@ -137,8 +140,7 @@ pub fn v6_lookup(
         // None at or below the key when the first is above it: keep the best so far.
         let keep = !le[0];
         region = (region & keep) | (found & REGION_MASK & le[0]);
-        let next = (v6_child(at, count as u32) & in_tree as u32) | (at & !in_tree as u32);
-        pos = root.wrapping_add(next);
+        pos = root.wrapping_add(v6_child(at, count as u32));
         level += 1;
     }
     region as RegionId
