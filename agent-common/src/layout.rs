@@ -346,6 +346,15 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
+/// Sums of counters: over CPUs, over the places a key is counted, over carried counts.
+#[cfg(feature = "user")]
+impl core::ops::AddAssign for CounterValue {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
 impl CounterKey {
     /// The key's place in a CPU's counter cache: a multiplicative hash of its fields.
     #[inline(always)]

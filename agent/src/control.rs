@@ -185,9 +185,7 @@ pub fn counter_table(
     // (`CounterKey::CARRIED`) has the labels of the one that goes on counting.
     let mut merged = std::collections::BTreeMap::<VerdictLabels, CounterValue>::new();
     for (labels, value) in counters {
-        let sum = merged.entry(labels).or_default();
-        sum.packets += value.packets;
-        sum.bytes += value.bytes;
+        *merged.entry(labels).or_default() += value;
     }
     let mut rows: Vec<CounterRow> = merged
         .into_iter()

@@ -248,7 +248,6 @@ impl TableSize {
     }
 }
 
-/// A family whose pinned table has no room for a policy's.
 /// Why the region tables pinned now do not suit a policy, in one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Misfit {

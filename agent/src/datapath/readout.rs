@@ -17,11 +17,7 @@ use super::{Datapath, DatapathError, Result, Stats, map_err, test_run_program};
 /// overflowed into the hash. One key may be in both (its place was taken on one CPU).
 pub(super) fn read_counters(hash: &Map, cache: &Map) -> Result<Vec<(CounterKey, CounterValue)>> {
     let mut sums = std::collections::BTreeMap::<CounterKey, CounterValue>::new();
-    let mut add = |key: CounterKey, v: &CounterValue| {
-        let sum = sums.entry(key).or_default();
-        sum.packets += v.packets;
-        sum.bytes += v.bytes;
-    };
+    let mut add = |key: CounterKey, v: &CounterValue| *sums.entry(key).or_default() += *v;
     let name = map_names::COUNTERS;
     let map: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
         PerCpuHashMap::try_from(hash).map_err(map_err(name))?;
@@ -152,14 +148,11 @@ impl Datapath {
     pub fn carry_counters(&mut self, counters: &[(CounterKey, CounterValue)]) -> Result<()> {
         let mut carried = std::collections::BTreeMap::<CounterKey, CounterValue>::new();
         for (key, value) in counters {
-            let sum = carried
-                .entry(CounterKey {
-                    origin: CounterKey::CARRIED,
-                    ..*key
-                })
-                .or_default();
-            sum.packets += value.packets;
-            sum.bytes += value.bytes;
+            let key = CounterKey {
+                origin: CounterKey::CARRIED,
+                ..*key
+            };
+            *carried.entry(key).or_default() += *value;
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Cpus(source))?;
         let name = map_names::COUNTERS;
@@ -170,8 +163,7 @@ impl Datapath {
             let mut total = add;
             if let Ok(held) = map.get(&key, 0) {
                 for v in held.iter() {
-                    total.packets += v.packets;
-                    total.bytes += v.bytes;
+                    total += *v;
                 }
             }
             let mut values = vec![CounterValue::default(); cpus];
