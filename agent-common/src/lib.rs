@@ -25,7 +25,7 @@ mod contract;
 pub mod decide;
 mod layout;
 mod names;
-mod opaque;
+pub mod opaque;
 pub mod parse;
 pub mod socket;
 pub mod stat;
