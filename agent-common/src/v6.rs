@@ -11,11 +11,13 @@
 //! two missed. A run is padded to whole nodes by repeating its last range, which a search
 //! may end on as well as the original.
 //!
-//! A range is one 16-byte entry `[high, low]`: the 128-bit value `start << 8 | region`.
-//! Shifting drops the top 8 bits of the start, which are chunk bits (there are at least
-//! [`V6_MIN_INDEX_BITS`]), so within a chunk the order of entries is the order of starts,
-//! and every prefix length up to /128 keeps its boundary. Comparing two `u64` words, with
-//! shifts by constants only, keeps 128-bit arithmetic off the datapath.
+//! A range is one 16-byte entry: the 126-bit value `start << 8 | region`, cut into two
+//! 63-bit words `[high, low]`. Shifting and cutting drop the top 10 bits of the start,
+//! which are chunk bits (there are at least [`V6_MIN_INDEX_BITS`]), so within a chunk the
+//! order of entries is the order of starts, and every prefix length up to /128 keeps its
+//! boundary. With 63-bit words, the sign of a difference of two words is the
+//! comparison: a 126-bit compare is two subtractions and two shifts, by constants only,
+//! which keeps 128-bit arithmetic and branches off the datapath.
 
 use crate::{REGION_NONE, RegionId, opaque::opaque};
 
@@ -31,9 +33,17 @@ pub const V6_MAX_LEVELS: u32 = 11;
 /// Bits of a range entry's low word that hold the region.
 const REGION_BITS: u32 = 8;
 const REGION_MASK: u64 = (1 << REGION_BITS) - 1;
+/// Bits of each word of a range entry: one short of the register, so the sign of a
+/// difference of two words tells which is larger.
+const WORD_BITS: u32 = 63;
+const WORD_MASK: u64 = (1 << WORD_BITS) - 1;
+/// Start bits an entry drops: the region's room, and the two bits the words give up.
+const DROPPED_BITS: u32 = 128 - (2 * WORD_BITS - REGION_BITS);
+/// Where an address's bits for the high word start: below them are the low word's.
+const HIGH_WORD_SHIFT: u32 = WORD_BITS - REGION_BITS;
 const FAN_OUT: u32 = V6_NODE_ENTRIES + 1;
 
-/// One range entry: the high and low words of `start << 8 | region`.
+/// One range entry: the high and low 63-bit words of `start << 8 | region`.
 pub type V6Range = [u64; 2];
 /// One node of a chunk's B-tree, and one value of the range array.
 pub type V6Node = [V6Range; V6_NODE_ENTRIES as usize];
@@ -43,7 +53,10 @@ pub type V6Node = [V6Range; V6_NODE_ENTRIES as usize];
 #[inline(always)]
 pub const fn v6_range(start: u128, region: RegionId) -> V6Range {
     let value = (start << REGION_BITS) | (region as u128 & REGION_MASK as u128);
-    [(value >> 64) as u64, value as u64]
+    [
+        (value >> WORD_BITS) as u64 & WORD_MASK,
+        value as u64 & WORD_MASK,
+    ]
 }
 
 /// The chunk of an address (its two big-endian words) for `bits` index bits.
@@ -93,11 +106,19 @@ pub fn v6_lookup(
     let nodes = end.wrapping_sub(first) / V6_NODE_ENTRIES;
     let root = first / V6_NODE_ENTRIES;
     // The last range whose start is at or below the address: compare with the address
-    // followed by the largest region, so a range starting at the address counts.
-    let key_high = (high << REGION_BITS) | (low >> (64 - REGION_BITS));
-    let key_low = (low << REGION_BITS) | REGION_MASK;
-    // All ones when the entry is at or below the key, else zero.
-    let at_or_below = |[h, l]: V6Range| -> u64 { mask(1 ^ below_128(key_high, key_low, h, l)) };
+    // followed by the largest region, so a range starting at the address counts, cut
+    // into words as an entry is.
+    let key_high = ((high << (64 - HIGH_WORD_SHIFT)) | (low >> HIGH_WORD_SHIFT)) & WORD_MASK;
+    let key_low = ((low << REGION_BITS) | REGION_MASK) & WORD_MASK;
+    // All ones when the entry is above the key, else zero. Both words of each side are
+    // below 2^63, so each difference keeps its sign: the low words' is the borrow into
+    // the high words', whose sign is the answer. Opaque after each shift: LLVM reads a
+    // shift of a sign as a comparison, and would make the mask a branch.
+    let above = |[h, l]: V6Range| -> u64 {
+        let borrow = opaque(key_low.wrapping_sub(l) >> 63);
+        let difference = key_high.wrapping_sub(h).wrapping_sub(borrow);
+        opaque((difference as i64 >> 63) as u64)
+    };
     let mut region = u64::from(REGION_NONE);
     // The node read next, counted in the slot, not from the chunk's root: a number the
     // verifier cannot know. From the root it would be one constant per path through
@@ -116,71 +137,28 @@ pub fn v6_lookup(
         let Some(entries) = node(root.wrapping_add(at)) else {
             return none;
         };
-        // Entries of a node are in order, so those at or below the key come first.
-        let le = [
-            at_or_below(entries[0]),
-            at_or_below(entries[1]),
-            at_or_below(entries[2]),
-            at_or_below(entries[3]),
-        ];
-        // Masks meet constants only in XOR: Linux 6.12 forks its walk in two at an AND
-        // or OR of a constant into a value that may be 0 or all ones.
-        let count = 0u64.wrapping_sub(
-            le[0]
-                .wrapping_add(le[1])
-                .wrapping_add(le[2])
-                .wrapping_add(le[3]),
-        );
-        // The last entry at or below the key is the best range yet: deeper ones lie
-        // between it and the next.
-        let found = (entries[0][1] & le[0] & !le[1])
-            | (entries[1][1] & le[1] & !le[2])
-            | (entries[2][1] & le[2] & !le[3])
-            | (entries[3][1] & le[3]);
-        // None at or below the key when the first is above it: keep the best so far.
-        let keep = !le[0];
-        region = (region & keep) | (found & REGION_MASK & le[0]);
+        // Entries of a node are in order, so those at or below the key come first, and
+        // the last of them is the best range yet: deeper ones lie between it and the
+        // next. Each one at or below the key takes the region's place and counts
+        // towards the branch. Masks meet constants only in XOR: Linux 6.12 forks its walk
+        // in two at an AND or OR of a constant into a value that may be 0 or all ones.
+        let mut count = u64::from(V6_NODE_ENTRIES);
+        let mut i = 0;
+        while i < V6_NODE_ENTRIES as usize {
+            let is_above = above(entries[i]);
+            count = count.wrapping_add(is_above);
+            region ^= (region ^ entries[i][1]) & (is_above ^ u64::MAX);
+            i += 1;
+        }
         pos = root.wrapping_add(v6_child(at, count as u32));
         level += 1;
     }
-    region as RegionId
-}
-
-/// 1 when `a < b`, else 0: the borrow of `a - b`, computed without a branch.
-#[inline(always)]
-fn below(a: u64, b: u64) -> u64 {
-    borrow(a, b, a.wrapping_sub(b))
-}
-
-/// 1 when the 128-bit `a_high:a_low` is below `b_high:b_low`, else 0: the borrow out
-/// of the high words' subtraction, with the low words' borrow in.
-#[inline(always)]
-fn below_128(a_high: u64, a_low: u64, b_high: u64, b_low: u64) -> u64 {
-    let borrow_in = below(a_low, b_low);
-    borrow(
-        a_high,
-        b_high,
-        a_high.wrapping_sub(b_high).wrapping_sub(borrow_in),
-    )
-}
-
-/// All ones for 1, zero for 0, opaque: LLVM would make a mask of a bit it knows into
-/// a branch.
-#[inline(always)]
-fn mask(bit: u64) -> u64 {
-    opaque(0u64.wrapping_sub(bit))
-}
-
-/// The borrow out of `difference = a - b - borrow in` (Hacker's Delight 2-13). Opaque
-/// before the shift, or LLVM sees the comparison, and after it, or LLVM sees a sign
-/// test; either comes back as a branch.
-#[inline(always)]
-fn borrow(a: u64, b: u64, difference: u64) -> u64 {
-    opaque(opaque((!a & b) | (!(a ^ b) & difference)) >> 63)
+    (region & REGION_MASK) as RegionId
 }
 
 const _: () = assert!(crate::MAX_REGIONS as u64 <= REGION_MASK);
-const _: () = assert!(V6_MIN_INDEX_BITS >= REGION_BITS);
+const _: () = assert!(V6_MIN_INDEX_BITS >= DROPPED_BITS);
+const _: () = assert!(DROPPED_BITS == 10);
 /// The levels hold a slot's largest tree: 1 + 5 + ... + 5^10 nodes.
 const _: () = {
     let mut nodes = 0u64;
