@@ -15,9 +15,10 @@
 //! 63-bit words `[high, low]`. Shifting and cutting drop the top 10 bits of the start,
 //! which are chunk bits (there are at least [`V6_MIN_INDEX_BITS`]), so within a chunk the
 //! order of entries is the order of starts, and every prefix length up to /128 keeps its
-//! boundary. With 63-bit words, the sign of a difference of two words is the
-//! comparison: a 126-bit compare is two subtractions and two shifts, by constants only,
-//! which keeps 128-bit arithmetic and branches off the datapath.
+//! boundary. With 63-bit words, a difference of two words, less a borrow, stays within a
+//! signed 64-bit word, so its sign is the comparison: a 126-bit compare is three
+//! subtractions and two shifts, by constants only, which keeps 128-bit arithmetic and
+//! branches off the datapath.
 
 use crate::{REGION_NONE, RegionId, opaque::opaque};
 
@@ -79,8 +80,9 @@ pub const fn v6_child(node: u32, branch: u32) -> u32 {
 /// The search reads one node per level of the chunk's tree, at most [`V6_MAX_LEVELS`],
 /// without a branch on a comparison: it stops where the tree ends, a branch on the
 /// tree's shape, or on a failed read. The verifier walks the rest of the program once per
-/// distinct state a way out of the search leaves, and the region found is the only value
-/// that lives on, with the same bounds at every level, so all these exits count as one;
+/// distinct state a way out of the search leaves, and the region found (an entry's low
+/// word, masked on return) is the only value that lives on, with the same bounds (none)
+/// at every level, so all these exits count as one;
 /// a search that stopped on a comparison gave Linux 6.1 over a million instructions.
 #[inline(always)]
 pub fn v6_lookup(
@@ -111,8 +113,9 @@ pub fn v6_lookup(
     let key_high = ((high << (64 - HIGH_WORD_SHIFT)) | (low >> HIGH_WORD_SHIFT)) & WORD_MASK;
     let key_low = ((low << REGION_BITS) | REGION_MASK) & WORD_MASK;
     // All ones when the entry is above the key, else zero. Both words of each side are
-    // below 2^63, so each difference keeps its sign: the low words' is the borrow into
-    // the high words', whose sign is the answer. Opaque after each shift: LLVM reads a
+    // below 2^63, so each difference, the high words' less the borrow too, lies within
+    // -2^63..2^63 and keeps its sign: the low words' is the borrow into the high words',
+    // whose sign is the answer. Opaque after each shift: LLVM reads a
     // shift of a sign as a comparison, and would make the mask a branch.
     let above = |[h, l]: V6Range| -> u64 {
         let borrow = opaque(key_low.wrapping_sub(l) >> 63);
