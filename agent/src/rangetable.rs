@@ -94,23 +94,42 @@ impl<A: Address> Boundaries<A> {
     /// The boundaries the longest-prefix match of `prefixes` draws. Prefixes may nest
     /// and come in any order; one listed twice keeps its last region.
     pub fn of<N: Network<Addr = A>>(prefixes: &[(N, RegionId)]) -> Self {
+        let span = |&(net, region): &(N, RegionId)| {
+            let (start, len) = net.start_and_len();
+            let hosts = last_address::<A>().checked_shr(len).unwrap_or(0);
+            (start, start | hosts, region)
+        };
+        // A compiled policy's lists are in this order already, each prefix once: the
+        // sort below would cost a million-prefix policy more than drawing its tables.
+        if prefixes.is_sorted_by(|(a, _), (b, _)| a.start_and_len() < b.start_and_len()) {
+            return Self::draw(prefixes.iter().map(span));
+        }
         let mut sorted: Vec<(u128, u128, usize, RegionId)> = prefixes
             .iter()
             .enumerate()
-            .map(|(at, (net, region))| {
-                let (start, len) = net.start_and_len();
-                let hosts = last_address::<A>().checked_shr(len).unwrap_or(0);
-                (start, start | hosts, at, *region)
+            .map(|(at, prefix)| {
+                let (start, end, region) = span(prefix);
+                (start, end, at, region)
             })
             .collect();
         // Outer prefixes first where starts tie, so inner ones open after them; a prefix
         // listed twice in the order listed. Every key differs, so an unstable sort gives
         // the one order, on every core.
         sorted.par_sort_unstable_by_key(|&(start, end, at, _)| (start, std::cmp::Reverse(end), at));
+        Self::draw(
+            sorted
+                .into_iter()
+                .map(|(start, end, _, region)| (start, end, region)),
+        )
+    }
+
+    /// The boundaries of `spans` (first address, last address, region), sorted by first
+    /// address with the outer of two that start together first.
+    fn draw(spans: impl Iterator<Item = (u128, u128, RegionId)>) -> Self {
         let mut out = Self(vec![(A::narrow(0), RegionId::from(REGION_NONE))]);
         // Open prefixes, innermost last: (last address, region).
         let mut open: Vec<(u128, RegionId)> = Vec::new();
-        for (start, end, _, region) in sorted {
+        for (start, end, region) in spans {
             out.close_before(&mut open, Some(start));
             out.mark(start, region);
             open.push((end, region));

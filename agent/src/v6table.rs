@@ -268,6 +268,11 @@ mod tests {
                 }
             }
             let t = build(&prefixes, bits);
+            // A compiled policy's lists come in address order, each prefix once, and are
+            // drawn without a sort: the same boundaries as from any other order.
+            let mut ordered = prefixes.clone();
+            ordered.sort_by_key(|(p, _)| (p.network(), p.prefix()));
+            prop_assert_eq!(Boundaries::of(&ordered), Boundaries::of(&prefixes));
             let probes = probes
                 .iter()
                 .map(|&(b, n)| Ipv6Addr::from((0x2001_0db8u128 << 96) | (b << 88) | (n >> 40)));

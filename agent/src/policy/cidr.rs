@@ -59,6 +59,8 @@ pub(super) trait Prefix: Copy {
     /// The address as written, host bits and all: no mask to compute.
     fn written_bits(&self) -> u128;
     fn addr_bits(addr: Self::Addr) -> u128;
+    /// The same prefix with its host bits cleared.
+    fn without_host_bits(&self) -> Self;
 }
 
 impl Prefix for Ipv4Network {
@@ -75,6 +77,9 @@ impl Prefix for Ipv4Network {
     }
     fn addr_bits(addr: Ipv4Addr) -> u128 {
         u128::from(u32::from(addr))
+    }
+    fn without_host_bits(&self) -> Self {
+        Ipv4Network::new(self.network(), self.prefix()).expect("the length is valid already")
     }
 }
 
@@ -93,6 +98,9 @@ impl Prefix for Ipv6Network {
     fn addr_bits(addr: Ipv6Addr) -> u128 {
         u128::from(addr)
     }
+    fn without_host_bits(&self) -> Self {
+        Ipv6Network::new(self.network(), self.prefix()).expect("the length is valid already")
+    }
 }
 
 /// `bits` with everything past the first `len` of `width` bits cleared.
@@ -104,9 +112,12 @@ pub(super) fn truncate(bits: u128, len: u8, width: u8) -> u128 {
     bits & (keep >> (128 - u32::from(width)))
 }
 
-/// The order [`lpm`] needs: by length, then by network.
-pub(super) fn sort_key<P: Prefix>(p: &P) -> (u8, u128) {
-    (p.len(), p.bits())
+/// The order [`lpm`] needs: by network, then by length. That is address order, outer
+/// prefixes before the ones they hold, the order the range tables are drawn in
+/// (`rangetable::Boundaries::of`): a compiled policy's lists reach them without
+/// another sort.
+pub(super) fn sort_key<P: Prefix>(p: &P) -> (u128, u8) {
+    (p.bits(), p.len())
 }
 
 /// Longest-prefix match over entries sorted by [`sort_key`] with no duplicate prefixes:
@@ -115,7 +126,7 @@ pub(super) fn lpm<P: Prefix, T: Copy>(entries: &[(P, T)], addr: P::Addr) -> Opti
     debug_assert!(entries.is_sorted_by_key(|(p, _)| sort_key(p)));
     let bits = P::addr_bits(addr);
     (0..=P::WIDTH).rev().find_map(|len| {
-        let key = (len, truncate(bits, len, P::WIDTH));
+        let key = (truncate(bits, len, P::WIDTH), len);
         entries
             .binary_search_by_key(&key, |(p, _)| sort_key(p))
             .ok()
