@@ -404,17 +404,26 @@ mod tests {
     fn region_tables_keep_ids_and_longest_prefix_wins() {
         let p = policy(
             vec![
-                region(1, &["10.0.0.0/8", "2001:db8::/32"]),
+                region(1, &["10.0.0.0/8", "172.16.0.0/12", "2001:db8::/32"]),
                 region(2, &["10.1.0.0/16", "0.0.0.0/0"]),
             ],
             Vec::new(),
         );
         let compiled = p.compile();
-        assert_eq!(compiled.regions_v4.len(), 3);
-        assert_eq!(compiled.regions_v4[0].0.prefix(), 0, "sorted by length");
+        let shown: Vec<String> = compiled
+            .regions_v4
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(
+            shown,
+            ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "172.16.0.0/12"],
+            "address order, outer prefixes first"
+        );
         let at = |s: &str| compiled.region_of(s.parse().unwrap());
         assert_eq!(at("10.1.2.3"), 2);
         assert_eq!(at("10.2.0.1"), 1);
+        assert_eq!(at("172.20.0.1"), 1);
         assert_eq!(at("192.0.2.1"), 2);
         assert_eq!(at("2001:db8::1"), 1);
         assert_eq!(at("2001:db9::1"), RegionId::from(REGION_NONE));
