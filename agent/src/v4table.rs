@@ -131,8 +131,9 @@ mod tests {
         );
     }
 
-    /// Boundaries are drawn on every core with an unstable sort; a prefix listed twice
-    /// still keeps the region it was listed with last, whatever else shares its start.
+    /// Prefixes out of address order are sorted on every core with an unstable sort; a
+    /// prefix listed twice still keeps the region it was listed with last, whatever else
+    /// shares its start.
     #[test]
     fn a_prefix_listed_twice_keeps_its_last_region() {
         for copies in [2u32, 3, 50] {

@@ -137,9 +137,9 @@ fn class_spec(class: &Class, regions: usize) -> ClassSpec {
     spec
 }
 
-/// Sorted as [`lpm`] needs; of two entries for one prefix the first is kept.
-/// Validation has already refused a prefix listed with two values, so which of equal
-/// entries survives does not matter, and the faster unstable sort will do.
+/// Sorted as [`lpm`] needs; of two entries for one prefix one is kept. Validation has
+/// already refused a prefix listed with two values, so which survives does not matter,
+/// and the faster unstable sort will do.
 ///
 /// Host bits are cleared first, so a prefix written with them sits beside its equals for
 /// the dedup, and the sort compares addresses as stored, with no mask computed in each
