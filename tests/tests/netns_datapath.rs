@@ -12,8 +12,9 @@ use integration_tests::{
     MARKED_CLASS_POLICY,
     frames::{self, Spec},
     netns::{
-        NetNs, Sandbox, addr, frames_delivered, send_from_host, tcp_connects, udp_delivered,
-        udp_delivered_sized, udp_delivered_with, udp_delivered_within,
+        NetNs, Sandbox, addr, frames_delivered, send_from_host, sh, tcp_connects,
+        tcp_connects_between, udp_delivered, udp_delivered_sized, udp_delivered_with,
+        udp_delivered_within,
     },
     policy_from_yaml, require_root,
     tun::Tun,
@@ -803,4 +804,135 @@ fn dhcp_neighbour_discovery_and_multicast_from_the_host_pass_a_class_of_all_udp(
         "switched off: neighbour solicitations are denied"
     );
     assert_eq!(exempt, 0);
+}
+
+/// A gateway: `client` reaches the world through the host, which forwards, and the
+/// host's XDP program is attached to its client-facing `gw0`.
+fn gateway(sandbox: &Sandbox, yaml: &str) -> (NetNs, Datapath) {
+    const GW_MAC: &str = "02:df:00:00:00:11";
+    const CLIENT_MAC: &str = "02:df:00:00:00:12";
+    let client = NetNs::new("gwc");
+    let (host, world) = (&sandbox.host, &sandbox.world);
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "gw0",
+        "address",
+        GW_MAC,
+        "netns",
+        &host.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "cl0",
+        "address",
+        CLIENT_MAC,
+        "netns",
+        &client.name,
+    ]);
+    for (ns, dev, v4, v6, peer_v4, peer_v6, peer_mac) in [
+        (
+            host, "gw0", GATEWAY_V4, GATEWAY_V6, CLIENT_V4, CLIENT_V6, CLIENT_MAC,
+        ),
+        (
+            &client, "cl0", CLIENT_V4, CLIENT_V6, GATEWAY_V4, GATEWAY_V6, GW_MAC,
+        ),
+    ] {
+        ns.ip(&format!("addr add {v4}/24 dev {dev}"));
+        ns.ip(&format!("-6 addr add {v6}/64 dev {dev} nodad"));
+        ns.ip(&format!("link set {dev} up"));
+        for peer in [peer_v4, peer_v6] {
+            ns.ip(&format!(
+                "neigh replace {peer} lladdr {peer_mac} dev {dev} nud permanent"
+            ));
+        }
+    }
+    client.ip(&format!("route add default via {GATEWAY_V4}"));
+    client.ip(&format!("-6 route add default via {GATEWAY_V6}"));
+    world.ip(&format!("route add {CLIENT_NET_V4} via {}", addr::HOST_V4));
+    world.ip(&format!(
+        "-6 route add {CLIENT_NET_V6} via {}",
+        addr::HOST_V6
+    ));
+    host.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    let compiled = policy_from_yaml(yaml).compile();
+    let dp = host.run(move || {
+        let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
+        dp.apply(&compiled, EventLimits::default()).expect("apply");
+        dp.attach_xdp("gw0").expect("attach");
+        dp
+    });
+    (client, dp)
+}
+
+const GATEWAY_V4: &str = "10.77.0.1";
+const CLIENT_V4: &str = "10.77.0.2";
+const GATEWAY_V6: &str = "fd77::1";
+const CLIENT_V6: &str = "fd77::2";
+const CLIENT_NET_V4: &str = "10.77.0.0/24";
+const CLIENT_NET_V6: &str = "fd77::/64";
+
+/// A gateway judges what it forwards, not what is addressed to it. The class takes all
+/// TCP and UDP and denies destinations in no region, and the gateway's own addresses are
+/// in none: judged, an SSH session to the gateway would be dropped, and with it the
+/// host's management. What the gateway forwards is still judged.
+#[test]
+fn a_gateway_judges_what_it_forwards_and_passes_what_is_addressed_to_it() {
+    require_root();
+    let sandbox = Sandbox::new("gw");
+    let policy = POLICY.replace("unknown: allow", "unknown: deny");
+    let (client, dp) = gateway(&sandbox, &policy);
+
+    for dst in [GATEWAY_V4, GATEWAY_V6] {
+        assert!(
+            tcp_connects_between(&client, &sandbox.host, dst, 22),
+            "TCP from the client to the gateway's own {dst}"
+        );
+    }
+    let forwarded = |dst: &str| {
+        let client = &client;
+        udp_delivered_with(&sandbox, dst, 5353, 10, |to| {
+            client.run(move || {
+                let from = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let sock = UdpSocket::bind(from).expect("bind sender");
+                for _ in 0..10 {
+                    let _ = sock.send_to(b"user", to);
+                }
+            });
+        })
+    };
+    for (dst, expected) in [
+        (addr::EU_V4, 10),
+        (addr::US_V4, 0),
+        (addr::EU_V6, 10),
+        (addr::US_V6, 0),
+    ] {
+        assert_eq!(
+            forwarded(dst),
+            expected,
+            "forwarded from the client to {dst}"
+        );
+    }
+
+    let xdp = |reason: Reason| {
+        packets_where(&dp, |k| {
+            k.hook == datafence_common::Hook::Xdp as u8 && k.reason == reason as u8
+        })
+    };
+    // At least the SYN and the ACK of each connection.
+    assert!(
+        xdp(Reason::LocalDestination) >= 4,
+        "{}",
+        xdp(Reason::LocalDestination)
+    );
+    assert_eq!(xdp(Reason::RegionDenied), 20);
+    assert_eq!(xdp(Reason::RegionAllowed), 20);
 }
