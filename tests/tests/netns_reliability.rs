@@ -27,6 +27,7 @@ integration_tests::for_each_tc_attach!(
     kill_9_and_restart_repeatedly_without_a_leak_or_a_false_drop,
     reload_storm_never_yields_a_verdict_neither_policy_gives,
     a_program_detached_from_outside_is_attached_again,
+    links_whose_pins_were_removed_are_attached_and_pinned_again,
     sigterm_leaves_enforcement_in_place_and_only_detach_removes_it,
     status_reads_the_pinned_state_while_the_agent_is_stopped,
 );
@@ -452,6 +453,79 @@ fn a_program_detached_from_outside_is_attached_again(tc_attach: &str) {
         agent.stderr()
     );
     one_program_attached_as(&sandbox, tc_attach);
+    agent.stop();
+}
+
+/// Whether `up0` has an XDP program.
+fn xdp_attached(sandbox: &Sandbox) -> bool {
+    let out = sandbox.host.ip("-j link show up0");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    links[0].get("xdp").is_some()
+}
+
+/// Someone removes the links' pins while the agent runs (`rm -rf` of the directory). A
+/// link whose only holder was its pin goes with it: the XDP link always, the TC link in
+/// tcx mode. The agent attaches both again and pins them, making the directory anew;
+/// until this was fixed, pinning failed for want of the directory, the new link went
+/// with the failed call, and enforcement stayed off until a restart.
+fn links_whose_pins_were_removed_are_attached_and_pinned_again(tc_attach: &str) {
+    require_root();
+    let sandbox = Sandbox::new("rp");
+    let scratch = Scratch::new("unpinned");
+    let text =
+        policy("", "192.0.2.2/32").replace("egress: [up0]", "egress: [up0]\n  gateway: [up0]");
+    let path = write_policy(&scratch, &text);
+    let pins = test_pin_dir("unpinned");
+    let agent = RunningAgent::start_with_pins(
+        &sandbox.host,
+        &path,
+        &["--monitor-interval", "1", "--tc-attach", tc_attach],
+        pins.clone(),
+    );
+    let links = pins.join("links");
+    // A clsact filter is no link and has no pin.
+    let mut pinned = vec![links.join(datafence::datapath::link_name("xdp", "up0"))];
+    if tc_attach == "tcx" {
+        pinned.push(links.join(datafence::datapath::link_name("tc_egress", "up0")));
+    }
+    assert!(pinned.iter().all(|p| p.exists()), "pinned at start");
+    assert!(xdp_attached(&sandbox), "XDP attached");
+    // Frozen, the agent cannot put the links back before the test has seen them gone.
+    agent.freeze();
+    std::fs::remove_dir_all(&links).expect("remove the links' pins");
+    // The kernel lets go of an unpinned link after an RCU grace period.
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
+    while xdp_attached(&sandbox) {
+        assert!(Instant::now() < deadline, "XDP link outlived its pin");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if tc_attach == "tcx" {
+        while !tcx_program_ids(&sandbox.host, "up0").is_empty() {
+            assert!(Instant::now() < deadline, "tcx link outlived its pin");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    agent.thaw();
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
+    while !(pinned.iter().all(|p| p.exists()) && xdp_attached(&sandbox)) {
+        assert!(
+            Instant::now() < deadline,
+            "not attached and pinned again:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    one_program_attached_as(&sandbox, tc_attach);
+    // Still attached a monitor tick later: the links are held by their pins, not by the
+    // call that made them.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(xdp_attached(&sandbox), "XDP still attached");
+    one_program_attached_as(&sandbox, tc_attach);
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7400, 5, MARK),
+        0,
+        "enforcing again"
+    );
     agent.stop();
 }
 

@@ -36,7 +36,8 @@ fn adopt_pinned<L: TryFrom<FdLink>>(path: &Path, swap: impl FnOnce(L) -> bool) -
 }
 
 /// Pins a new link: the pin keeps the link (and so the enforcement) alive after this
-/// process exits.
+/// process exits. The links' directory is made again if someone removed it: removing a
+/// pin detaches its link, and a link that cannot be pinned would go with this call.
 fn pin_link<L: TryInto<FdLink, Error = LinkError>>(
     link: L,
     path: PathBuf,
@@ -46,6 +47,12 @@ fn pin_link<L: TryInto<FdLink, Error = LinkError>>(
         interface: interface.to_owned(),
         source,
     })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
     fd.pin(&path)
         .map_err(|source| DatapathError::Pin { path, source })?;
     Ok(())
