@@ -632,6 +632,26 @@ fn changes_to_the_policy_files_are_reloaded_and_other_files_ignored() {
     }
     shared.write("elsewhere.txt", "198.18.0.0/24\n198.18.1.0/24\n");
     wait_for(5);
+    // A policy naming a new region file with a mistake in it is refused. The fix lands
+    // in that file, which the last good policy does not read: it is reloaded too.
+    scratch.write("regions/late.txt", "198.18.2.0/33\n");
+    let current = std::fs::read_to_string(&policy).expect("read the policy");
+    std::fs::write(
+        &policy,
+        current.replace(
+            "  us-east:\n",
+            "  late:\n    files: [regions/late.txt]\n  us-east:\n",
+        ),
+    )
+    .expect("write");
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(5));
+    while !agent.stderr().contains("late.txt:1:") {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(generation(), Some(5), "the refused policy is not in force");
+    scratch.write("regions/late.txt", "198.18.2.0/24\n");
+    wait_for(6);
     agent.stop();
 }
 

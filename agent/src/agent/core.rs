@@ -74,6 +74,9 @@ impl Agent {
     /// stays in force.
     pub(super) fn reload(&mut self, management: &[IpNetwork]) -> Result<(), AgentError> {
         let result = self.try_reload(management);
+        if let Err(AgentError::Policy { errors, .. }) = &result {
+            self.watch_refused_files(errors);
+        }
         let counter = if result.is_ok() {
             &self.counters.reload_success
         } else {
@@ -81,6 +84,23 @@ impl Agent {
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         result
+    }
+
+    /// Adds the files a refused policy's errors name to the watched ones, until the next
+    /// policy loads: a region file only the refused policy reads (a new one, with a
+    /// mistake in it, or not there yet) is where the fix will land, and the last good
+    /// policy does not read it.
+    fn watch_refused_files(&self, errors: &crate::policy::PolicyErrors) {
+        let mut sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for e in &errors.0 {
+            let file = std::path::absolute(&e.file).unwrap_or_else(|_| e.file.clone());
+            if !sources.contains(&file) {
+                sources.push(file);
+            }
+        }
     }
 
     pub(super) fn try_reload(&mut self, management: &[IpNetwork]) -> Result<(), AgentError> {
