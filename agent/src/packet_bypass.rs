@@ -1,8 +1,9 @@
 //! Warning about user-data services that could send around TC egress. A packet socket
-//! (`AF_PACKET`) with `PACKET_QDISC_BYPASS` hands frames straight to the driver, so the
-//! packet ring never sees them. Opening one needs `CAP_NET_RAW`, so a systemd unit is
-//! safe when its `RestrictAddressFamilies=` leaves out `AF_PACKET` or its
-//! `CapabilityBoundingSet=` leaves out `CAP_NET_RAW`. `datafence check` asks systemd for
+//! (`AF_PACKET`) with `PACKET_QDISC_BYPASS` hands frames straight to the driver, and so
+//! does an XDP socket (`AF_XDP`: the driver's zero-copy ring, or `__dev_direct_xmit` in
+//! copy mode), so the packet ring never sees them. Opening either needs `CAP_NET_RAW`,
+//! so a systemd unit is safe when its `RestrictAddressFamilies=` leaves out both
+//! families or its `CapabilityBoundingSet=` leaves out `CAP_NET_RAW`. `datafence check` asks systemd for
 //! the units a class's cgroups name and warns about each that restricts neither.
 #![forbid(unsafe_code)]
 
@@ -158,13 +159,17 @@ pub fn parse_show(text: &str) -> UnitProperties {
     props
 }
 
-/// Whether a unit with these properties can open a packet socket.
+/// The address families whose sockets can send around the qdisc layer.
+pub const BYPASSING_FAMILIES: [&str; 2] = ["AF_PACKET", "AF_XDP"];
+
+/// Whether a unit with these properties can open a socket of [`BYPASSING_FAMILIES`].
 pub fn may_open_packet_sockets(props: &UnitProperties) -> bool {
     let families = props.restrict_address_families.trim();
-    let packet_allowed = match families.strip_prefix('~') {
-        Some(denied) => !denied.split_whitespace().any(|f| f == "AF_PACKET"),
-        None => families.is_empty() || families.split_whitespace().any(|f| f == "AF_PACKET"),
+    let allowed = |family: &str| match families.strip_prefix('~') {
+        Some(denied) => !denied.split_whitespace().any(|f| f == family),
+        None => families.is_empty() || families.split_whitespace().any(|f| f == family),
     };
+    let packet_allowed = BYPASSING_FAMILIES.iter().any(|f| allowed(f));
     let net_raw_kept = props
         .capability_bounding_set
         .split_whitespace()
@@ -202,13 +207,23 @@ mod tests {
     }
 
     #[test]
-    fn an_address_family_deny_list_must_name_af_packet() {
+    fn an_address_family_deny_list_must_name_af_packet_and_af_xdp() {
         assert!(!may_open_packet_sockets(&unit(
-            "~AF_NETLINK AF_PACKET",
+            "~AF_NETLINK AF_PACKET AF_XDP",
             DEFAULT_BOUNDING_SET
         )));
+        for open in ["~AF_NETLINK", "~AF_PACKET", "~AF_XDP"] {
+            assert!(
+                may_open_packet_sockets(&unit(open, DEFAULT_BOUNDING_SET)),
+                "{open}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_address_family_allow_list_with_af_xdp_is_exposed() {
         assert!(may_open_packet_sockets(&unit(
-            "~AF_NETLINK",
+            "AF_INET AF_XDP",
             DEFAULT_BOUNDING_SET
         )));
     }

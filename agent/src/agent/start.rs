@@ -397,7 +397,7 @@ fn warn_units_with_packet_sockets(policy: &LoadedPolicy, cgroup_root: &Path) {
         .spawn(move || {
             if let UnitReport::Checked { exposed, .. } = check_class_cgroups(&named, &root) {
                 for e in exposed {
-                    warn!(class = %e.class, unit = %e.unit, "this user-data unit may open packet sockets, and PACKET_QDISC_BYPASS sends around TC egress; restrict AF_PACKET (RestrictAddressFamilies=) or CAP_NET_RAW (CapabilityBoundingSet=) in it");
+                    warn!(class = %e.class, unit = %e.unit, "this user-data unit may open packet or XDP sockets, which send around TC egress (PACKET_QDISC_BYPASS, AF_XDP); restrict AF_PACKET and AF_XDP (RestrictAddressFamilies=) or CAP_NET_RAW (CapabilityBoundingSet=) in it");
                 }
             }
         });

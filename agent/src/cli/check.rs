@@ -171,12 +171,12 @@ fn print_unit_report(report: &UnitReport) {
             "packet sockets: cannot tell whether user-data units may bypass TC egress ({why})"
         ),
         UnitReport::Checked { units, exposed } if exposed.is_empty() => println!(
-            "packet sockets: all {units} user-data unit(s) restrict AF_PACKET or CAP_NET_RAW"
+            "packet sockets: all {units} user-data unit(s) restrict AF_PACKET and AF_XDP, or CAP_NET_RAW"
         ),
         UnitReport::Checked { exposed, .. } => {
             for e in exposed {
                 eprintln!(
-                    "warning: class {}: unit {} may open packet sockets, and PACKET_QDISC_BYPASS sends around TC egress; set RestrictAddressFamilies=~AF_PACKET or drop CAP_NET_RAW from CapabilityBoundingSet=",
+                    "warning: class {}: unit {} may open packet or XDP sockets, which send around TC egress (PACKET_QDISC_BYPASS, AF_XDP); set RestrictAddressFamilies=~AF_PACKET AF_XDP or drop CAP_NET_RAW from CapabilityBoundingSet=",
                     e.class, e.unit
                 );
             }
