@@ -28,6 +28,7 @@ integration_tests::for_each_tc_attach!(
     reload_storm_never_yields_a_verdict_neither_policy_gives,
     a_program_detached_from_outside_is_attached_again,
     links_whose_pins_were_removed_are_attached_and_pinned_again,
+    interfaces_the_policy_stops_naming_are_detached,
     sigterm_leaves_enforcement_in_place_and_only_detach_removes_it,
     status_reads_the_pinned_state_while_the_agent_is_stopped,
 );
@@ -525,6 +526,75 @@ fn links_whose_pins_were_removed_are_attached_and_pinned_again(tc_attach: &str) 
         udp_delivered_marked(&sandbox, addr::US_V4, 7400, 5, MARK),
         0,
         "enforcing again"
+    );
+    agent.stop();
+}
+
+/// Whether `interface` in the host namespace has a datafence TC program or an XDP
+/// program.
+fn hooks_held(sandbox: &Sandbox, interface: &'static str) -> (bool, bool) {
+    let tc = !tcx_program_ids(&sandbox.host, interface).is_empty()
+        || !datafence_clsact_filters(&sandbox.host, interface).is_empty();
+    let out = sandbox.host.ip(&format!("-j link show {interface}"));
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    (tc, links[0].get("xdp").is_some())
+}
+
+/// An interface the policy stops naming (in `egress` or `gateway`) loses datafence's
+/// programs at the next check. Left attached, they went on enforcing where the operator
+/// had removed enforcement, unlisted in `status`.
+fn interfaces_the_policy_stops_naming_are_detached(tc_attach: &str) {
+    require_root();
+    let sandbox = Sandbox::new("nd");
+    sandbox.host.ip("link add up1 type veth peer name up1p");
+    sandbox.host.ip("link set up1 up");
+    sandbox.host.ip("link set up1p up");
+    let scratch = Scratch::new("unnamed");
+    let both =
+        policy("", "192.0.2.2/32").replace("egress: [up0]", "egress: [up0, up1]\n  gateway: [up1]");
+    let path = write_policy(&scratch, &both);
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &path,
+        &["--monitor-interval", "1", "--tc-attach", tc_attach],
+    );
+    assert_eq!(
+        hooks_held(&sandbox, "up1"),
+        (true, true),
+        "attached at start"
+    );
+    scratch.write("policy.yaml", &policy("", "192.0.2.2/32"));
+    let out = agent.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
+    while hooks_held(&sandbox, "up1") != (false, false) {
+        assert!(
+            Instant::now() < deadline,
+            "still on up1: {:?}\n{}",
+            hooks_held(&sandbox, "up1"),
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        agent
+            .stderr()
+            .contains("detached from interfaces the policy no longer names"),
+        "{}",
+        agent.stderr()
+    );
+    let attachments = agent.status_json()["attachments"].to_string();
+    assert!(!attachments.contains("up1"), "{attachments}");
+    // The interface it still names keeps its program, and enforcement.
+    one_program_attached_as(&sandbox, tc_attach);
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7400, 5, MARK),
+        0,
+        "up0 still enforcing"
     );
     agent.stop();
 }

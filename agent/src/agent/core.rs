@@ -158,6 +158,7 @@ impl Agent {
             warn_unjudgeable(link);
         }
         self.unjudgeable = now;
+        self.detach_undesired(&desired);
         for a in &desired {
             if if_index(&a.interface).is_none() {
                 if self.missing.insert(a.interface.clone()) {
@@ -200,6 +201,46 @@ impl Agent {
             }
         }
         self.check_local_networks();
+    }
+
+    /// Takes datafence's programs off the hooks it no longer should hold: an interface
+    /// the policy stopped naming, or now excludes. Left on, they would go on enforcing
+    /// where the operator removed enforcement, unlisted in `status`, and an upgrade would
+    /// later empty the stage arrays they jump through. Pinned links and clsact filters
+    /// only: without pins (`--no-pin`) a link lives as long as this process.
+    fn detach_undesired(&mut self, desired: &[Attachment]) {
+        let keep = |hook: &str, interface: &str| {
+            desired
+                .iter()
+                .any(|a| a.hook == hook && a.interface == interface)
+        };
+        let mut removed = self
+            .datapath
+            .pins()
+            .map(|pins| pins.remove_links_unless(keep))
+            .unwrap_or_default();
+        match crate::clsact::datafence_filters() {
+            Ok(filters) => {
+                for f in filters
+                    .iter()
+                    .filter(|f| f.is_datafence() && !keep(Hook::TcEgress.as_str(), &f.interface))
+                {
+                    match crate::clsact::remove(f) {
+                        Ok(()) => removed.push(crate::clsact::attachment_name(&f.interface)),
+                        Err(e) => {
+                            warn!(interface = %f.interface, error = %e, "cannot remove datafence's clsact filter from an interface the policy no longer names");
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list clsact filters"),
+        }
+        if !removed.is_empty() {
+            info!(
+                ?removed,
+                "detached from interfaces the policy no longer names"
+            );
+        }
     }
 
     /// Attaches the socket ring again if someone detached it. A degraded ring stays so

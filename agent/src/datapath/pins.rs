@@ -205,6 +205,39 @@ impl PinLayout {
         removed
     }
 
+    /// Detaches and unpins each link whose (hook, interface) `keep` refuses, judged by the
+    /// interface the link holds now: a rename leaves the pin's name behind. Links of
+    /// interfaces that are gone are left to [`Self::remove_defunct_links`]. Returns the
+    /// links removed, as `status` names attachments.
+    pub fn remove_links_unless(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.links_dir()) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((hook, _)) = parse_link_name(&name) else {
+                continue;
+            };
+            let Ok(Some(ifindex)) = sys::pinned_link_ifindex(&entry.path()) else {
+                continue;
+            };
+            let Some(interface) = sys::if_name(ifindex) else {
+                continue;
+            };
+            if keep(hook, &interface) {
+                continue;
+            }
+            // Detach first, as in `remove_all`.
+            let _ = sys::detach_pinned_link(&entry.path());
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed.push(format!("{hook}-{interface}"));
+            }
+        }
+        removed.sort();
+        removed
+    }
+
     /// Whether anything is pinned here (an agent ran, or is running).
     pub fn exists(&self) -> bool {
         self.maps_dir().join(map_names::POLICY).exists()
