@@ -701,10 +701,11 @@ pub fn read_encapsulated<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFra
 }
 
 /// Where the tunnel's header (the outer transport) starts: after the IPv4 header and its
-/// options, or straight after the IPv6 header. Not recorded by the parser: an offset per
-/// path through it would keep those paths apart for the verifier to the end of the
-/// program, which took the TC entry program from 95,657 to 629,326 instructions. `None`
-/// for an IPv6 tunnel behind extension headers, which fails closed.
+/// options, or after the IPv6 header and at most one destination options header. Not
+/// recorded by the parser: an offset per path through it would keep those paths apart
+/// for the verifier to the end of the program, which took the TC entry program from
+/// 95,657 to 629,326 instructions. `None` for an IPv6 tunnel behind other extension
+/// headers, which fails closed.
 #[inline(always)]
 fn tunnel_header_at<P: PacketBytes + ?Sized>(pkt: &P, frame: &ParsedFrame) -> Option<usize> {
     let at = if frame.family == FAMILY_V4 {
@@ -714,10 +715,20 @@ fn tunnel_header_at<P: PacketBytes + ?Sized>(pkt: &P, frame: &ParsedFrame) -> Op
     } else {
         let l3 = usize::from(frame.network_at);
         let [_, next_header] = pkt.load::<[u8; 2]>(l3 + 5)?;
-        if next_header != frame.protocol {
+        let after = l3 + IPV6_HLEN;
+        if next_header == frame.protocol {
+            after
+        } else if next_header == IPPROTO_DSTOPTS {
+            // Linux's ip6tnl and ip6gre devices put one there, holding the tunnel
+            // encapsulation limit (RFC 2473), unless made with `encaplimit none`.
+            let [next, units] = pkt.load::<[u8; 2]>(after)?;
+            if next != frame.protocol {
+                return None;
+            }
+            after + (usize::from(units) + 1) * 8
+        } else {
             return None;
         }
-        l3 + IPV6_HLEN
     };
     (at <= MAX_INNER_OFFSET).then_some(at)
 }
@@ -1125,6 +1136,21 @@ mod tests {
                 "{case}: the outer destination"
             );
         }
+        // Behind the destination options header that Linux's ip6tnl puts in front of the
+        // tunnel (the encapsulation limit option, then padding).
+        let mut ip6tnl = vec![0x60, 0, 0, 0, 0, 0, IPPROTO_DSTOPTS, 64];
+        ip6tnl.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        ip6tnl.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        ip6tnl.extend_from_slice(&[IPPROTO_IPIP, 0, 4, 1, 4, 1, 1, 0]);
+        ip6tnl.extend_from_slice(&inner);
+        let payload = (ip6tnl.len() - 40) as u16;
+        ip6tnl[4..6].copy_from_slice(&payload.to_be_bytes());
+        let f = parse_ip_packet(&ip6tnl[..]);
+        assert_eq!(
+            (f.kind, f.encapsulated, f.protocol, f.dst_port),
+            (FrameKind::Ip, true, IPPROTO_UDP, 5432),
+            "IP in IPv6 behind the encapsulation limit"
+        );
         // Cut inside the inner header: malformed, with nothing known of its transport.
         let f = parse_ip_packet(&ipv4(IPPROTO_IPIP, &inner[..12])[..]);
         assert_eq!((f.kind, f.ports), (FrameKind::Malformed, PortInfo::Unknown));

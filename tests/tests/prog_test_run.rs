@@ -725,6 +725,16 @@ fn udp_tunnel(dst: &str, port: u16, body: Vec<u8>) -> Vec<u8> {
     spec.build().bytes
 }
 
+/// IP in IPv6 from SRC6 to `dst`, as Linux's ip6tnl and ip6gre send it by default: a
+/// destination options header holding the encapsulation limit (4), then padding, first.
+fn ip6tnl(dst: &str, body: Vec<u8>) -> Vec<u8> {
+    let mut outer = Spec::udp(SRC6, dst, 0);
+    outer.protocol = 4;
+    outer.payload = body;
+    outer.ipv6_ext = vec![(60, vec![4, 1, 4, 1, 1, 0])];
+    outer.build().bytes
+}
+
 #[test]
 fn tunnels_are_classified_by_their_inner_headers_and_judged_by_their_outer_destination() {
     let mut dp = setup();
@@ -768,6 +778,17 @@ fn tunnels_are_classified_by_their_inner_headers_and_judged_by_their_outer_desti
             tunnel(US4, 47, gre(0x20, 0x6558, 4, inner().bytes)),
             denied,
             "GRE carrying Ethernet",
+        ),
+        (
+            ip6tnl(US6, inner().ip_packet()),
+            denied,
+            "IP in IPv6 behind the encapsulation limit",
+        ),
+        // Before, the option made the frame malformed, and so denied whatever it held.
+        (
+            ip6tnl(US6, Spec::tcp(SRC4, EU4, 80).build().ip_packet()),
+            allow(CLASS_NONE, REGION_NONE, Reason::Unclassified),
+            "other traffic in IPv6 behind the encapsulation limit",
         ),
         (udp_tunnel(US4, 4789, vxlan(inner().bytes)), denied, "VXLAN"),
         (
