@@ -768,3 +768,92 @@ fn the_watchdog_stops_when_the_agents_loops_stop_and_healthz_says_which() {
     assert!(log.contains("watchdog pings resumed"), "{log}");
     agent.stop();
 }
+
+/// Whether process `pid` catches SIGHUP (its `SigCgt` mask in `/proc`).
+fn catches_sighup(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGHUP - 1)) != 0)
+}
+
+/// A SIGHUP that comes while the agent is still starting (loading and verifying its
+/// programs takes seconds, more on old kernels) is a reload once the start is done.
+/// Before, its default action ended the agent, as a clean exit that systemd's
+/// `Restart=on-failure` does not restart.
+#[test]
+fn a_sighup_during_the_start_reloads_once_the_agent_runs() {
+    require_root();
+    let sandbox = Sandbox::new("hs");
+    let scratch = Scratch::new("hup-start");
+    let path = scratch.write("policy.yaml", &policy("a", false));
+    // While this file exists, a debug build's policy read waits (see the agent's
+    // `stall_for_tests`): the start stops there.
+    let stall = scratch.dir.join("stall");
+    std::fs::write(&stall, "").expect("create the stall file");
+    let signaller = {
+        let (path, stall) = (path.clone(), stall.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + patience(Duration::from_secs(10));
+            let pid = loop {
+                let out = std::process::Command::new("pgrep")
+                    .args(["-n", "-f"])
+                    .arg(format!("run --policy {}", path.display()))
+                    .output()
+                    .expect("pgrep");
+                if let Ok(pid) = String::from_utf8_lossy(&out.stdout).trim().parse::<u32>() {
+                    break pid;
+                }
+                assert!(Instant::now() < deadline, "no agent process");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            // The signal goes once the agent catches it, or after the deadline anyway,
+            // so that an agent which never does is caught out.
+            while !catches_sighup(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let caught_before = catches_sighup(pid);
+            // SAFETY: kill(2) with a pid and a signal number.
+            let rc = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+            assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::remove_file(&stall).expect("end the stall");
+            caught_before
+        })
+    };
+    let agent = RunningAgent::launch(
+        &sandbox.host,
+        &path,
+        &["--no-watch"],
+        Launch {
+            env: vec![(
+                "DATAFENCE_TEST_STALL_READ_WHILE".into(),
+                stall.display().to_string(),
+            )],
+            ..Launch::pins(test_pin_dir("hup-start"))
+        },
+    );
+    assert!(
+        signaller.join().expect("signaller"),
+        "SIGHUP caught during the start"
+    );
+    let deadline = Instant::now() + patience(Duration::from_secs(5));
+    while !agent.stderr().contains("SIGHUP") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload for the SIGHUP:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7500, 5, MARK),
+        0,
+        "enforcing"
+    );
+    agent.stop();
+}

@@ -173,6 +173,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 .with_context(|| format!("the metrics address {addr} is not available"))
         })
         .transpose()?;
+    // Caught from here on, not only once the agent runs: a start takes seconds, and
+    // SIGHUP's default action would end the agent, as a clean exit that systemd's
+    // `Restart=on-failure` does not restart. One that comes during the start reloads
+    // once it is done.
+    let mut hup = signal(SignalKind::hangup())?;
     let mut agent = tokio::task::spawn_blocking(move || start::start(opts)).await??;
     let ring = agent.datapath.take_events()?;
     let listener = control_server::bind_control(&runtime_dir)?;
@@ -250,7 +255,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if watch {
         watch::watch_policy(&policy_path, sources, reload_tx.clone())?;
     }
-    let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     info!(control = %runtime_dir.join(dirs::CONTROL_SOCKET).display(), "running");
