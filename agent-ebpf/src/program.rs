@@ -858,16 +858,6 @@ fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -
     .then_some(next)
 }
 
-/// Whether the routing table delivers the packet to this host: to one of its own
-/// addresses, a broadcast or a multicast group (`BPF_FIB_LKUP_RET_NOT_FWDED`). A gateway
-/// judges what it forwards; a packet addressed to the gateway itself (an SSH session to
-/// it, its own monitoring) does not leave, and judging it by the gateway's own address
-/// would drop the host's inbound traffic. Anything the host sends on from such a packet,
-/// after NAT or through a proxy, is judged at TC egress with its real destination.
-///
-/// A packet whose header names more hops (`routed`) or whose addresses could not be read
-/// is judged; so is every packet when forwarding is off on the interface, where the
-/// lookup cannot tell local from foreign (`BPF_FIB_LKUP_RET_FWD_DISABLED`).
 /// An address as `bpf_fib_lookup` holds it: four words in network byte order.
 #[inline(always)]
 fn words(a: &[u8; 16]) -> [u32; 4] {
@@ -901,6 +891,16 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// Whether the routing table delivers the packet to this host: to one of its own
+/// addresses, a broadcast or a multicast group (`BPF_FIB_LKUP_RET_NOT_FWDED`). A gateway
+/// judges what it forwards; a packet addressed to the gateway itself (an SSH session to
+/// it, its own monitoring) does not leave, and judging it by the gateway's own address
+/// would drop the host's inbound traffic. Anything the host sends on from such a packet,
+/// after NAT or through a proxy, is judged at TC egress with its real destination.
+///
+/// A packet whose header names more hops (`routed`) or whose addresses could not be read
+/// is judged; so is every packet when forwarding is off on the interface, where the
+/// lookup cannot tell local from foreign (`BPF_FIB_LKUP_RET_FWD_DISABLED`).
 #[inline(always)]
 fn delivered_here(ctx: &XdpContext, frame: &ParsedFrame, ifindex: u32) -> bool {
     if frame.kind != FrameKind::Ip || frame.routed || !frame.dst_known {
