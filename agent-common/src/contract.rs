@@ -117,11 +117,6 @@ contract! {
         /// neighbour discovery, link-scope multicast), unless the policy turns that
         /// exemption off (`host_essentials:`).
         ExemptHostEssential = 15 => "exempt_host_essential",
-        /// Only at XDP: the routing table delivers the packet to this host (one of its
-        /// own addresses, a broadcast or a multicast group), so it does not leave through
-        /// the gateway. What the host sends on from it, forwarded after NAT or relayed by
-        /// a proxy, is judged at TC egress with its real destination.
-        LocalDestination = 16 => "local_destination",
     }
 }
 
@@ -153,7 +148,7 @@ mod contract_tests {
         check(Verdict::ALL, |v| v as u8, Verdict::from_u8, Verdict::as_str);
         check(Hook::ALL, |h| h as u8, Hook::from_u8, Hook::as_str);
         assert_eq!(Reason::from_u8(0), None, "0 is no reason");
-        assert_eq!(REASON_COUNT, 17);
+        assert_eq!(REASON_COUNT, 16);
         let names = [
             "events_lost",
             "events_suppressed",

@@ -61,9 +61,6 @@ pub struct Judgement {
 }
 
 impl Judgement {
-    /// A packet the routing table delivers to this host: see [`Reason::LocalDestination`].
-    pub const LOCAL_DESTINATION: Self = Self::allow(Reason::LocalDestination, 0);
-
     const fn allow(reason: Reason, generation: u32) -> Self {
         Self {
             decision: Decision::allow(reason),

@@ -18,13 +18,10 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_SHOT, bpf_fib_lookup,
-        xdp_action,
-    },
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, xdp_action},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+        generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
     macros::{classifier, map, xdp},
     maps::{
@@ -41,8 +38,8 @@ use datafence_common::{
     RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
     ViolationEvent,
     parse::{
-        FrameKind, PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers,
-        parse_ip_packet_headers, read_encapsulated, read_ipv4_options,
+        PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers, parse_ip_packet_headers,
+        read_encapsulated, read_ipv4_options,
     },
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
@@ -858,84 +855,6 @@ fn post_xdp_job(ctx: &XdpContext, parse: impl Fn(&DirectBytes) -> ParsedFrame) -
     .then_some(next)
 }
 
-/// An address as `bpf_fib_lookup` holds it: four words in network byte order.
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    let [
-        a0,
-        a1,
-        a2,
-        a3,
-        b0,
-        b1,
-        b2,
-        b3,
-        c0,
-        c1,
-        c2,
-        c3,
-        d0,
-        d1,
-        d2,
-        d3,
-    ] = *a;
-    [
-        u32::from_ne_bytes([a0, a1, a2, a3]),
-        u32::from_ne_bytes([b0, b1, b2, b3]),
-        u32::from_ne_bytes([c0, c1, c2, c3]),
-        u32::from_ne_bytes([d0, d1, d2, d3]),
-    ]
-}
-
-/// Address families of `bpf_fib_lookup` (`AF_INET`, `AF_INET6`).
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-
-/// Whether the routing table delivers the packet to this host: to one of its own
-/// addresses, a broadcast or a multicast group (`BPF_FIB_LKUP_RET_NOT_FWDED`). A gateway
-/// judges what it forwards; a packet addressed to the gateway itself (an SSH session to
-/// it, its own monitoring) does not leave, and judging it by the gateway's own address
-/// would drop the host's inbound traffic. Anything the host sends on from such a packet,
-/// after NAT or through a proxy, is judged at TC egress with its real destination.
-///
-/// A packet whose header names more hops (`routed`) or whose addresses could not be read
-/// is judged; so is every packet when forwarding is off on the interface, where the
-/// lookup cannot tell local from foreign (`BPF_FIB_LKUP_RET_FWD_DISABLED`).
-#[inline(always)]
-fn delivered_here(ctx: &XdpContext, frame: &ParsedFrame, ifindex: u32) -> bool {
-    if frame.kind != FrameKind::Ip || frame.routed || !frame.dst_known {
-        return false;
-    }
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid value of the plain C struct.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.ifindex = ifindex;
-    params.l4_protocol = frame.protocol;
-    params.sport = frame.src_port.to_be();
-    params.dport = frame.dst_port.to_be();
-    let (src, dst) = (words(&frame.src), words(&frame.dst));
-    if frame.family == FAMILY_V4 {
-        params.family = AF_INET;
-        params.__bindgen_anon_2.tos = frame.dscp << 2;
-        params.__bindgen_anon_3.ipv4_src = src[0];
-        params.__bindgen_anon_4.ipv4_dst = dst[0];
-    } else {
-        params.family = AF_INET6;
-        params.__bindgen_anon_3.ipv6_src = src;
-        params.__bindgen_anon_4.ipv6_dst = dst;
-    }
-    // SAFETY: the helper reads and writes `params`, a value of the size passed, on this
-    // program's stack.
-    let found = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &raw mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    found == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
-}
-
 #[xdp]
 pub fn datafence_xdp_judge(ctx: XdpContext) -> u32 {
     if xdp_judge(&ctx) {
@@ -951,21 +870,16 @@ fn xdp_judge(ctx: &XdpContext) -> bool {
         bump_stat(stat::STAGE_MISSING);
         return true;
     };
+    if tunnel_first(&job.frame) {
+        // SAFETY: as in `datafence_tc_egress`.
+        unsafe { XDP_STAGES.tail_call(ctx, stage::ENCAPSULATED) };
+    }
     let info = HookInfo {
         hook: Hook::Xdp,
         ifindex: job.ifindex,
         len: job.len,
         cgroup_id: 0,
     };
-    if tunnel_first(&job.frame) {
-        // SAFETY: as in `datafence_tc_egress`.
-        unsafe { XDP_STAGES.tail_call(ctx, stage::ENCAPSULATED) };
-    }
-    // Here rather than in the entry program, where each of the parser's paths would
-    // carry the lookup (twice the verifier's work there).
-    if delivered_here(ctx, &job.frame, job.ifindex) {
-        return finish(&job.frame, &info, &Judgement::LOCAL_DESTINATION);
-    }
     let j = judge_frame(&job.frame, job.mark, &KernelLookups { cgroups: |_| 0 });
     finish(&job.frame, &info, &j)
 }

@@ -336,9 +336,6 @@ fn describe(
         Reason::ExemptBuiltin => {
             format!("{address} is loopback or link-local, which is always allowed")
         }
-        Reason::LocalDestination => format!(
-            "{address} is this host's own (or a broadcast or multicast it receives): a gateway passes packets for itself without judging them"
-        ),
         Reason::ExemptHostEssential => format!(
             "{address} is link-scope multicast, or DHCP's broadcast or multicast address, which the host's own DHCP, neighbour discovery and link protocols use; allowed unless the policy's host_essentials turns that off"
         ),

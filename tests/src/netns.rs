@@ -458,16 +458,13 @@ pub fn frames_delivered(sandbox: &Sandbox, frames: &[Vec<u8>]) -> usize {
 
 /// Whether a TCP connection from the host namespace to `dst` completes.
 pub fn tcp_connects(sandbox: &Sandbox, dst: &str, port: u16) -> bool {
-    tcp_connects_between(&sandbox.host, &sandbox.world, dst, port)
-}
-
-/// Whether a TCP connection from namespace `from` to `dst`, listened on in namespace
-/// `to`, completes.
-pub fn tcp_connects_between(from: &NetNs, to: &NetNs, dst: &str, port: u16) -> bool {
     let addr: SocketAddr = SocketAddr::new(dst.parse().expect("dst"), port);
-    let listener = to.run(move || TcpListener::bind(addr).expect("bind listener"));
-    let ok =
-        from.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(800)).is_ok());
+    let listener = sandbox
+        .world
+        .run(move || TcpListener::bind(addr).expect("bind listener"));
+    let ok = sandbox
+        .host
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(800)).is_ok());
     drop(listener);
     ok
 }
