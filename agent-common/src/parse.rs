@@ -1151,6 +1151,18 @@ mod tests {
             (FrameKind::Ip, true, IPPROTO_UDP, 5432),
             "IP in IPv6 behind the encapsulation limit"
         );
+        // Behind a header that claims more than the tunnel stage reads, or behind another
+        // kind of extension header: the inner headers are not read, and the frame fails
+        // closed.
+        for (byte, value, case) in [
+            (41, 255, "2,048 bytes of options"),
+            (6, 0, "a hop-by-hop header"),
+        ] {
+            let mut odd = ip6tnl.clone();
+            odd[byte] = value;
+            let f = parse_ip_packet(&odd[..]);
+            assert_eq!(f.kind, FrameKind::Malformed, "{case}");
+        }
         // Cut inside the inner header: malformed, with nothing known of its transport.
         let f = parse_ip_packet(&ipv4(IPPROTO_IPIP, &inner[..12])[..]);
         assert_eq!((f.kind, f.ports), (FrameKind::Malformed, PortInfo::Unknown));

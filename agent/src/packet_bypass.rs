@@ -1,10 +1,10 @@
 //! Warning about user-data services that could send around TC egress. A packet socket
 //! (`AF_PACKET`) with `PACKET_QDISC_BYPASS` hands frames straight to the driver, and so
 //! does an XDP socket (`AF_XDP`: the driver's zero-copy ring, or `__dev_direct_xmit` in
-//! copy mode), so the packet ring never sees them. Opening either needs `CAP_NET_RAW`,
-//! so a systemd unit is safe when its `RestrictAddressFamilies=` leaves out both
-//! families or its `CapabilityBoundingSet=` leaves out `CAP_NET_RAW`. `datafence check` asks systemd for
-//! the units a class's cgroups name and warns about each that restricts neither.
+//! copy mode), so the packet ring never sees them. Opening either needs `CAP_NET_RAW`, so
+//! a systemd unit is safe when its `RestrictAddressFamilies=` leaves out both families or
+//! its `CapabilityBoundingSet=` leaves out `CAP_NET_RAW`. `datafence check` asks systemd
+//! for the units a class's cgroups name and warns about each that restricts neither.
 #![forbid(unsafe_code)]
 
 use std::{

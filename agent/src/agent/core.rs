@@ -87,9 +87,10 @@ impl Agent {
     }
 
     /// Adds the files a refused policy's errors name to the watched ones, until the next
-    /// policy loads: a region file only the refused policy reads (a new one, with a
-    /// mistake in it, or not there yet) is where the fix will land, and the last good
-    /// policy does not read it.
+    /// policy loads: a region file only the refused policy reads (a new one with a
+    /// mistake in it) is where the fix will land, and the last good policy does not read
+    /// it. A region file that cannot be read at all is named by the policy line that
+    /// lists it, so its arrival is not seen; `datafence reload` picks it up.
     fn watch_refused_files(&self, errors: &crate::policy::PolicyErrors) {
         let mut sources = self
             .sources
@@ -208,10 +209,19 @@ impl Agent {
     /// where the operator removed enforcement, unlisted in `status`, and an upgrade would
     /// later empty the stage arrays they jump through. Pinned links and clsact filters
     /// only: without pins (`--no-pin`) a link lives as long as this process.
-    fn detach_undesired(&mut self, desired: &[Attachment]) {
+    ///
+    /// A hook is kept if a second look at the interfaces desires it too: without a
+    /// list, `desired` comes from a dump of every interface, and a dump that missed one
+    /// (a device deleted mid-dump, a rename in between) must not take enforcement off a
+    /// live interface.
+    fn detach_undesired(&self, desired: &[Attachment]) {
+        let again = desired_attachments(&self.opts, &self.policy)
+            .map(|d| d.attachments)
+            .unwrap_or_default();
         let keep = |hook: &str, interface: &str| {
             desired
                 .iter()
+                .chain(&again)
                 .any(|a| a.hook == hook && a.interface == interface)
         };
         let mut removed = self
@@ -219,7 +229,13 @@ impl Agent {
             .pins()
             .map(|pins| pins.remove_links_unless(keep))
             .unwrap_or_default();
-        match crate::clsact::datafence_filters() {
+        // A sweep of every interface's filters: only where this agent makes them.
+        let filters = if self.datapath.tc_kind() == crate::datapath::TcKind::Clsact {
+            crate::clsact::datafence_filters()
+        } else {
+            Ok(Vec::new())
+        };
+        match filters {
             Ok(filters) => {
                 for f in filters
                     .iter()
