@@ -840,3 +840,98 @@ fn a_policy_that_would_cut_an_established_ssh_session_is_refused_at_every_reload
     );
     agent.stop();
 }
+
+/// A gateway policy whose one class takes the client's TCP (192.0.2.2, in no region) and
+/// denies destinations in no region, with `{exempt}` exempt. XDP on `up0` judges the
+/// client's packets as they arrive, by this host's own address, 192.0.2.1: in no region.
+fn gateway_session_policy(exempt: &str) -> String {
+    format!(
+        r"
+version: 1
+interfaces:
+  egress: [up0]
+  gateway: [up0]
+exempt: [{exempt}]
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24]
+data_classes:
+  clients:
+    match:
+      protocols: [tcp]
+      src_cidrs: [192.0.2.2/32]
+    allow: [eu-west]
+    unknown: deny
+"
+    )
+}
+
+/// A policy whose gateway interface would drop an SSH session's incoming packets is
+/// refused, though the session's replies are no class's: the lockout check judges both
+/// ways. Taken anyway, it does cut the session.
+#[test]
+fn a_gateway_policy_that_would_drop_an_ssh_sessions_incoming_packets_is_refused() {
+    require_root();
+    let sandbox = Sandbox::new("gs");
+    let scratch = Scratch::new("gateway-session");
+    let policy = scratch.write("policy.yaml", &session_policy("allow", ""));
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &policy,
+        &["--no-watch", "--ssh-port", &SSH_PORT.to_string()],
+    );
+    let (mut client, mut server) = open_session(&sandbox);
+    assert!(session_carries_data(&mut client, &mut server));
+    let ends = format!(
+        "from {}:{} to {}:{SSH_PORT}",
+        addr::WORLD_V4,
+        client.local_addr().expect("client address").port(),
+        addr::HOST_V4
+    );
+
+    std::fs::write(&policy, gateway_session_policy("")).expect("write");
+    let out = agent.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("gateway interfaces (XDP) would drop the incoming packets of the SSH session")
+            && err.contains(&ends)
+            && err.contains("this host's own address 192.0.2.1"),
+        "{err}"
+    );
+    assert_eq!(
+        agent.status_json()["policy"]["generation"].as_u64(),
+        Some(1)
+    );
+    assert!(session_carries_data(&mut client, &mut server));
+
+    // With this host's address exempt, nothing is cut: accepted.
+    std::fs::write(&policy, gateway_session_policy("192.0.2.1/32")).expect("write");
+    let out = agent.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(session_carries_data(&mut client, &mut server));
+    agent.stop();
+
+    // Taken anyway, the policy drops the session's packets at XDP, as the refusal said.
+    std::fs::write(&policy, gateway_session_policy("")).expect("write");
+    let agent = RunningAgent::start(
+        &sandbox.host,
+        &policy,
+        &[
+            "--no-watch",
+            "--ssh-port",
+            &SSH_PORT.to_string(),
+            "--allow-lockout-risk",
+        ],
+    );
+    assert!(agent.stderr().contains(&ends), "{}", agent.stderr());
+    assert!(
+        !session_carries_data(&mut client, &mut server),
+        "the session's packets still arrive"
+    );
+    agent.stop();
+}

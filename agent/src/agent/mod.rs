@@ -65,8 +65,9 @@ pub struct RunOptions {
     /// unless `allow_lockout_risk`.
     pub management: Vec<IpNetwork>,
     /// The ports SSH sessions are on (`--ssh-port`); empty: the ports sshd listens on,
-    /// and 22. A policy that would deny the replies of a session established on one of
-    /// them is refused unless `allow_lockout_risk`.
+    /// and 22. A policy that would cut a session established on one of them (deny its
+    /// replies, or drop its incoming packets at a gateway interface) is refused unless
+    /// `allow_lockout_risk`.
     pub ssh_ports: Vec<u16>,
     pub allow_lockout_risk: bool,
     /// Reload when the policy file or a region file changes.
@@ -129,14 +130,20 @@ pub enum AgentError {
 }
 
 fn lockout_message(path: &str, at_risk: &crate::lockout::AtRisk) -> String {
-    use crate::lockout::AtRisk;
+    use crate::lockout::{AtRisk, Way};
     match at_risk {
         AtRisk::ManagementNetwork(address) => format!(
             "policy {path} would lock this host out: its exempt list does not cover the management address {address}; add it to `exempt`, or pass --allow-lockout-risk if you are sure"
         ),
-        AtRisk::SshSession(cut) => format!(
-            "refusing policy {path}: it would deny the replies of the SSH session {cut}; exempt the client's network or pass --allow-lockout-risk"
-        ),
+        AtRisk::SshSession(cut) => match cut.way {
+            Way::Replies => format!(
+                "refusing policy {path}: it would deny the replies of the SSH session {cut}; exempt the client's network or pass --allow-lockout-risk"
+            ),
+            Way::Requests => format!(
+                "refusing policy {path}: its gateway interfaces (XDP) would drop the incoming packets of the SSH session {cut}, judged by this host's own address {}; exempt that address or pass --allow-lockout-risk",
+                cut.session.local.ip()
+            ),
+        },
     }
 }
 

@@ -54,8 +54,8 @@ pub(super) fn load_policy(
     Ok(policy)
 }
 
-/// Refuses a policy that would deny the replies of an SSH session established right
-/// now, judged on the compiled policy about to be applied. With --allow-lockout-risk
+/// Refuses a policy that would cut an SSH session established right now (deny its
+/// replies, or drop its incoming packets at a gateway interface), judged on the compiled policy about to be applied. With --allow-lockout-risk
 /// the policy is accepted and the session named in a warning. A host whose socket
 /// tables cannot be read is checked against the management networks only: refusing
 /// every policy there would leave it with none.
@@ -77,7 +77,7 @@ pub(super) fn refuse_cutting_ssh_sessions(
         return Ok(());
     };
     if opts.allow_lockout_risk {
-        warn!(policy = %opts.policy_path.display(), session = %cut, "accepted with --allow-lockout-risk: this policy denies the replies of an SSH session");
+        warn!(policy = %opts.policy_path.display(), session = %cut, "accepted with --allow-lockout-risk: this policy cuts an SSH session");
         return Ok(());
     }
     Err(AgentError::LockoutRisk {

@@ -115,9 +115,8 @@ pub(crate) enum Command {
     /// Make the running agent re-read its policy and switch to it with no gap.
     ///
     /// Exits non-zero and prints the reason when the new policy is refused; the policy
-    /// in force then stays, as it does when the new policy would deny the replies of an
-    /// SSH session established to this host (see `run --ssh-port` and
-    /// `--allow-lockout-risk`).
+    /// in force then stays, as it does when the new policy would cut an SSH session
+    /// established to this host (see `run --ssh-port` and `--allow-lockout-risk`).
     Reload {
         /// Reload the agent that owns these pins (bpffs directory).
         #[arg(long)]

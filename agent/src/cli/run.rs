@@ -58,12 +58,12 @@ pub(crate) struct RunArgs {
     pub(crate) management_cidrs: Vec<ipnetwork::IpNetwork>,
     /// A port SSH sessions come in on. Repeatable. At start and at every reload, a
     /// policy that would deny the replies of a session established on one of these
-    /// ports is refused. Default: the ports sshd listens on (where the agent can see
+    /// ports, or drop its incoming packets at a gateway interface, is refused. Default: the ports sshd listens on (where the agent can see
     /// them), and 22.
     #[arg(long = "ssh-port", value_name = "PORT")]
     pub(crate) ssh_ports: Vec<u16>,
-    /// Accept a policy that does not exempt the management networks or that would
-    /// deny the replies of an established SSH session (it is named in a warning).
+    /// Accept a policy that does not exempt the management networks or that would cut
+    /// an established SSH session (it is named in a warning).
     #[arg(long)]
     pub(crate) allow_lockout_risk: bool,
     /// Do not reload when the policy file or a region file changes.

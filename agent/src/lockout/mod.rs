@@ -6,7 +6,8 @@
 //! - [`uncovered`]: the management networks (`--management-cidr`) a policy does not
 //!   exempt;
 //! - [`first_cut_session`]: the inbound SSH sessions ([`sessions::established`]) whose
-//!   replies the policy would deny, judged by the same decision `datafence explain`
+//!   replies the policy would deny, or, with gateway interfaces, whose incoming packets
+//!   their XDP program would drop, judged by the same decision `datafence explain`
 //!   gives.
 #![forbid(unsafe_code)]
 
@@ -72,11 +73,22 @@ pub enum AtRisk {
     SshSession(Box<CutSession>),
 }
 
-/// An SSH session whose replies a policy would deny, and the policy's answer.
+/// An SSH session a policy would cut, which way, and the policy's answer.
 #[derive(Debug)]
 pub struct CutSession {
     pub session: SshSession,
+    pub way: Way,
     pub explanation: Explanation,
+}
+
+/// Which of a session's packets a policy would deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// Its replies, at TC egress.
+    Replies,
+    /// The client's packets, at a gateway interface's XDP hook, which judges packets as
+    /// they arrive, by their destination: this host's own address.
+    Requests,
 }
 
 /// "from 198.51.100.7:51234 to 192.0.2.10:22 (sshd pid 812, class user-data, region
@@ -150,18 +162,64 @@ pub fn judge_replies(
     last
 }
 
-/// The first of `sessions` whose replies `policy` denies. An audit verdict lets them
-/// through, so it does not count.
+/// What the policy does to a session's incoming packets where a gateway interface's XDP
+/// program judges them: TCP from the client's end to this host's, with no mark and no
+/// cgroup (XDP has neither), with each DSCP an SSH client may set. A session may arrive
+/// on any interface, so every one is judged once the policy has a gateway interface. The
+/// first judgement that denies, else the last; `None` without gateway interfaces.
+pub fn judge_requests(
+    policy: &LoadedPolicy,
+    compiled: &CompiledPolicy,
+    cgroup_root: &Path,
+    session: &SshSession,
+) -> Option<Explanation> {
+    if policy.gateway_interfaces.is_empty() {
+        return None;
+    }
+    let mut last = None;
+    for dscp in SSH_DSCP {
+        let query = Query {
+            protocol: IPPROTO_TCP,
+            dst_port: session.local.port(),
+            src: Some(session.remote.ip()),
+            cgroup: None,
+            mark: 0,
+            dscp,
+            class: None,
+        };
+        match explain(policy, compiled, cgroup_root, &query, session.local.ip()) {
+            Ok(e) if e.verdict == Verdict::Deny.as_str() => return Some(e),
+            Ok(e) => last = Some(e),
+            Err(e) => {
+                tracing::warn!(%session, error = %e, "cannot judge the incoming packets of an SSH session");
+            }
+        }
+    }
+    last
+}
+
+/// The first of `sessions` that `policy` cuts: its replies denied, or its incoming
+/// packets at a gateway interface. An audit verdict lets them through, so it does not
+/// count.
 pub fn first_cut_session(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     sessions: Vec<SshSession>,
 ) -> Option<CutSession> {
+    let denied = |e: Option<Explanation>| e.filter(|e| e.verdict == Verdict::Deny.as_str());
     sessions.into_iter().find_map(|session| {
-        let explanation = judge_replies(policy, compiled, cgroup_root, &session)?;
-        (explanation.verdict == Verdict::Deny.as_str()).then_some(CutSession {
+        let (way, explanation) =
+            match denied(judge_replies(policy, compiled, cgroup_root, &session)) {
+                Some(e) => (Way::Replies, e),
+                None => (
+                    Way::Requests,
+                    denied(judge_requests(policy, compiled, cgroup_root, &session))?,
+                ),
+            };
+        Some(CutSession {
             session,
+            way,
             explanation,
         })
     })
@@ -243,6 +301,45 @@ data_classes:
                 "from [2001:db8:9::7]:40000 to [2001:db8::10]:22 (sshd pid 812, class user-data, region none: unknown_denied)"
             )
         );
+    }
+
+    /// At a gateway interface, XDP judges a session's incoming packets by this host's
+    /// own address: a class that takes the client's traffic, and denies destinations in
+    /// no region, cuts the session there while its replies are no class's.
+    #[test]
+    fn a_session_whose_incoming_packets_a_gateway_would_deny_is_cut() {
+        let gateway = |exempt: &str| {
+            let text = POLICY
+                .replace("{mode}", "enforce")
+                .replace("{exempt}", exempt)
+                .replace("regions:", "interfaces:\n  gateway: [eth1]\nregions:");
+            let policy = crate::policy::parse_policy_str(
+                &text,
+                Path::new("/etc/datafence/policy.yaml"),
+                &crate::policy::LoadOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let compiled = policy.compile();
+            (policy, compiled)
+        };
+        // The client is the class's source; this host's replies are not.
+        let sessions = || vec![session("203.0.113.5:22", "192.0.2.10:51234")];
+        let got = first_cut_session(
+            &gateway("").0,
+            &gateway("").1,
+            Path::new("/nonexistent"),
+            sessions(),
+        )
+        .expect("cut at the gateway");
+        assert_eq!(got.way, Way::Requests);
+        assert_eq!(
+            got.to_string(),
+            "from 192.0.2.10:51234 to 203.0.113.5:22 (sshd pid 812, class user-data, region none: unknown_denied)"
+        );
+        // Without a gateway interface nothing judges them so; exempting this host's
+        // address lets them through.
+        assert_eq!(cut(&policy("enforce", ""), sessions()), None);
+        assert_eq!(cut(&gateway("203.0.113.5/32"), sessions()), None);
     }
 
     #[test]
