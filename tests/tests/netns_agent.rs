@@ -894,9 +894,11 @@ fn a_gateway_policy_that_would_drop_an_ssh_sessions_incoming_packets_is_refused(
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(
-        err.contains("gateway interfaces (XDP) would drop the incoming packets of the SSH session")
+        err.contains("arriving on a gateway interface, the incoming packets of the SSH session")
             && err.contains(&ends)
-            && err.contains("this host's own address 192.0.2.1"),
+            && err.contains(
+                "would be dropped (XDP judges them by this host's own address 192.0.2.1)"
+            ),
         "{err}"
     );
     assert_eq!(

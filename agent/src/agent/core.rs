@@ -112,7 +112,11 @@ impl Agent {
             return Ok(());
         }
         let compiled = policy.compile();
-        refuse_cutting_ssh_sessions(&self.opts, &policy, &compiled)?;
+        let xdp_attached = self
+            .attachments
+            .iter()
+            .any(|a| a.hook == Hook::Xdp.as_str());
+        refuse_cutting_ssh_sessions(&self.opts, &policy, &compiled, xdp_attached)?;
         // Credit what was counted so far to the names of the policy about to be replaced.
         self.sync_ledger()?;
         let report = self.datapath.apply(&compiled, self.opts.events)?;

@@ -140,7 +140,7 @@ fn lockout_message(path: &str, at_risk: &crate::lockout::AtRisk) -> String {
                 "refusing policy {path}: it would deny the replies of the SSH session {cut}; exempt the client's network or pass --allow-lockout-risk"
             ),
             Way::Requests => format!(
-                "refusing policy {path}: its gateway interfaces (XDP) would drop the incoming packets of the SSH session {cut}, judged by this host's own address {}; exempt that address or pass --allow-lockout-risk",
+                "refusing policy {path}: arriving on a gateway interface, the incoming packets of the SSH session {cut} would be dropped (XDP judges them by this host's own address {}); exempt that address, leave the client out of the class, or pass --allow-lockout-risk",
                 cut.session.local.ip()
             ),
         },

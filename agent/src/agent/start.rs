@@ -63,6 +63,7 @@ pub(super) fn refuse_cutting_ssh_sessions(
     opts: &RunOptions,
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
+    xdp_attached: bool,
 ) -> Result<(), AgentError> {
     let procfs = lockout::Procfs::new("/proc");
     let sessions = match lockout::sessions::established(&opts.ssh_ports, &procfs) {
@@ -72,12 +73,16 @@ pub(super) fn refuse_cutting_ssh_sessions(
             return Ok(());
         }
     };
-    let Some(cut) = lockout::first_cut_session(policy, compiled, &opts.cgroup_root, sessions)
+    // The XDP hooks of the policy in force judge by the new one until the next check
+    // takes off those the new policy no longer names.
+    let at_xdp = xdp_attached || !policy.gateway_interfaces.is_empty();
+    let Some(cut) =
+        lockout::first_cut_session(policy, compiled, &opts.cgroup_root, sessions, at_xdp)
     else {
         return Ok(());
     };
     if opts.allow_lockout_risk {
-        warn!(policy = %opts.policy_path.display(), session = %cut, "accepted with --allow-lockout-risk: this policy cuts an SSH session");
+        warn!(policy = %opts.policy_path.display(), session = %cut, way = ?cut.way, "accepted with --allow-lockout-risk: this policy cuts an SSH session");
         return Ok(());
     }
     Err(AgentError::LockoutRisk {
@@ -189,7 +194,7 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     tune_allocator();
     let policy = load_policy(&opts, &[])?;
     let compiled = policy.compile();
-    refuse_cutting_ssh_sessions(&opts, &policy, &compiled)?;
+    refuse_cutting_ssh_sessions(&opts, &policy, &compiled, false)?;
     let Desired {
         attachments,
         unjudgeable,

@@ -111,9 +111,10 @@ impl fmt::Display for CutSession {
     }
 }
 
-/// The DSCP values a session's replies may carry: none, and OpenSSH's default `IPQoS`
-/// (af21 for interactive sessions, cs1 for bulk transfers).
-const SSH_DSCP: [u8; 3] = [0, 18, 8];
+/// The DSCP values a session's packets may carry: none; OpenSSH's default `IPQoS` (af21
+/// for interactive sessions, cs1 for bulk transfers), ef for interactive sessions from
+/// OpenSSH 10.1 on; and before 7.8, the TOS bits lowdelay and throughput, DSCP 4 and 2.
+const SSH_DSCP: [u8; 6] = [0, 18, 8, 46, 4, 2];
 
 /// What the policy does to a session's replies: TCP from this host's end to the
 /// client's, sent from the cgroup sshd's sockets are charged to, with each DSCP sshd may
@@ -164,18 +165,15 @@ pub fn judge_replies(
 
 /// What the policy does to a session's incoming packets where a gateway interface's XDP
 /// program judges them: TCP from the client's end to this host's, with no mark and no
-/// cgroup (XDP has neither), with each DSCP an SSH client may set. A session may arrive
-/// on any interface, so every one is judged once the policy has a gateway interface. The
-/// first judgement that denies, else the last; `None` without gateway interfaces.
+/// cgroup (XDP has neither), with each DSCP an SSH client may set. Which interface a
+/// session arrives on is not looked up, so every session is judged. The first judgement
+/// that denies, else the last.
 pub fn judge_requests(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     session: &SshSession,
 ) -> Option<Explanation> {
-    if policy.gateway_interfaces.is_empty() {
-        return None;
-    }
     let mut last = None;
     for dscp in SSH_DSCP {
         let query = Query {
@@ -198,24 +196,26 @@ pub fn judge_requests(
     last
 }
 
-/// The first of `sessions` that `policy` cuts: its replies denied, or its incoming
-/// packets at a gateway interface. An audit verdict lets them through, so it does not
-/// count.
+/// The first of `sessions` that `policy` cuts: its replies denied, or, when `at_xdp`
+/// (XDP programs will judge by this policy), its incoming packets. An audit verdict lets
+/// them through, so it does not count.
 pub fn first_cut_session(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     sessions: Vec<SshSession>,
+    at_xdp: bool,
 ) -> Option<CutSession> {
     let denied = |e: Option<Explanation>| e.filter(|e| e.verdict == Verdict::Deny.as_str());
     sessions.into_iter().find_map(|session| {
         let (way, explanation) =
             match denied(judge_replies(policy, compiled, cgroup_root, &session)) {
                 Some(e) => (Way::Replies, e),
-                None => (
+                None if at_xdp => (
                     Way::Requests,
                     denied(judge_requests(policy, compiled, cgroup_root, &session))?,
                 ),
+                None => return None,
             };
         Some(CutSession {
             session,
@@ -273,8 +273,15 @@ data_classes:
     }
 
     fn cut(policy: &(LoadedPolicy, CompiledPolicy), sessions: Vec<SshSession>) -> Option<String> {
-        first_cut_session(&policy.0, &policy.1, Path::new("/nonexistent"), sessions)
-            .map(|c| c.to_string())
+        let at_xdp = !policy.0.gateway_interfaces.is_empty();
+        first_cut_session(
+            &policy.0,
+            &policy.1,
+            Path::new("/nonexistent"),
+            sessions,
+            at_xdp,
+        )
+        .map(|c| c.to_string())
     }
 
     #[test]
@@ -329,6 +336,7 @@ data_classes:
             &gateway("").1,
             Path::new("/nonexistent"),
             sessions(),
+            true,
         )
         .expect("cut at the gateway");
         assert_eq!(got.way, Way::Requests);
@@ -377,7 +385,7 @@ data_classes:
             let compiled = policy.compile();
             let mut unseen = session("192.0.2.10:22", "203.0.113.7:51234");
             unseen.owner = None;
-            let got = first_cut_session(&policy, &compiled, &root, vec![unseen]);
+            let got = first_cut_session(&policy, &compiled, &root, vec![unseen], false);
             assert_eq!(
                 got.map(|c| c.to_string()).as_deref(),
                 Some(
