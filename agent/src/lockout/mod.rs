@@ -139,28 +139,25 @@ pub fn judge_replies(
             }))
             .collect(),
     };
-    let mut last = None;
-    for cgroup in cgroups {
-        for dscp in SSH_DSCP {
-            let query = Query {
-                protocol: IPPROTO_TCP,
-                dst_port: session.remote.port(),
-                src: Some(session.local.ip()),
-                cgroup: cgroup.clone(),
-                mark: 0,
-                dscp,
-                class: None,
-            };
-            match explain(policy, compiled, cgroup_root, &query, session.remote.ip()) {
-                Ok(e) if e.verdict == Verdict::Deny.as_str() => return Some(e),
-                Ok(e) => last = Some(e),
-                Err(e) => {
-                    tracing::warn!(%session, error = %e, "cannot judge the replies of an SSH session");
-                }
-            }
-        }
-    }
-    last
+    let queries = cgroups.into_iter().flat_map(|cgroup| {
+        SSH_DSCP.map(|dscp| Query {
+            protocol: IPPROTO_TCP,
+            dst_port: session.remote.port(),
+            src: Some(session.local.ip()),
+            cgroup: cgroup.clone(),
+            mark: 0,
+            dscp,
+            class: None,
+        })
+    });
+    first_denial(
+        policy,
+        compiled,
+        cgroup_root,
+        queries,
+        session,
+        Way::Replies,
+    )
 }
 
 /// What the policy does to a session's incoming packets where a gateway interface's XDP
@@ -174,22 +171,46 @@ pub fn judge_requests(
     cgroup_root: &Path,
     session: &SshSession,
 ) -> Option<Explanation> {
+    let queries = SSH_DSCP.map(|dscp| Query {
+        protocol: IPPROTO_TCP,
+        dst_port: session.local.port(),
+        src: Some(session.remote.ip()),
+        cgroup: None,
+        mark: 0,
+        dscp,
+        class: None,
+    });
+    first_denial(
+        policy,
+        compiled,
+        cgroup_root,
+        queries,
+        session,
+        Way::Requests,
+    )
+}
+
+/// Each query's judgement of one way of `session`'s packets: the first that denies, else
+/// the last; `None` if none could be made, which is logged.
+fn first_denial(
+    policy: &LoadedPolicy,
+    compiled: &CompiledPolicy,
+    cgroup_root: &Path,
+    queries: impl IntoIterator<Item = Query>,
+    session: &SshSession,
+    way: Way,
+) -> Option<Explanation> {
+    let (to, packets) = match way {
+        Way::Replies => (session.remote.ip(), "replies"),
+        Way::Requests => (session.local.ip(), "incoming packets"),
+    };
     let mut last = None;
-    for dscp in SSH_DSCP {
-        let query = Query {
-            protocol: IPPROTO_TCP,
-            dst_port: session.local.port(),
-            src: Some(session.remote.ip()),
-            cgroup: None,
-            mark: 0,
-            dscp,
-            class: None,
-        };
-        match explain(policy, compiled, cgroup_root, &query, session.local.ip()) {
+    for query in queries {
+        match explain(policy, compiled, cgroup_root, &query, to) {
             Ok(e) if e.verdict == Verdict::Deny.as_str() => return Some(e),
             Ok(e) => last = Some(e),
             Err(e) => {
-                tracing::warn!(%session, error = %e, "cannot judge the incoming packets of an SSH session");
+                tracing::warn!(%session, error = %e, "cannot judge the {packets} of an SSH session");
             }
         }
     }
