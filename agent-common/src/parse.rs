@@ -74,6 +74,41 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
+/// MPLS, unicast and multicast: a label stack, then a packet of a type the stack does not
+/// name (Linux routes IP into it with `encap mpls`).
+pub const ETH_P_MPLS_UC: u16 = 0x8847;
+pub const ETH_P_MPLS_MC: u16 = 0x8848;
+/// A PPPoE session's frames: PPP, which carries IP among other protocols.
+pub const ETH_P_PPP_SES: u16 = 0x8864;
+const MPLS_HLEN: usize = 4;
+/// The bit of a label stack entry's third byte that marks the last entry.
+const MPLS_BOTTOM_OF_STACK: u8 = 1;
+/// Label stack entries read before giving up (the packet counts as malformed); bounds the
+/// loop for the verifier. Linux pushes at most 30 by route, real stacks have two or three.
+pub const MAX_MPLS_LABELS: usize = 8;
+/// PPPoE's version and type (1 and 1), and its code for session data.
+const PPPOE_VERSION_TYPE: u8 = 0x11;
+const PPPOE_SESSION_DATA: u8 = 0;
+/// The PPPoE header and the PPP protocol field after it.
+const PPPOE_HLEN: usize = 8;
+const PPP_IP: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
+/// PPP protocols from here up are PPP's own control (LCP, the NCPs, authentication):
+/// RFC 1661's numbering, with no user data in them.
+const PPP_FIRST_CONTROL: u16 = 0x8000;
+/// Bounds where the IP packet that MPLS or PPPoE carries starts, for the verifier: a
+/// mask, not a comparison, so the bound holds in whichever register or stack slot the
+/// compiler keeps the offset (Linux 6.1 loses a comparison's bound across a spill). It
+/// changes no offset the parser can reach, as the assertion below checks.
+const CARRIED_OFFSET_MASK: usize = 0x3ff;
+const _: () = assert!(
+    MAX_INNER_OFFSET
+        + ETH_HLEN
+        + VLAN_HLEN * MAX_VLAN_DEPTH
+        + MPLS_HLEN * MAX_MPLS_LABELS
+        + PPPOE_HLEN
+        <= CARRIED_OFFSET_MASK
+);
 const VLAN_HLEN: usize = 4;
 /// VLAN tags parsed, counting one the NIC has offloaded: 802.1ad + 802.1Q (QinQ).
 pub const MAX_VLAN_DEPTH: usize = 2;
@@ -91,6 +126,10 @@ const IPPROTO_GRE: u8 = 47;
 /// VXLAN's and Geneve's IANA ports: the tunnels whose inner headers are classified.
 pub const VXLAN_PORT: u16 = 4789;
 pub const GENEVE_PORT: u16 = 6081;
+/// VXLAN's port in Linux before IANA assigned one: still the kernel's default for a
+/// device made without `dstport`, and the default of Flannel's and Cilium's VXLAN
+/// overlays.
+pub const LINUX_VXLAN_PORT: u16 = 8472;
 /// Transparent Ethernet bridging: a tunnel that carries whole Ethernet frames.
 const ETH_P_TEB: u16 = 0x6558;
 const UDP_HLEN: usize = 8;
@@ -329,7 +368,18 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
     out.fragment_id = u32::from(be16([h[4], h[5]]));
     // Walked apart (`read_ipv4_options`).
     out.ipv4_options_len = (ihl - IPV4_MIN_HLEN) as u8;
-    parse_ports(&pkt, l3 + ihl, later == 0, out)
+    let mut l4 = l3 + ihl;
+    if out.protocol == IPPROTO_AH && later == 0 {
+        // IPsec's AH authenticates the packet and leaves the transport header after it
+        // in clear (transport mode): the protocol it names is the one classified, as for
+        // IPv6. Its length counts 4-byte words, less two.
+        let Some([next, words]) = pkt.load::<[u8; 2]>(l4) else {
+            return false;
+        };
+        out.protocol = next;
+        l4 += (usize::from(words) + 2) * 4;
+    }
+    parse_ports(&pkt, l4, later == 0, out)
 }
 
 /// Looks for a source route in the IPv4 options the parser found (`routed`), after
@@ -577,6 +627,17 @@ pub fn parse_frame_headers<P: PacketBytes + ?Sized>(
     parse_network(pkt, ethertype, l3)
 }
 
+/// [`parse_ip_packet_headers`] for a packet that the kernel says is of `protocol` (an
+/// skb's, in host order): an MPLS packet on a device without a link-layer header starts
+/// at its label stack, whose first bytes say nothing of the family.
+#[inline(always)]
+pub fn parse_l3_packet_headers<P: PacketBytes + ?Sized>(pkt: &P, protocol: u16) -> ParsedFrame {
+    if protocol == ETH_P_MPLS_UC || protocol == ETH_P_MPLS_MC {
+        return parse_network(pkt, protocol, 0);
+    }
+    parse_ip_packet_headers(pkt)
+}
+
 /// [`parse_ip_packet`] but for the IPv4 options. The version field says the family, as it
 /// does for whoever receives the packet at the other end; anything else is not IP.
 #[inline(always)]
@@ -595,7 +656,7 @@ pub fn parse_ip_packet_headers<P: PacketBytes + ?Sized>(pkt: &P) -> ParsedFrame 
 }
 
 /// Whether the frame may be a tunnel whose inner headers [`read_encapsulated`] has yet to
-/// read: IP in IP (4), IPv6 in IP (41), GRE (47), or UDP to VXLAN's or Geneve's port.
+/// read: IP in IP (4), IPv6 in IP (41), GRE (47), or UDP to VXLAN's ports or Geneve's.
 /// Later fragments carry no headers; they take their first fragment's verdict.
 #[inline(always)]
 pub fn may_be_tunnel(frame: &ParsedFrame) -> bool {
@@ -628,7 +689,7 @@ impl TunnelFacts {
         let tunnel_protocol = matches!(self.protocol, IPPROTO_IPIP | IPPROTO_IPV6 | IPPROTO_GRE);
         let tunnel_port = self.protocol == IPPROTO_UDP
             && self.ports == PortInfo::Known
-            && (self.dst_port == VXLAN_PORT || self.dst_port == GENEVE_PORT);
+            && matches!(self.dst_port, VXLAN_PORT | LINUX_VXLAN_PORT | GENEVE_PORT);
         !self.encapsulated
             && self.kind == FrameKind::Ip
             && self.fragment != fragment::LATER
@@ -709,6 +770,10 @@ pub fn read_encapsulated<P: PacketBytes + ?Sized>(pkt: &P, frame: &mut ParsedFra
 #[inline(always)]
 fn tunnel_header_at<P: PacketBytes + ?Sized>(pkt: &P, frame: &ParsedFrame) -> Option<usize> {
     let at = if frame.family == FAMILY_V4 {
+        if frame.protocol != frame.ip_protocol {
+            // A tunnel behind an AH header: not read, so it fails closed.
+            return None;
+        }
         // At most 40 bytes of options; the mask tells the verifier so, and with it that
         // the offset is always within bounds.
         usize::from(frame.network_at) + IPV4_MIN_HLEN + usize::from(frame.ipv4_options_len & 0x3f)
@@ -775,7 +840,9 @@ fn tunnel_payload<P: PacketBytes + ?Sized>(
             let len = GRE_HLEN + 4 * (checksum + key + sequence);
             Some((be16([proto_hi, proto_lo]), at + len))
         }
-        _ if frame.dst_port == VXLAN_PORT => Some((ETH_P_TEB, at + UDP_HLEN + VXLAN_HLEN)),
+        _ if matches!(frame.dst_port, VXLAN_PORT | LINUX_VXLAN_PORT) => {
+            Some((ETH_P_TEB, at + UDP_HLEN + VXLAN_HLEN))
+        }
         _ => {
             // Geneve: the option length (in 4-byte words) and the protocol of the payload.
             let geneve = at + UDP_HLEN;
@@ -805,11 +872,82 @@ impl<P: PacketBytes + ?Sized> PacketBytes for Shifted<'_, P> {
     }
 }
 
+/// The network packet that an MPLS label stack or a PPPoE session frame at `at` carries:
+/// [`ETH_P_IP`] or [`ETH_P_IPV6`] and its offset, or a non-IP ethertype for PPP's own
+/// control. `None` when the payload cannot be read: it may be IP in a form not parsed
+/// (past [`MAX_MPLS_LABELS`], an MPLS pseudowire, compressed or multilink PPP).
+#[inline(always)]
+fn carried_network<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    ethertype: u16,
+    at: usize,
+) -> Option<(u16, usize)> {
+    if ethertype == ETH_P_PPP_SES {
+        return ppp_payload(pkt, at);
+    }
+    let mut off = at;
+    let mut i = 0;
+    while i < MAX_MPLS_LABELS {
+        let [_, _, class_bottom, _] = pkt.load::<[u8; MPLS_HLEN]>(off)?;
+        off += MPLS_HLEN;
+        if class_bottom & MPLS_BOTTOM_OF_STACK != 0 {
+            return ip_by_version(pkt, off);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The IP packet at `at` by its version field, as Linux's MPLS receiver takes it.
+#[inline(always)]
+fn ip_by_version<P: PacketBytes + ?Sized>(pkt: &P, at: usize) -> Option<(u16, usize)> {
+    // Two bytes, not one: see `parse_ip_packet_headers`.
+    let [first, _] = pkt.load::<[u8; 2]>(at)?;
+    match first >> 4 {
+        4 => Some((ETH_P_IP, at)),
+        6 => Some((ETH_P_IPV6, at)),
+        _ => None,
+    }
+}
+
+/// What a PPPoE session frame at `at` carries (see [`carried_network`]).
+#[inline(always)]
+fn ppp_payload<P: PacketBytes + ?Sized>(pkt: &P, at: usize) -> Option<(u16, usize)> {
+    let [version_type, code, _, _, _, _, hi, lo] = pkt.load::<[u8; PPPOE_HLEN]>(at)?;
+    if version_type != PPPOE_VERSION_TYPE || code != PPPOE_SESSION_DATA {
+        return None;
+    }
+    match be16([hi, lo]) {
+        PPP_IP => Some((ETH_P_IP, at + PPPOE_HLEN)),
+        PPP_IPV6 => Some((ETH_P_IPV6, at + PPPOE_HLEN)),
+        control if control >= PPP_FIRST_CONTROL => Some((0, at)),
+        // Header-compressed, multilink or encrypted IP, or another network protocol.
+        _ => None,
+    }
+}
+
 /// Parses the network header at `l3` and what follows it.
 #[inline(always)]
 fn parse_network<P: PacketBytes + ?Sized>(pkt: &P, ethertype: u16, l3: usize) -> ParsedFrame {
     let mut out = ParsedFrame::UNREAD;
-    // Never past two VLAN tags, or a tunnel's bound for its inner packet.
+    let (ethertype, l3) = match ethertype {
+        ETH_P_MPLS_UC | ETH_P_MPLS_MC | ETH_P_PPP_SES => {
+            // Fails closed: a label stack or PPP frame whose payload cannot be read may
+            // carry IP all the same.
+            let Some((ethertype, l3)) = carried_network(pkt, ethertype, l3) else {
+                return out;
+            };
+            // Each label depth reaches here with a different offset; forgotten, and
+            // bounded again, they meet as one for the IP parse.
+            (
+                ethertype,
+                pkt.forget(l3 as u32) as usize & CARRIED_OFFSET_MASK,
+            )
+        }
+        _ => (ethertype, l3),
+    };
+    // Never past two VLAN tags and a label stack, or a tunnel's bound for its inner
+    // packet, whose offset is not used.
     out.network_at = l3 as u8;
     let complete = match ethertype {
         ETH_P_IP => parse_ipv4(pkt, l3, &mut out),
@@ -1110,17 +1248,21 @@ mod tests {
     fn tunnels_take_their_inner_transport_and_keep_their_outer_destination() {
         let inner = udp_v4([198, 51, 100, 10], 5432);
         let vxlan_payload = [&[0x08, 0, 0, 0, 0, 0, 42, 0][..], &ethernet(&inner)].concat();
-        let mut vxlan = udp_v4([203, 0, 113, 10], VXLAN_PORT).to_vec();
-        vxlan.extend_from_slice(&vxlan_payload);
-        let total = vxlan.len() as u16;
-        vxlan[2..4].copy_from_slice(&total.to_be_bytes());
+        let vxlan_to = |port: u16| {
+            let mut vxlan = udp_v4([203, 0, 113, 10], port).to_vec();
+            vxlan.extend_from_slice(&vxlan_payload);
+            let total = vxlan.len() as u16;
+            vxlan[2..4].copy_from_slice(&total.to_be_bytes());
+            vxlan
+        };
         for (packet, case) in [
             (ipv4(IPPROTO_IPIP, &inner), "IP in IP"),
             (
                 ipv4(IPPROTO_GRE, &[&[0, 0, 0x08, 0][..], &inner].concat()),
                 "GRE",
             ),
-            (vxlan, "VXLAN"),
+            (vxlan_to(VXLAN_PORT), "VXLAN"),
+            (vxlan_to(LINUX_VXLAN_PORT), "VXLAN on Linux's default port"),
         ] {
             let f = parse_ip_packet(&packet[..]);
             assert_eq!(f.kind, FrameKind::Ip, "{case}");
@@ -1172,6 +1314,189 @@ mod tests {
         let f = parse_ip_packet(&later[..]);
         assert!(!f.encapsulated);
         assert_eq!(f.fragment, fragment::LATER);
+    }
+
+    /// An Ethernet frame of `ethertype` carrying `payload`.
+    fn framed(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A label stack of `depth` entries, the last marked bottom of stack.
+    fn labels(depth: usize) -> Vec<u8> {
+        (0..depth)
+            .flat_map(|i| {
+                let bottom = u8::from(i + 1 == depth);
+                [0x00, 0x06, 0x40 | bottom, 64]
+            })
+            .collect()
+    }
+
+    /// A PPPoE session frame's header and PPP protocol, for `payload`.
+    fn pppoe(protocol: u16, payload: &[u8]) -> Vec<u8> {
+        let length = (payload.len() + 2) as u16;
+        let mut p = vec![0x11, 0, 0x12, 0x34];
+        p.extend_from_slice(&length.to_be_bytes());
+        p.extend_from_slice(&protocol.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn ip_under_mpls_labels_or_in_pppoe_sessions_is_read_and_what_cannot_be_read_fails_closed() {
+        let v4 = udp_v4([203, 0, 113, 10], 5432);
+        let mut v6 = vec![0x60, 0, 0, 0, 0, 8, IPPROTO_UDP, 64];
+        v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        v6.extend_from_slice(&[
+            0x20, 0x01, 0x0d, 0xb8, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ]);
+        v6.extend_from_slice(&[0, 1, 0x15, 0x38, 0, 8, 0, 0]);
+        let readable = [
+            (
+                framed(ETH_P_MPLS_UC, &[&labels(1)[..], &v4].concat()),
+                "IPv4 under a label",
+            ),
+            (
+                framed(ETH_P_MPLS_MC, &[&labels(MAX_MPLS_LABELS)[..], &v4].concat()),
+                "IPv4 under the deepest stack read",
+            ),
+            (
+                framed(ETH_P_MPLS_UC, &[&labels(3)[..], &v6].concat()),
+                "IPv6 under three labels",
+            ),
+            (framed(ETH_P_PPP_SES, &pppoe(PPP_IP, &v4)), "IPv4 in PPPoE"),
+            (
+                framed(ETH_P_PPP_SES, &pppoe(PPP_IPV6, &v6)),
+                "IPv6 in PPPoE",
+            ),
+        ];
+        for (frame, case) in &readable {
+            let f = parse_frame(&frame[..], 0);
+            assert_eq!(f.kind, FrameKind::Ip, "{case}");
+            assert_eq!((f.protocol, f.dst_port), (IPPROTO_UDP, 5432), "{case}");
+            assert!(f.dst_known, "{case}");
+            let want = if f.family == FAMILY_V4 {
+                &[203, 0, 113, 10][..]
+            } else {
+                &v6[24..40]
+            };
+            assert_eq!(&f.dst[..want.len()], want, "{case}");
+        }
+        // After VLAN tags, and inside a tunnel: GRE's protocol field names MPLS.
+        let mut tagged = framed(ETH_P_8021Q, &[0, 7]);
+        tagged.extend_from_slice(&readable[0].0[12..]);
+        assert_eq!(parse_frame(&tagged[..], 0).kind, FrameKind::Ip);
+        let gre = ipv4(
+            IPPROTO_GRE,
+            &[&[0, 0, 0x88, 0x47][..], &labels(2), &v4].concat(),
+        );
+        let f = parse_ip_packet(&gre[..]);
+        assert_eq!(
+            (f.kind, f.encapsulated, f.dst_port),
+            (FrameKind::Ip, true, 5432)
+        );
+        // Without a link-layer header, by the protocol the kernel gives the packet.
+        let bare = [&labels(2)[..], &v4].concat();
+        let f = parse_l3_packet_headers(&bare[..], ETH_P_MPLS_UC);
+        assert_eq!((f.kind, f.dst_port), (FrameKind::Ip, 5432));
+        assert_eq!(parse_l3_packet_headers(&v4[..], ETH_P_IP).dst_port, 5432);
+
+        for (frame, case) in [
+            (
+                framed(
+                    ETH_P_MPLS_UC,
+                    &[&labels(MAX_MPLS_LABELS + 1)[..], &v4].concat(),
+                ),
+                "a stack deeper than is read",
+            ),
+            (framed(ETH_P_MPLS_UC, &labels(2)), "a stack cut short"),
+            (
+                framed(
+                    ETH_P_MPLS_UC,
+                    &[&labels(1)[..], &[0, 0, 0, 0], &ethernet(&v4)].concat(),
+                ),
+                "an Ethernet pseudowire",
+            ),
+            (
+                framed(ETH_P_MPLS_UC, &[&labels(1)[..], &v4[..12]].concat()),
+                "IPv4 cut short",
+            ),
+            (
+                framed(ETH_P_PPP_SES, &pppoe(0x002d, &v4[4..])),
+                "header-compressed TCP/IP",
+            ),
+            (framed(ETH_P_PPP_SES, &pppoe(0x003d, &v4)), "multilink PPP"),
+            (
+                framed(ETH_P_PPP_SES, &pppoe(0x2145, &v4[2..])),
+                "a compressed protocol field",
+            ),
+            (
+                framed(ETH_P_PPP_SES, &[0x11, 0, 0x12]),
+                "a PPPoE header cut short",
+            ),
+        ] {
+            assert_eq!(
+                parse_frame(&frame[..], 0).kind,
+                FrameKind::Malformed,
+                "{case}"
+            );
+        }
+        // PPP's own control, and PPPoE's discovery, carry no user data.
+        for (frame, case) in [
+            (framed(ETH_P_PPP_SES, &pppoe(0xc021, &[1, 1, 0, 4])), "LCP"),
+            (
+                framed(ETH_P_PPP_SES, &pppoe(0x8057, &[1, 1, 0, 4])),
+                "IPv6CP",
+            ),
+            (framed(0x8863, &[0x11, 0x09, 0, 0, 0, 0]), "PPPoE discovery"),
+        ] {
+            assert_eq!(parse_frame(&frame[..], 0).kind, FrameKind::NotIp, "{case}");
+        }
+    }
+
+    #[test]
+    fn the_transport_behind_an_ipv4_ah_header_is_read_and_a_tunnel_behind_one_fails_closed() {
+        // AH: next header, length (4-byte words less two), reserved, SPI, sequence number
+        // and a 12-byte ICV: 24 bytes, so a length of 4.
+        let ah = |next: u8| {
+            let mut h = vec![next, 4, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 1];
+            h.extend_from_slice(&[0xa5; 12]);
+            h
+        };
+        let udp = udp_v4([198, 51, 100, 10], 5432)[20..].to_vec();
+        let f = parse_ip_packet(&ipv4(IPPROTO_AH, &[ah(IPPROTO_UDP), udp.clone()].concat())[..]);
+        assert_eq!(
+            (f.kind, f.protocol, f.ip_protocol, f.ports, f.dst_port),
+            (
+                FrameKind::Ip,
+                IPPROTO_UDP,
+                IPPROTO_AH,
+                PortInfo::Known,
+                5432
+            )
+        );
+        assert!(!f.encapsulated);
+        // Cut inside the AH header, or inside the transport header behind it.
+        for cut in [1, 20, 28] {
+            let packet = ipv4(IPPROTO_AH, &[ah(IPPROTO_UDP), udp.clone()].concat()[..cut]);
+            assert_eq!(
+                parse_ip_packet(&packet[..]).kind,
+                FrameKind::Malformed,
+                "cut {cut}"
+            );
+        }
+        // IP in IP behind AH (tunnel mode): not read, so malformed.
+        let inner = udp_v4([198, 51, 100, 10], 5432);
+        let f =
+            parse_ip_packet(&ipv4(IPPROTO_AH, &[ah(IPPROTO_IPIP), inner.to_vec()].concat())[..]);
+        assert_eq!((f.kind, f.encapsulated), (FrameKind::Malformed, true));
+        // A later fragment's payload is no AH header, whatever its protocol says.
+        let mut later = ipv4(IPPROTO_AH, &[ah(IPPROTO_UDP), udp].concat());
+        later[6..8].copy_from_slice(&1u16.to_be_bytes());
+        let f = parse_ip_packet(&later[..]);
+        assert_eq!((f.protocol, f.fragment), (IPPROTO_AH, fragment::LATER));
     }
 
     #[test]

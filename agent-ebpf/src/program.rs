@@ -39,7 +39,7 @@ use datafence_common::{
     ViolationEvent,
     parse::{
         PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers, parse_ip_packet_headers,
-        read_encapsulated, read_ipv4_options,
+        parse_l3_packet_headers, read_encapsulated, read_ipv4_options,
     },
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
@@ -641,7 +641,9 @@ pub fn datafence_tc_egress(ctx: TcContext) -> i32 {
 /// header.
 #[classifier]
 pub fn datafence_tc_l3(ctx: TcContext) -> i32 {
-    if let Some(next) = post_tc_job(&ctx, |bytes, _| parse_ip_packet_headers(bytes)) {
+    // SAFETY: a read of an __sk_buff field the verifier allows for TC programs.
+    let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    if let Some(next) = post_tc_job(&ctx, |bytes, _| parse_l3_packet_headers(bytes, protocol)) {
         // SAFETY: as in `datafence_tc_egress`.
         unsafe { TC_STAGES.tail_call(&ctx, next) };
     }

@@ -52,11 +52,17 @@ impl Tun {
     /// Reads every packet queued on the device (they are queued as they are sent) and
     /// counts the UDP datagrams to `dst:port`.
     pub fn udp_received(&mut self, dst: IpAddr, port: u16) -> u32 {
+        self.udp_received_behind(0, dst, port)
+    }
+
+    /// As [`Self::udp_received`], for IP packets `skip` bytes into each packet (behind an
+    /// MPLS label stack).
+    pub fn udp_received_behind(&mut self, skip: usize, dst: IpAddr, port: u16) -> u32 {
         let mut buf = [0u8; 2048];
         let mut got = 0;
         loop {
             match self.file.read(&mut buf) {
-                Ok(n) => got += u32::from(is_udp_to(&buf[..n], dst, port)),
+                Ok(n) => got += u32::from(n > skip && is_udp_to(&buf[skip..n], dst, port)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return got,
                 Err(e) => panic!("reading {}: {e}", self.name),
             }

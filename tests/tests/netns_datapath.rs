@@ -526,6 +526,11 @@ fn kernel_has_tunnel(kind: &str) -> bool {
         "ip6tnl" => ("kernel/net/ipv6", "ip6_tunnel"),
         _ => ("kernel/net/ipv4", "ip_gre"),
     };
+    kernel_has_module(dir, module)
+}
+
+/// Whether this kernel ships `module` under `dir` of its modules, or has it built in.
+fn kernel_has_module(dir: &str, module: &str) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let modules = std::path::Path::new("/lib/modules").join(release.trim());
     let shipped = [dir].iter().any(|dir| {
@@ -606,6 +611,60 @@ fn user_data_in_kernel_tunnels_to_a_denied_region_stops_at_the_uplink() {
     }
 }
 
+/// VXLAN on UDP 8472, Linux's default port and Flannel's and Cilium's, was classified by
+/// its outer headers: UDP to 8472, which a class of the Postgres port does not claim, so
+/// the Postgres traffic inside reached us-east. It is read as VXLAN now, as on 4789.
+#[test]
+fn vxlan_on_linuxs_default_port_is_classified_by_what_it_carries() {
+    require_root();
+    if !kernel_has_module("kernel/drivers/net/vxlan", "vxlan") {
+        eprintln!("note: this kernel has no vxlan devices: run on the kernel matrix");
+        return;
+    }
+    let sandbox = Sandbox::new("vx");
+    for (name, vni, far, subnet) in [("vxu", 42, addr::US_V4, 95), ("vxe", 43, addr::EU_V4, 94)] {
+        for (ns, local, remote, end) in [
+            (&sandbox.host, addr::HOST_V4, far, 1),
+            (&sandbox.world, far, addr::HOST_V4, 2),
+        ] {
+            ns.ip(&format!(
+                "link add {name} type vxlan id {vni} local {local} remote {remote} dstport 8472"
+            ));
+            ns.ip(&format!("addr add 10.{subnet}.0.{end}/30 dev {name}"));
+            ns.ip(&format!("link set {name} up"));
+        }
+    }
+    // Without the datapath the tunnel carries it: the zero below is datafence's.
+    assert_eq!(udp_delivered(&sandbox, "10.95.0.2", 5432, 20), 20);
+    let _dp = attached(&sandbox, POSTGRES_POLICY);
+    assert_eq!(
+        udp_delivered(&sandbox, "10.95.0.2", 5432, 20),
+        0,
+        "Postgres through VXLAN on 8472 to us-east"
+    );
+    assert_eq!(
+        udp_delivered(&sandbox, "10.94.0.2", 5432, 20),
+        20,
+        "Postgres through VXLAN on 8472 to eu-west"
+    );
+}
+
+/// A class of the Postgres port alone, allowed to eu-west.
+const POSTGRES_POLICY: &str = r#"
+version: 1
+regions:
+  eu-west:
+    cidrs: [198.51.100.0/24, "2001:db8:100::/48"]
+  us-east:
+    cidrs: [203.0.113.0/24, "2001:db8:300::/48"]
+data_classes:
+  postgres:
+    match:
+      dst_ports: [5432]
+    allow: [eu-west]
+    unknown: allow
+"#;
+
 /// Linux's ip6tnl puts a destination options header, holding the encapsulation limit,
 /// between the IPv6 header and the tunnel unless made with `encaplimit none`. That header
 /// made every packet of such a tunnel malformed, so a class that could claim it denied
@@ -642,6 +701,134 @@ fn ipv6_tunnels_are_read_behind_the_encapsulation_limit_linux_adds() {
         0,
         "user data through an ip6tnl tunnel to us-east"
     );
+}
+
+/// Linux routes IP into MPLS with `encap mpls`: the packets leave with MPLS's ethertype,
+/// and passed as not IP, whatever they carried. The datapath now reads the IP packet
+/// under the labels; the world namespace pops them and delivers it.
+#[test]
+fn ip_that_routes_push_into_mpls_is_judged_by_the_packet_under_the_labels() {
+    require_root();
+    if !mpls_routing() {
+        eprintln!("note: this kernel has no MPLS routing: run on the kernel matrix");
+        return;
+    }
+    let sandbox = Sandbox::new("mp");
+    sandbox
+        .world
+        .exec(&["sysctl", "-q", "-w", "net.mpls.platform_labels=1000"]);
+    // The world pops the labels, the last onto its loopback, which delivers the packet.
+    for device in ["dn0", "lo"] {
+        sandbox.world.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.mpls.conf.{device}.input=1"),
+        ]);
+    }
+    for (dst, label) in [
+        (addr::EU_V4, 100),
+        (addr::US_V4, 101),
+        (addr::EU_V6, 102),
+        (addr::US_V6, 103),
+    ] {
+        let (family, bits, via) = if dst.contains(':') {
+            ("-6", 128, addr::WORLD_V6)
+        } else {
+            ("-4", 32, addr::WORLD_V4)
+        };
+        // Two labels: the stack is walked, not just its first entry.
+        sandbox.host.ip(&format!(
+            "{family} route replace {dst}/{bits} encap mpls {label}/200 via {via} dev up0"
+        ));
+        sandbox
+            .world
+            .ip(&format!("-f mpls route add {label} dev lo"));
+        sandbox.world.ip("-f mpls route replace 200 dev lo");
+    }
+    let dp = attached(&sandbox, POLICY);
+    for (dst, want) in [
+        (addr::EU_V4, 20),
+        (addr::US_V4, 0),
+        (addr::EU_V6, 20),
+        (addr::US_V6, 0),
+    ] {
+        assert_eq!(
+            udp_delivered(&sandbox, dst, 5432, 20),
+            want,
+            "user data routed into MPLS to {dst}"
+        );
+    }
+    let not_ip = packets_where(&dp, |k| k.reason == Reason::NotIp as u8);
+    assert_eq!(not_ip, 0, "frames the datapath passed as not IP");
+}
+
+/// On a device without a link-layer header, an MPLS packet starts with its labels, which
+/// say nothing of the family: the kernel's protocol for the packet says it is MPLS.
+#[test]
+fn ip_pushed_into_mpls_on_a_device_without_a_link_layer_header_is_judged() {
+    require_root();
+    if !mpls_routing() {
+        eprintln!("note: this kernel has no MPLS routing: run on the kernel matrix");
+        return;
+    }
+    let ns = NetNs::new("tunm");
+    let mut tun = Tun::create(&ns, "dftun1");
+    ns.ip("addr add 10.98.0.1/24 dev dftun1");
+    ns.ip("-6 addr add 2001:db8:98::1/64 dev dftun1 nodad");
+    ns.ip("link set dftun1 up");
+    for (dst, bits) in [
+        (addr::EU_V4, 32),
+        (addr::US_V4, 32),
+        (addr::EU_V6, 128),
+        (addr::US_V6, 128),
+    ] {
+        ns.ip(&format!(
+            "route add {dst}/{bits} encap mpls 100/200 dev dftun1"
+        ));
+    }
+    let compiled = policy_from_yaml(POLICY).compile();
+    let dp = ns.run(move || {
+        let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
+        dp.apply(&compiled, EventLimits::default()).expect("apply");
+        dp.attach_tc("dftun1").expect("attach");
+        dp
+    });
+    for (dst, expected) in [
+        (addr::EU_V4, 20),
+        (addr::US_V4, 0),
+        (addr::EU_V6, 20),
+        (addr::US_V6, 0),
+    ] {
+        ns.run(move || {
+            let dst = SocketAddr::new(dst.parse().expect("dst"), 5432);
+            let unspecified: SocketAddr = if dst.is_ipv4() {
+                "0.0.0.0:0".parse().expect("addr")
+            } else {
+                "[::]:0".parse().expect("addr")
+            };
+            let sock = UdpSocket::bind(unspecified).expect("bind");
+            for i in 0..20u32 {
+                // A denied datagram may fail at send time: that is the point.
+                let _ = sock.send_to(&i.to_be_bytes(), dst);
+            }
+        });
+        // Two label stack entries of four bytes each.
+        let got = tun.udp_received_behind(8, dst.parse().expect("dst"), 5432);
+        assert_eq!(got, expected, "UDP to {dst} in MPLS over dftun1");
+    }
+    let not_ip = packets_where(&dp, |k| k.reason == Reason::NotIp as u8);
+    assert_eq!(not_ip, 0, "packets the datapath passed as not IP");
+    drop(dp);
+}
+
+/// Loads the kernel's MPLS routing, and says whether it has it.
+fn mpls_routing() -> bool {
+    for module in ["mpls_router", "mpls_iptunnel"] {
+        let _ = std::process::Command::new("modprobe").arg(module).output();
+    }
+    std::path::Path::new("/proc/sys/net/mpls").exists()
+        && kernel_has_module("kernel/net/mpls", "mpls_iptunnel")
 }
 
 /// A class that claims all of the host's UDP and ICMPv6, allowed only to eu-west (which

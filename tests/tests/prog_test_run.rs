@@ -792,6 +792,11 @@ fn tunnels_are_classified_by_their_inner_headers_and_judged_by_their_outer_desti
         ),
         (udp_tunnel(US4, 4789, vxlan(inner().bytes)), denied, "VXLAN"),
         (
+            udp_tunnel(US4, 8472, vxlan(inner().bytes)),
+            denied,
+            "VXLAN on Linux's default port (Flannel, Cilium)",
+        ),
+        (
             udp_tunnel(US4, 6081, geneve(8, 0x6558, inner().bytes)),
             denied,
             "Geneve with options, carrying Ethernet",
@@ -831,6 +836,114 @@ fn tunnels_are_classified_by_their_inner_headers_and_judged_by_their_outer_desti
         0,
     );
     assert_outcome(&o, denied);
+}
+
+/// An Ethernet frame of `ethertype`, with the test frames' addresses, carrying `body`.
+fn link_frame(ethertype: u16, body: Vec<u8>) -> Vec<u8> {
+    let mut f = Spec::tcp(SRC4, EU4, 443).build().bytes[..12].to_vec();
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend(body);
+    f
+}
+
+/// `depth` MPLS label stack entries, the last one marked the bottom of the stack.
+fn mpls_labels(depth: usize) -> Vec<u8> {
+    (0..depth)
+        .flat_map(|i| [0, 0x06, 0x40 | u8::from(i + 1 == depth), 64])
+        .collect()
+}
+
+/// A PPPoE session frame's body: its header and PPP `protocol`, then `payload`.
+fn pppoe(protocol: u16, payload: Vec<u8>) -> Vec<u8> {
+    let length = u16::try_from(payload.len() + 2).expect("length");
+    let mut p = vec![0x11, 0, 0x12, 0x34];
+    p.extend_from_slice(&length.to_be_bytes());
+    p.extend_from_slice(&protocol.to_be_bytes());
+    [p, payload].concat()
+}
+
+/// Linux routes IP into MPLS (`encap mpls`), and a PPPoE client sends it in PPP: both
+/// left the host as `not_ip` before, whatever they carried.
+#[test]
+fn ip_under_mpls_labels_and_in_pppoe_sessions_is_judged_as_ip() {
+    const MPLS: u16 = 0x8847;
+    const PPPOE: u16 = 0x8864;
+    let mut dp = setup();
+    let https = |dst: &str| Spec::tcp(if dst.contains(':') { SRC6 } else { SRC4 }, dst, 443);
+    let under_labels = |depth: usize, dst: &str| {
+        link_frame(
+            MPLS,
+            [mpls_labels(depth), https(dst).build().ip_packet()].concat(),
+        )
+    };
+    let denied = deny(HTTPS, US_EAST, Reason::RegionDenied);
+    let cases = [
+        (under_labels(2, US4), denied, "IPv4 under two labels"),
+        (under_labels(1, US6), denied, "IPv6 under a label"),
+        (
+            under_labels(2, EU4),
+            allow(HTTPS, EU_WEST, Reason::RegionAllowed),
+            "IPv4 under two labels to an allowed region",
+        ),
+        (
+            link_frame(PPPOE, pppoe(0x0021, https(US4).build().ip_packet())),
+            denied,
+            "IPv4 in a PPPoE session",
+        ),
+        (
+            link_frame(PPPOE, pppoe(0x0057, https(US6).build().ip_packet())),
+            denied,
+            "IPv6 in a PPPoE session",
+        ),
+        // What cannot be read could be user data: fail closed.
+        (
+            under_labels(9, US4),
+            deny(HTTPS, REGION_NONE, Reason::MalformedDenied),
+            "a label stack deeper than the datapath reads",
+        ),
+        (
+            link_frame(
+                PPPOE,
+                pppoe(0x002d, https(US4).build().ip_packet()[4..].to_vec()),
+            ),
+            deny(HTTPS, REGION_NONE, Reason::MalformedDenied),
+            "header-compressed TCP/IP in PPP",
+        ),
+        // PPP's own link control carries no user data.
+        (
+            link_frame(PPPOE, pppoe(0xc021, vec![1, 1, 0, 4])),
+            allow(CLASS_NONE, REGION_NONE, Reason::NotIp),
+            "LCP",
+        ),
+    ];
+    for (frame, want, case) in cases {
+        check(&run(&mut dp, TC, &frame, 0), want, case);
+        check(&run(&mut dp, XDP, &frame, 0), want, case);
+    }
+}
+
+/// IPsec's AH in transport mode leaves the transport header in clear behind it. IPv4 AH
+/// was protocol 51 without ports before, which a class of the HTTPS port never claimed.
+#[test]
+fn the_transport_behind_an_ipv4_ah_header_is_classified() {
+    let mut dp = setup();
+    // Next header, length (4-byte words less two), reserved, SPI, sequence, 12-byte ICV.
+    let ah = |next: u8| {
+        let mut h = vec![next, 4, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 1];
+        h.extend_from_slice(&[0xa5; 12]);
+        h
+    };
+    // The AH header goes between the IPv4 header (no options) and the TCP header.
+    let https = Spec::tcp(SRC4, US4, 443).build().bytes;
+    let (l3, l4) = (14, 14 + 20);
+    let mut frame = [&https[..l4], &ah(6), &https[l4..]].concat();
+    frame[l3 + 9] = 51;
+    let total = u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) + 24;
+    frame[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+    for hook in [TC, XDP] {
+        let want = deny(HTTPS, US_EAST, Reason::RegionDenied);
+        check(&run(&mut dp, hook, &frame, 0), want, "HTTPS behind AH");
+    }
 }
 
 #[test]
