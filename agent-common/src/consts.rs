@@ -123,6 +123,10 @@ pub const MAX_TRACKED_FRAGMENTS: u32 = 8192;
 /// Interfaces without a link-layer header that one host can hold in `L3_LINKS`.
 pub const MAX_L3_LINKS: u32 = 4096;
 
+/// The host's own unicast addresses that `HOST_ADDRESSES` holds; past this many, the rest
+/// are judged at XDP as forwarded traffic is, as before the map (the agent warns).
+pub const MAX_HOST_ADDRESSES: u32 = 4096;
+
 /// What the TC programs return for a packet they let pass: `TC_ACT_UNSPEC`, which tcx
 /// reads as `TCX_NEXT` and a clsact filter walk as "ask the next filter". Programs after
 /// datafence on the same hook (Cilium, Calico, a site's own) still see the packet; a

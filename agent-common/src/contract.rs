@@ -117,6 +117,10 @@ contract! {
         /// neighbour discovery, link-scope multicast), unless the policy turns that
         /// exemption off (`host_essentials:`).
         ExemptHostEssential = 15 => "exempt_host_essential",
+        /// At a gateway interface's XDP hook: a plain IP packet (not a tunnel, ESP or
+        /// MPLS) to one of the host's own unicast addresses, which the host takes in
+        /// rather than forwards. What it sends in reply, or on, is judged at TC egress.
+        LocalDestination = 16 => "local_destination",
     }
 }
 
@@ -148,7 +152,7 @@ mod contract_tests {
         check(Verdict::ALL, |v| v as u8, Verdict::from_u8, Verdict::as_str);
         check(Hook::ALL, |h| h as u8, Hook::from_u8, Hook::as_str);
         assert_eq!(Reason::from_u8(0), None, "0 is no reason");
-        assert_eq!(REASON_COUNT, 16);
+        assert_eq!(REASON_COUNT, 17);
         let names = [
             "events_lost",
             "events_suppressed",

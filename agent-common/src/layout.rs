@@ -316,6 +316,28 @@ pub struct FragmentKey {
     pub _pad: [u8; 2],
 }
 
+/// One of the host's own unicast addresses, as the agent keeps them in `HOST_ADDRESSES`:
+/// IPv4 in the first four bytes of `addr`, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostAddress {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl HostAddress {
+    /// The key for `addr` of `family` ([`crate::FAMILY_V4`] or [`crate::FAMILY_V6`]).
+    #[inline(always)]
+    pub const fn new(family: u8, addr: [u8; 16]) -> Self {
+        Self {
+            family,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+}
+
 /// Key of the per-CPU counter hash.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -429,6 +451,7 @@ const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 96);
 const _: () = assert!(core::mem::size_of::<ClassIndex>() == 4912);
 const _: () = assert!(core::mem::size_of::<Policy>() == 96 + 16 * 216 + 4912);
 const _: () = assert!(core::mem::size_of::<CgroupKey>() == 16);
+const _: () = assert!(core::mem::size_of::<HostAddress>() == 20);
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
 const _: () = assert!(core::mem::size_of::<CachedCounter>() == 32);
@@ -444,8 +467,8 @@ const VIOLATION_EVENT_BYTES: usize = 104;
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CachedCounter, CgroupKey, ClassSpec, CounterKey, CounterValue, Policy, PolicyHeader,
-        RateLimitState, ViolationEvent,
+        CachedCounter, CgroupKey, ClassSpec, CounterKey, CounterValue, HostAddress, Policy,
+        PolicyHeader, RateLimitState, ViolationEvent,
     };
     // SAFETY: all these are repr(C), contain only integers and arrays of integers, and
     // have no implicit padding (checked by the size assertions above).
@@ -458,6 +481,8 @@ mod pod {
     unsafe impl aya::Pod for CgroupKey {}
     // SAFETY: as for ClassSpec.
     unsafe impl aya::Pod for CounterKey {}
+    // SAFETY: as for ClassSpec.
+    unsafe impl aya::Pod for HostAddress {}
     // SAFETY: as for ClassSpec.
     unsafe impl aya::Pod for CounterValue {}
     // SAFETY: as for ClassSpec.

@@ -38,6 +38,8 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// The interfaces whose frames start at the IP header, by ifindex.
     pub const L3_LINKS: &str = "L3_LINKS";
+    /// The host's own unicast addresses, which the XDP judge lets through to the host.
+    pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
     /// Benchmark maps; only `cargo xtask bench` fills them.
     pub const BENCH_LPM_V4: &str = "BENCH_LPM_V4";
     pub const BENCH_LPM_V6: &str = "BENCH_LPM_V6";

@@ -120,6 +120,8 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPsec's encapsulating security payload: encrypted, so a tunnel that cannot be read.
+pub const IPPROTO_ESP: u8 = 50;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_GRE: u8 = 47;
@@ -221,6 +223,9 @@ pub struct ParsedFrame {
     /// A tunnel's inner headers were looked for: protocol, ports and DSCP are the inner
     /// packet's when it is IP.
     pub encapsulated: bool,
+    /// The IP packet was found under an MPLS label stack or in a PPPoE session. Linux
+    /// switches MPLS by label, whatever the packet's destination.
+    pub carried: bool,
     /// The fragment identification (IPv4's 16 bits, IPv6's 32). Read from every IPv4
     /// header, fragment or not; meaningful only when `fragment` is not `WHOLE`.
     pub fragment_id: u32,
@@ -248,6 +253,7 @@ impl ParsedFrame {
         ip_end: 0,
         network_at: 0,
         encapsulated: false,
+        carried: false,
         fragment_id: 0,
         src: [0; 16],
         dst: [0; 16],
@@ -376,6 +382,10 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3: usize, out: &mut ParsedFrame
         let Some([next, words]) = pkt.load::<[u8; 2]>(l4) else {
             return false;
         };
+        if next == IPPROTO_AH {
+            // Not walked further: as over IPv6, the transport is then unknown.
+            return false;
+        }
         out.protocol = next;
         l4 += (usize::from(words) + 2) * 4;
     }
@@ -930,6 +940,7 @@ fn ppp_payload<P: PacketBytes + ?Sized>(pkt: &P, at: usize) -> Option<(u16, usiz
 #[inline(always)]
 fn parse_network<P: PacketBytes + ?Sized>(pkt: &P, ethertype: u16, l3: usize) -> ParsedFrame {
     let mut out = ParsedFrame::UNREAD;
+    let carried = matches!(ethertype, ETH_P_MPLS_UC | ETH_P_MPLS_MC | ETH_P_PPP_SES);
     let (ethertype, l3) = match ethertype {
         ETH_P_MPLS_UC | ETH_P_MPLS_MC | ETH_P_PPP_SES => {
             // Fails closed: a label stack or PPP frame whose payload cannot be read may
@@ -949,6 +960,7 @@ fn parse_network<P: PacketBytes + ?Sized>(pkt: &P, ethertype: u16, l3: usize) ->
     // Never past two VLAN tags and a label stack, or a tunnel's bound for its inner
     // packet, whose offset is not used.
     out.network_at = l3 as u8;
+    out.carried = carried;
     let complete = match ethertype {
         ETH_P_IP => parse_ipv4(pkt, l3, &mut out),
         ETH_P_IPV6 => parse_ipv6(pkt, l3, &mut out),
@@ -1375,6 +1387,7 @@ mod tests {
         for (frame, case) in &readable {
             let f = parse_frame(&frame[..], 0);
             assert_eq!(f.kind, FrameKind::Ip, "{case}");
+            assert!(f.carried, "{case}");
             assert_eq!((f.protocol, f.dst_port), (IPPROTO_UDP, 5432), "{case}");
             assert!(f.dst_known, "{case}");
             let want = if f.family == FAMILY_V4 {
@@ -1487,6 +1500,14 @@ mod tests {
                 "cut {cut}"
             );
         }
+        // AH behind AH is not walked: malformed.
+        let f = parse_ip_packet(
+            &ipv4(
+                IPPROTO_AH,
+                &[ah(IPPROTO_AH), ah(IPPROTO_UDP), udp.clone()].concat(),
+            )[..],
+        );
+        assert_eq!(f.kind, FrameKind::Malformed);
         // IP in IP behind AH (tunnel mode): not read, so malformed.
         let inner = udp_v4([198, 51, 100, 10], 5432);
         let f =

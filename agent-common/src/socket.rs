@@ -91,6 +91,7 @@ impl SocketCall {
             ip_end: 0,
             network_at: 0,
             encapsulated: false,
+            carried: false,
             fragment_id: 0,
             src: [0; 16],
             dst: self.dst,

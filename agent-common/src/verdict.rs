@@ -9,7 +9,10 @@ use crate::{
     CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, MAX_CLASSES, MAX_NAT64_PREFIXES,
     Policy, PolicyHeader, REGION_NONE, Reason, RegionId, Verdict,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
-    parse::{FrameKind, ParsedFrame, fragment, host_essential_kinds, is_builtin_exempt},
+    parse::{
+        FrameKind, IPPROTO_ESP, ParsedFrame, TunnelFacts, fragment, host_essential_kinds,
+        is_builtin_exempt,
+    },
     selector,
 };
 
@@ -20,6 +23,15 @@ pub trait Lookups {
     fn policy(&self) -> Option<(u32, &Policy)>;
     /// Whether the policy's `exempt` list covers the destination.
     fn exempt(&self, slot: u32, policy: &Policy, frame: &ParsedFrame) -> bool;
+    /// Whether these are a gateway interface's XDP hook's lookups: there a packet may be
+    /// forwarded or taken in, and the host's own addresses tell which.
+    const AT_GATEWAY: bool = false;
+    /// Whether the host takes the frame in: [`taken_in_if_local`], to one of the host's
+    /// own addresses. Asked only [`Self::AT_GATEWAY`].
+    #[inline(always)]
+    fn taken_in(&self, _frame: &ParsedFrame) -> bool {
+        false
+    }
     /// Classes whose cgroup selector names the sender's cgroup or an ancestor.
     fn cgroup_classes(&self, slot: u32) -> ClassMask;
     /// Classes whose source-CIDR selector holds the source address.
@@ -137,8 +149,24 @@ pub fn fragment_key(frame: &ParsedFrame) -> FragmentKey {
     }
 }
 
+/// Whether the host takes a frame in, not sends it on, when it is addressed to one of the
+/// host's own addresses: a plain IP packet. Not a tunnel, IPsec's ESP or anything under
+/// MPLS labels, which a host that ends them decapsulates, decrypts or switches and may
+/// send on; those are judged as before. Nor a malformed frame, which fails closed. From
+/// the frame's [`TunnelFacts`] and `carried`, which the kernel reads apart from the
+/// judge's own reads (see `tunnel_first` there).
+#[inline(always)]
+pub fn taken_in_if_local(facts: &TunnelFacts, carried: bool) -> bool {
+    facts.kind == FrameKind::Ip
+        && !facts.encapsulated
+        && !carried
+        && !facts.may_be_tunnel()
+        && facts.protocol != IPPROTO_ESP
+}
+
 /// Judges one frame against the policy in force. The steps, in order (docs/architecture.md,
-/// "The decision"): non-IP frames pass; loopback and link-local pass; with no policy
+/// "The decision"): non-IP frames pass; loopback and link-local pass; at a gateway's XDP
+/// hook, packets to the host's own addresses pass; with no policy
 /// loaded, everything passes; the host's own link traffic the policy leaves exempt
 /// passes; the policy's exemptions pass; a later fragment takes the
 /// verdict of its datagram's first fragment; the packet is classified, and unclassified
@@ -165,6 +193,9 @@ fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judg
     let final_dst_known = frame.dst_known && !frame.routed;
     if final_dst_known && is_builtin_exempt(frame.family, &frame.dst) {
         return Judgement::allow(Reason::ExemptBuiltin, 0);
+    }
+    if L::AT_GATEWAY && final_dst_known && lookups.taken_in(frame) {
+        return Judgement::allow(Reason::LocalDestination, 0);
     }
     let Some((slot, policy)) = lookups.policy() else {
         return Judgement::allow(Reason::NoPolicy, 0);

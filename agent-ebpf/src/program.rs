@@ -33,10 +33,10 @@ use aya_ebpf::{
 use datafence_common::{
     COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey, ClassMask, CounterKey, CounterValue,
     DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_SLOT_RANGES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook,
-    LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS,
-    MAX_EXEMPT_ENTRIES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES, MAX_TRACKED_FRAGMENTS, Policy,
-    RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
-    ViolationEvent,
+    HostAddress, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES,
+    MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_HOST_ADDRESSES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES,
+    MAX_TRACKED_FRAGMENTS, Policy, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS,
+    TC_PASS, Verdict, ViolationEvent,
     parse::{
         PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers, parse_ip_packet_headers,
         parse_l3_packet_headers, read_encapsulated, read_ipv4_options,
@@ -44,7 +44,7 @@ use datafence_common::{
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
     v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Node, v6_lookup},
-    verdict::{Judgement, Lookups, judge_frame},
+    verdict::{Judgement, Lookups, judge_frame, taken_in_if_local},
 };
 
 #[map]
@@ -168,6 +168,11 @@ static FRAGMENTS: LruHashMap<FragmentKey, Judgement> =
 /// the link type the kernel reports; every other interface's frames start with Ethernet.
 #[map]
 static L3_LINKS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_L3_LINKS, 0);
+
+/// The host's own unicast addresses, which the agent keeps from the kernel's: a gateway
+/// interface's XDP judge lets packets to them through, since the host takes them in.
+#[map]
+static HOST_ADDRESSES: HashMap<HostAddress, u32> = HashMap::with_max_entries(MAX_HOST_ADDRESSES, 0);
 
 #[inline(always)]
 fn is_l3_link(ifindex: u32) -> bool {
@@ -371,11 +376,23 @@ fn cgroup_classes(ctx: &TcContext, slot: u32) -> ClassMask {
 
 /// The kernel's tables for the shared verdict sequence (`datafence_common::verdict`).
 /// `cgroups` yields the cgroup classes for a slot; XDP has no socket and gives 0.
-struct KernelLookups<C: Fn(u32) -> ClassMask> {
+/// `AT_GATEWAY` for the XDP judge, whose packets may be forwarded or taken in.
+struct KernelLookups<C: Fn(u32) -> ClassMask, const AT_GATEWAY: bool> {
     cgroups: C,
 }
 
-impl<C: Fn(u32) -> ClassMask> Lookups for KernelLookups<C> {
+impl<C: Fn(u32) -> ClassMask, const AT_GATEWAY: bool> Lookups for KernelLookups<C, AT_GATEWAY> {
+    const AT_GATEWAY: bool = AT_GATEWAY;
+
+    #[inline(always)]
+    fn taken_in(&self, frame: &ParsedFrame) -> bool {
+        // SAFETY: the value is only tested for presence.
+        let ours =
+            unsafe { HOST_ADDRESSES.get(HostAddress::new(frame.family, frame.dst)) }.is_some();
+        // Read and forgotten apart from the judge's own reads, as in `tunnel_first`.
+        forget(u32::from(ours && plain_ip(frame))) != 0
+    }
+
     #[inline(always)]
     fn policy(&self) -> Option<(u32, &Policy)> {
         let slot = active_slot();
@@ -724,6 +741,14 @@ fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFra
     .then_some(next)
 }
 
+/// [`taken_in_if_local`] of a job's frame, from reads of its own.
+#[inline(always)]
+fn plain_ip(frame: &ParsedFrame) -> bool {
+    // SAFETY: volatile reads of plain fields of a per-CPU map value this CPU owns.
+    let carried = unsafe { core::ptr::read_volatile(&raw const frame.carried) };
+    taken_in_if_local(&tunnel_facts(frame), carried)
+}
+
 /// Whether the judge sends the job to the tunnel stage first, which jumps back when it
 /// has read the inner headers (the parse stages cannot tell: see `stage_after_parse`).
 /// The fields are read apart from the judge's own reads, and the answer forgotten, so
@@ -731,8 +756,14 @@ fn post_tc_job(ctx: &TcContext, parse: impl Fn(&DirectBytes, usize) -> ParsedFra
 /// (it took the TC judge from 142,815 to 231,524 instructions).
 #[inline(always)]
 fn tunnel_first(frame: &ParsedFrame) -> bool {
+    forget(u32::from(tunnel_facts(frame).may_be_tunnel())) != 0
+}
+
+/// A job's frame's [`TunnelFacts`], read apart from the judge's own reads.
+#[inline(always)]
+fn tunnel_facts(frame: &ParsedFrame) -> TunnelFacts {
     // SAFETY: volatile reads of plain fields of a per-CPU map value this CPU owns.
-    let facts = unsafe {
+    unsafe {
         TunnelFacts {
             kind: core::ptr::read_volatile(&raw const frame.kind),
             fragment: core::ptr::read_volatile(&raw const frame.fragment),
@@ -741,8 +772,7 @@ fn tunnel_first(frame: &ParsedFrame) -> bool {
             ports: core::ptr::read_volatile(&raw const frame.ports),
             dst_port: core::ptr::read_volatile(&raw const frame.dst_port),
         }
-    };
-    forget(u32::from(facts.may_be_tunnel())) != 0
+    }
 }
 
 /// TC judge stage: the decision, its count and its report.
@@ -769,7 +799,7 @@ fn tc_judge(ctx: &TcContext) -> bool {
         // Only violation events carry it: filled in below when one may be raised.
         cgroup_id: 0,
     };
-    let lookups = KernelLookups {
+    let lookups = KernelLookups::<_, false> {
         cgroups: |slot| cgroup_classes(ctx, slot),
     };
     let j = judge_frame(&job.frame, job.mark, &lookups);
@@ -882,7 +912,8 @@ fn xdp_judge(ctx: &XdpContext) -> bool {
         len: job.len,
         cgroup_id: 0,
     };
-    let j = judge_frame(&job.frame, job.mark, &KernelLookups { cgroups: |_| 0 });
+    let lookups = KernelLookups::<_, true> { cgroups: |_| 0 };
+    let j = judge_frame(&job.frame, job.mark, &lookups);
     finish(&job.frame, &info, &j)
 }
 

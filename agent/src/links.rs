@@ -104,6 +104,35 @@ pub fn connected_subnets() -> io::Result<Vec<(u32, IpNetwork)>> {
     Ok(out)
 }
 
+/// The host's own unicast addresses in this namespace: each address's local end (on a
+/// point-to-point link `Address` is the peer's, and `Local` this end's). Not an IPv6
+/// address still in duplicate address detection, or that failed it: the kernel does not
+/// take packets in for it.
+pub fn host_addresses() -> io::Result<std::collections::BTreeSet<std::net::IpAddr>> {
+    use netlink_packet_route::address::AddressHeaderFlags;
+    let answer = crate::clsact::dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
+    let not_yet = AddressHeaderFlags::Tentative | AddressHeaderFlags::Dadfailed;
+    Ok(answer
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if !a.header.flags.intersects(not_yet) => {
+                let local = a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                local.or_else(|| {
+                    a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                })
+            }
+            _ => None,
+        })
+        .filter(|ip| !ip.is_multicast() && !ip.is_unspecified())
+        .collect())
+}
+
 /// Calls `changed` after each batch of link and address notifications (a device created,
 /// renamed, moved into this namespace, brought up, given an address). Runs on its own thread for as long as the
 /// process does. The socket subscribes before this returns, so no change made after

@@ -946,6 +946,78 @@ fn the_transport_behind_an_ipv4_ah_header_is_classified() {
     }
 }
 
+/// A gateway interface's XDP hook lets packets to the host's own addresses through: the
+/// host takes them in. Judged by the host's address, usually in no region, they were
+/// dropped whenever a class could claim them. TC egress judges them as before, and XDP
+/// judges every other address, and an address once the host no longer has it.
+#[test]
+fn packets_to_the_hosts_own_addresses_pass_at_xdp_and_only_there() {
+    let mut dp = setup();
+    let https = |dst: &str| {
+        let src = if dst.contains(':') { SRC6 } else { SRC4 };
+        Spec::tcp(src, dst, 443).build().bytes
+    };
+    let ours: std::collections::BTreeSet<IpAddr> = [US4, US6]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect();
+    let changes = dp.set_host_addresses(&ours).expect("host addresses");
+    assert_eq!((changes.added, changes.removed), (2, 0));
+    let local = allow(CLASS_NONE, REGION_NONE, Reason::LocalDestination);
+    let denied = deny(HTTPS, US_EAST, Reason::RegionDenied);
+    for dst in [US4, US6] {
+        check(&run(&mut dp, XDP, &https(dst), 0), local, dst);
+        check(&run(&mut dp, TC, &https(dst), 0), denied, dst);
+    }
+    // Another address in the same region is forwarded traffic.
+    check(
+        &run(&mut dp, XDP, &https("203.0.113.11"), 0),
+        denied,
+        "203.0.113.11",
+    );
+    // What a host that ends it sends on is judged as before: a tunnel, ESP, MPLS, and a
+    // frame that cannot be read.
+    let inner = Spec::tcp(SRC4, EU4, 443).build().ip_packet();
+    check(
+        &run(&mut dp, XDP, &tunnel(US4, 4, inner), 0),
+        denied,
+        "IP in IP to us",
+    );
+    let mut esp = Spec::udp(SRC4, US4, 0);
+    esp.protocol = 50;
+    let o = run(&mut dp, XDP, &esp.build().bytes, 0);
+    assert_eq!(o.reason, Reason::Unclassified, "ESP to us");
+    let mpls = link_frame(
+        0x8847,
+        [
+            mpls_labels(1),
+            Spec::tcp(SRC4, US4, 443).build().ip_packet(),
+        ]
+        .concat(),
+    );
+    check(&run(&mut dp, XDP, &mpls, 0), denied, "MPLS to us");
+    let cut = &https(US4)[..14 + 20 + 10];
+    let o = run(&mut dp, XDP, cut, 0);
+    assert_eq!(o.reason, Reason::MalformedDenied, "cut short, to us");
+    // A routing header with segments left sends the packet on: judged by its next hop.
+    let mut routed = Spec::tcp(SRC6, US6, 443);
+    let hop: Ipv6Addr = EU6.parse().expect("address");
+    routed.ipv6_ext = vec![(43, frames::ipv6_routing(1, &[hop]))];
+    let o = run(&mut dp, XDP, &routed.build().bytes, 0);
+    assert_ne!(o.reason, Reason::LocalDestination);
+    // An address the host no longer has is judged again.
+    let changes = dp
+        .set_host_addresses(&std::iter::once(US4.parse().expect("address")).collect())
+        .expect("host addresses");
+    assert_eq!((changes.added, changes.removed), (0, 1));
+    check(
+        &run(&mut dp, XDP, &https(US6), 0),
+        denied,
+        "a removed address",
+    );
+    check(&run(&mut dp, XDP, &https(US4), 0), local, "a kept address");
+}
+
 #[test]
 fn truncated_frames_fail_closed_at_every_header_boundary() {
     let mut dp = setup();

@@ -206,7 +206,7 @@ fn judge_call(ctx: &SockAddrContext, hook: Hook, stages: &ProgramArray) -> i32 {
     };
     // SAFETY: as in `post_call`; the entry program wrote the frame before the jump.
     let job = unsafe { &mut *job };
-    let lookups = KernelLookups {
+    let lookups = KernelLookups::<_, false> {
         cgroups: caller_cgroup_classes,
     };
     let j = judge_call_frame(&job.frame, &lookups);

@@ -15,8 +15,8 @@ use tracing::{error, info, warn};
 use super::{
     AgentError, RunOptions, rfc3339,
     start::{
-        Desired, attach, desired_attachments, load_policy, refuse_cutting_ssh_sessions,
-        warn_unjudgeable,
+        Desired, attach, desired_attachments, load_policy, record_host_addresses,
+        refuse_cutting_ssh_sessions, warn_unjudgeable,
     },
     watch::watched_sources,
 };
@@ -112,11 +112,7 @@ impl Agent {
             return Ok(());
         }
         let compiled = policy.compile();
-        let xdp_attached = self
-            .attachments
-            .iter()
-            .any(|a| a.hook == Hook::Xdp.as_str());
-        refuse_cutting_ssh_sessions(&self.opts, &policy, &compiled, xdp_attached)?;
+        refuse_cutting_ssh_sessions(&self.opts, &policy, &compiled)?;
         // Credit what was counted so far to the names of the policy about to be replaced.
         self.sync_ledger()?;
         let report = self.datapath.apply(&compiled, self.opts.events)?;
@@ -144,6 +140,7 @@ impl Agent {
     /// program, and, unless a list names the interfaces, new interfaces are attached. A
     /// missing interface is logged once.
     pub(super) fn ensure_attached(&mut self) {
+        record_host_addresses(&mut self.datapath);
         let Desired {
             attachments: desired,
             unjudgeable,

@@ -66,8 +66,7 @@ pub struct RunOptions {
     pub management: Vec<IpNetwork>,
     /// The ports SSH sessions are on (`--ssh-port`); empty: the ports sshd listens on,
     /// and 22. A policy that would cut a session established on one of them (deny its
-    /// replies, or drop its incoming packets at a gateway interface) is refused unless
-    /// `allow_lockout_risk`.
+    /// replies) is refused unless `allow_lockout_risk`.
     pub ssh_ports: Vec<u16>,
     pub allow_lockout_risk: bool,
     /// Reload when the policy file or a region file changes.
@@ -130,20 +129,14 @@ pub enum AgentError {
 }
 
 fn lockout_message(path: &str, at_risk: &crate::lockout::AtRisk) -> String {
-    use crate::lockout::{AtRisk, Way};
+    use crate::lockout::AtRisk;
     match at_risk {
         AtRisk::ManagementNetwork(address) => format!(
             "policy {path} would lock this host out: its exempt list does not cover the management address {address}; add it to `exempt`, or pass --allow-lockout-risk if you are sure"
         ),
-        AtRisk::SshSession(cut) => match cut.way {
-            Way::Replies => format!(
-                "refusing policy {path}: it would deny the replies of the SSH session {cut}; exempt the client's network or pass --allow-lockout-risk"
-            ),
-            Way::Requests => format!(
-                "refusing policy {path}: arriving on a gateway interface, the incoming packets of the SSH session {cut} would be dropped (XDP judges them by this host's own address {}); exempt that address, leave the client out of the class, or pass --allow-lockout-risk",
-                cut.session.local.ip()
-            ),
-        },
+        AtRisk::SshSession(cut) => format!(
+            "refusing policy {path}: it would deny the replies of the SSH session {cut}; exempt the client's network or pass --allow-lockout-risk"
+        ),
     }
 }
 

@@ -55,7 +55,7 @@ pub(super) fn load_policy(
 }
 
 /// Refuses a policy that would cut an SSH session established right now (deny its
-/// replies, or drop its incoming packets at a gateway interface), judged on the compiled policy about to be applied. With --allow-lockout-risk
+/// replies), judged on the compiled policy about to be applied. With --allow-lockout-risk
 /// the policy is accepted and the session named in a warning. A host whose socket
 /// tables cannot be read is checked against the management networks only: refusing
 /// every policy there would leave it with none.
@@ -63,7 +63,6 @@ pub(super) fn refuse_cutting_ssh_sessions(
     opts: &RunOptions,
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
-    xdp_attached: bool,
 ) -> Result<(), AgentError> {
     let procfs = lockout::Procfs::new("/proc");
     let sessions = match lockout::sessions::established(&opts.ssh_ports, &procfs) {
@@ -73,16 +72,12 @@ pub(super) fn refuse_cutting_ssh_sessions(
             return Ok(());
         }
     };
-    // The XDP hooks of the policy in force judge by the new one until the next check
-    // takes off those the new policy no longer names.
-    let at_xdp = xdp_attached || !policy.gateway_interfaces.is_empty();
-    let Some(cut) =
-        lockout::first_cut_session(policy, compiled, &opts.cgroup_root, sessions, at_xdp)
+    let Some(cut) = lockout::first_cut_session(policy, compiled, &opts.cgroup_root, sessions)
     else {
         return Ok(());
     };
     if opts.allow_lockout_risk {
-        warn!(policy = %opts.policy_path.display(), session = %cut, way = ?cut.way, "accepted with --allow-lockout-risk: this policy cuts an SSH session");
+        warn!(policy = %opts.policy_path.display(), session = %cut, "accepted with --allow-lockout-risk: this policy cuts an SSH session");
         return Ok(());
     }
     Err(AgentError::LockoutRisk {
@@ -163,6 +158,41 @@ pub(super) fn warn_unjudgeable(link: &Link) {
     );
 }
 
+/// Brings the datapath's copy of the host's own addresses up to date, for the XDP judge.
+/// A failure leaves the last copy: an address added since is judged as forwarded traffic
+/// until the next try, and one removed passes XDP until then (what the host sends on is
+/// judged at TC egress where it leaves).
+pub(super) fn record_host_addresses(datapath: &mut Datapath) {
+    let addresses = match crate::links::host_addresses() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot list the host's addresses; gateway interfaces go on with the last list");
+            return;
+        }
+    };
+    match datapath.set_host_addresses(&addresses) {
+        Ok(changes) => {
+            if changes.left_out > 0 {
+                warn!(
+                    left_out = changes.left_out,
+                    max = datafence_common::MAX_HOST_ADDRESSES,
+                    "the host has more addresses than the datapath holds; packets to the rest are judged at gateway interfaces as forwarded traffic"
+                );
+            }
+            if changes.added + changes.removed > 0 {
+                info!(
+                    added = changes.added,
+                    removed = changes.removed,
+                    "the host's own addresses, which gateway interfaces let through, changed"
+                );
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot record the host's addresses; gateway interfaces go on with the last list");
+        }
+    }
+}
+
 pub(super) fn attach(datapath: &mut Datapath, a: &Attachment) -> Result<Attached, DatapathError> {
     if a.hook == Hook::Xdp.as_str() {
         datapath.attach_xdp(&a.interface)
@@ -194,13 +224,22 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     tune_allocator();
     let policy = load_policy(&opts, &[])?;
     let compiled = policy.compile();
-    refuse_cutting_ssh_sessions(&opts, &policy, &compiled, false)?;
+    refuse_cutting_ssh_sessions(&opts, &policy, &compiled)?;
     let Desired {
         attachments,
         unjudgeable,
     } = desired_attachments(&opts, &policy)?;
     for link in &unjudgeable {
         warn_unjudgeable(link);
+    }
+    if !policy.gateway_interfaces.is_empty()
+        && !attachments
+            .iter()
+            .any(|a| a.hook == Hook::TcEgress.as_str())
+    {
+        warn!(
+            "gateway interfaces without TC egress: what this host takes in at a gateway interface and then sends on itself (DNAT and port forwarding, IPVS, VPN endpoints) is judged nowhere; leave `interfaces.egress` out to judge it where it leaves"
+        );
     }
     warn_units_with_packet_sockets(&policy, &opts.cgroup_root);
     for a in &attachments {
@@ -285,6 +324,7 @@ pub(super) fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     let mut compiled = compiled;
     compiled.release_prefixes();
     release_free_memory();
+    record_host_addresses(&mut datapath);
     for a in &attachments {
         let how = attach(&mut datapath, a)?;
         info!(interface = %a.interface, hook = %a.hook, adopted = (how == Attached::Adopted), "attached");

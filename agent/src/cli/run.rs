@@ -58,7 +58,7 @@ pub(crate) struct RunArgs {
     pub(crate) management_cidrs: Vec<ipnetwork::IpNetwork>,
     /// A port SSH sessions come in on. Repeatable. At start and at every reload, a
     /// policy that would deny the replies of a session established on one of these
-    /// ports, or drop its incoming packets at a gateway interface, is refused. Default: the ports sshd listens on (where the agent can see
+    /// ports is refused. Default: the ports sshd listens on (where the agent can see
     /// them), and 22.
     #[arg(long = "ssh-port", value_name = "PORT")]
     pub(crate) ssh_ports: Vec<u16>,

@@ -157,6 +157,7 @@ pub const MAPS: &[MapSpec] = &{
         spec(n::EVENTS, RingBuf, Maps, Shared),
         spec(n::RATE_LIMIT, PerCpuArray, Maps, Shared),
         spec(n::L3_LINKS, Hash, Maps, Shared),
+        spec(n::HOST_ADDRESSES, Hash, Maps, Shared),
         spec(n::TC_STAGES, ProgramArray, Stages, Shared),
         spec(n::XDP_STAGES, ProgramArray, Stages, Shared),
         spec(n::TC_JOB, PerCpuArray, Stages, Shared),

@@ -11,6 +11,7 @@
 //! - [`attach`]: TC (tcx or clsact) and XDP attachment, adopted or new;
 //! - [`socket_ring`]: the socket ring's programs at a cgroup, adopted or new;
 //! - [`framing`]: whether an interface's frames start with Ethernet or at the IP header;
+//! - [`host_addresses`]: the host's own addresses, which a gateway's XDP judge passes;
 //! - [`readout`]: counters, statistics, events, memory and `BPF_PROG_TEST_RUN`;
 //! - [`bench`]: the benchmark programs `cargo xtask bench` loads (the `bench` feature);
 //! - [`sys`]: the raw system calls aya does not offer (all of this module's `unsafe`).
@@ -20,6 +21,7 @@ mod attach;
 mod bench;
 mod error;
 mod framing;
+mod host_addresses;
 mod load;
 pub mod maps;
 mod pin_lock;
@@ -49,6 +51,7 @@ pub use attach::TcKind;
 pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
 pub use framing::Framing;
+pub use host_addresses::{HostAddressChanges, host_address_key};
 pub use load::{Misfit, pinned_tables_misfit};
 pub use pin_lock::PinLock;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};

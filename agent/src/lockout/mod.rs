@@ -6,9 +6,9 @@
 //! - [`uncovered`]: the management networks (`--management-cidr`) a policy does not
 //!   exempt;
 //! - [`first_cut_session`]: the inbound SSH sessions ([`sessions::established`]) whose
-//!   replies the policy would deny, or, with gateway interfaces, whose incoming packets
-//!   their XDP program would drop, judged by the same decision `datafence explain`
-//!   gives.
+//!   replies the policy would deny, judged by the same decision `datafence explain`
+//!   gives. Their incoming packets go to the host's own address, which a gateway
+//!   interface's XDP program lets through (`local_destination`).
 #![forbid(unsafe_code)]
 
 pub mod proc_net;
@@ -73,22 +73,11 @@ pub enum AtRisk {
     SshSession(Box<CutSession>),
 }
 
-/// An SSH session a policy would cut, which way, and the policy's answer.
+/// An SSH session a policy would cut, and the policy's answer.
 #[derive(Debug)]
 pub struct CutSession {
     pub session: SshSession,
-    pub way: Way,
     pub explanation: Explanation,
-}
-
-/// Which of a session's packets a policy would deny.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Way {
-    /// Its replies, at TC egress.
-    Replies,
-    /// The client's packets, at a gateway interface's XDP hook, which judges packets as
-    /// they arrive, by their destination: this host's own address.
-    Requests,
 }
 
 /// "from 198.51.100.7:51234 to 192.0.2.10:22 (sshd pid 812, class user-data, region
@@ -150,97 +139,46 @@ pub fn judge_replies(
             class: None,
         })
     });
-    first_denial(
-        policy,
-        compiled,
-        cgroup_root,
-        queries,
-        session,
-        Way::Replies,
-    )
+    first_denial(policy, compiled, cgroup_root, queries, session)
 }
 
-/// What the policy does to a session's incoming packets where a gateway interface's XDP
-/// program judges them: TCP from the client's end to this host's, with no mark and no
-/// cgroup (XDP has neither), with each DSCP an SSH client may set. Which interface a
-/// session arrives on is not looked up, so every session is judged. The first judgement
-/// that denies, else the last.
-pub fn judge_requests(
-    policy: &LoadedPolicy,
-    compiled: &CompiledPolicy,
-    cgroup_root: &Path,
-    session: &SshSession,
-) -> Option<Explanation> {
-    let queries = SSH_DSCP.map(|dscp| Query {
-        protocol: IPPROTO_TCP,
-        dst_port: session.local.port(),
-        src: Some(session.remote.ip()),
-        cgroup: None,
-        mark: 0,
-        dscp,
-        class: None,
-    });
-    first_denial(
-        policy,
-        compiled,
-        cgroup_root,
-        queries,
-        session,
-        Way::Requests,
-    )
-}
-
-/// Each query's judgement of one way of `session`'s packets: the first that denies, else
-/// the last; `None` if none could be made, which is logged.
+/// Each query's judgement of `session`'s replies: the first that denies, else the last;
+/// `None` if none could be made, which is logged.
 fn first_denial(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     queries: impl IntoIterator<Item = Query>,
     session: &SshSession,
-    way: Way,
 ) -> Option<Explanation> {
-    let (to, packets) = match way {
-        Way::Replies => (session.remote.ip(), "replies"),
-        Way::Requests => (session.local.ip(), "incoming packets"),
-    };
     let mut last = None;
     for query in queries {
-        match explain(policy, compiled, cgroup_root, &query, to) {
+        match explain(policy, compiled, cgroup_root, &query, session.remote.ip()) {
             Ok(e) if e.verdict == Verdict::Deny.as_str() => return Some(e),
             Ok(e) => last = Some(e),
             Err(e) => {
-                tracing::warn!(%session, error = %e, "cannot judge the {packets} of an SSH session");
+                tracing::warn!(%session, error = %e, "cannot judge the replies of an SSH session");
             }
         }
     }
     last
 }
 
-/// The first of `sessions` that `policy` cuts: its replies denied, or, when `at_xdp`
-/// (XDP programs will judge by this policy), its incoming packets. An audit verdict lets
-/// them through, so it does not count.
+/// The first of `sessions` whose replies `policy` denies. An audit verdict lets them
+/// through, so it does not count. A session's incoming packets need no check: a gateway
+/// interface's XDP program lets packets to the host's own addresses through
+/// (`local_destination`).
 pub fn first_cut_session(
     policy: &LoadedPolicy,
     compiled: &CompiledPolicy,
     cgroup_root: &Path,
     sessions: Vec<SshSession>,
-    at_xdp: bool,
 ) -> Option<CutSession> {
-    let denied = |e: Option<Explanation>| e.filter(|e| e.verdict == Verdict::Deny.as_str());
     sessions.into_iter().find_map(|session| {
-        let (way, explanation) =
-            match denied(judge_replies(policy, compiled, cgroup_root, &session)) {
-                Some(e) => (Way::Replies, e),
-                None if at_xdp => (
-                    Way::Requests,
-                    denied(judge_requests(policy, compiled, cgroup_root, &session))?,
-                ),
-                None => return None,
-            };
+        let explanation = judge_replies(policy, compiled, cgroup_root, &session)
+            .filter(|e| e.verdict == Verdict::Deny.as_str())?;
         Some(CutSession {
             session,
-            way,
             explanation,
         })
     })
@@ -294,15 +232,8 @@ data_classes:
     }
 
     fn cut(policy: &(LoadedPolicy, CompiledPolicy), sessions: Vec<SshSession>) -> Option<String> {
-        let at_xdp = !policy.0.gateway_interfaces.is_empty();
-        first_cut_session(
-            &policy.0,
-            &policy.1,
-            Path::new("/nonexistent"),
-            sessions,
-            at_xdp,
-        )
-        .map(|c| c.to_string())
+        first_cut_session(&policy.0, &policy.1, Path::new("/nonexistent"), sessions)
+            .map(|c| c.to_string())
     }
 
     #[test]
@@ -329,46 +260,6 @@ data_classes:
                 "from [2001:db8:9::7]:40000 to [2001:db8::10]:22 (sshd pid 812, class user-data, region none: unknown_denied)"
             )
         );
-    }
-
-    /// At a gateway interface, XDP judges a session's incoming packets by this host's
-    /// own address: a class that takes the client's traffic, and denies destinations in
-    /// no region, cuts the session there while its replies are no class's.
-    #[test]
-    fn a_session_whose_incoming_packets_a_gateway_would_deny_is_cut() {
-        let gateway = |exempt: &str| {
-            let text = POLICY
-                .replace("{mode}", "enforce")
-                .replace("{exempt}", exempt)
-                .replace("regions:", "interfaces:\n  gateway: [eth1]\nregions:");
-            let policy = crate::policy::parse_policy_str(
-                &text,
-                Path::new("/etc/datafence/policy.yaml"),
-                &crate::policy::LoadOptions::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-            let compiled = policy.compile();
-            (policy, compiled)
-        };
-        // The client is the class's source; this host's replies are not.
-        let sessions = || vec![session("203.0.113.5:22", "192.0.2.10:51234")];
-        let got = first_cut_session(
-            &gateway("").0,
-            &gateway("").1,
-            Path::new("/nonexistent"),
-            sessions(),
-            true,
-        )
-        .expect("cut at the gateway");
-        assert_eq!(got.way, Way::Requests);
-        assert_eq!(
-            got.to_string(),
-            "from 192.0.2.10:51234 to 203.0.113.5:22 (sshd pid 812, class user-data, region none: unknown_denied)"
-        );
-        // Without a gateway interface nothing judges them so; exempting this host's
-        // address lets them through.
-        assert_eq!(cut(&policy("enforce", ""), sessions()), None);
-        assert_eq!(cut(&gateway("203.0.113.5/32"), sessions()), None);
     }
 
     #[test]
@@ -406,7 +297,7 @@ data_classes:
             let compiled = policy.compile();
             let mut unseen = session("192.0.2.10:22", "203.0.113.7:51234");
             unseen.owner = None;
-            let got = first_cut_session(&policy, &compiled, &root, vec![unseen], false);
+            let got = first_cut_session(&policy, &compiled, &root, vec![unseen]);
             assert_eq!(
                 got.map(|c| c.to_string()).as_deref(),
                 Some(
