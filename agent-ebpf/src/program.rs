@@ -171,8 +171,11 @@ static L3_LINKS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_L3_LINKS, 0);
 
 /// The host's own unicast addresses, which the agent keeps from the kernel's: a gateway
 /// interface's XDP judge lets packets to them through, since the host takes them in.
+/// Not preallocated: a host has a handful, and the room for 4,096 would cost every host
+/// a tenth of the region tables' memory at ten prefixes.
 #[map]
-static HOST_ADDRESSES: HashMap<HostAddress, u32> = HashMap::with_max_entries(MAX_HOST_ADDRESSES, 0);
+static HOST_ADDRESSES: HashMap<HostAddress, u32> =
+    HashMap::with_max_entries(MAX_HOST_ADDRESSES, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 fn is_l3_link(ifindex: u32) -> bool {
