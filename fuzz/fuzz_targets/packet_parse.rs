@@ -3,7 +3,8 @@
 //!
 //! Besides "no panic", checks what the datapath relies on: a frame is `Ip` only with its
 //! family, addresses and IP fields read; ports are `Known` only for TCP, UDP and SCTP; a
-//! frame is `NotIp` exactly when its (VLAN-unwrapped) ethertype is neither IP nor VLAN;
+//! frame is `NotIp` exactly when its (VLAN-unwrapped) ethertype is neither IP, VLAN, MPLS
+//! nor PPPoE, or it is a PPPoE session frame of PPP's own control;
 //! bytes past the IP length never change what is parsed; the same bytes read as a packet
 //! without a link-layer header (tun, WireGuard, ipip) parse exactly as they do behind an
 //! Ethernet header of the family their version field names; and fields the parser could
@@ -18,8 +19,9 @@ use std::sync::OnceLock;
 use datafence::policy::{CompiledPolicy, LoadOptions, parse_policy_str};
 use datafence_common::decide::{PacketFacts, PortInfo, judge_malformed};
 use datafence_common::parse::{
-    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FrameKind, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_VLAN_DEPTH, ParsedFrame, parse_frame, parse_ip_packet,
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_MC, ETH_P_MPLS_UC,
+    ETH_P_PPP_SES, FrameKind, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, MAX_VLAN_DEPTH, ParsedFrame,
+    parse_frame, parse_ip_packet,
 };
 use datafence_common::{
     CLASS_NONE, FAMILY_V4, FAMILY_V6, MODE_AUDIT, REGION_NONE, Reason, RegionId, Verdict, classify,
@@ -87,15 +89,32 @@ fn reference_ethertype(data: &[u8], offloaded: usize) -> Option<(u16, usize)> {
     Some((ethertype, l3))
 }
 
+/// Ethertypes whose payload the parser unwraps to find IP: MPLS and PPPoE sessions.
+fn carries_ip(ethertype: u16) -> bool {
+    matches!(ethertype, ETH_P_MPLS_UC | ETH_P_MPLS_MC | ETH_P_PPP_SES)
+}
+
+/// A PPPoE session frame at `l3` whose whole header is there and whose PPP protocol is
+/// PPP's own control (0x8000 and up), found independently of the parser.
+fn ppp_control(data: &[u8], l3: usize) -> bool {
+    data.get(l3..l3 + 2) == Some(&[0x11, 0][..]) && be16(data, l3 + 6).is_some_and(|p| p >= 0x8000)
+}
+
 fn check_frame(data: &[u8], offloaded: usize, f: &ParsedFrame) {
     let reference = reference_ethertype(data, offloaded);
-    let not_ip_type =
-        matches!(reference, Some((t, _)) if t != ETH_P_IP && t != ETH_P_IPV6 && !is_vlan(t));
+    let not_ip_type = match reference {
+        Some((ETH_P_PPP_SES, l3)) => ppp_control(data, l3),
+        Some((t, _)) => t != ETH_P_IP && t != ETH_P_IPV6 && !is_vlan(t) && !carries_ip(t),
+        None => false,
+    };
     assert_eq!(
         f.kind == FrameKind::NotIp,
         not_ip_type,
-        "NotIp iff the ethertype is readable and neither IP nor VLAN: {f:?} {reference:?}"
+        "NotIp iff the ethertype is readable and neither IP, VLAN, MPLS nor PPPoE, or PPPoE carrying PPP's control: {f:?} {reference:?}"
     );
+    if reference.is_some_and(|(t, _)| carries_ip(t)) && f.kind == FrameKind::Ip {
+        assert!(f.carried, "{f:?}");
+    }
     match f.kind {
         FrameKind::Ip => {
             assert!(f.family == FAMILY_V4 || f.family == FAMILY_V6, "{f:?}");
@@ -131,8 +150,21 @@ fn check_frame(data: &[u8], offloaded: usize, f: &ParsedFrame) {
     }
     if f.dst_known {
         assert!(f.family == FAMILY_V4 || f.family == FAMILY_V6, "{f:?}");
-        // The addresses are the bytes at the L3 offset the reference walk found.
+        // The addresses are the bytes at the L3 offset the reference walk found, or, under
+        // MPLS labels or in PPPoE, where the IP header the parser found under them starts.
         let (ethertype, l3) = reference.expect("an address was read, so the ethertype was");
+        let (ethertype, l3) = if f.carried {
+            assert!(carries_ip(ethertype), "{f:?}");
+            assert!(usize::from(f.network_at) > l3, "{f:?}");
+            let family = if f.family == FAMILY_V4 {
+                ETH_P_IP
+            } else {
+                ETH_P_IPV6
+            };
+            (family, usize::from(f.network_at))
+        } else {
+            (ethertype, l3)
+        };
         match f.family {
             FAMILY_V4 => {
                 assert_eq!(ethertype, ETH_P_IP);
@@ -287,7 +319,12 @@ fn check_trailer_ignored(data: &[u8], offloaded: usize, f: &ParsedFrame) {
         return;
     };
     if end < data.len() {
-        assert_eq!(&parse_frame(&data[..end], offloaded), f, "trailer of {}", data.len() - end);
+        assert_eq!(
+            &parse_frame(&data[..end], offloaded),
+            f,
+            "trailer of {}",
+            data.len() - end
+        );
     }
 }
 
