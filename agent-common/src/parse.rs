@@ -1240,10 +1240,7 @@ mod tests {
 
     /// An Ethernet frame around `packet`.
     fn ethernet(packet: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 12];
-        f.extend_from_slice(&ETH_P_IP.to_be_bytes());
-        f.extend_from_slice(packet);
-        f
+        framed(ETH_P_IP, packet)
     }
 
     /// An IPv4 packet to 203.0.113.10 of `protocol`, carrying `payload`.

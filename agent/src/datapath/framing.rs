@@ -5,12 +5,10 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::ErrorKind;
-
-use aya::maps::{HashMap, MapError};
+use aya::maps::HashMap;
 use datafence_common::map_names;
 
-use super::{Datapath, DatapathError, Result, if_index};
+use super::{Datapath, DatapathError, Result, if_index, maps::removed_if_absent};
 
 /// Where a frame's network header starts on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,13 +68,7 @@ impl Datapath {
             HashMap::try_from(map).map_err(|source| DatapathError::Map { map: name, source })?;
         let written = match framing {
             Framing::Ip => links.insert(index, 1, 0),
-            Framing::Ethernet => match links.remove(&index) {
-                Err(MapError::KeyNotFound) => Ok(()),
-                Err(MapError::SyscallError(e)) if e.io_error.kind() == ErrorKind::NotFound => {
-                    Ok(())
-                }
-                other => other,
-            },
+            Framing::Ethernet => removed_if_absent(links.remove(&index)),
         };
         written.map_err(|source| DatapathError::Map { map: name, source })?;
         Ok(framing)

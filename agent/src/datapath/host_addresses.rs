@@ -7,15 +7,15 @@
 
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeSet, io::ErrorKind, net::IpAddr};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use aya::maps::{HashMap, MapError};
+use aya::maps::HashMap;
 use datafence_common::{FAMILY_V4, FAMILY_V6, HostAddress, MAX_HOST_ADDRESSES, map_names};
 
-use super::{Datapath, DatapathError, Result};
+use super::{Datapath, DatapathError, Result, maps::removed_if_absent};
 
 /// The key of `addr` in `HOST_ADDRESSES`.
-pub fn host_address_key(addr: IpAddr) -> HostAddress {
+fn host_address_key(addr: IpAddr) -> HostAddress {
     match addr {
         IpAddr::V4(a) => {
             let mut bytes = [0; 16];
@@ -55,11 +55,7 @@ impl Datapath {
         let mut changes = HostAddressChanges::default();
         let mut len = held.len();
         for key in held.difference(&wanted) {
-            match map.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e)) if e.io_error.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(map_err(e)),
-            }
+            removed_if_absent(map.remove(key)).map_err(map_err)?;
             changes.removed += 1;
             len -= 1;
         }
@@ -73,16 +69,5 @@ impl Datapath {
             len += 1;
         }
         Ok(changes)
-    }
-
-    /// The addresses `HOST_ADDRESSES` holds.
-    pub fn host_addresses(&self) -> Result<BTreeSet<HostAddress>> {
-        let name = map_names::HOST_ADDRESSES;
-        let map_err = |source| DatapathError::Map { map: name, source };
-        let map: HashMap<_, HostAddress, u32> =
-            HashMap::try_from(self.map(name)?).map_err(map_err)?;
-        map.keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err)
     }
 }

@@ -182,6 +182,22 @@ pub const MAPS: &[MapSpec] = &{
     ]
 };
 
+/// A removal's result, with a key that was not there counted as removed: the kernel
+/// answers ENOENT, which aya reports either way.
+pub(super) fn removed_if_absent(
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// Maps of a pin kind.
 pub fn pinned(pin: Pin) -> impl Iterator<Item = &'static MapSpec> {
     MAPS.iter().filter(move |m| m.pin == pin)

@@ -51,7 +51,7 @@ pub use attach::TcKind;
 pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
 pub use framing::Framing;
-pub use host_addresses::{HostAddressChanges, host_address_key};
+pub use host_addresses::HostAddressChanges;
 pub use load::{Misfit, pinned_tables_misfit};
 pub use pin_lock::PinLock;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
