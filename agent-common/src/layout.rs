@@ -305,15 +305,27 @@ pub struct CgroupKey {
 /// destination, identification and protocol; IPv6 by source, destination and
 /// identification (a later fragment's next-header field is not trusted, and Linux does not
 /// key by it). Key of `FRAGMENTS`.
+///
+/// Also by who sent it, through which hook: the sending socket's cgroup, the mark and the
+/// DSCP, which the kernel copies from a datagram to each of its fragments. A later
+/// fragment carries no ports, but these it does carry, and a class may select by them: a
+/// sender outside a class could otherwise send a first fragment that passes, and one
+/// inside it later fragments of the same datagram that pass with it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragmentKey {
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// The sending socket's cgroup id; 0 with no socket (XDP, forwarded packets).
+    pub sender_cgroup: u64,
     pub id: u32,
+    pub mark: u32,
     pub family: u8,
     pub protocol: u8,
-    pub _pad: [u8; 2],
+    /// The [`Hook`](crate::Hook) that judged the fragment.
+    pub hook: u8,
+    pub dscp: u8,
+    pub _pad: [u8; 4],
 }
 
 /// One of the host's own unicast addresses, as the agent keeps them in `HOST_ADDRESSES`:
@@ -452,6 +464,9 @@ const _: () = assert!(core::mem::size_of::<ClassIndex>() == 4912);
 const _: () = assert!(core::mem::size_of::<Policy>() == 96 + 16 * 216 + 4912);
 const _: () = assert!(core::mem::size_of::<CgroupKey>() == 16);
 const _: () = assert!(core::mem::size_of::<HostAddress>() == 20);
+// No implicit padding: the whole key is hashed. (Pinned with one build's stages, so not
+// read across builds.)
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 56);
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
 const _: () = assert!(core::mem::size_of::<CachedCounter>() == 32);

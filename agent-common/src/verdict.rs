@@ -6,8 +6,8 @@
 //! is written here once.
 
 use crate::{
-    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, MAX_CLASSES, MAX_NAT64_PREFIXES,
-    Policy, PolicyHeader, REGION_NONE, Reason, RegionId, Verdict,
+    CLASS_NONE, ClassMask, FAMILY_V4, FAMILY_V6, FragmentKey, Hook, MAX_CLASSES,
+    MAX_NAT64_PREFIXES, Policy, PolicyHeader, REGION_NONE, Reason, RegionId, Verdict,
     decide::{Decision, PacketFacts, classify, judge, judge_malformed},
     parse::{
         FrameKind, IPPROTO_ESP, ParsedFrame, TunnelFacts, fragment, host_essential_kinds,
@@ -42,6 +42,12 @@ pub trait Lookups {
     #[inline(always)]
     fn classify(&self, policy: &Policy, facts: &PacketFacts) -> u8 {
         classify(policy, facts)
+    }
+    /// The cgroup id of the socket that sent the packet, 0 for none. Asked only of
+    /// fragments, to key them by their sender.
+    #[inline(always)]
+    fn sender_cgroup(&self) -> u64 {
+        0
     }
     /// The judgement of the first fragment of the datagram `key` names, if it was seen.
     /// `explain` judges whole packets, so it has none.
@@ -132,20 +138,28 @@ pub fn nat64_target(frame: &ParsedFrame, nat64: bool) -> ParsedFrame {
     target
 }
 
-/// The datagram a fragment belongs to.
+/// The datagram a fragment belongs to, as its sender sent it through this hook.
 #[inline(always)]
-pub fn fragment_key(frame: &ParsedFrame) -> FragmentKey {
+pub fn fragment_key<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> FragmentKey {
     FragmentKey {
         src: frame.src,
         dst: frame.dst,
+        sender_cgroup: lookups.sender_cgroup(),
         id: frame.fragment_id,
+        mark,
         family: frame.family,
         protocol: if frame.family == FAMILY_V4 {
             frame.ip_protocol
         } else {
             0
         },
-        _pad: [0; 2],
+        hook: if L::AT_GATEWAY {
+            Hook::Xdp as u8
+        } else {
+            Hook::TcEgress as u8
+        },
+        dscp: frame.dscp,
+        _pad: [0; 4],
     }
 }
 
@@ -178,7 +192,7 @@ pub fn taken_in_if_local(facts: &TunnelFacts, carried: bool) -> bool {
 pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judgement {
     let j = judge_packet(frame, mark, lookups);
     if frame.fragment == fragment::FIRST {
-        lookups.record_first_fragment(&fragment_key(frame), &j);
+        lookups.record_first_fragment(&fragment_key(frame, mark, lookups), &j);
     }
     j
 }
@@ -216,7 +230,7 @@ fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judg
     // Tested through `opaque`: the test below, after classification, would otherwise
     // split every path in between in two for the verifier.
     if lookups.opaque(u32::from(frame.fragment)) == u32::from(fragment::LATER)
-        && let Some(first) = lookups.first_fragment(&fragment_key(frame))
+        && let Some(first) = lookups.first_fragment(&fragment_key(frame, mark, lookups))
     {
         return first;
     }

@@ -380,12 +380,21 @@ fn cgroup_classes(ctx: &TcContext, slot: u32) -> ClassMask {
 /// The kernel's tables for the shared verdict sequence (`datafence_common::verdict`).
 /// `cgroups` yields the cgroup classes for a slot; XDP has no socket and gives 0.
 /// `AT_GATEWAY` for the XDP judge, whose packets may be forwarded or taken in.
-struct KernelLookups<C: Fn(u32) -> ClassMask, const AT_GATEWAY: bool> {
+struct KernelLookups<C: Fn(u32) -> ClassMask, S: Fn() -> u64, const AT_GATEWAY: bool> {
     cgroups: C,
+    /// The sending socket's cgroup id; XDP has no socket and gives 0.
+    sender_cgroup: S,
 }
 
-impl<C: Fn(u32) -> ClassMask, const AT_GATEWAY: bool> Lookups for KernelLookups<C, AT_GATEWAY> {
+impl<C: Fn(u32) -> ClassMask, S: Fn() -> u64, const AT_GATEWAY: bool> Lookups
+    for KernelLookups<C, S, AT_GATEWAY>
+{
     const AT_GATEWAY: bool = AT_GATEWAY;
+
+    #[inline(always)]
+    fn sender_cgroup(&self) -> u64 {
+        (self.sender_cgroup)()
+    }
 
     #[inline(always)]
     fn taken_in(&self, frame: &ParsedFrame) -> bool {
@@ -802,8 +811,10 @@ fn tc_judge(ctx: &TcContext) -> bool {
         // Only violation events carry it: filled in below when one may be raised.
         cgroup_id: 0,
     };
-    let lookups = KernelLookups::<_, false> {
+    let lookups = KernelLookups::<_, _, false> {
         cgroups: |slot| cgroup_classes(ctx, slot),
+        // SAFETY: the helper only reads the skb the program was given.
+        sender_cgroup: || unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
     };
     let j = judge_frame(&job.frame, job.mark, &lookups);
     if j.decision.verdict == Verdict::Allow {
@@ -915,7 +926,10 @@ fn xdp_judge(ctx: &XdpContext) -> bool {
         len: job.len,
         cgroup_id: 0,
     };
-    let lookups = KernelLookups::<_, true> { cgroups: |_| 0 };
+    let lookups = KernelLookups::<_, _, true> {
+        cgroups: |_| 0,
+        sender_cgroup: || 0,
+    };
     let j = judge_frame(&job.frame, job.mark, &lookups);
     finish(&job.frame, &info, &j)
 }

@@ -306,3 +306,34 @@ pub fn remove_cgroup_when_empty(dir: &std::path::Path) -> std::io::Result<()> {
         dir.display()
     )))
 }
+
+/// A cgroup made for one test, removed on drop.
+pub struct TestCgroup {
+    dir: PathBuf,
+    /// Path relative to the cgroup2 root, as a policy names it.
+    pub path: String,
+}
+
+impl TestCgroup {
+    pub fn new(label: &str) -> Self {
+        let root = datafence::cgroups::cgroup2_root();
+        let name = format!("datafence-test-{label}-{}", std::process::id());
+        let dir = root.join(&name);
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self {
+            dir,
+            path: format!("/{name}"),
+        }
+    }
+
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -395,6 +395,15 @@ fn packet_socket(interface: &str) -> std::os::fd::OwnedFd {
 /// CAP_NET_RAW can (through the qdisc layer, so TC egress sees it), with the sandbox's
 /// MAC addresses put in, and counts how many arrive unchanged at the world's end.
 pub fn frames_delivered(sandbox: &Sandbox, frames: &[Vec<u8>]) -> usize {
+    frames_delivered_by(sandbox, frames, |frames| send_frames(sandbox, frames))
+}
+
+/// As [`frames_delivered`], with `send` sending the frames (their MAC addresses put in).
+pub fn frames_delivered_by(
+    sandbox: &Sandbox,
+    frames: &[Vec<u8>],
+    send: impl FnOnce(&[Vec<u8>]),
+) -> usize {
     let mac = |text: &str| -> Vec<u8> {
         text.split(':')
             .map(|b| u8::from_str_radix(b, 16).expect("MAC"))
@@ -425,21 +434,7 @@ pub fn frames_delivered(sandbox: &Sandbox, frames: &[Vec<u8>]) -> usize {
         )
     };
     assert_eq!(rc, 0, "SO_RCVTIMEO");
-    let uplink = sandbox.uplink;
-    let to_send = frames.clone();
-    sandbox.host.run(move || {
-        let sender = packet_socket(uplink);
-        for f in &to_send {
-            // SAFETY: send(2) of a buffer of the length given.
-            let n = unsafe { libc::send(sender.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-            // A frame dropped on the way out fails with ENOBUFS: that is the point.
-            let error = std::io::Error::last_os_error();
-            assert!(
-                n == f.len() as isize || error.raw_os_error() == Some(libc::ENOBUFS),
-                "send: {error}"
-            );
-        }
-    });
+    send(&frames);
     let mut unmatched = frames;
     let mut got = 0;
     let mut buf = vec![0u8; 65536];
@@ -454,6 +449,53 @@ pub fn frames_delivered(sandbox: &Sandbox, frames: &[Vec<u8>]) -> usize {
         }
     }
     got
+}
+
+/// Sends frames out of the host's uplink from this process's packet socket. A frame
+/// dropped on the way out is not an error.
+pub fn send_frames(sandbox: &Sandbox, frames: &[Vec<u8>]) {
+    let uplink = sandbox.uplink;
+    let to_send = frames.to_vec();
+    sandbox.host.run(move || {
+        let sender = packet_socket(uplink);
+        for f in &to_send {
+            // SAFETY: send(2) of a buffer of the length given.
+            let n = unsafe { libc::send(sender.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+            // A frame dropped on the way out fails with ENOBUFS: that is the point.
+            let error = std::io::Error::last_os_error();
+            assert!(
+                n == f.len() as isize || error.raw_os_error() == Some(libc::ENOBUFS),
+                "send: {error}"
+            );
+        }
+    });
+}
+
+/// As [`send_frames`], from a separate process in the host namespace and in the cgroup
+/// whose `cgroup.procs` file is given: its packet socket belongs to that cgroup.
+pub fn send_frames_from_cgroup(
+    sandbox: &Sandbox,
+    cgroup_procs: &std::path::Path,
+    frames: &[Vec<u8>],
+) {
+    let script = "import socket,sys\n\
+        s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+        s.bind((sys.argv[1],0))\n\
+        for f in sys.argv[2:]:\n\
+        \x20\x20try: s.send(bytes.fromhex(f))\n\
+        \x20\x20except OSError: pass\n";
+    let mut cmd = sandbox.host.command("python3");
+    cmd.args(["-c", script]).arg(sandbox.uplink);
+    for f in frames {
+        cmd.arg(f.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    }
+    datafence::cgroups::spawn_in_cgroup(&mut cmd, cgroup_procs).expect("cgroup");
+    let out = cmd.output().expect("spawn sender");
+    assert!(
+        out.status.success(),
+        "sender: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Whether a TCP connection from the host namespace to `dst` completes.

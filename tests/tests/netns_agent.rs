@@ -11,44 +11,13 @@ use std::{
 };
 
 use integration_tests::{
-    Scratch,
+    Scratch, TestCgroup,
     agent::RunningAgent,
     netns::{
         Sandbox, addr, tcp_connects, udp_delivered, udp_delivered_from_cgroup, udp_delivered_marked,
     },
     patience, require_root,
 };
-
-/// A cgroup made for one test, removed on drop.
-struct TestCgroup {
-    dir: PathBuf,
-    /// Path relative to the cgroup2 root, as a policy names it.
-    path: String,
-}
-
-impl TestCgroup {
-    fn new(label: &str) -> Self {
-        let root = datafence::cgroups::cgroup2_root();
-        let name = format!("datafence-test-{label}-{}", std::process::id());
-        let dir = root.join(&name);
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self {
-            dir,
-            path: format!("/{name}"),
-        }
-    }
-
-    fn procs(&self) -> PathBuf {
-        self.dir.join("cgroup.procs")
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
 
 fn policy_text(mode: &str, cgroup: &str, us_allowed: bool) -> String {
     let allow = if us_allowed {

@@ -439,6 +439,63 @@ fn a_later_fragment_whose_first_was_not_seen_fails_closed() {
     );
 }
 
+/// A later fragment takes its first fragment's verdict only when the same sender sent it
+/// through the same hook. A sender the policy does not claim could otherwise send a first
+/// fragment that passes, and one a class claims (by mark, DSCP or cgroup, which a later
+/// fragment carries as well as the first) later fragments of that datagram, which would
+/// pass with it to a region the class may not reach.
+#[test]
+fn a_later_fragment_from_another_sender_does_not_take_the_first_ones_verdict() {
+    let mut dp = setup();
+    let unclaimed = allow(CLASS_NONE, REGION_NONE, Reason::Unclassified);
+    // Unmarked, to a port no class names: the first fragment passes.
+    let [first, later] = fragments(Spec::udp(SRC4, US4, 9999), 0x51);
+    check(
+        &run(&mut dp, TC, &first.bytes, 0),
+        unclaimed,
+        "first fragment",
+    );
+    check(
+        &run(&mut dp, TC, &later.bytes, 0x10),
+        deny(MARKED, US_EAST, Reason::FragmentUnseen),
+        "later fragment, marked",
+    );
+    check(
+        &run(&mut dp, TC, &later.bytes, 0),
+        unclaimed,
+        "later fragment, as its first",
+    );
+    // The same datagram with another DSCP is another sender's: the DSCP class claims it.
+    let mut spec = Spec::udp("192.0.2.200", US4, 9999);
+    let [first, _] = fragments(spec.clone(), 0x52);
+    spec.dscp = 10;
+    let [_, later] = fragments(spec, 0x52);
+    check(
+        &run(&mut dp, TC, &first.bytes, 0),
+        unclaimed,
+        "first fragment, DSCP 0",
+    );
+    let o = run(&mut dp, TC, &later.bytes, 0);
+    assert_eq!(
+        (o.class, o.reason),
+        (DSCP_AUDIT, Reason::FragmentUnseen),
+        "later fragment, DSCP 10"
+    );
+    // A first fragment a gateway's XDP program judged says nothing of a later fragment
+    // the host itself sends.
+    let [first, later] = fragments(Spec::udp(SRC4, US4, 9999), 0x53);
+    check(
+        &run(&mut dp, XDP, &first.bytes, 0),
+        unclaimed,
+        "first fragment at XDP",
+    );
+    check(
+        &run(&mut dp, TC, &later.bytes, 0),
+        deny(DNS, US_EAST, Reason::FragmentUnseen),
+        "later fragment at TC",
+    );
+}
+
 #[test]
 fn ipv6_extension_headers_are_walked() {
     let mut dp = setup();

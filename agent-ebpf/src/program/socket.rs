@@ -206,8 +206,10 @@ fn judge_call(ctx: &SockAddrContext, hook: Hook, stages: &ProgramArray) -> i32 {
     };
     // SAFETY: as in `post_call`; the entry program wrote the frame before the jump.
     let job = unsafe { &mut *job };
-    let lookups = KernelLookups::<_, false> {
+    let lookups = KernelLookups::<_, _, false> {
         cgroups: caller_cgroup_classes,
+        // A call is not a fragment: never asked.
+        sender_cgroup: || 0,
     };
     let j = judge_call_frame(&job.frame, &lookups);
     count(
