@@ -43,21 +43,15 @@ pub trait Lookups {
     fn classify(&self, policy: &Policy, facts: &PacketFacts) -> u8 {
         classify(policy, facts)
     }
-    /// The cgroup id of the socket that sent the packet, 0 for none. Asked only of
-    /// fragments, to key them by their sender.
+    /// The judgement of the first fragment of `frame`'s datagram from the same sender
+    /// ([`fragment_key`]), if it was seen. `explain` judges whole packets, so it has none.
     #[inline(always)]
-    fn sender_cgroup(&self) -> u64 {
-        0
-    }
-    /// The judgement of the first fragment of the datagram `key` names, if it was seen.
-    /// `explain` judges whole packets, so it has none.
-    #[inline(always)]
-    fn first_fragment(&self, _key: &FragmentKey) -> Option<Judgement> {
+    fn first_fragment(&self, _frame: &ParsedFrame) -> Option<Judgement> {
         None
     }
     /// Keeps a first fragment's judgement for the later fragments of its datagram.
     #[inline(always)]
-    fn record_first_fragment(&self, _key: &FragmentKey, _judgement: &Judgement) {}
+    fn record_first_fragment(&self, _frame: &ParsedFrame, _judgement: &Judgement) {}
     /// Returns the value unchanged. The kernel's version makes the verifier forget what it
     /// knows of it, so that the steps after a lookup with many exits are checked once.
     #[inline(always)]
@@ -138,27 +132,34 @@ pub fn nat64_target(frame: &ParsedFrame, nat64: bool) -> ParsedFrame {
     target
 }
 
-/// The datagram a fragment belongs to, as its sender sent it through this hook.
+/// What a fragment's key holds of its sender, besides the source address: what the
+/// kernel copies from a datagram to each of its fragments, and the hook that judged it.
+#[derive(Clone, Copy, Debug)]
+pub struct Sender {
+    /// The sending socket's cgroup id; 0 with no socket (XDP, forwarded packets).
+    pub cgroup: u64,
+    pub mark: u32,
+    pub dscp: u8,
+    pub hook: Hook,
+}
+
+/// The datagram a fragment belongs to, as `sender` sent it.
 #[inline(always)]
-pub fn fragment_key<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> FragmentKey {
+pub fn fragment_key(frame: &ParsedFrame, sender: Sender) -> FragmentKey {
     FragmentKey {
         src: frame.src,
         dst: frame.dst,
-        sender_cgroup: lookups.sender_cgroup(),
+        sender_cgroup: sender.cgroup,
         id: frame.fragment_id,
-        mark,
+        mark: sender.mark,
         family: frame.family,
         protocol: if frame.family == FAMILY_V4 {
             frame.ip_protocol
         } else {
             0
         },
-        hook: if L::AT_GATEWAY {
-            Hook::Xdp as u8
-        } else {
-            Hook::TcEgress as u8
-        },
-        dscp: frame.dscp,
+        hook: sender.hook as u8,
+        dscp: sender.dscp,
         _pad: [0; 4],
     }
 }
@@ -192,7 +193,7 @@ pub fn taken_in_if_local(facts: &TunnelFacts, carried: bool) -> bool {
 pub fn judge_frame<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judgement {
     let j = judge_packet(frame, mark, lookups);
     if frame.fragment == fragment::FIRST {
-        lookups.record_first_fragment(&fragment_key(frame, mark, lookups), &j);
+        lookups.record_first_fragment(frame, &j);
     }
     j
 }
@@ -230,7 +231,7 @@ fn judge_packet<L: Lookups>(frame: &ParsedFrame, mark: u32, lookups: &L) -> Judg
     // Tested through `opaque`: the test below, after classification, would otherwise
     // split every path in between in two for the verifier.
     if lookups.opaque(u32::from(frame.fragment)) == u32::from(fragment::LATER)
-        && let Some(first) = lookups.first_fragment(&fragment_key(frame, mark, lookups))
+        && let Some(first) = lookups.first_fragment(frame)
     {
         return first;
     }

@@ -44,7 +44,7 @@ use datafence_common::{
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
     v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Node, v6_lookup},
-    verdict::{Judgement, Lookups, judge_frame, taken_in_if_local},
+    verdict::{Judgement, Lookups, Sender, fragment_key, judge_frame, taken_in_if_local},
 };
 
 #[map]
@@ -380,21 +380,19 @@ fn cgroup_classes(ctx: &TcContext, slot: u32) -> ClassMask {
 /// The kernel's tables for the shared verdict sequence (`datafence_common::verdict`).
 /// `cgroups` yields the cgroup classes for a slot; XDP has no socket and gives 0.
 /// `AT_GATEWAY` for the XDP judge, whose packets may be forwarded or taken in.
-struct KernelLookups<C: Fn(u32) -> ClassMask, S: Fn() -> u64, const AT_GATEWAY: bool> {
+/// `sender` reads what a fragment's key holds of the sender afresh from the packet and
+/// its job: a copy of the mark kept alive from classification to the end of the judge
+/// would carry what each branch there learnt of it into every later step, and Linux 6.1's
+/// verifier could no longer prune them (over a million instructions).
+struct KernelLookups<C: Fn(u32) -> ClassMask, S: Fn() -> Sender, const AT_GATEWAY: bool> {
     cgroups: C,
-    /// The sending socket's cgroup id; XDP has no socket and gives 0.
-    sender_cgroup: S,
+    sender: S,
 }
 
-impl<C: Fn(u32) -> ClassMask, S: Fn() -> u64, const AT_GATEWAY: bool> Lookups
+impl<C: Fn(u32) -> ClassMask, S: Fn() -> Sender, const AT_GATEWAY: bool> Lookups
     for KernelLookups<C, S, AT_GATEWAY>
 {
     const AT_GATEWAY: bool = AT_GATEWAY;
-
-    #[inline(always)]
-    fn sender_cgroup(&self) -> u64 {
-        (self.sender_cgroup)()
-    }
 
     #[inline(always)]
     fn taken_in(&self, frame: &ParsedFrame) -> bool {
@@ -432,17 +430,19 @@ impl<C: Fn(u32) -> ClassMask, S: Fn() -> u64, const AT_GATEWAY: bool> Lookups
     }
 
     #[inline(always)]
-    fn first_fragment(&self, key: &FragmentKey) -> Option<Judgement> {
+    fn first_fragment(&self, frame: &ParsedFrame) -> Option<Judgement> {
+        let key = fragment_key(frame, (self.sender)());
         // SAFETY: the value is copied out at once; a concurrent update of the same entry
         // can at worst give a judgement of another datagram's first fragment.
-        unsafe { FRAGMENTS.get(key) }.copied()
+        unsafe { FRAGMENTS.get(&key) }.copied()
     }
 
     #[inline(always)]
-    fn record_first_fragment(&self, key: &FragmentKey, judgement: &Judgement) {
+    fn record_first_fragment(&self, frame: &ParsedFrame, judgement: &Judgement) {
+        let key = fragment_key(frame, (self.sender)());
         // A full table evicts its oldest entry; the later fragments of that datagram are
         // then judged as unseen, which fails closed.
-        let _ = FRAGMENTS.insert(key, judgement, 0);
+        let _ = FRAGMENTS.insert(&key, judgement, 0);
     }
 
     #[inline(always)]
@@ -813,8 +813,16 @@ fn tc_judge(ctx: &TcContext) -> bool {
     };
     let lookups = KernelLookups::<_, _, false> {
         cgroups: |slot| cgroup_classes(ctx, slot),
-        // SAFETY: the helper only reads the skb the program was given.
-        sender_cgroup: || unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+        // SAFETY: the helper only reads the skb the program was given; the job is this
+        // CPU's, written whole before the jump.
+        sender: || unsafe {
+            Sender {
+                cgroup: bpf_skb_cgroup_id(ctx.skb.skb),
+                mark: core::ptr::read_volatile(&raw const job.mark),
+                dscp: core::ptr::read_volatile(&raw const job.frame.dscp),
+                hook: Hook::TcEgress,
+            }
+        },
     };
     let j = judge_frame(&job.frame, job.mark, &lookups);
     if j.decision.verdict == Verdict::Allow {
@@ -928,7 +936,13 @@ fn xdp_judge(ctx: &XdpContext) -> bool {
     };
     let lookups = KernelLookups::<_, _, true> {
         cgroups: |_| 0,
-        sender_cgroup: || 0,
+        // SAFETY: as in `tc_judge`. XDP runs before an skb exists: no socket, no mark.
+        sender: || Sender {
+            cgroup: 0,
+            mark: 0,
+            dscp: unsafe { core::ptr::read_volatile(&raw const job.frame.dscp) },
+            hook: Hook::Xdp,
+        },
     };
     let j = judge_frame(&job.frame, job.mark, &lookups);
     finish(&job.frame, &info, &j)

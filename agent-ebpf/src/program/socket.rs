@@ -24,7 +24,7 @@ use datafence_common::{
     parse::ParsedFrame,
     socket::{SocketCall, judge_call_frame},
     socket_stage, stat,
-    verdict::Judgement,
+    verdict::{Judgement, Sender},
 };
 
 use super::{CGROUP_CLASSES, HookInfo, KernelLookups, bump_stat, count, fill_event, reserve_event};
@@ -209,7 +209,12 @@ fn judge_call(ctx: &SockAddrContext, hook: Hook, stages: &ProgramArray) -> i32 {
     let lookups = KernelLookups::<_, _, false> {
         cgroups: caller_cgroup_classes,
         // A call is not a fragment: never asked.
-        sender_cgroup: || 0,
+        sender: || Sender {
+            cgroup: 0,
+            mark: 0,
+            dscp: 0,
+            hook: Hook::TcEgress,
+        },
     };
     let j = judge_call_frame(&job.frame, &lookups);
     count(
