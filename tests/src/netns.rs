@@ -2,6 +2,7 @@
 //! the test creates; nothing is sent anywhere else.
 
 use std::{
+    fmt::Write as _,
     fs::File,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
@@ -487,7 +488,10 @@ pub fn send_frames_from_cgroup(
     let mut cmd = sandbox.host.command("python3");
     cmd.args(["-c", script]).arg(sandbox.uplink);
     for f in frames {
-        cmd.arg(f.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        cmd.arg(f.iter().fold(String::new(), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        }));
     }
     datafence::cgroups::spawn_in_cgroup(&mut cmd, cgroup_procs).expect("cgroup");
     let out = cmd.output().expect("spawn sender");
