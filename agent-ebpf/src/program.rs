@@ -434,7 +434,7 @@ impl<C: Fn(u32) -> ClassMask, S: Fn() -> Sender, const AT_GATEWAY: bool> Lookups
         let key = fragment_key(frame, (self.sender)());
         // SAFETY: the value is copied out at once; a concurrent update of the same entry
         // can at worst give a judgement of another datagram's first fragment.
-        unsafe { FRAGMENTS.get(&key) }.copied()
+        unsafe { FRAGMENTS.get(key) }.copied()
     }
 
     #[inline(always)]
@@ -442,7 +442,7 @@ impl<C: Fn(u32) -> ClassMask, S: Fn() -> Sender, const AT_GATEWAY: bool> Lookups
         let key = fragment_key(frame, (self.sender)());
         // A full table evicts its oldest entry; the later fragments of that datagram are
         // then judged as unseen, which fails closed.
-        let _ = FRAGMENTS.insert(&key, judgement, 0);
+        let _ = FRAGMENTS.insert(key, judgement, 0);
     }
 
     #[inline(always)]
@@ -936,10 +936,11 @@ fn xdp_judge(ctx: &XdpContext) -> bool {
     };
     let lookups = KernelLookups::<_, _, true> {
         cgroups: |_| 0,
-        // SAFETY: as in `tc_judge`. XDP runs before an skb exists: no socket, no mark.
+        // XDP runs before an skb exists: no socket, no mark.
         sender: || Sender {
             cgroup: 0,
             mark: 0,
+            // SAFETY: as in `tc_judge`.
             dscp: unsafe { core::ptr::read_volatile(&raw const job.frame.dscp) },
             hook: Hook::Xdp,
         },
