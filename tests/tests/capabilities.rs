@@ -150,15 +150,27 @@ struct RestrictedAgent {
     netns: String,
     stderr_path: PathBuf,
     pin_dir: PathBuf,
+    /// Leave the pins when dropped, for a restart to adopt.
+    keep_pins: bool,
     _scratch: Scratch,
 }
 
 impl RestrictedAgent {
     fn spawn(sandbox: &Sandbox, caps: &str, policy: &Path, label: &str, tc_attach: &str) -> Self {
+        Self::spawn_at(sandbox, caps, policy, label, tc_attach, test_pin_dir(label))
+    }
+
+    fn spawn_at(
+        sandbox: &Sandbox,
+        caps: &str,
+        policy: &Path,
+        label: &str,
+        tc_attach: &str,
+        pin_dir: PathBuf,
+    ) -> Self {
         let scratch = Scratch::new(&format!("caps-{label}"));
         let runtime_dir = scratch.dir.join("run");
         let stderr_path = scratch.dir.join("stderr.log");
-        let pin_dir = test_pin_dir(label);
         let child = sandbox
             .host
             .command(setpriv())
@@ -196,13 +208,26 @@ impl RestrictedAgent {
             netns: sandbox.host.name.clone(),
             stderr_path,
             pin_dir,
+            keep_pins: false,
             _scratch: scratch,
         }
     }
 
     /// Starts the agent and waits until its control socket answers.
     fn start(sandbox: &Sandbox, caps: &str, policy: &Path, label: &str, tc_attach: &str) -> Self {
-        let mut agent = Self::spawn(sandbox, caps, policy, label, tc_attach);
+        Self::start_at(sandbox, caps, policy, label, tc_attach, test_pin_dir(label))
+    }
+
+    /// Starts the agent on the pins in `pin_dir`, as a restart does.
+    fn start_at(
+        sandbox: &Sandbox,
+        caps: &str,
+        policy: &Path,
+        label: &str,
+        tc_attach: &str,
+        pin_dir: PathBuf,
+    ) -> Self {
+        let mut agent = Self::spawn_at(sandbox, caps, policy, label, tc_attach, pin_dir);
         let deadline = Instant::now() + patience(Duration::from_secs(30));
         loop {
             if let Some(status) = agent.child.try_wait().expect("wait") {
@@ -264,6 +289,9 @@ impl Drop for RestrictedAgent {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if self.keep_pins {
+            return;
         }
         let _ = datafence::datapath::PinLayout::new(&self.pin_dir).remove_all();
         let _ = integration_tests::remove_cgroup_when_empty(
@@ -499,6 +527,47 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities(tc_attach
         0,
         "enforcement outlives the stopped agent"
     );
+
+    // A restart with the same capabilities adopts the pinned datapath: the region tables
+    // it pinned stay the same kernel objects, and it enforces at once.
+    let table = datafence::datapath::PinLayout::new(&agent.pin_dir)
+        .map(datafence_common::map_names::V4_RANGES);
+    let table_id = || {
+        aya::maps::MapInfo::from_pin(&table)
+            .expect("the pinned IPv4 range table")
+            .id()
+    };
+    let before = table_id();
+    agent.keep_pins = true;
+    let pin_dir = agent.pin_dir.clone();
+    drop(agent);
+    let mut agent = RestrictedAgent::start_at(
+        &sandbox,
+        &caps,
+        &policy_path,
+        "caps-again",
+        tc_attach,
+        pin_dir,
+    );
+    assert_eq!(table_id(), before, "the restart adopted the tables");
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::US_V4, 7407, 20, MARK),
+        0,
+        "the restarted agent enforces"
+    );
+    assert_eq!(
+        udp_delivered_marked(&sandbox, addr::EU_V4, 7408, 20, MARK),
+        20,
+        "and lets user data reach eu-west"
+    );
+    let log = agent.stderr();
+    let bad = trouble(&log);
+    assert!(
+        bad.is_empty(),
+        "the restarted agent hit errors with only {caps}:\n{}",
+        bad.join("\n")
+    );
+    assert!(agent.terminate().success(), "{}", agent.stderr());
 }
 
 /// The agent checks every second that its programs are still attached, and /healthz and
