@@ -3,7 +3,7 @@
 
 /// Bumped whenever a map layout or the meaning of a value in this crate changes, so an
 /// agent never adopts pinned maps written by an incompatible datapath.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// The host's own link traffic that passes whatever the classes say, as bits of
 /// [`PolicyHeader::host_essentials`](crate::PolicyHeader::host_essentials); each has a

@@ -129,10 +129,8 @@ pub mod program_names {
 
 /// Read-only globals the loader sets; the verifier prunes the branches they rule out.
 pub mod globals {
-    /// Index bits of the IPv4 range table, and its range entries per slot.
+    /// Index bits of the IPv4 range table.
     pub const V4_INDEX_BITS: &str = "V4_INDEX_BITS";
-    pub const V4_SLOT_RANGES: &str = "V4_SLOT_RANGES";
     /// The same for the IPv6 range table.
     pub const V6_INDEX_BITS: &str = "V6_INDEX_BITS";
-    pub const V6_SLOT_RANGES: &str = "V6_SLOT_RANGES";
 }

@@ -19,11 +19,12 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, xdp_action},
+    btf_maps::{self, ArrayOfMaps},
     helpers::{
         bpf_ktime_get_ns,
         generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     },
-    macros::{classifier, map, xdp},
+    macros::{btf_map, classifier, map, xdp},
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
         lpm_trie::Key,
@@ -32,18 +33,18 @@ use aya_ebpf::{
 };
 use datafence_common::{
     COUNTER_CACHE_SLOTS, CachedCounter, CgroupKey, ClassMask, CounterKey, CounterValue,
-    DEFAULT_V4_SLOT_RANGES, DEFAULT_V6_SLOT_RANGES, EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook,
-    HostAddress, LpmDataV4, LpmDataV6, MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES,
-    MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES, MAX_HOST_ADDRESSES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES,
-    MAX_TRACKED_FRAGMENTS, Policy, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS,
-    TC_PASS, Verdict, ViolationEvent,
+    EVENT_RING_BYTES, FAMILY_V4, FragmentKey, Hook, HostAddress, LpmDataV4, LpmDataV6,
+    MAX_CGROUP_DEPTH, MAX_CGROUP_ENTRIES, MAX_CLASSES, MAX_COUNTER_KEYS, MAX_EXEMPT_ENTRIES,
+    MAX_HOST_ADDRESSES, MAX_L3_LINKS, MAX_SRC_CIDR_ENTRIES, MAX_TRACKED_FRAGMENTS, Policy,
+    REGION_NONE, RateLimitState, RegionId, SLOT_PREFIX_BITS, SLOTS, STAGE_SLOTS, TC_PASS, Verdict,
+    ViolationEvent,
     parse::{
         PacketBytes, ParsedFrame, TunnelFacts, parse_frame_headers, parse_ip_packet_headers,
         parse_l3_packet_headers, read_encapsulated, read_ipv4_options,
     },
     stage, stat,
     v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS, v4_lookup},
-    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Node, v6_lookup},
+    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6Node, v6_lookup},
     verdict::{Judgement, Lookups, Sender, fragment_key, judge_frame, taken_in_if_local},
 };
 
@@ -78,35 +79,41 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 #[map]
 static RATE_LIMIT: PerCpuArray<RateLimitState> = PerCpuArray::with_max_entries(1, 0);
-// The IPv4 range table of both slots (see `datafence_common::v4`): chunk index and
-// ranges. The kernel lays array values out at an 8-byte stride; values of two u32 keep
-// the memory-mapped views dense arrays of u32.
-#[map]
-static V4_INDEX: Array<[u32; V4_LANES]> = Array::with_max_entries(
-    (SLOTS * ((1 << V4_MIN_INDEX_BITS) + 1)).div_ceil(V4_LANES as u32),
-    BPF_F_MMAPABLE,
-);
-#[map]
-static V4_RANGES: Array<[u32; V4_LANES]> = Array::with_max_entries(
-    SLOTS * DEFAULT_V4_SLOT_RANGES / V4_LANES as u32,
-    BPF_F_MMAPABLE,
-);
-// The IPv6 range table of both slots (see `datafence_common::v6`), laid out as IPv4's;
-// a value is a node of a chunk's B-tree, four 16-byte range entries.
-#[map]
-static V6_INDEX: Array<[u32; V4_LANES]> = Array::with_max_entries(
-    (SLOTS * ((1 << V6_MIN_INDEX_BITS) + 1)).div_ceil(V4_LANES as u32),
-    BPF_F_MMAPABLE,
-);
-#[map]
-static V6_RANGES: Array<V6Node> = Array::with_max_entries(
-    SLOTS * DEFAULT_V6_SLOT_RANGES / V6_NODE_ENTRIES,
-    BPF_F_MMAPABLE,
-);
+// The range tables, one inner array per slot behind an array of maps: the agent makes a
+// slot's arrays for the policy it writes there, and frees them once the slot is retired,
+// so the kernel holds one policy's tables between reloads. Every inner array of a table
+// has the size of the template the agent made its outer map with (the kernel checks
+// this), so the verifier still inlines each read as a plain array's; the sizes below are
+// placeholders the agent's template replaces (docs/architecture.md, "Maps").
+//
+// The IPv4 table (see `datafence_common::v4`): chunk index and ranges. The kernel lays
+// array values out at an 8-byte stride; values of two u32 keep the memory-mapped views
+// dense arrays of u32.
+type Lanes = btf_maps::Array<[u32; V4_LANES], 1, { BPF_F_MMAPABLE as usize }>;
+#[btf_map]
+static V4_INDEX: ArrayOfMaps<Lanes, { SLOTS as usize }> = ArrayOfMaps::new();
+#[btf_map]
+static V4_RANGES: ArrayOfMaps<Lanes, { SLOTS as usize }> = ArrayOfMaps::new();
+// The IPv6 table (see `datafence_common::v6`), laid out as IPv4's; a value of the ranges
+// is a node of a chunk's B-tree, four 16-byte range entries.
+type V6Nodes = btf_maps::Array<V6NodeValue, 1, { BPF_F_MMAPABLE as usize }>;
+/// A node as the array's value. In a struct: aya sizes an array of arrays by its inner
+/// array (16 bytes, not 64), so an object loaded by plain aya, which makes the template
+/// itself, would have a template the kernel refuses.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct V6NodeValue(V6Node);
+#[btf_map]
+static V6_INDEX: ArrayOfMaps<Lanes, { SLOTS as usize }> = ArrayOfMaps::new();
+#[btf_map]
+static V6_RANGES: ArrayOfMaps<V6Nodes, { SLOTS as usize }> = ArrayOfMaps::new();
 
 /// Entry `index` of a table of lanes.
 #[inline(always)]
-fn lane_entry<T: Copy, const N: usize>(table: &Array<[T; N]>, index: u32) -> Option<T> {
+fn lane_entry<T: Copy, const N: usize, const M: usize, const F: usize>(
+    table: &btf_maps::Array<[T; N], M, F>,
+    index: u32,
+) -> Option<T> {
     let lanes = table.get(index / N as u32)?;
     Some(lanes[(index % N as u32) as usize])
 }
@@ -115,11 +122,7 @@ fn lane_entry<T: Copy, const N: usize>(table: &Array<[T; N]>, index: u32) -> Opt
 #[unsafe(no_mangle)]
 static V4_INDEX_BITS: u32 = V4_MIN_INDEX_BITS;
 #[unsafe(no_mangle)]
-static V4_SLOT_RANGES: u32 = DEFAULT_V4_SLOT_RANGES;
-#[unsafe(no_mangle)]
 static V6_INDEX_BITS: u32 = V6_MIN_INDEX_BITS;
-#[unsafe(no_mangle)]
-static V6_SLOT_RANGES: u32 = DEFAULT_V6_SLOT_RANGES;
 
 #[inline(always)]
 fn global_u32(v: &u32) -> u32 {
@@ -287,31 +290,29 @@ fn lookup_v6<V: Copy>(map: &LpmTrie<LpmDataV6, V>, slot: u32, addr: &[u8; 16]) -
     map.get(Key::new(SLOT_PREFIX_BITS + 128, data)).copied()
 }
 
-/// IPv4 region: an index read and a short binary search over the chunk's ranges.
+/// IPv4 region: an index read and a short binary search over the chunk's ranges. A slot
+/// without its arrays (retired, or never written) has no regions.
 #[inline(always)]
 fn region_v4(slot: u32, a: [u8; 4]) -> RegionId {
     let bits = global_u32(&V4_INDEX_BITS).clamp(V4_MIN_INDEX_BITS, V4_MAX_INDEX_BITS);
-    let index_base = slot * ((1 << bits) + 1);
-    let range_base = slot * global_u32(&V4_SLOT_RANGES);
-    v4_lookup(
-        a,
-        bits,
-        |i| lane_entry(&V4_INDEX, index_base + i),
-        |i| lane_entry(&V4_RANGES, range_base + i),
-    )
+    let (Some(index), Some(ranges)) = (V4_INDEX.get(slot), V4_RANGES.get(slot)) else {
+        return RegionId::from(REGION_NONE);
+    };
+    v4_lookup(a, bits, |i| lane_entry(index, i), |i| lane_entry(ranges, i))
 }
 
 /// IPv6 region: as for IPv4.
 #[inline(always)]
 fn region_v6(slot: u32, a: &[u8; 16]) -> RegionId {
     let bits = global_u32(&V6_INDEX_BITS).clamp(V6_MIN_INDEX_BITS, V6_MAX_INDEX_BITS);
-    let index_base = slot * ((1 << bits) + 1);
-    let node_base = slot * (global_u32(&V6_SLOT_RANGES) / V6_NODE_ENTRIES);
+    let (Some(index), Some(nodes)) = (V6_INDEX.get(slot), V6_RANGES.get(slot)) else {
+        return RegionId::from(REGION_NONE);
+    };
     v6_lookup(
         a,
         bits,
-        |i| lane_entry(&V6_INDEX, index_base + i),
-        |i| V6_RANGES.get(node_base + i).copied(),
+        |i| lane_entry(index, i),
+        |i| nodes.get(i).map(|node| node.0),
     )
 }
 

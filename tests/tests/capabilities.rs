@@ -528,8 +528,9 @@ fn the_agent_runs_enforces_and_reloads_with_only_its_four_capabilities(tc_attach
         "enforcement outlives the stopped agent"
     );
 
-    // A restart with the same capabilities adopts the pinned datapath: the region tables
-    // it pinned stay the same kernel objects, and it enforces at once.
+    // A restart with the same capabilities adopts the pinned region tables: their slots'
+    // arrays are opened from their pins (opening them by id needs CAP_SYS_ADMIN), so the
+    // tables' arrays of maps, which the programs hold, stay the same kernel objects.
     let table = datafence::datapath::PinLayout::new(&agent.pin_dir)
         .map(datafence_common::map_names::V4_RANGES);
     let table_id = || {

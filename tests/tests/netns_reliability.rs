@@ -966,14 +966,23 @@ fn programs_bound_to_maps_that_are_gone_are_loaded_anew_not_adopted() {
     drop(agent);
 }
 
-/// The range entries per slot of the IPv4 table pinned under `pins`.
+/// The range entries per slot of the IPv4 table pinned under `pins`: the size of the
+/// array in its active slot.
 fn pinned_v4_ranges(pins: &Path) -> u32 {
-    let map = pins
+    let path = pins
         .join(format!("v{}", datafence_common::ABI_VERSION))
         .join("maps")
         .join(datafence_common::map_names::V4_RANGES);
-    let info = aya::maps::MapInfo::from_pin(&map).expect("the pinned IPv4 range array");
-    info.max_entries() * datafence_common::v4::V4_LANES as u32 / datafence_common::SLOTS
+    let outer = aya::maps::Map::ArrayOfMaps(
+        aya::maps::MapData::from_pin(&path).expect("the pinned IPv4 range table"),
+    );
+    let outer: aya::maps::ArrayOfMaps<_, aya::maps::MapData> =
+        aya::maps::ArrayOfMaps::try_from(outer).expect("an array of maps");
+    let array = (0..datafence_common::SLOTS)
+        .find_map(|slot| outer.get(&slot, 0).ok())
+        .expect("a slot's range array");
+    let info = array.info().expect("its info");
+    info.max_entries() * datafence_common::v4::V4_LANES as u32
 }
 
 /// Pinned maps keep their size, so a policy that outgrew them used to be refused until

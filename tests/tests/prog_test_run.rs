@@ -1538,6 +1538,90 @@ fn the_slot_a_reload_switched_from_is_not_rewritten_within_the_grace() {
     }
 }
 
+/// Between reloads the kernel holds one policy's region tables. A reload makes the arrays
+/// of the slot it writes; once the grace is over, the agent frees the slot it left, and
+/// the kernel frees that slot's arrays. The policy in force judges throughout.
+#[test]
+fn between_reloads_the_kernel_holds_one_policys_region_tables() {
+    let (mut dp, _) = datapath_with(POLICY, EventLimits::default());
+    let tables = |dp: &Datapath| -> u64 {
+        use datafence_common::map_names::{V4_INDEX, V4_RANGES, V6_INDEX, V6_RANGES};
+        let names = [V4_INDEX, V4_RANGES, V6_INDEX, V6_RANGES];
+        dp.map_memory()
+            .iter()
+            .filter(|(name, _)| names.contains(&name.as_str()))
+            .map(|(_, bytes)| bytes)
+            .sum()
+    };
+    let one = tables(&dp);
+    assert_eq!(
+        dp.region_table_array_ids().len(),
+        4,
+        "one slot's four arrays"
+    );
+    let to_us = Spec::tcp(SRC4, US4, 443).build();
+    let opened = integration_tests::policy_from_yaml(&POLICY.replace(
+        "allow: [eu-west, eu-north]",
+        "allow: [eu-west, eu-north, us-east]",
+    ))
+    .compile();
+    let strict = integration_tests::policy_from_yaml(POLICY).compile();
+    for (round, (policy, passes)) in [(&opened, true), (&strict, false)]
+        .into_iter()
+        .cycle()
+        .take(4)
+        .enumerate()
+    {
+        dp.apply(policy, EventLimits::default()).expect("apply");
+        let both = tables(&dp);
+        assert!(
+            both > one + one / 2,
+            "round {round}: until the old slot is freed both are held: {both} B, one {one} B"
+        );
+        let held = dp.region_table_array_ids();
+        assert_eq!(held.len(), 8, "round {round}");
+        // The kernel's own lookup, not the agent's view of its tables: `unknown: allow`
+        // would let the packet pass with no table at all.
+        let o = tc(&mut dp, &to_us);
+        assert_eq!((o.passed, o.region), (passes, US_EAST), "round {round}");
+        std::thread::sleep(datafence::datapath::SLOT_GRACE);
+        assert!(dp.release_retired_slot().expect("release"), "round {round}");
+        assert!(
+            !dp.release_retired_slot().expect("release"),
+            "round {round}: once"
+        );
+        assert_eq!(tables(&dp), one, "round {round}: one policy's tables");
+        let kept = dp.region_table_array_ids();
+        assert_eq!(kept.len(), 4, "round {round}");
+        // The kernel frees an array once no program can be reading it (after an RCU
+        // grace period), shortly after its slot lets go of it.
+        let freed: Vec<u32> = held.into_iter().filter(|id| !kept.contains(id)).collect();
+        assert_eq!(freed.len(), 4, "round {round}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while freed
+            .iter()
+            .any(|id| aya::maps::MapInfo::from_id(*id).is_ok())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the kernel still holds the freed slot's arrays"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = tc(&mut dp, &to_us);
+        assert_eq!(
+            (o.passed, o.region),
+            (passes, US_EAST),
+            "round {round}, after"
+        );
+        assert_eq!(
+            dp.region_of(IpAddr::V4(US4.parse().unwrap())).unwrap(),
+            u32::from(US_EAST),
+            "round {round}"
+        );
+    }
+}
+
 /// The IPv6 table across every prefix length: nested prefixes resolve to the longest, in
 /// the kernel's own range table, through reloads that clear the old slot, and a table that would
 /// overflow is refused whole.

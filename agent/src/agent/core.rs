@@ -350,6 +350,18 @@ impl Agent {
             .collect()
     }
 
+    /// Frees the policy slot the last reload left, once no packet can still read it, so
+    /// that between reloads the kernel holds one policy's tables.
+    pub(super) fn release_retired_slot(&mut self) {
+        match self.datapath.release_retired_slot() {
+            Ok(true) => tracing::debug!("freed the slot the last reload left"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot free the slot the last reload left; the next reload clears it");
+            }
+        }
+    }
+
     /// Brings the name-keyed counter totals up to date with the kernel's counters.
     /// Returns how many counter keys the kernel holds.
     pub(super) fn sync_ledger(&mut self) -> Result<usize, AgentError> {

@@ -1,5 +1,6 @@
 //! The loops that keep enforcement whole while the agent runs: the attachment monitor
-//! (repairs detached programs, follows recreated cgroups) and the systemd watchdog,
+//! (repairs detached programs, follows recreated cgroups, frees the slot a reload left)
+//! and the systemd watchdog,
 //! which is pinged only while every loop makes progress.
 #![forbid(unsafe_code)]
 
@@ -24,6 +25,7 @@ pub(super) async fn monitor_attachments(
             let mut agent = lock(&state);
             agent.ensure_attached();
             agent.refresh_cgroups();
+            agent.release_retired_slot();
         })
         .await;
         if done.is_ok() {

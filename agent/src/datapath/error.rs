@@ -51,6 +51,12 @@ pub enum DatapathError {
     LinkType { interface: String, detail: String },
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
+    #[error("map {map}: a slot's array: {source}")]
+    TableArray {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {map}: mapping it into memory: {source}")]
     Mmap {
         map: &'static str,

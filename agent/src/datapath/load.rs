@@ -1,21 +1,15 @@
-//! Loading the object: sizing its maps (or learning the sizes of adopted ones), pinning
-//! them, loading the programs and putting the judge stages in their arrays.
+//! Loading the object: pinning its maps (the region tables' are made first, see
+//! [`tables`](super::tables)), loading the programs and putting the judge stages in
+//! their arrays.
 
 #![forbid(unsafe_code)]
-
-use std::os::fd::AsFd as _;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData},
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use datafence_common::{
-    LpmDataV4, LpmDataV6, MAX_V4_SLOT_RANGES, MAX_V6_SLOT_RANGES, SLOTS, globals, map_names,
-    program_names, stage,
-    v4::{V4_LANES, V4_MAX_INDEX_BITS, V4_MIN_INDEX_BITS},
-    v6::{V6_MAX_INDEX_BITS, V6_MIN_INDEX_BITS, V6_NODE_ENTRIES, V6Range},
-};
+use datafence_common::{LpmDataV4, LpmDataV6, SLOTS, map_names, program_names, stage};
 
 use super::{
     Datapath, DatapathError, EBPF_OBJECT, LoadOptions, PinLayout, Result, TcKind, map_err,
@@ -23,19 +17,8 @@ use super::{
     object_digest,
     pin_lock::PinLock,
     pins, program_err, program_mut,
-    range_arrays::{Family, RangeArrays},
     reuse::{self, Reused},
-    sys,
-};
-
-/// The IPv4 and IPv6 range tables, as named in messages.
-const V4_FAMILY: Family = Family {
-    name: "IPv4",
-    max_ranges: MAX_V4_SLOT_RANGES,
-};
-const V6_FAMILY: Family = Family {
-    name: "IPv6",
-    max_ranges: MAX_V6_SLOT_RANGES,
+    tables::{Sizes, TablePins},
 };
 
 /// The stages of each hook's program array: (array, index, program).
@@ -137,234 +120,6 @@ pub(super) fn set_stage(
     stages.set(index, program, 0).map_err(map_err(array))
 }
 
-/// The sizes of one range table: from the options, or from maps an earlier agent pinned
-/// (adopted maps keep the sizes and layout they were made with; the programs must be
-/// told the same).
-#[derive(Clone, Copy)]
-struct TableSize {
-    index_bits: u32,
-    slot_ranges: u32,
-}
-
-/// What sizes one family's table: its maps and globals, and the bounds.
-struct TableSpec {
-    index_map: &'static str,
-    ranges_map: &'static str,
-    index_bits_global: &'static str,
-    slot_ranges_global: &'static str,
-    /// Range entries per array value.
-    ranges_per_value: u32,
-    /// Range entries per search node: a chunk takes at least one node, and a slot starts
-    /// on a node, so a node stays in one cache line.
-    node_entries: u32,
-    min_bits: u32,
-    max_bits: u32,
-    max_ranges: u32,
-    /// Bytes of one range entry.
-    entry_bytes: u32,
-}
-
-const V4_SPEC: TableSpec = TableSpec {
-    index_map: map_names::V4_INDEX,
-    ranges_map: map_names::V4_RANGES,
-    index_bits_global: globals::V4_INDEX_BITS,
-    slot_ranges_global: globals::V4_SLOT_RANGES,
-    ranges_per_value: V4_LANES as u32,
-    node_entries: 1,
-    min_bits: V4_MIN_INDEX_BITS,
-    max_bits: V4_MAX_INDEX_BITS,
-    max_ranges: MAX_V4_SLOT_RANGES,
-    entry_bytes: size_of::<u32>() as u32,
-};
-
-const V6_SPEC: TableSpec = TableSpec {
-    index_map: map_names::V6_INDEX,
-    ranges_map: map_names::V6_RANGES,
-    index_bits_global: globals::V6_INDEX_BITS,
-    slot_ranges_global: globals::V6_SLOT_RANGES,
-    ranges_per_value: V6_NODE_ENTRIES,
-    node_entries: V6_NODE_ENTRIES,
-    min_bits: V6_MIN_INDEX_BITS,
-    max_bits: V6_MAX_INDEX_BITS,
-    max_ranges: MAX_V6_SLOT_RANGES,
-    entry_bytes: size_of::<V6Range>() as u32,
-};
-
-impl TableSpec {
-    fn size(&self, bits: u32, ranges: u32, pins: Option<&PinLayout>) -> TableSize {
-        let adopted = |name: &str| {
-            pins.and_then(|p| aya::maps::MapInfo::from_pin(p.map(name)).ok())
-                .map(|i| i.max_entries())
-        };
-        let lanes = V4_LANES as u32;
-        let index_bits = match adopted(self.index_map) {
-            // The largest index whose slots fit: SLOTS × (2^bits + 1) entries.
-            Some(values) => ((values * lanes / SLOTS).saturating_sub(1).max(1)).ilog2(),
-            None => bits,
-        }
-        .clamp(self.min_bits, self.max_bits);
-        let slot_ranges = match adopted(self.ranges_map) {
-            Some(values) => values * self.ranges_per_value / SLOTS,
-            None => ranges
-                .clamp(self.node_entries << index_bits, self.max_ranges)
-                .next_multiple_of(self.ranges_per_value)
-                .next_multiple_of(self.node_entries),
-        };
-        TableSize {
-            index_bits,
-            slot_ranges,
-        }
-    }
-
-    /// Sizes the maps and sets the globals for `size`.
-    fn configure(&self, loader: &mut EbpfLoader<'_>, size: TableSize) {
-        loader
-            .map_max_entries(
-                self.index_map,
-                values(size.index_entries(), V4_LANES as u32),
-            )
-            .map_max_entries(
-                self.ranges_map,
-                values(SLOTS * size.slot_ranges, self.ranges_per_value),
-            );
-    }
-
-    /// Maps the table's arrays into memory.
-    fn map<E: Copy>(&self, ebpf: &Ebpf, family: Family, size: TableSize) -> Result<RangeArrays<E>> {
-        Ok(RangeArrays::new(
-            family,
-            size.index_bits,
-            size.slot_ranges,
-            mapped::<u32>(ebpf, self.index_map, size.index_entries())?,
-            mapped::<E>(ebpf, self.ranges_map, SLOTS * size.slot_ranges)?,
-        ))
-    }
-}
-
-impl TableSize {
-    /// Index entries of all slots.
-    fn index_entries(self) -> u32 {
-        SLOTS * ((1 << self.index_bits) + 1)
-    }
-}
-
-/// Why the region tables pinned now do not suit a policy, in one family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Misfit {
-    /// The policy needs more range entries than the pinned table has per slot (with the
-    /// pinned table's index).
-    Outgrown {
-        family: &'static str,
-        needed: usize,
-        room: u32,
-    },
-    /// The pinned table takes more than four times the kernel memory, and at least
-    /// 1 MiB more, than the one the agent would make for the policy: what is left of
-    /// a policy that shrank.
-    Oversized {
-        family: &'static str,
-        pinned_bytes: u64,
-        wanted_bytes: u64,
-    },
-}
-
-impl TableSpec {
-    /// Kernel memory of the table's arrays, both slots.
-    fn bytes(&self, size: TableSize) -> u64 {
-        let index = u64::from(size.index_entries()) * size_of::<u32>() as u64;
-        let ranges = u64::from(SLOTS) * u64::from(size.slot_ranges) * u64::from(self.entry_bytes);
-        index + ranges
-    }
-
-    /// How the table pinned in `layout` misfits a policy that needs `entries(bits)` range
-    /// entries with `bits` index bits, and for which the agent would make `wanted`.
-    fn misfit(
-        &self,
-        family: Family,
-        layout: &PinLayout,
-        wanted: TableSize,
-        entries: impl Fn(u32) -> usize,
-    ) -> Option<Misfit> {
-        let pinned = [self.index_map, self.ranges_map]
-            .iter()
-            .all(|name| aya::maps::MapInfo::from_pin(layout.map(name)).is_ok());
-        if !pinned {
-            return None;
-        }
-        let size = self.size(self.min_bits, 0, Some(layout));
-        let needed = entries(size.index_bits);
-        if needed > size.slot_ranges as usize {
-            return Some(Misfit::Outgrown {
-                family: family.name,
-                needed,
-                room: size.slot_ranges,
-            });
-        }
-        let (pinned_bytes, wanted_bytes) = (self.bytes(size), self.bytes(wanted));
-        (pinned_bytes > 4 * wanted_bytes && pinned_bytes - wanted_bytes >= 1 << 20).then_some(
-            Misfit::Oversized {
-                family: family.name,
-                pinned_bytes,
-                wanted_bytes,
-            },
-        )
-    }
-}
-
-/// How the region tables pinned under `pin_dir` misfit `tables`, the first family
-/// that does; `None` when both suit it or nothing is pinned. Pinned maps keep their
-/// size, so such a policy gets new ones ([`LoadOptions::retire_pinned`]).
-pub fn pinned_tables_misfit(
-    pin_dir: &std::path::Path,
-    tables: &super::RegionTables,
-) -> Option<Misfit> {
-    let layout = PinLayout::new(pin_dir);
-    let wanted = LoadOptions::sized_for(tables);
-    let wanted = Sizes::of(&wanted, None);
-    V4_SPEC
-        .misfit(V4_FAMILY, &layout, wanted.v4, |bits| {
-            tables.v4.entries(bits)
-        })
-        .or_else(|| {
-            V6_SPEC.misfit(V6_FAMILY, &layout, wanted.v6, |bits| {
-                tables.v6.entries(bits)
-            })
-        })
-}
-
-/// Array values that hold `entries` table entries, `per_value` to a value (at least one).
-fn values(entries: u32, per_value: u32) -> u32 {
-    entries.div_ceil(per_value).max(1)
-}
-
-/// The sizes of both region tables.
-struct Sizes {
-    v4: TableSize,
-    v6: TableSize,
-}
-
-impl Sizes {
-    fn of(opts: &LoadOptions, pins: Option<&PinLayout>) -> Self {
-        Self {
-            v4: V4_SPEC.size(opts.v4_index_bits, opts.v4_slot_ranges, pins),
-            v6: V6_SPEC.size(opts.v6_index_bits, opts.v6_slot_ranges, pins),
-        }
-    }
-
-    /// A loader with the maps sized and the load-time globals set.
-    fn loader(&self) -> EbpfLoader<'_> {
-        let mut loader = EbpfLoader::new();
-        V4_SPEC.configure(&mut loader, self.v4);
-        V6_SPEC.configure(&mut loader, self.v6);
-        loader
-            .override_global(V4_SPEC.index_bits_global, &self.v4.index_bits, true)
-            .override_global(V4_SPEC.slot_ranges_global, &self.v4.slot_ranges, true)
-            .override_global(V6_SPEC.index_bits_global, &self.v6.index_bits, true)
-            .override_global(V6_SPEC.slot_ranges_global, &self.v6.slot_ranges, true);
-        loader
-    }
-}
-
 /// Takes the pin directory's lock: nothing pinned is opened while another agent holds
 /// it. With `retire`, then moves the pinned datapath aside (see [`PinLayout::retire`]),
 /// so that this load makes its maps anew.
@@ -424,15 +179,6 @@ fn object(opts: &LoadOptions) -> &'static [u8] {
     EBPF_OBJECT
 }
 
-/// Maps an array of the object into memory.
-fn mapped<T: Copy>(ebpf: &Ebpf, name: &'static str, entries: u32) -> Result<sys::MappedArray<T>> {
-    match ebpf.map(name) {
-        Some(Map::Array(data)) => sys::MappedArray::map(&data.fd().as_fd(), entries as usize)
-            .map_err(|source| DatapathError::Mmap { map: name, source }),
-        _ => Err(DatapathError::MissingMap(name)),
-    }
-}
-
 impl Datapath {
     /// Loads the object and both programs into the kernel, without attaching anything.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
@@ -446,7 +192,10 @@ impl Datapath {
         if let Some(layout) = &pins {
             pin_maps(&mut loader, layout)?;
         }
+        let table_pins = TablePins::new(pins.as_ref())?;
+        sizes.make_outer_maps(&mut loader, &table_pins)?;
         let mut ebpf = loader.load(object(opts))?;
+        drop(table_pins);
         debug_assert!(
             ebpf.maps()
                 .all(|(name, _)| name.starts_with('.') || maps::spec_of(name).is_some()),
@@ -488,8 +237,7 @@ impl Datapath {
             // The one place of the bench's array, where its entry program jumps.
             set_stage_program(&mut ebpf, map_names::BENCH_STAGES, 0, stage)?;
         }
-        let v4 = V4_SPEC.map::<u32>(&ebpf, V4_FAMILY, sizes.v4)?;
-        let v6 = V6_SPEC.map::<V6Range>(&ebpf, V6_FAMILY, sizes.v6)?;
+        let (v4, v6) = sizes.open(&ebpf, pins.as_ref())?;
         let mut dp = Self {
             ebpf,
             reused,
@@ -537,7 +285,7 @@ impl Datapath {
     /// The range tables' index bits, IPv4 and IPv6 (adopted maps decide, not the
     /// options).
     pub fn index_bits(&self) -> (u32, u32) {
-        (self.v4.index_bits, self.v6.index_bits)
+        (self.v4.index_bits(), self.v6.index_bits())
     }
 
     pub fn pins(&self) -> Option<&PinLayout> {

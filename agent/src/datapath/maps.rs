@@ -28,6 +28,8 @@ pub enum Kind {
     LpmV6,
     RingBuf,
     ProgramArray,
+    /// An array of maps: per slot, the slot's array of a region table.
+    ArrayOfMaps,
 }
 
 /// Where a map is pinned.
@@ -59,9 +61,10 @@ pub enum PerSlot {
 pub enum Slots {
     /// Not divided into slots.
     Shared,
-    /// Each slot owns a range of the array, rewritten whole by the slot writer.
+    /// Each slot owns its part (a range of the array, or its entry of an array of maps),
+    /// which the slot writer writes whole.
     Ranged,
-    /// Each slot owns a range, and its fill is reported as map usage.
+    /// As `Ranged`, and a slot's fill is reported as map usage.
     RangedUsage(PerSlot),
     /// Entries are keyed by slot: capacity-checked before writing, counted, and removed
     /// when the slot is cleared. `compiled` counts what a policy puts there.
@@ -110,7 +113,8 @@ const fn share(total: u32) -> PerSlot {
 /// `bench` feature). Usage is reported in this order.
 pub const MAPS: &[MapSpec] = &{
     use Kind::{
-        Array, Hash, LpmV4, LpmV6, PerCpuArray, PerCpuHash, ProgramArray, RingBuf, SlotHash,
+        Array, ArrayOfMaps, Hash, LpmV4, LpmV6, PerCpuArray, PerCpuHash, ProgramArray, RingBuf,
+        SlotHash,
     };
     use Pin::{Maps, No, Stages};
     use Slots::{Ranged, RangedUsage, Shared};
@@ -147,10 +151,20 @@ pub const MAPS: &[MapSpec] = &{
             Maps,
             keyed(share(MAX_CGROUP_ENTRIES), |c| c.cgroups.len()),
         ),
-        spec(n::V4_INDEX, Array, Maps, Ranged),
-        spec(n::V4_RANGES, Array, Maps, RangedUsage(PerSlot::V4Ranges)),
-        spec(n::V6_INDEX, Array, Maps, Ranged),
-        spec(n::V6_RANGES, Array, Maps, RangedUsage(PerSlot::V6Ranges)),
+        spec(n::V4_INDEX, ArrayOfMaps, Maps, Ranged),
+        spec(
+            n::V4_RANGES,
+            ArrayOfMaps,
+            Maps,
+            RangedUsage(PerSlot::V4Ranges),
+        ),
+        spec(n::V6_INDEX, ArrayOfMaps, Maps, Ranged),
+        spec(
+            n::V6_RANGES,
+            ArrayOfMaps,
+            Maps,
+            RangedUsage(PerSlot::V6Ranges),
+        ),
         spec(n::COUNTERS, PerCpuHash, Maps, Shared),
         spec(n::COUNTER_CACHE, PerCpuArray, Maps, Shared),
         spec(n::STATS, PerCpuArray, Maps, Shared),
@@ -209,7 +223,7 @@ pub fn spec_of(name: &str) -> Option<&'static MapSpec> {
 }
 
 /// Entries one policy slot holds in each map, by its row in [`MAPS`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotContents([usize; MAPS.len()]);
 
 // `derive(Default)` stops at arrays of 32.

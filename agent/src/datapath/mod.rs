@@ -4,7 +4,9 @@
 //!
 //! - [`maps`]: the one table of the object's maps (name, kind, pinning, per-slot sizing)
 //!   that loading, pinning, capacity checks, usage, slot clearing and metrics read;
-//! - [`load`]: loading the object and its stages, adopting pinned maps' sizes;
+//! - [`load`]: loading the object and its stages;
+//! - [`tables`]: the region tables' sizes and arrays of maps, made before the load;
+//! - [`range_arrays`]: one region table's per-slot arrays, made, filled and freed;
 //! - [`pins`]: where pins live in bpffs, and what they hold while no agent runs;
 //! - [`reuse`]: a restart adopts the programs an earlier agent of the same build left;
 //! - [`slots`]: the two-slot switch: writing, checking and clearing a slot;
@@ -36,6 +38,7 @@ mod socket_ring;
     reason = "the datapath's unsafe calls live here and only here"
 )]
 mod sys;
+mod tables;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -52,13 +55,13 @@ pub use bench::{BenchProgram, COLD_LOOKUPS_PER_RUN};
 pub use error::DatapathError;
 pub use framing::Framing;
 pub use host_addresses::HostAddressChanges;
-pub use load::{Misfit, pinned_tables_misfit};
 pub use pin_lock::PinLock;
 pub use pins::{PinLayout, PinnedState, link_name, parse_link_name};
 pub use slots::{lpm_key_v4, lpm_key_v6};
 pub use socket_ring::{SOCKET_PROGRAMS, SOCKET_STAGES};
 pub(crate) use sys::tcx_egress_program_ids;
 pub use sys::{if_index, if_name};
+pub use tables::{Misfit, pinned_tables_misfit};
 
 use crate::{policy::CompiledPolicy, v4table, v6table};
 

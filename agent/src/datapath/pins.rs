@@ -60,7 +60,7 @@ impl PinLayout {
 }
 
 /// Where bpffs is normally mounted; systemd does it at boot.
-const BPFFS: &str = "/sys/fs/bpf";
+pub(super) const BPFFS: &str = "/sys/fs/bpf";
 
 /// Makes sure `dir` lies on a bpf filesystem, mounting one at /sys/fs/bpf when a host
 /// has none (minimal images and containers). Pins anywhere else must already be bpffs.

@@ -199,9 +199,9 @@ impl Datapath {
 
     /// Kernel memory of each map, from the map's own accounting (`memlock` in
     /// /proc/self/fdinfo), which counts what tries and hash maps allocate as they fill.
+    /// A region table's arrays of maps count with the slots' arrays they hold.
     pub fn map_memory(&self) -> Vec<(String, u64)> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let mut out = Vec::new();
+        let mut out: Vec<(String, u64)> = Vec::new();
         for (name, map) in self.ebpf.maps() {
             let (Map::Array(data)
             | Map::PerCpuArray(data)
@@ -212,15 +212,14 @@ impl Datapath {
             else {
                 continue;
             };
-            let fd = data.fd().as_fd().as_raw_fd();
-            let info =
-                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
-            let memlock = info
-                .lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            out.push((name.to_owned(), memlock));
+            out.push((name.to_owned(), memlock(data)));
+        }
+        let tables = self.v4.maps().into_iter().chain(self.v6.maps());
+        for (name, data) in tables {
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some((_, bytes)) => *bytes += memlock(data),
+                None => out.push((name.to_owned(), memlock(data))),
+            }
         }
         out.sort();
         out
@@ -263,4 +262,17 @@ impl Datapath {
         })
         .collect()
     }
+}
+
+/// A map's kernel memory, as its own accounting gives it (`memlock` in
+/// /proc/self/fdinfo); 0 when it cannot be read.
+fn memlock(data: &MapData) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = data.fd().as_fd().as_raw_fd();
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -1,6 +1,7 @@
 //! The two-slot switch: a policy is written into the inactive slot, checked against
 //! each map's per-slot capacity first, then made active in one map write; the old slot
-//! is cleared before it is written again, no sooner than [`SLOT_GRACE`] after the switch.
+//! is freed no sooner than [`SLOT_GRACE`] after the switch, by
+//! [`Datapath::release_retired_slot`] or before it is written again.
 
 #![forbid(unsafe_code)]
 
@@ -148,8 +149,8 @@ impl Datapath {
     /// Entries one slot of a map may hold.
     fn per_slot(&self, p: PerSlot) -> u32 {
         match p {
-            PerSlot::V4Ranges => self.v4.slot_ranges,
-            PerSlot::V6Ranges => self.v6.slot_ranges,
+            PerSlot::V4Ranges => self.v4.slot_ranges(),
+            PerSlot::V6Ranges => self.v6.slot_ranges(),
             PerSlot::Share { total } => total,
         }
     }
@@ -232,12 +233,40 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes every entry a slot owns from the shared tables. The ranged arrays the slot
-    /// writer rewrites whole need nothing but the range tables' indexes, which are zeroed
-    /// (the ranges they point at are then unreachable).
+    /// Frees the slot the last switch left, once no packet can still be reading it
+    /// ([`SLOT_GRACE`] after the switch): its region tables' arrays, and its entries in
+    /// the shared maps. Between reloads the kernel then holds one policy's tables. Before
+    /// the grace is over it frees nothing (the next call does, or the next reload).
+    /// Returns whether it freed a slot.
+    pub fn release_retired_slot(&mut self) -> Result<bool> {
+        if self.slot_switched.elapsed() < SLOT_GRACE {
+            return Ok(false);
+        }
+        let retired = 1 - self.active_slot()?;
+        let holds = self.v4.holds(retired)
+            || self.v6.holds(retired)
+            || self.slot_contents[retired as usize] != SlotContents::default();
+        if !holds {
+            return Ok(false);
+        }
+        self.clear_slot(retired)?;
+        self.slot_contents[retired as usize] = SlotContents::default();
+        Ok(true)
+    }
+
+    /// The kernel ids of the arrays the region tables' slots hold now, IPv4's and
+    /// IPv6's.
+    pub fn region_table_array_ids(&self) -> Vec<u32> {
+        let mut ids = self.v4.slot_array_ids();
+        ids.extend(self.v6.slot_array_ids());
+        ids
+    }
+
+    /// Removes every entry a slot owns from the shared tables, and frees its region
+    /// tables' arrays. `POLICY`, which the slot writer rewrites whole, needs nothing.
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        self.v4.clear(slot);
-        self.v6.clear(slot);
+        self.v4.clear(slot)?;
+        self.v6.clear(slot)?;
         for m in maps::MAPS
             .iter()
             .filter(|m| matches!(m.slots, Slots::Keyed { .. }))
@@ -276,11 +305,11 @@ impl Datapath {
         Ok(match addr {
             IpAddr::V4(a) => {
                 let (index, ranges) = self.v4.slot(slot);
-                v4table::lookup(index, ranges, self.v4.index_bits, a)
+                v4table::lookup(index, ranges, self.v4.index_bits(), a)
             }
             IpAddr::V6(a) => {
                 let (index, ranges) = self.v6.slot(slot);
-                v6table::lookup(index, ranges, self.v6.index_bits, a)
+                v6table::lookup(index, ranges, self.v6.index_bits(), a)
             }
         })
     }

@@ -1,12 +1,114 @@
 //! The raw system calls aya does not offer: mounting bpffs, detaching a pinned link,
-//! querying the tcx hook, interface names, and mapping BPF arrays into memory. All of
-//! the datapath's `unsafe` is here.
+//! querying the tcx hook, interface names, arrays of maps made from a template, and
+//! mapping BPF arrays into memory. All of the datapath's `unsafe` is here.
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
     ptr::NonNull,
 };
+
+/// bpf(2) with `attr`, all `size_of::<A>()` bytes of it; the kernel reads the fields it
+/// knows and wants the rest zero.
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
+    // SAFETY: bpf(2) with a pointer to a live, fully initialised attr of the size given;
+    // each caller lays `A` out as the command's part of `union bpf_attr`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// `union bpf_attr` for `BPF_MAP_CREATE`, as far as `map_ifindex`.
+#[repr(C)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+}
+
+/// `union bpf_attr` for the element commands.
+#[repr(C)]
+struct MapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// Creates an array of maps with `slots` entries whose inner maps are like `template`
+/// (its type, sizes and flags): the kernel accepts no other map as an entry, and checks
+/// programs' reads of the inner maps against the template. aya makes the template from
+/// the object's definition, with the size written there; the range tables need one of
+/// the policy's size.
+pub(super) fn create_array_of_maps(
+    name: &str,
+    slots: u32,
+    template: BorrowedFd<'_>,
+) -> std::io::Result<OwnedFd> {
+    let mut map_name = [0u8; 16];
+    let len = name.len().min(15);
+    map_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let mut attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY_OF_MAPS,
+        key_size: 4,
+        value_size: 4,
+        max_entries: slots,
+        map_flags: 0,
+        inner_map_fd: template.as_raw_fd() as u32,
+        numa_node: 0,
+        map_name,
+        map_ifindex: 0,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn elem(map: BorrowedFd<'_>, key: &u32, value: u64) -> MapElem {
+    MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value,
+        flags: 0,
+    }
+}
+
+/// Puts the map `inner` at `slot` of the array of maps `outer`; programs that read the
+/// slot from then on read `inner`.
+pub(super) fn set_inner_map(
+    outer: BorrowedFd<'_>,
+    slot: u32,
+    inner: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let fd = inner.as_raw_fd() as u32;
+    let mut attr = elem(outer, &slot, std::ptr::from_ref(&fd) as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// Empties `slot` of the array of maps `outer`; the kernel frees the map that was there
+/// once no program reads it and no descriptor holds it. An empty slot is no error.
+pub(super) fn clear_inner_map(outer: BorrowedFd<'_>, slot: u32) -> std::io::Result<()> {
+    let mut attr = elem(outer, &slot, 0);
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
 
 /// Mounts a bpf filesystem at `target` (mode 0700).
 pub(super) fn mount_bpffs(target: &str) -> std::io::Result<()> {

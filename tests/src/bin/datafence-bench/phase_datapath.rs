@@ -292,6 +292,7 @@ pub(crate) fn datapath_case(
             reload_s: summarize(&control.reload_t),
             kernel_bytes_one_slot: summarize(&control.kernel_one),
             kernel_bytes_both_slots: summarize(&control.kernel_two),
+            kernel_bytes_steady: summarize(&control.kernel_steady),
             kernel_bytes_per_map: control.per_map,
             memcg_bytes: summarize(&control.memcg_delta),
             rss_peak_growth_bytes: summarize(&control.rss_peak),
@@ -311,6 +312,7 @@ struct ControlRuns {
     reload_t: Vec<f64>,
     kernel_one: Vec<f64>,
     kernel_two: Vec<f64>,
+    kernel_steady: Vec<f64>,
     memcg_delta: Vec<f64>,
     rss_peak: Vec<f64>,
     per_map: BTreeMap<String, u64>,
@@ -329,6 +331,7 @@ fn control_runs(
     let mut reload_t = Vec::new();
     let mut kernel_one = Vec::new();
     let mut kernel_two = Vec::new();
+    let mut kernel_steady = Vec::new();
     let mut memcg_delta = Vec::new();
     let mut rss_peak = Vec::new();
     let mut per_map = BTreeMap::new();
@@ -362,6 +365,12 @@ fn control_runs(
         reload_t.push(t.as_secs_f64());
         let (_, _, both) = map_memory_figures(&d.map_memory());
         kernel_two.push(both as f64);
+        // Once no packet can read the slot the reload left, the agent frees it.
+        std::thread::sleep(datafence::datapath::SLOT_GRACE);
+        d.release_retired_slot()
+            .context("releasing the retired slot")?;
+        let (_, _, steady) = map_memory_figures(&d.map_memory());
+        kernel_steady.push(steady as f64);
         if rep + 1 == reps {
             per_map = maps;
         }
@@ -374,6 +383,7 @@ fn control_runs(
         reload_t,
         kernel_one,
         kernel_two,
+        kernel_steady,
         memcg_delta,
         rss_peak,
         per_map,

@@ -157,8 +157,14 @@ pub(crate) struct ControlFigures {
     pub(crate) object_load_ms: Option<Summary>,
     pub(crate) apply_s: Option<Summary>,
     pub(crate) reload_s: Option<Summary>,
+    /// After the first apply.
     pub(crate) kernel_bytes_one_slot: Option<Summary>,
+    /// Right after a reload, while the slot it left is still held.
     pub(crate) kernel_bytes_both_slots: Option<Summary>,
+    /// After a reload, once the slot it left is freed: what a host holds between
+    /// reloads. Absent in older files.
+    #[serde(default)]
+    pub(crate) kernel_bytes_steady: Option<Summary>,
     pub(crate) kernel_bytes_per_map: BTreeMap<String, u64>,
     pub(crate) memcg_bytes: Option<Summary>,
     pub(crate) rss_peak_growth_bytes: Option<Summary>,
