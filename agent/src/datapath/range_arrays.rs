@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -152,6 +152,47 @@ pub(super) fn unpin(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// One write into a table's array of maps: a slot's array in its place, or the place
+/// emptied.
+pub(super) struct SlotWrite<'a> {
+    map: &'static str,
+    outer: BorrowedFd<'a>,
+    slot: u32,
+    inner: Option<BorrowedFd<'a>>,
+}
+
+impl SlotWrite<'_> {
+    fn run(&self) -> Result<(), DatapathError> {
+        match self.inner {
+            Some(inner) => sys::set_inner_map(self.outer, self.slot, inner),
+            None => sys::clear_inner_map(self.outer, self.slot),
+        }
+        .map_err(|source| DatapathError::TableArray {
+            map: self.map,
+            source,
+        })
+    }
+}
+
+/// Runs writes into arrays of maps at once, each on its own thread. The kernel holds
+/// every such write until an RCU grace period has passed (8-20 ms here), so that no
+/// program still reads what it replaced, and waits that overlap end together: a reload
+/// waits about one grace period, not one per write. Returns the first error.
+pub(super) fn write_at_once(writes: &[SlotWrite<'_>]) -> Result<(), DatapathError> {
+    let Some((first, rest)) = writes.split_first() else {
+        return Ok(());
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = rest.iter().map(|w| scope.spawn(|| w.run())).collect();
+        others.into_iter().fold(first.run(), |result, other| {
+            let other = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            result.and(other)
+        })
+    })
+}
+
 pub(super) struct RangeArrays<E> {
     pub family: Family,
     pub shape: SlotShape,
@@ -210,11 +251,10 @@ impl<E: Copy> RangeArrays<E> {
             else {
                 continue;
             };
-            let arrays = self.mapped(index_map, ranges_map)?;
-            self.install(slot, &arrays)?;
-            self.slots[slot as usize] = Some(arrays);
+            self.slots[slot as usize] = Some(self.mapped(index_map, ranges_map)?);
         }
-        Ok(())
+        let writes: Vec<_> = (0..SLOTS).flat_map(|slot| self.installs(slot)).collect();
+        write_at_once(&writes)
     }
 
     fn mapped(
@@ -238,21 +278,49 @@ impl<E: Copy> RangeArrays<E> {
         })
     }
 
-    /// Puts a slot's arrays in its place, the ranges first: a slot whose index is in
-    /// place is whole.
-    fn install(&self, slot: u32, arrays: &SlotArrays<E>) -> Result<(), DatapathError> {
-        sys::set_inner_map(
-            self.ranges_outer.fd().as_fd(),
+    /// The writes that put a slot's arrays in its place in the arrays of maps; none for
+    /// a slot without arrays. A slot is written only while no packet reads it (it is
+    /// not active, and [`SLOT_GRACE`](super::SLOT_GRACE) has passed since it was), so the
+    /// two may land in either order.
+    pub fn installs(&self, slot: u32) -> Vec<SlotWrite<'_>> {
+        let Some(arrays) = &self.slots[slot as usize] else {
+            return Vec::new();
+        };
+        vec![
+            SlotWrite {
+                map: self.names[0],
+                outer: self.index_outer.fd().as_fd(),
+                slot,
+                inner: Some(arrays.index_map.fd().as_fd()),
+            },
+            SlotWrite {
+                map: self.names[1],
+                outer: self.ranges_outer.fd().as_fd(),
+                slot,
+                inner: Some(arrays.ranges_map.fd().as_fd()),
+            },
+        ]
+    }
+
+    /// The writes that empty a slot's place in the arrays of maps; none for a slot
+    /// without arrays (an empty place needs none, and on Linux 6.1 each write waits for
+    /// a grace period even when it finds nothing). [`Self::forget`] follows them.
+    pub fn removals(&self, slot: u32) -> Vec<SlotWrite<'_>> {
+        if !self.holds(slot) {
+            return Vec::new();
+        }
+        [
+            (self.names[0], &self.index_outer),
+            (self.names[1], &self.ranges_outer),
+        ]
+        .into_iter()
+        .map(|(map, outer)| SlotWrite {
+            map,
+            outer: outer.fd().as_fd(),
             slot,
-            arrays.ranges_map.fd().as_fd(),
-        )
-        .map_err(self.array_err(1))?;
-        sys::set_inner_map(
-            self.index_outer.fd().as_fd(),
-            slot,
-            arrays.index_map.fd().as_fd(),
-        )
-        .map_err(self.array_err(0))
+            inner: None,
+        })
+        .collect()
     }
 
     /// Pins a slot's arrays in place of what was pinned for the slot.
@@ -305,8 +373,9 @@ impl<E: Copy> RangeArrays<E> {
     }
 
     /// Makes a slot's arrays, writes `boundaries` into them with `fill` (the family's
-    /// `fill`), pins them and puts them in the slot's place. The slot must be empty
-    /// ([`Self::clear`]): packets may read it as soon as the arrays are in place.
+    /// `fill`), and pins them in place of the slot's old ones, which it lets go of; its
+    /// [`Self::installs`] then put them in the slot's place, where they replace the old
+    /// ones for the kernel too.
     pub fn write<A: Address>(
         &mut self,
         slot: u32,
@@ -331,17 +400,13 @@ impl<E: Copy> RangeArrays<E> {
         )
         .map_err(|e| self.full(e.needed))?;
         self.pin(slot, &arrays)?;
-        self.install(slot, &arrays)?;
         self.slots[slot as usize] = Some(arrays);
         Ok(used)
     }
 
-    /// Empties a slot: its arrays leave their places (the index first, so no packet
-    /// finds an index without its ranges) and their pins, and the kernel frees them once
-    /// no program reads them.
-    pub fn clear(&mut self, slot: u32) -> Result<(), DatapathError> {
-        sys::clear_inner_map(self.index_outer.fd().as_fd(), slot).map_err(self.array_err(0))?;
-        sys::clear_inner_map(self.ranges_outer.fd().as_fd(), slot).map_err(self.array_err(1))?;
+    /// Lets go of a slot's arrays once its [`Self::removals`] are done: their pins go,
+    /// and the kernel frees them once no program reads them.
+    pub fn forget(&mut self, slot: u32) -> Result<(), DatapathError> {
         if let Some(dir) = &self.pins {
             for name in self.names {
                 let path = slot_pin(dir, name, slot);

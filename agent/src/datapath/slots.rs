@@ -17,6 +17,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use super::{
     ApplyReport, Datapath, DatapathError, EventLimits, RegionTables, Result, SLOT_GRACE, map_err,
     maps::{self, Kind, PerSlot, SlotContents, Slots},
+    range_arrays,
 };
 use crate::{policy::CompiledPolicy, v4table, v6table};
 
@@ -113,7 +114,9 @@ impl Datapath {
         let v6_needed = self.v6.check_room(v6)?;
         // The target was active until the last switch: packets may still be reading it.
         std::thread::sleep(SLOT_GRACE.saturating_sub(self.slot_switched.elapsed()));
-        self.clear_slot(target)?;
+        // The target's region tables are replaced, not removed first: each removal would
+        // wait for a grace period of its own.
+        self.clear_keyed_maps(target)?;
         self.slot_contents[target as usize] = SlotContents::default();
         if let Err(err) = self.fill_slot(target, compiled, tables) {
             // Leave nothing half-written behind; the error that matters is the first.
@@ -193,6 +196,9 @@ impl Datapath {
     fn fill_slot(&mut self, slot: u32, c: &CompiledPolicy, tables: &RegionTables) -> Result<()> {
         self.v4.write(slot, &tables.v4, v4table::fill)?;
         self.v6.write(slot, &tables.v6, v6table::fill)?;
+        let mut installs = self.v4.installs(slot);
+        installs.extend(self.v6.installs(slot));
+        range_arrays::write_at_once(&installs)?;
         let exempt_v4: Vec<(Ipv4Network, u32)> = c.exempt_v4.iter().map(|n| (*n, 1)).collect();
         let exempt_v6: Vec<(Ipv6Network, u32)> = c.exempt_v6.iter().map(|n| (*n, 1)).collect();
         insert_v4(
@@ -265,8 +271,16 @@ impl Datapath {
     /// Removes every entry a slot owns from the shared tables, and frees its region
     /// tables' arrays. `POLICY`, which the slot writer rewrites whole, needs nothing.
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        self.v4.clear(slot)?;
-        self.v6.clear(slot)?;
+        let mut removals = self.v4.removals(slot);
+        removals.extend(self.v6.removals(slot));
+        range_arrays::write_at_once(&removals)?;
+        self.v4.forget(slot)?;
+        self.v6.forget(slot)?;
+        self.clear_keyed_maps(slot)
+    }
+
+    /// Removes every entry a slot owns from the shared tables.
+    fn clear_keyed_maps(&mut self, slot: u32) -> Result<()> {
         for m in maps::MAPS
             .iter()
             .filter(|m| matches!(m.slots, Slots::Keyed { .. }))
