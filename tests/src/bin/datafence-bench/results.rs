@@ -305,7 +305,7 @@ pub(crate) struct TablesComparedRow {
 #[derive(Default, Serialize, Deserialize)]
 pub(crate) struct TableFigures {
     /// Kernel memory of the table(s). datafence and the LPM trie: the maps' memlock
-    /// (datafence's region arrays hold both policy slots); ipset: its "Size in memory";
+    /// (datafence's: the region arrays of the policy in force, after its first load); ipset: its "Size in memory";
     /// nft: the memory cgroup's growth over the load.
     pub(crate) kernel_bytes: Option<u64>,
     /// Median ns per lookup of a random address inside the prefixes, in a

@@ -172,8 +172,8 @@ fn nft_bytes(control: &[ControlRow], size: usize) -> Option<u64> {
 pub(crate) fn print_tables_compared(r: &Report) {
     println!(
         "\n== 7. Tables compared: the real prefix mix, per size and family (medians; – = no figure)\n   \
-         kernel: datafence = its region tables' memlock (v4 {}, v6 {}: arrays that hold\n   \
-         both policy slots); LPM trie = its memlock once filled (leaves only: intermediate\n   \
+         kernel: datafence = its region tables' memlock (v4 {}, v6 {}: the arrays of the\n   \
+         policy in force, after its first load); LPM trie = its memlock once filled (leaves only: intermediate\n   \
          nodes are not counted); ipset = its \"Size in memory\", nft = the memory cgroup's\n   \
          growth over its load ({}): both over their v4 and v6 sets at once, so on v4+v6 lines only\n   \
          ns/lookup: cold, random addresses inside the prefixes (section 1b); none exists for ipset or nft\n   \
