@@ -1466,15 +1466,21 @@ fn events_are_rate_limited_and_the_rest_counted() {
     assert_eq!(counted, 100, "every packet is counted, reported or not");
 }
 
+/// `POLICY` with us-east among the regions its class may reach: a reload between the two
+/// flips whether user data to us-east passes.
+fn policy_opened_to_us_east() -> datafence::policy::LoadedPolicy {
+    integration_tests::policy_from_yaml(&POLICY.replace(
+        "allow: [eu-west, eu-north]",
+        "allow: [eu-west, eu-north, us-east]",
+    ))
+}
+
 #[test]
 fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
     let (mut dp, _) = datapath_with(POLICY, EventLimits::default());
     let to_us = Spec::tcp(SRC4, US4, 443).build();
     assert!(!tc(&mut dp, &to_us).passed);
-    let opened = integration_tests::policy_from_yaml(&POLICY.replace(
-        "allow: [eu-west, eu-north]",
-        "allow: [eu-west, eu-north, us-east]",
-    ));
+    let opened = policy_opened_to_us_east();
     for round in 0..3 {
         let report = dp
             .apply(&opened.compile(), EventLimits::default())
@@ -1517,11 +1523,7 @@ fn reload_switches_whole_policies_and_a_failed_one_changes_nothing() {
 fn the_slot_a_reload_switched_from_is_not_rewritten_within_the_grace() {
     let (mut dp, _) = datapath_with(POLICY, EventLimits::default());
     let to_us = Spec::tcp(SRC4, US4, 443).build();
-    let opened = integration_tests::policy_from_yaml(&POLICY.replace(
-        "allow: [eu-west, eu-north]",
-        "allow: [eu-west, eu-north, us-east]",
-    ))
-    .compile();
+    let opened = policy_opened_to_us_east().compile();
     let strict = integration_tests::policy_from_yaml(POLICY).compile();
     for _ in 0..3 {
         let before_switch = std::time::Instant::now();
@@ -1560,11 +1562,7 @@ fn between_reloads_the_kernel_holds_one_policys_region_tables() {
         "one slot's four arrays"
     );
     let to_us = Spec::tcp(SRC4, US4, 443).build();
-    let opened = integration_tests::policy_from_yaml(&POLICY.replace(
-        "allow: [eu-west, eu-north]",
-        "allow: [eu-west, eu-north, us-east]",
-    ))
-    .compile();
+    let opened = policy_opened_to_us_east().compile();
     let strict = integration_tests::policy_from_yaml(POLICY).compile();
     for (round, (policy, passes)) in [(&opened, true), (&strict, false)]
         .into_iter()
